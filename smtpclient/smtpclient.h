@@ -1,0 +1,314 @@
+/*
+ * smtpclient.h - public API of libsmtpclient
+ *
+ * A synchronous SMTP client whose core call, smtp_client_sendmail(), has
+ * the contract of Python's smtplib.SMTP.sendmail: it returns normally
+ * when at least one recipient was accepted, with the map of refused
+ * recipients, and fails with one GError code per outcome otherwise.
+ *
+ * One SmtpClient is one connection, used by one thread at a time.  It
+ * can be reused for many messages: after any error except a lost
+ * connection it sends RSET so the next call starts clean; after a lost
+ * connection the next call connects again.
+ *
+ * Unlike the reference, the library never sends bytes as given: in both
+ * message kinds every lone CR and lone LF becomes CRLF, lines starting
+ * with "." are doubled, and the data ends with CRLF before the final
+ * ".".  A lone CR or LF on the wire is how SMTP smuggling works.
+ *
+ * XXX: STARTTLS, AUTH and PIPELINING are declared here but come with a
+ * later change; until then a TLS level other than SMTP_TLS_NONE fails
+ * with SMTP_ERROR_TLS and AUTH with SMTP_ERROR_AUTH.
+ */
+#ifndef SMTPCLIENT_H
+#define SMTPCLIENT_H
+
+#include <glib.h>
+
+G_BEGIN_DECLS
+
+/* ------------------------------------------------------------------ */
+/* Errors                                                               */
+/* ------------------------------------------------------------------ */
+
+#define SMTP_ERROR (smtp_error_quark())
+
+/*
+ * SmtpErrorCode: one code per outcome.  Every error raised by this
+ * library is in the SMTP_ERROR domain and carries an SmtpReply (see
+ * smtp_error_get_reply()); code 0 there means no reply was involved.
+ */
+typedef enum {
+	SMTP_ERROR_RECIPIENTS_REFUSED,	/* every RCPT refused */
+	SMTP_ERROR_SENDER_REFUSED,	/* MAIL FROM refused */
+	SMTP_ERROR_DATA,		/* DATA or the final "." refused */
+	SMTP_ERROR_HELO,		/* both EHLO and HELO refused */
+	SMTP_ERROR_NOT_SUPPORTED,	/* SMTPUTF8 asked, not advertised */
+	SMTP_ERROR_CONNECT,		/* no connection could be made */
+	SMTP_ERROR_TIMEOUT,		/* a stage's time limit ran out */
+	SMTP_ERROR_DISCONNECTED,	/* 421, or the peer closed */
+	SMTP_ERROR_TLS,			/* STARTTLS or the handshake */
+	SMTP_ERROR_AUTH,		/* authentication failed */
+	SMTP_ERROR_PROTOCOL,		/* malformed or unexpected reply */
+	SMTP_ERROR_INPUT,		/* bad caller input, nothing sent */
+} SmtpErrorCode;
+
+GQuark smtp_error_quark(void);
+
+/*
+ * SmtpReply: one server reply.  All strings are owned by the struct.
+ */
+typedef struct {
+	int code;		/* 3-digit reply code; 0: no reply */
+	char *enhanced;		/* "X.Y.Z" (RFC 3463) or NULL */
+	char *text;		/* text after code and enhanced code; lines
+				 * of a multi-line reply joined by "\n";
+				 * never NULL ("" when the server sent none) */
+} SmtpReply;
+
+/*
+ * SmtpRefusal: one refused recipient.  Owned by the array holding it.
+ */
+typedef struct {
+	char *recipient;	/* the address as the caller gave it */
+	SmtpReply reply;	/* the server's answer to its RCPT */
+} SmtpRefusal;
+
+/*
+ * smtp_error_get_reply: the server reply behind @error, or NULL when
+ * @error is not in SMTP_ERROR.  (transfer none): valid as long as
+ * @error.  reply->code is 0 for errors no reply caused (CONNECT,
+ * TIMEOUT, INPUT, a closed socket).
+ */
+const SmtpReply *smtp_error_get_reply(const GError *error);
+
+/*
+ * smtp_error_get_refused: for SMTP_ERROR_RECIPIENTS_REFUSED, the array
+ * of SmtpRefusal, one per recipient, in the order given; otherwise
+ * NULL.  (transfer none).
+ */
+const GPtrArray *smtp_error_get_refused(const GError *error);
+
+/*
+ * smtp_error_get_stage: the SMTP stage the error happened in, as a
+ * static string ("connect", "greeting", "ehlo", "helo", "starttls",
+ * "auth", "mail", "rcpt", "data", "message", "end-of-data", "rset",
+ * "quit", "input"), or NULL for errors outside SMTP_ERROR.
+ */
+const char *smtp_error_get_stage(const GError *error);
+
+/*
+ * smtp_error_get_dropped_options: options the caller asked for that the
+ * server does not advertise and that were therefore not sent (transfer
+ * none, array of char *, may be empty); NULL outside SMTP_ERROR.
+ */
+const GPtrArray *smtp_error_get_dropped_options(const GError *error);
+
+/*
+ * smtp_error_is_temporary: TRUE when retrying later may succeed: a 4xx
+ * reply, CONNECT, TIMEOUT, DISCONNECTED; for RECIPIENTS_REFUSED, TRUE
+ * when any refusal was 4xx.  FALSE for 5xx, PROTOCOL, INPUT, TLS, AUTH
+ * (with a 5xx) and NOT_SUPPORTED.
+ */
+gboolean smtp_error_is_temporary(const GError *error);
+
+/* smtp_reply_clear: free the strings of @reply and zero it. */
+void smtp_reply_clear(SmtpReply *reply);
+
+/* smtp_refusal_free: free one SmtpRefusal (GDestroyNotify-compatible). */
+void smtp_refusal_free(gpointer refusal);
+
+/* ------------------------------------------------------------------ */
+/* Messages                                                             */
+/* ------------------------------------------------------------------ */
+
+/*
+ * SmtpMessageKind: the two input kinds of the reference.
+ * TEXT must be ASCII, or UTF-8 when SMTPUTF8 or BODY=8BITMIME is in the
+ * MAIL options; anything else is SMTP_ERROR_INPUT before MAIL is sent.
+ * BYTES is not checked.  Both are encoded the same way on the wire.
+ */
+typedef enum {
+	SMTP_MESSAGE_BYTES,
+	SMTP_MESSAGE_TEXT,
+} SmtpMessageKind;
+
+/*
+ * SmtpMessage: a message as a chain of segments, each either bytes in
+ * memory or a range of a file descriptor.  Segments are read in order
+ * and streamed, so memory does not grow with the size of file parts.
+ * A message can be sent more than once (files are read with pread()).
+ * Opaque; create with smtp_message_new(), free with smtp_message_free().
+ */
+typedef struct SmtpMessage SmtpMessage;
+
+SmtpMessage *smtp_message_new(SmtpMessageKind kind);
+void smtp_message_free(SmtpMessage *msg);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpMessage, smtp_message_free)
+
+/* Append @bytes (a reference is taken; the caller keeps its own). */
+void smtp_message_append_bytes(SmtpMessage *msg, GBytes *bytes);
+
+/* Append a copy of @len bytes at @data. */
+void smtp_message_append_data(SmtpMessage *msg, const void *data, gsize len);
+
+/*
+ * Append @len bytes of @fd starting at @offset; @len -1 means up to the
+ * end of the file as fstat() sees it now.  @fd is dup()ed: the caller
+ * keeps and closes its own.  Fails (SMTP_ERROR_INPUT) when @fd cannot
+ * be dup()ed or stat()ed.
+ */
+gboolean smtp_message_append_fd(SmtpMessage *msg, int fd, goffset offset,
+				gint64 len, GError **error);
+
+/* The message size in octets before encoding (what SIZE= announces). */
+guint64 smtp_message_get_size(const SmtpMessage *msg);
+
+/* ------------------------------------------------------------------ */
+/* The client                                                           */
+/* ------------------------------------------------------------------ */
+
+/* TLS levels, named as Postfix names them (smtp_tls_security_level). */
+typedef enum {
+	SMTP_TLS_NONE,		/* never STARTTLS */
+	SMTP_TLS_MAY,		/* STARTTLS when offered, no verification */
+	SMTP_TLS_ENCRYPT,	/* STARTTLS required, no verification */
+	SMTP_TLS_VERIFY,	/* required; chain and host name checked */
+} SmtpTlsLevel;
+
+/*
+ * SmtpTimeouts: per-stage limits in milliseconds (RFC 5321 section
+ * 4.5.3.2 gives the classic values: 5 min for commands, 3 min per data
+ * block, 10 min for the final reply).  0 means "use the default".
+ */
+typedef struct {
+	guint connect_ms;	/* TCP connect and the 220 greeting */
+	guint command_ms;	/* each command's reply, each write */
+	guint data_ms;		/* each block of message data written */
+	guint final_ms;		/* the reply to the final "." */
+} SmtpTimeouts;
+
+typedef struct SmtpClient SmtpClient;
+
+/*
+ * smtp_client_new: a client for @host (name or address literal, no
+ * brackets) and @port.  No connection is made yet.  (transfer full):
+ * free with smtp_client_free(), which sends QUIT if connected.
+ */
+SmtpClient *smtp_client_new(const char *host, guint16 port);
+void smtp_client_free(SmtpClient *client);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpClient, smtp_client_free)
+
+/* The name sent with EHLO/HELO; default: the host name, or
+ * "localhost.localdomain" when it has no dot.  Copied. */
+void smtp_client_set_helo_name(SmtpClient *client, const char *name);
+
+/* Per-stage time limits; zero fields keep the RFC 5321 defaults. */
+void smtp_client_set_timeouts(SmtpClient *client, const SmtpTimeouts *t);
+
+/* TLS level and CA file (NULL: system store).  Copied. */
+void smtp_client_set_tls(SmtpClient *client, SmtpTlsLevel level,
+			 const char *ca_file);
+
+/* AUTH credentials (copied; the password is wiped on free and never
+ * logged).  @allow_plaintext permits AUTH without TLS. */
+void smtp_client_set_auth(SmtpClient *client, const char *user,
+			  const char *password, gboolean allow_plaintext);
+
+/*
+ * smtp_client_connect: connect, read the greeting and say EHLO (or HELO
+ * when EHLO is refused).  Does nothing when already connected.
+ * Errors: CONNECT, TIMEOUT, DISCONNECTED, HELO, PROTOCOL, TLS, AUTH.
+ */
+gboolean smtp_client_connect(SmtpClient *client, GError **error);
+
+/* TRUE while the connection is open. */
+gboolean smtp_client_is_connected(const SmtpClient *client);
+
+/*
+ * smtp_client_get_peer: "host[address]:port" of the connection, or of
+ * the last attempt; "none" before any.  (transfer none): valid until
+ * the next connect or free.  Used for "relay=" in log lines.
+ */
+const char *smtp_client_get_peer(const SmtpClient *client);
+
+/*
+ * smtp_client_has_extension: whether the server advertised @keyword in
+ * its EHLO reply (case-insensitive); FALSE after HELO.  @param, if not
+ * NULL, receives the parameters (transfer none) or "".
+ */
+gboolean smtp_client_has_extension(const SmtpClient *client,
+				   const char *keyword, const char **param);
+
+/*
+ * smtp_client_rset: send RSET.  Used between messages and after errors
+ * (sendmail already does).  Errors: DISCONNECTED, TIMEOUT, PROTOCOL.
+ */
+gboolean smtp_client_rset(SmtpClient *client, GError **error);
+
+/* smtp_client_quit: send QUIT and close; never fails. */
+void smtp_client_quit(SmtpClient *client);
+
+/*
+ * SmtpRecipient: one recipient with its own RCPT options (NULL-
+ * terminated, may be NULL), for the lower-level smtp_client_send().
+ */
+typedef struct {
+	const char *address;
+	const char *const *options;
+} SmtpRecipient;
+
+/*
+ * SmtpResult: what a successful send returns.  (transfer full): free
+ * with smtp_result_free().
+ */
+typedef struct {
+	GPtrArray *refused;	/* SmtpRefusal *, in recipient order; empty
+				 * when every recipient was accepted */
+	GPtrArray *dropped_options; /* char *: options not advertised by
+				 * the server and therefore not sent */
+	SmtpReply reply;	/* the server's answer to the final "." */
+} SmtpResult;
+
+void smtp_result_free(SmtpResult *result);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpResult, smtp_result_free)
+
+/*
+ * smtp_client_sendmail: send @msg from @from to every address of
+ * @recipients (NULL-terminated, at least one), with @mail_options on
+ * MAIL and @rcpt_options on every RCPT (either NULL-terminated or NULL).
+ * Connects first when not connected.  Addresses are given bare, without
+ * angle brackets; "" as @from is the null sender <>.
+ *
+ * SIZE= is added when advertised.  Other options are sent only when
+ * their keyword is advertised (BODY= needs 8BITMIME, SMTPUTF8 needs
+ * SMTPUTF8, RET/ENVID/NOTIFY/ORCPT need DSN); SMTPUTF8 unadvertised is
+ * SMTP_ERROR_NOT_SUPPORTED before MAIL, others are dropped and listed in
+ * the result.  After HELO no option is sent at all.
+ *
+ * Returns: (transfer full) the result when at least one recipient was
+ * accepted and the message taken; NULL with @error set otherwise.
+ * Errors: every SmtpErrorCode.  INPUT (a CR, LF or NUL in an address or
+ * option, a non-ASCII address without SMTPUTF8, text that is not ASCII)
+ * is raised before anything is sent.  After any error but CONNECT and
+ * DISCONNECTED the connection stays open and has been RSET.
+ */
+SmtpResult *smtp_client_sendmail(SmtpClient *client, const char *from,
+				 const char *const *recipients,
+				 SmtpMessage *msg,
+				 const char *const *mail_options,
+				 const char *const *rcpt_options,
+				 GError **error);
+
+/*
+ * smtp_client_send: the same with options per recipient (@rcpts,
+ * @n_rcpts >= 1), as forwarding with ORCPT= needs.
+ */
+SmtpResult *smtp_client_send(SmtpClient *client, const char *from,
+			     const char *const *mail_options,
+			     const SmtpRecipient *rcpts, gsize n_rcpts,
+			     SmtpMessage *msg, GError **error);
+
+G_END_DECLS
+
+#endif /* SMTPCLIENT_H */
