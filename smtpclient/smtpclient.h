@@ -7,9 +7,9 @@
  * recipients, and fails with one GError code per outcome otherwise.
  *
  * One SmtpClient is one connection, used by one thread at a time.  It
- * can be reused for many messages: after any error except a lost
- * connection it sends RSET so the next call starts clean; after a lost
- * connection the next call connects again.
+ * can be reused for many messages: after a refusal it sends RSET so
+ * the next call starts clean; after a lost connection, a time-out or a
+ * malformed reply it closes, and the next call connects again.
  *
  * Unlike the reference, the library never sends bytes as given: in both
  * message kinds every lone CR and lone LF becomes CRLF, lines starting
@@ -290,8 +290,13 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpResult, smtp_result_free)
  * accepted and the message taken; NULL with @error set otherwise.
  * Errors: every SmtpErrorCode.  INPUT (a CR, LF or NUL in an address or
  * option, a non-ASCII address without SMTPUTF8, text that is not ASCII)
- * is raised before anything is sent.  After any error but CONNECT and
- * DISCONNECTED the connection stays open and has been RSET.
+ * is raised before anything is sent.  After a refusal (SENDER_REFUSED,
+ * RECIPIENTS_REFUSED, DATA) the connection stays open and has been
+ * RSET; after INPUT and NOT_SUPPORTED it stays open untouched, since no
+ * transaction was begun.  After CONNECT, DISCONNECTED, TIMEOUT, PROTOCOL
+ * and HELO the reply stream cannot be trusted: the connection is closed
+ * and the next call connects again.  A connect time-out is CONNECT
+ * (stage "connect"): to the caller the relay is simply unreachable.
  */
 SmtpResult *smtp_client_sendmail(SmtpClient *client, const char *from,
 				 const char *const *recipients,

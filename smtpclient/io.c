@@ -1,0 +1,338 @@
+/*
+ * io.c - one connection: connect, buffered reply reading, writing, all
+ * with poll() deadlines
+ *
+ * Every wait goes through wait_fd() with an absolute deadline, so a
+ * server that dribbles one byte at a time cannot stretch a reply past
+ * its limit.  Bytes move through an SmtpTransport: plain recv()/send()
+ * here; STARTTLS will swap in an OpenSSL one after the handshake
+ * without the callers changing.  send() uses MSG_NOSIGNAL, so a peer
+ * that closes never raises SIGPIPE in the host process.
+ *
+ * Known limits:
+ * XXX: getaddrinfo() has no time limit of its own; a stalled resolver
+ * holds the caller for the resolver's own timeouts (resolv.conf).
+ * Numeric addresses and names in /etc/hosts do not touch DNS.
+ */
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "smtp-private.h"
+
+#define READ_BUF 8192
+
+struct SmtpConn {
+	int fd;
+	const SmtpTransport *transport;
+	SmtpReplyParser *parser;
+	char buf[READ_BUF]; /* bytes received, not yet parsed */
+	gsize start, end;   /* unparsed bytes are buf[start..end) */
+};
+
+/* ------------------------------------------------------------------ */
+/* The plain transport                                                  */
+/* ------------------------------------------------------------------ */
+
+static ssize_t
+plain_recv(SmtpConn *conn, void *buf, gsize len, short *want)
+{
+	*want = POLLIN;
+	return recv(conn->fd, buf, len, 0);
+}
+
+static ssize_t
+plain_send(SmtpConn *conn, const void *buf, gsize len, short *want)
+{
+	*want = POLLOUT;
+	return send(conn->fd, buf, len, MSG_NOSIGNAL);
+}
+
+static gboolean
+plain_pending(SmtpConn *conn)
+{
+	(void)conn;
+	return FALSE;
+}
+
+static void
+plain_close(SmtpConn *conn)
+{
+	(void)conn;
+}
+
+static const SmtpTransport plain_transport = {
+    plain_recv,
+    plain_send,
+    plain_pending,
+    plain_close,
+};
+
+/* ------------------------------------------------------------------ */
+/* Waiting                                                              */
+/* ------------------------------------------------------------------ */
+
+static gint64
+deadline_after(guint timeout_ms)
+{
+	return g_get_monotonic_time() + (gint64)timeout_ms * 1000;
+}
+
+/* Wait for @events on @fd until @deadline; FALSE when it passed.  A
+ * poll() error other than EINTR counts as ready: the following I/O
+ * call then reports the real error. */
+static gboolean
+wait_fd(int fd, short events, gint64 deadline)
+{
+	for (;;) {
+		struct pollfd pfd = {.fd = fd, .events = events};
+		gint64 left = deadline - g_get_monotonic_time();
+		int ms, rc;
+
+		if (left <= 0)
+			return FALSE;
+		ms = (int)MIN((left + 999) / 1000, G_MAXINT);
+		rc = poll(&pfd, 1, ms);
+		if (rc > 0 || (rc < 0 && errno != EINTR))
+			return TRUE;
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* Connecting                                                           */
+/* ------------------------------------------------------------------ */
+
+static char *
+format_peer(const char *host, const struct addrinfo *ai, guint16 port)
+{
+	char addr[NI_MAXHOST];
+
+	if (getnameinfo(ai->ai_addr, ai->ai_addrlen, addr, sizeof(addr), NULL,
+	                0, NI_NUMERICHOST) != 0)
+		g_strlcpy(addr, "unknown", sizeof(addr));
+	return g_strdup_printf("%s[%s]:%u", host, addr, port);
+}
+
+/* One attempt; returns the fd or -1 with *@why set (static string). */
+static int
+try_connect(const struct addrinfo *ai, guint timeout_ms, const char **why)
+{
+	gint64 deadline = deadline_after(timeout_ms);
+	int fd, err = 0, one = 1;
+	socklen_t err_len = sizeof(err);
+
+	fd = socket(ai->ai_family,
+	            ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+	            ai->ai_protocol);
+	if (fd < 0) {
+		*why = g_strerror(errno);
+		return -1;
+	}
+	if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+		if (errno != EINPROGRESS) {
+			err = errno;
+		} else if (!wait_fd(fd, POLLOUT, deadline)) {
+			*why = "connection timed out";
+			close(fd);
+			return -1;
+		} else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err,
+		                      &err_len) < 0) {
+			err = errno;
+		}
+	}
+	if (err != 0) {
+		*why = g_strerror(err);
+		close(fd);
+		return -1;
+	}
+
+	/* Commands and data blocks go out whole; Nagle would only hold
+	 * the last small piece back until the server's delayed ACK. */
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	return fd;
+}
+
+SmtpConn *
+smtp_conn_open(const char *host, guint16 port, guint timeout_ms, char **peer,
+               GError **error)
+{
+	struct addrinfo hints = {0}, *res = NULL;
+	char port_str[8];
+	const char *why = "no address";
+	SmtpConn *conn;
+	int rc, fd = -1;
+
+	/* Step 1: resolve; AI_ADDRCONFIG is left out on purpose, it
+	 * hides ::1 and 127.0.0.1 on hosts with only loopback up. */
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_NUMERICSERV;
+	g_snprintf(port_str, sizeof(port_str), "%u", port);
+	rc = getaddrinfo(host, port_str, &hints, &res);
+	if (rc != 0) {
+		if (peer != NULL) {
+			g_free(*peer);
+			*peer = g_strdup_printf("%s[unknown]:%u", host, port);
+		}
+		smtp_set_error(error, SMTP_ERROR_CONNECT, "connect", NULL,
+		               "cannot resolve %s: %s", host,
+		               rc == EAI_SYSTEM ? g_strerror(errno)
+		                                : gai_strerror(rc));
+		return NULL;
+	}
+
+	/* Step 2: each address in the resolver's order. */
+	for (struct addrinfo *ai = res; ai != NULL && fd < 0;
+	     ai = ai->ai_next) {
+		if (peer != NULL) {
+			g_free(*peer);
+			*peer = format_peer(host, ai, port);
+		}
+		fd = try_connect(ai, timeout_ms, &why);
+	}
+	freeaddrinfo(res);
+	if (fd < 0) {
+		smtp_set_error(error, SMTP_ERROR_CONNECT, "connect", NULL,
+		               "cannot connect to %s: %s",
+		               peer && *peer ? *peer : host, why);
+		return NULL;
+	}
+
+	conn = g_new0(SmtpConn, 1);
+	conn->fd = fd;
+	conn->transport = &plain_transport;
+	conn->parser = smtp_reply_parser_new();
+	return conn;
+}
+
+void
+smtp_conn_free(SmtpConn *conn)
+{
+	if (conn == NULL)
+		return;
+	conn->transport->close(conn);
+	close(conn->fd);
+	smtp_reply_parser_free(conn->parser);
+	g_free(conn);
+}
+
+int
+smtp_conn_get_fd(const SmtpConn *conn)
+{
+	return conn->fd;
+}
+
+gboolean
+smtp_conn_has_pending(SmtpConn *conn)
+{
+	return conn->start < conn->end || conn->transport->pending(conn);
+}
+
+/* ------------------------------------------------------------------ */
+/* Writing and reading                                                  */
+/* ------------------------------------------------------------------ */
+
+gboolean
+smtp_conn_write(SmtpConn *conn, const void *data, gsize len, guint timeout_ms,
+                const char *stage, GError **error)
+{
+	gint64 deadline = deadline_after(timeout_ms);
+	const char *p = data;
+
+	while (len > 0) {
+		short want = POLLOUT;
+		ssize_t n = conn->transport->send(conn, p, len, &want);
+
+		if (n > 0) {
+			p += n;
+			len -= n;
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+			smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage,
+			               NULL,
+			               "connection lost while sending: %s",
+			               g_strerror(errno));
+			return FALSE;
+		}
+		if (!wait_fd(conn->fd, want, deadline)) {
+			smtp_set_error(error, SMTP_ERROR_TIMEOUT, stage, NULL,
+			               "timed out sending after %u ms",
+			               timeout_ms);
+			return FALSE;
+		}
+	}
+	return TRUE;
+}
+
+/* Fill the empty buffer with what the server sent, within @deadline. */
+static gboolean
+fill(SmtpConn *conn, gint64 deadline, guint timeout_ms, const char *stage,
+     GError **error)
+{
+	for (;;) {
+		short want = POLLIN;
+		ssize_t n;
+
+		n = conn->transport->recv(conn, conn->buf, sizeof(conn->buf),
+		                          &want);
+		if (n > 0) {
+			conn->start = 0;
+			conn->end = n;
+			return TRUE;
+		}
+		if (n == 0) {
+			smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage,
+			               NULL, "connection closed by server");
+			return FALSE;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN && errno != EWOULDBLOCK) {
+			smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage,
+			               NULL, "connection lost: %s",
+			               g_strerror(errno));
+			return FALSE;
+		}
+		if (!wait_fd(conn->fd, want, deadline)) {
+			smtp_set_error(error, SMTP_ERROR_TIMEOUT, stage, NULL,
+			               "no reply within %u ms", timeout_ms);
+			return FALSE;
+		}
+	}
+}
+
+gboolean
+smtp_conn_read_reply(SmtpConn *conn, guint timeout_ms, const char *stage,
+                     SmtpReply *reply, GError **error)
+{
+	gint64 deadline = deadline_after(timeout_ms);
+
+	for (;;) {
+		SmtpParseStatus st;
+		gsize used = 0;
+
+		st = smtp_reply_parser_feed(
+		    conn->parser, conn->buf + conn->start,
+		    conn->end - conn->start, &used, error);
+		conn->start += used;
+		if (st == SMTP_PARSE_DONE) {
+			smtp_reply_parser_take(conn->parser, reply);
+			return TRUE;
+		}
+		if (st == SMTP_PARSE_ERROR) {
+			if (error != NULL && *error != NULL)
+				smtp_error_set_stage(*error, stage);
+			return FALSE;
+		}
+		if (!fill(conn, deadline, timeout_ms, stage, error))
+			return FALSE;
+	}
+}

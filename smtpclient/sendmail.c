@@ -1,0 +1,467 @@
+/*
+ * sendmail.c - one mail transaction: checks, options, MAIL, RCPT, DATA
+ *
+ * The order follows smtplib's sendmail(), which this library mirrors:
+ * everything that can be judged without the server (addresses,
+ * options, the charset of a TEXT message) is judged before the first
+ * byte, so an INPUT error never leaves half a transaction behind.
+ * What needs the server's EHLO answer (which options it supports) is
+ * judged after connecting but before MAIL.  A refusal inside the
+ * transaction is followed by RSET so the connection can carry the
+ * next message.
+ *
+ * Known limits:
+ * XXX: one command at a time; PIPELINING (issue 3) will send MAIL, the
+ * RCPTs and DATA in one write.
+ * XXX: BODY=BINARYMIME needs BDAT (CHUNKING), which this client does
+ * not speak, so it is refused as INPUT rather than sent with DATA.
+ */
+#include <string.h>
+
+#include "smtp-private.h"
+
+/* What the caller's input asks of the server, found by check_input. */
+typedef struct {
+	gboolean smtputf8; /* SMTPUTF8 among the MAIL options */
+	gboolean eightbit; /* BODY=8BITMIME among them */
+} InputNeeds;
+
+/* ------------------------------------------------------------------ */
+/* Checks before anything is sent                                       */
+/* ------------------------------------------------------------------ */
+
+static gboolean
+is_ascii(const char *s)
+{
+	for (; *s != '\0'; s++) {
+		if ((guchar)*s >= 0x80)
+			return FALSE;
+	}
+	return TRUE;
+}
+
+/* The keyword of "KEY=value" or "KEY", upper-cased. (transfer full) */
+static char *
+option_keyword(const char *opt)
+{
+	const char *eq = strchr(opt, '=');
+
+	return g_ascii_strup(opt, eq ? eq - opt : -1);
+}
+
+/* RFC 5321 section 4.1.2: esmtp-keyword and esmtp-value; values may
+ * be UTF-8 (RFC 6531), never a space, "=" or a control. */
+static gboolean
+option_is_valid(const char *opt)
+{
+	const char *p = opt;
+
+	if (!g_ascii_isalnum(*p))
+		return FALSE;
+	while (g_ascii_isalnum(*p) || *p == '-')
+		p++;
+	if (*p == '\0')
+		return TRUE;
+	if (*p++ != '=' || *p == '\0')
+		return FALSE;
+	for (; *p != '\0'; p++) {
+		if ((guchar)*p <= ' ' || *p == '=' || *p == 0x7f)
+			return FALSE;
+	}
+	return TRUE;
+}
+
+static gboolean
+check_options(const char *const *opts, GError **error)
+{
+	for (guint i = 0; opts != NULL && opts[i] != NULL; i++) {
+		if (!option_is_valid(opts[i])) {
+			smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
+			               "bad ESMTP option");
+			return FALSE;
+		}
+	}
+	return TRUE;
+}
+
+/* Look at the MAIL options for what changes the other checks. */
+static gboolean
+scan_mail_options(const char *const *opts, InputNeeds *needs, GError **error)
+{
+	for (guint i = 0; opts != NULL && opts[i] != NULL; i++) {
+		g_autofree char *key = option_keyword(opts[i]);
+		const char *value = strchr(opts[i], '=');
+
+		if (strcmp(key, "SMTPUTF8") == 0 && value == NULL)
+			needs->smtputf8 = TRUE;
+		if (strcmp(key, "BODY") != 0)
+			continue;
+		if (value == NULL) {
+			smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
+			               "BODY without a value");
+			return FALSE;
+		}
+		if (g_ascii_strcasecmp(value + 1, "8BITMIME") == 0) {
+			needs->eightbit = TRUE;
+		} else if (g_ascii_strcasecmp(value + 1, "7BIT") != 0) {
+			smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
+			               "BODY=%s is not supported", value + 1);
+			return FALSE;
+		}
+	}
+	return TRUE;
+}
+
+/* An address goes between angle brackets: no control (CR, LF end the
+ * command), no bracket (it would end the path and let the rest pass as
+ * parameters), ASCII unless SMTPUTF8 is asked for (RFC 6531). */
+static gboolean
+check_address(const char *addr, const InputNeeds *needs, GError **error)
+{
+	if (addr == NULL || !smtp_is_safe_arg(addr) ||
+	    strpbrk(addr, "<>") != NULL) {
+		smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
+		               "bad character in address");
+		return FALSE;
+	}
+	if (is_ascii(addr))
+		return TRUE;
+	if (!needs->smtputf8) {
+		smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
+		               "non-ASCII address <%s> needs SMTPUTF8",
+		               g_utf8_validate(addr, -1, NULL) ? addr : "?");
+		return FALSE;
+	}
+	if (!g_utf8_validate(addr, -1, NULL)) {
+		smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
+		               "address is not valid UTF-8");
+		return FALSE;
+	}
+	return TRUE;
+}
+
+static gboolean
+check_input(const char *from, const char *const *mail_options,
+            const SmtpRecipient *rcpts, gsize n_rcpts, SmtpMessage *msg,
+            InputNeeds *needs, GError **error)
+{
+	if (msg == NULL || rcpts == NULL || n_rcpts == 0) {
+		smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
+		               "no message or no recipient");
+		return FALSE;
+	}
+	if (!check_options(mail_options, error) ||
+	    !scan_mail_options(mail_options, needs, error) ||
+	    !check_address(from, needs, error))
+		return FALSE;
+	for (gsize i = 0; i < n_rcpts; i++) {
+		if (!check_address(rcpts[i].address, needs, error) ||
+		    !check_options(rcpts[i].options, error))
+			return FALSE;
+	}
+	return smtp_message_check_text(msg, needs->smtputf8 || needs->eightbit,
+	                               error);
+}
+
+/* ------------------------------------------------------------------ */
+/* Options the server supports                                          */
+/* ------------------------------------------------------------------ */
+
+/* The EHLO keyword that must be advertised before @key may be sent. */
+static const char *
+required_extension(const char *key)
+{
+	static const struct {
+		const char *option, *extension;
+	} table[] = {
+	    {"BODY", "8BITMIME"}, /* RFC 6152 */
+	    {"RET", "DSN"},       /* RFC 3461 */
+	    {"ENVID", "DSN"},     {"NOTIFY", "DSN"}, {"ORCPT", "DSN"},
+	};
+
+	for (guint i = 0; i < G_N_ELEMENTS(table); i++) {
+		if (strcmp(key, table[i].option) == 0)
+			return table[i].extension;
+	}
+	return key;
+}
+
+static void
+add_dropped(GPtrArray *dropped, const char *opt)
+{
+	for (guint i = 0; i < dropped->len; i++) {
+		if (strcmp(g_ptr_array_index(dropped, i), opt) == 0)
+			return;
+	}
+	g_ptr_array_add(dropped, g_strdup(opt));
+}
+
+/*
+ * Append to @line the options of @opts the server supports; list the
+ * others in @dropped.  SIZE is ours to compute: a caller's is dropped.
+ * An unsupported SMTPUTF8 on MAIL (@is_mail) is NOT_SUPPORTED (RFC
+ * 6531 section 3.4: the message must not go out without it).
+ */
+static gboolean
+add_options(SmtpClient *client, GString *line, const char *const *opts,
+            gboolean is_mail, GPtrArray *dropped, GError **error)
+{
+	for (guint i = 0; opts != NULL && opts[i] != NULL; i++) {
+		g_autofree char *key = option_keyword(opts[i]);
+		const char *ext = required_extension(key);
+
+		if (strcmp(key, "SIZE") != 0 &&
+		    smtp_client_has_extension(client, ext, NULL)) {
+			g_string_append_printf(line, " %s", opts[i]);
+			continue;
+		}
+		if (is_mail && strcmp(key, "SMTPUTF8") == 0) {
+			smtp_set_error(error, SMTP_ERROR_NOT_SUPPORTED, "mail",
+			               NULL,
+			               "server does not support SMTPUTF8");
+			return FALSE;
+		}
+		add_dropped(dropped, opts[i]);
+	}
+	return TRUE;
+}
+
+/* ------------------------------------------------------------------ */
+/* The transaction                                                      */
+/* ------------------------------------------------------------------ */
+
+/* After a refusal inside a transaction: RSET, so the connection is
+ * clean for the next message.  A failed RSET closes it (see
+ * smtp_client_rset), which is just as clean. */
+static void
+reset_after_error(SmtpClient *client)
+{
+	if (smtp_client_is_connected(client))
+		smtp_client_rset(client, NULL);
+}
+
+/* Send one command, fail unless the reply's first digit is @want. */
+static gboolean
+expect(SmtpClient *client, const char *stage, const char *line, int want,
+       SmtpErrorCode code, const char *what, SmtpReply *reply, GError **error)
+{
+	if (!smtp_client_command(client, stage, line, reply, error))
+		return FALSE;
+	if (reply->code / 100 == want)
+		return TRUE;
+	smtp_set_error(error, code, stage, reply, "%s", what);
+	smtp_reply_clear(reply);
+	reset_after_error(client);
+	return FALSE;
+}
+
+static gboolean
+send_mail(SmtpClient *client, const char *from, const char *const *mail_options,
+          SmtpMessage *msg, GPtrArray *dropped, GError **error)
+{
+	g_autoptr(GString) line = g_string_new(NULL);
+	SmtpReply reply = {0};
+
+	g_string_printf(line, "MAIL FROM:<%s>", from);
+	if (smtp_client_has_extension(client, "SIZE", NULL))
+		g_string_append_printf(line, " SIZE=%" G_GUINT64_FORMAT,
+		                       smtp_message_get_size(msg));
+	if (!add_options(client, line, mail_options, TRUE, dropped, error))
+		return FALSE;
+	if (!expect(client, "mail", line->str, 2, SMTP_ERROR_SENDER_REFUSED,
+	            "sender refused", &reply, error))
+		return FALSE;
+	smtp_reply_clear(&reply);
+	return TRUE;
+}
+
+/* RCPT for each recipient; refusals collected in @refused.  FALSE only
+ * when the connection failed. */
+static gboolean
+send_rcpts(SmtpClient *client, const SmtpRecipient *rcpts, gsize n_rcpts,
+           GPtrArray *refused, GPtrArray *dropped, GError **error)
+{
+	for (gsize i = 0; i < n_rcpts; i++) {
+		g_autoptr(GString) line = g_string_new(NULL);
+		SmtpReply reply = {0};
+		SmtpRefusal *r;
+
+		g_string_printf(line, "RCPT TO:<%s>", rcpts[i].address);
+		add_options(client, line, rcpts[i].options, FALSE, dropped,
+		            NULL);
+		if (!smtp_client_command(client, "rcpt", line->str, &reply,
+		                         error))
+			return FALSE;
+		if (reply.code / 100 == 2) {
+			smtp_reply_clear(&reply);
+			continue;
+		}
+		r = g_new0(SmtpRefusal, 1);
+		r->recipient = g_strdup(rcpts[i].address);
+		r->reply = reply;
+		g_ptr_array_add(refused, r);
+	}
+	return TRUE;
+}
+
+typedef struct {
+	SmtpClient *client;
+	SmtpEncoder enc;
+	GByteArray *out; /* encoded, not yet written */
+} DataWriter;
+
+static gboolean
+write_block(const guint8 *data, gsize len, gpointer user_data, GError **error)
+{
+	DataWriter *w = user_data;
+
+	smtp_encoder_feed(&w->enc, data, len, w->out);
+	if (w->out->len < SMTP_MESSAGE_BLOCK)
+		return TRUE;
+	if (!smtp_client_write_data(w->client, w->out->data, w->out->len,
+	                            error))
+		return FALSE;
+	g_byte_array_set_size(w->out, 0);
+	return TRUE;
+}
+
+/* The message, encoded, then the end marker and its reply. */
+static gboolean
+send_data(SmtpClient *client, SmtpMessage *msg, SmtpReply *final,
+          GError **error)
+{
+	g_autoptr(GByteArray) out = NULL;
+	DataWriter w = {.client = client};
+
+	out = g_byte_array_sized_new(2 * SMTP_MESSAGE_BLOCK + 8);
+	w.out = out;
+	smtp_encoder_init(&w.enc);
+	if (!smtp_message_foreach_block(msg, write_block, &w, error)) {
+		/* Half a message is on the wire and DATA cannot be taken
+		 * back: only closing keeps it from being delivered. */
+		smtp_client_drop(client);
+		return FALSE;
+	}
+	smtp_encoder_finish(&w.enc, out);
+	if (!smtp_client_write_data(client, out->data, out->len, error))
+		return FALSE;
+
+	/* A silent server or a closed socket here is never a success:
+	 * the message may or may not have been taken. */
+	if (!smtp_client_read_final(client, final, error))
+		return FALSE;
+	if (final->code / 100 == 2)
+		return TRUE;
+	smtp_set_error(error, SMTP_ERROR_DATA, "end-of-data", final,
+	               "message refused");
+	smtp_reply_clear(final);
+	reset_after_error(client);
+	return FALSE;
+}
+
+static SmtpResult *
+transaction(SmtpClient *client, const char *from,
+            const char *const *mail_options, const SmtpRecipient *rcpts,
+            gsize n_rcpts, SmtpMessage *msg, GPtrArray *dropped, GError **error)
+{
+	g_autoptr(GPtrArray) refused = NULL;
+	g_autoptr(SmtpResult) result = NULL;
+	SmtpReply reply = {0};
+
+	/* Step 1: MAIL, with SIZE and the supported options. */
+	if (!send_mail(client, from, mail_options, msg, dropped, error))
+		return NULL;
+
+	/* Step 2: every RCPT; refusals are answers, not errors yet. */
+	refused = g_ptr_array_new_with_free_func(smtp_refusal_free);
+	if (!send_rcpts(client, rcpts, n_rcpts, refused, dropped, error))
+		return NULL;
+	if (refused->len == n_rcpts) {
+		const SmtpRefusal *last =
+		    g_ptr_array_index(refused, refused->len - 1);
+
+		smtp_set_error(error, SMTP_ERROR_RECIPIENTS_REFUSED, "rcpt",
+		               &last->reply, "all recipients refused");
+		if (error != NULL)
+			smtp_error_take_refused(*error,
+			                        g_steal_pointer(&refused));
+		reset_after_error(client);
+		return NULL;
+	}
+
+	/* Step 3: DATA wants 354 (RFC 5321 section 4.3.2). */
+	if (!expect(client, "data", "DATA", 3, SMTP_ERROR_DATA, "DATA refused",
+	            &reply, error))
+		return NULL;
+	smtp_reply_clear(&reply);
+
+	/* Step 4: the message and the reply to its end. */
+	result = g_new0(SmtpResult, 1);
+	if (!send_data(client, msg, &result->reply, error))
+		return NULL;
+	result->refused = g_steal_pointer(&refused);
+	return g_steal_pointer(&result);
+}
+
+SmtpResult *
+smtp_client_send(SmtpClient *client, const char *from,
+                 const char *const *mail_options, const SmtpRecipient *rcpts,
+                 gsize n_rcpts, SmtpMessage *msg, GError **error)
+{
+	g_autoptr(GPtrArray) dropped = g_ptr_array_new_with_free_func(g_free);
+	InputNeeds needs = {0};
+	GError *local = NULL;
+	SmtpResult *result;
+
+	g_return_val_if_fail(client != NULL, NULL);
+
+	/* Step 1: judge the input before any byte goes out. */
+	if (!check_input(from, mail_options, rcpts, n_rcpts, msg, &needs,
+	                 error))
+		return NULL;
+
+	/* Step 2: a connection that has said EHLO or HELO. */
+	if (!smtp_client_connect(client, error))
+		return NULL;
+
+	/* Step 3: the transaction; dropped options go with the error
+	 * too, so a failure can be explained completely. */
+	result = transaction(client, from, mail_options, rcpts, n_rcpts, msg,
+	                     dropped, &local);
+	if (result == NULL) {
+		smtp_error_set_dropped(local, dropped);
+		g_propagate_error(error, local);
+		return NULL;
+	}
+	result->dropped_options = g_steal_pointer(&dropped);
+	return result;
+}
+
+SmtpResult *
+smtp_client_sendmail(SmtpClient *client, const char *from,
+                     const char *const *recipients, SmtpMessage *msg,
+                     const char *const *mail_options,
+                     const char *const *rcpt_options, GError **error)
+{
+	g_autofree SmtpRecipient *rcpts = NULL;
+	gsize n = recipients != NULL ? g_strv_length((char **)recipients) : 0;
+
+	rcpts = g_new0(SmtpRecipient, MAX(n, 1));
+	for (gsize i = 0; i < n; i++) {
+		rcpts[i].address = recipients[i];
+		rcpts[i].options = rcpt_options;
+	}
+	return smtp_client_send(client, from, mail_options, rcpts, n, msg,
+	                        error);
+}
+
+void
+smtp_result_free(SmtpResult *result)
+{
+	if (result == NULL)
+		return;
+	g_clear_pointer(&result->refused, g_ptr_array_unref);
+	g_clear_pointer(&result->dropped_options, g_ptr_array_unref);
+	smtp_reply_clear(&result->reply);
+	g_free(result);
+}

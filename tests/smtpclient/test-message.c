@@ -1,0 +1,402 @@
+/*
+ * test-message.c - the DATA encoder, the UTF-8 check and SmtpMessage
+ *
+ * Encoder cases give the input as segments and the exact wire bytes
+ * expected, end marker included.  Each case is also run with its input
+ * cut at every position, so state carried across block and segment
+ * boundaries is tested everywhere, not only where a case happens to
+ * cut.
+ */
+#include <string.h>
+#include <unistd.h>
+
+#include <glib/gstdio.h>
+
+#include "smtp-private.h"
+
+/* A byte string with its length, so cases can hold NUL. */
+typedef struct {
+	const char *data;
+	gsize len;
+} Bytes;
+
+#define B(s)                                                                   \
+	{                                                                      \
+		(s), sizeof(s) - 1                                             \
+	}
+#define END                                                                    \
+	{                                                                      \
+		NULL, 0                                                        \
+	}
+
+typedef struct {
+	const char *name;
+	Bytes segments[4]; /* END-terminated */
+	Bytes expected;
+} EncodeCase;
+
+static const EncodeCase encode_cases[] = {
+    {"empty", {END}, B(".\r\n")},
+    {"crlf", {B("a\r\nb\r\n"), END}, B("a\r\nb\r\n.\r\n")},
+    {"lone-lf", {B("a\nb\n"), END}, B("a\r\nb\r\n.\r\n")},
+    {"lone-cr", {B("a\rb\r"), END}, B("a\r\nb\r\n.\r\n")},
+    {"cr-cr-lf", {B("a\r\r\nb"), END}, B("a\r\n\r\nb\r\n.\r\n")},
+    {"lf-cr", {B("a\n\rb"), END}, B("a\r\n\r\nb\r\n.\r\n")},
+    {"lf-lf", {B("\n\n"), END}, B("\r\n\r\n.\r\n")},
+    {"no-final-newline", {B("abc"), END}, B("abc\r\n.\r\n")},
+    {"cr-at-end", {B("abc\r"), END}, B("abc\r\n.\r\n")},
+    {"only-cr", {B("\r"), END}, B("\r\n.\r\n")},
+    {"dot-at-start", {B(".hidden\r\n"), END}, B("..hidden\r\n.\r\n")},
+    {"only-dot", {B("."), END}, B("..\r\n.\r\n")},
+    {"dot-line", {B("a\r\n.\r\nb\r\n"), END}, B("a\r\n..\r\nb\r\n.\r\n")},
+    {"dot-dot", {B("..\r\n"), END}, B("...\r\n.\r\n")},
+    {"dot-mid-line", {B("a.b\r\n. c\r\n"), END}, B("a.b\r\n.. c\r\n.\r\n")},
+    {"dot-after-lone-lf", {B("a\n.\nb"), END}, B("a\r\n..\r\nb\r\n.\r\n")},
+    {"dot-after-lone-cr", {B("a\r.\rb"), END}, B("a\r\n..\r\nb\r\n.\r\n")},
+    /* The smuggling payload: "<LF>.<CR><LF>" must not end the data. */
+    {"smuggle-lf-dot-crlf",
+     {B("x\n.\r\nMAIL FROM:<evil@example>\r\n"), END},
+     B("x\r\n..\r\nMAIL FROM:<evil@example>\r\n.\r\n")},
+    {"smuggle-crlf-dot-lf",
+     {B("x\r\n.\nRCPT TO:<y>\r\n"), END},
+     B("x\r\n..\r\nRCPT TO:<y>\r\n.\r\n")},
+    {"smuggle-cr-dot-cr", {B("x\r.\ry"), END}, B("x\r\n..\r\ny\r\n.\r\n")},
+    {"nul", {B("a\0b\r\n\0"), END}, B("a\0b\r\n\0\r\n.\r\n")},
+    {"nul-only", {B("\0"), END}, B("\0\r\n.\r\n")},
+    {"8bit", {B("caf\xc3\xa9\n"), END}, B("caf\xc3\xa9\r\n.\r\n")},
+    {"dot-segment-boundary",
+     {B("a\r\n"), B(".b"), END},
+     B("a\r\n..b\r\n.\r\n")},
+    {"cr-lf-split", {B("a\r"), B("\nb"), END}, B("a\r\nb\r\n.\r\n")},
+    {"cr-split-then-dot", {B("a\r"), B(".b"), END}, B("a\r\n..b\r\n.\r\n")},
+    {"cr-split-then-cr",
+     {B("a\r"), B("\r"), B("b"), END},
+     B("a\r\n\r\nb\r\n.\r\n")},
+    {"empty-segments", {B(""), B("a"), B(""), END}, B("a\r\n.\r\n")},
+};
+
+static void
+encode_chunks(const Bytes *chunks, guint n, GByteArray *out)
+{
+	SmtpEncoder enc;
+
+	smtp_encoder_init(&enc);
+	for (guint i = 0; i < n; i++)
+		smtp_encoder_feed(&enc, (const guint8 *)chunks[i].data,
+		                  chunks[i].len, out);
+	smtp_encoder_finish(&enc, out);
+}
+
+static void
+assert_bytes(GByteArray *got, const Bytes *want)
+{
+	g_assert_cmpmem(got->data, got->len, want->data, want->len);
+}
+
+static void
+test_encode_case(gconstpointer data)
+{
+	const EncodeCase *c = data;
+	g_autoptr(GByteArray) whole = g_byte_array_new();
+	g_autoptr(GByteArray) flat = g_byte_array_new();
+	guint n = 0;
+
+	/* As the case cuts it. */
+	while (c->segments[n].data != NULL)
+		n++;
+	{
+		g_autoptr(GByteArray) out = g_byte_array_new();
+
+		encode_chunks(c->segments, n, out);
+		assert_bytes(out, &c->expected);
+	}
+
+	/* Cut at every position of the whole input. */
+	for (guint i = 0; i < n; i++)
+		g_byte_array_append(flat, (const guint8 *)c->segments[i].data,
+		                    c->segments[i].len);
+	for (guint cut = 0; cut <= flat->len; cut++) {
+		Bytes two[2] = {
+		    {(const char *)flat->data, cut},
+		    {(const char *)flat->data + cut, flat->len - cut},
+		};
+
+		g_byte_array_set_size(whole, 0);
+		encode_chunks(two, 2, whole);
+		assert_bytes(whole, &c->expected);
+	}
+
+	/* And one byte at a time. */
+	g_byte_array_set_size(whole, 0);
+	{
+		SmtpEncoder enc;
+
+		smtp_encoder_init(&enc);
+		for (guint i = 0; i < flat->len; i++)
+			smtp_encoder_feed(&enc, flat->data + i, 1, whole);
+		smtp_encoder_finish(&enc, whole);
+		assert_bytes(whole, &c->expected);
+	}
+}
+
+/* Whatever the input, the output has no lone CR or LF, and no line
+ * that is a single "." before the end marker. */
+static void
+test_encode_random(void)
+{
+	GRand *rand = g_rand_new_with_seed(1869);
+
+	for (guint round = 0; round < 500; round++) {
+		g_autoptr(GByteArray) out = g_byte_array_new();
+		static const char alphabet[] = "\r\n.a\0";
+		guint8 in[40];
+		gsize len = g_rand_int_range(rand, 0, sizeof(in));
+		SmtpEncoder enc;
+
+		for (gsize i = 0; i < len; i++)
+			in[i] = alphabet[g_rand_int_range(rand, 0, 5)];
+		smtp_encoder_init(&enc);
+		smtp_encoder_feed(&enc, in, len, out);
+		smtp_encoder_finish(&enc, out);
+
+		g_assert_cmpuint(out->len, >=, 3);
+		for (guint i = 0; i < out->len; i++) {
+			if (out->data[i] == '\r')
+				g_assert_cmpint(out->data[i + 1], ==, '\n');
+			if (out->data[i] == '\n')
+				g_assert_cmpint(out->data[i - 1], ==, '\r');
+		}
+		for (guint i = 0; i + 3 < out->len; i++) {
+			gboolean start = i == 0 || out->data[i - 1] == '\n';
+
+			g_assert_false(start && out->data[i] == '.' &&
+			               out->data[i + 1] == '\r');
+		}
+		g_assert_cmpmem(out->data + out->len - 3, 3, ".\r\n", 3);
+	}
+	g_rand_free(rand);
+}
+
+/* ------------------------------------------------------------------ */
+/* UTF-8                                                                */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+	const char *name;
+	Bytes input;
+	gboolean valid;
+	gboolean ascii;
+} Utf8Case;
+
+static const Utf8Case utf8_cases[] = {
+    {"ascii", B("hello\r\n"), TRUE, TRUE},
+    {"nul", B("a\0b"), TRUE, TRUE},
+    {"two-byte", B("caf\xc3\xa9"), TRUE, FALSE},
+    {"three-byte", B("\xe2\x82\xac"), TRUE, FALSE},
+    {"four-byte", B("\xf0\x9f\x98\x80"), TRUE, FALSE},
+    {"max", B("\xf4\x8f\xbf\xbf"), TRUE, FALSE},
+    {"latin1", B("caf\xe9"), FALSE, FALSE},
+    {"overlong-c0", B("\xc0\x80"), FALSE, FALSE},
+    {"overlong-e0", B("\xe0\x80\x80"), FALSE, FALSE},
+    {"overlong-f0", B("\xf0\x80\x80\x80"), FALSE, FALSE},
+    {"surrogate", B("\xed\xa0\x80"), FALSE, FALSE},
+    {"beyond-max", B("\xf4\x90\x80\x80"), FALSE, FALSE},
+    {"f5", B("\xf5\x80\x80\x80"), FALSE, FALSE},
+    {"lone-continuation", B("\x80"), FALSE, FALSE},
+    {"truncated", B("ab\xe2\x82"), FALSE, FALSE},
+    {"interrupted",
+     B("\xe2\x82"
+       "a"),
+     FALSE, FALSE},
+};
+
+static void
+test_utf8_case(gconstpointer data)
+{
+	const Utf8Case *c = data;
+
+	/* Whole, and cut at every position. */
+	for (gsize cut = 0; cut <= c->input.len; cut++) {
+		SmtpUtf8Check check;
+
+		smtp_utf8_check_init(&check);
+		smtp_utf8_check_feed(&check, (const guint8 *)c->input.data,
+		                     cut);
+		smtp_utf8_check_feed(&check,
+		                     (const guint8 *)c->input.data + cut,
+		                     c->input.len - cut);
+		g_assert_cmpint(smtp_utf8_check_finish(&check), ==, c->valid);
+		g_assert_cmpint(check.ascii_only, ==, c->ascii);
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* SmtpMessage                                                          */
+/* ------------------------------------------------------------------ */
+
+static gboolean
+collect(const guint8 *data, gsize len, gpointer user_data, GError **error)
+{
+	GByteArray *all = user_data;
+
+	(void)error;
+	g_assert_cmpuint(len, <=, SMTP_MESSAGE_BLOCK);
+	g_assert_cmpuint(len, >, 0);
+	g_byte_array_append(all, data, len);
+	return TRUE;
+}
+
+/* A temporary file holding @len bytes of @data; returns its fd. */
+static int
+temp_file(const void *data, gsize len)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *path = NULL;
+	int fd;
+
+	fd = g_file_open_tmp("smtpclient-test-XXXXXX", &path, &error);
+	g_assert_no_error(error);
+	g_unlink(path);
+	g_assert_cmpint(write(fd, data, len), ==, (gssize)len);
+	return fd;
+}
+
+static void
+test_message_segments(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GByteArray) all = g_byte_array_new();
+	g_autoptr(GBytes) bytes = g_bytes_new_static("one|", 4);
+	g_autoptr(GError) error = NULL;
+	int fd = temp_file("0123456789", 10);
+
+	smtp_message_append_bytes(msg, bytes);
+	g_assert_true(smtp_message_append_fd(msg, fd, 2, 3, &error));
+	smtp_message_append_data(msg, "|", 1);
+	g_assert_true(smtp_message_append_fd(msg, fd, 7, -1, &error));
+	g_assert_no_error(error);
+
+	/* The fd was dup()ed: closing ours changes nothing. */
+	close(fd);
+	g_assert_cmpuint(smtp_message_get_size(msg), ==, 4 + 3 + 1 + 3);
+
+	/* Twice: pread() moves no offset, a message can be re-sent. */
+	for (guint round = 0; round < 2; round++) {
+		g_byte_array_set_size(all, 0);
+		g_assert_true(
+		    smtp_message_foreach_block(msg, collect, all, &error));
+		g_assert_no_error(error);
+		g_assert_cmpmem(all->data, all->len, "one|234|789", 11);
+	}
+}
+
+static void
+test_message_big_file(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GByteArray) all = g_byte_array_new();
+	g_autoptr(GError) error = NULL;
+	gsize len = 3 * SMTP_MESSAGE_BLOCK + 17;
+	g_autofree guint8 *data = g_malloc(len);
+	int fd;
+
+	for (gsize i = 0; i < len; i++)
+		data[i] = (guint8)(i * 7);
+	fd = temp_file(data, len);
+	g_assert_true(smtp_message_append_fd(msg, fd, 0, -1, &error));
+	close(fd);
+	g_assert_true(smtp_message_foreach_block(msg, collect, all, &error));
+	g_assert_cmpmem(all->data, all->len, data, len);
+}
+
+static void
+test_message_file_shrank(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GByteArray) all = g_byte_array_new();
+	g_autoptr(GError) error = NULL;
+	int fd = temp_file("0123456789", 10);
+
+	g_assert_true(smtp_message_append_fd(msg, fd, 0, -1, &error));
+	g_assert_cmpint(ftruncate(fd, 4), ==, 0);
+	close(fd);
+	g_assert_false(smtp_message_foreach_block(msg, collect, all, &error));
+	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_INPUT);
+}
+
+static void
+test_message_bad_fd(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+
+	g_assert_false(smtp_message_append_fd(msg, -1, 0, -1, &error));
+	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_INPUT);
+	g_assert_cmpstr(smtp_error_get_stage(error), ==, "input");
+}
+
+typedef struct {
+	const char *name;
+	SmtpMessageKind kind;
+	Bytes input;
+	gboolean utf8_ok;
+	gboolean accepted;
+} TextCase;
+
+static const TextCase text_cases[] = {
+    {"ascii", SMTP_MESSAGE_TEXT, B("Subject: x\r\n\r\nhi\n"), FALSE, TRUE},
+    {"utf8-not-allowed", SMTP_MESSAGE_TEXT, B("caf\xc3\xa9"), FALSE, FALSE},
+    {"utf8-allowed", SMTP_MESSAGE_TEXT, B("caf\xc3\xa9"), TRUE, TRUE},
+    {"latin1-text", SMTP_MESSAGE_TEXT, B("caf\xe9"), TRUE, FALSE},
+    {"latin1-bytes", SMTP_MESSAGE_BYTES, B("caf\xe9"), FALSE, TRUE},
+    {"nul-text", SMTP_MESSAGE_TEXT, B("a\0b"), FALSE, TRUE},
+};
+
+static void
+test_text_case(gconstpointer data)
+{
+	const TextCase *c = data;
+	g_autoptr(SmtpMessage) msg = smtp_message_new(c->kind);
+	g_autoptr(GError) error = NULL;
+	gboolean ok;
+
+	smtp_message_append_data(msg, c->input.data, c->input.len);
+	ok = smtp_message_check_text(msg, c->utf8_ok, &error);
+	g_assert_cmpint(ok, ==, c->accepted);
+	if (!ok) {
+		g_assert_error(error, SMTP_ERROR, SMTP_ERROR_INPUT);
+		g_assert_cmpstr(smtp_error_get_stage(error), ==, "input");
+	}
+}
+
+int
+main(int argc, char **argv)
+{
+	g_test_init(&argc, &argv, NULL);
+
+	for (guint i = 0; i < G_N_ELEMENTS(encode_cases); i++) {
+		g_autofree char *path = g_strdup_printf("/smtpclient/encode/%s",
+		                                        encode_cases[i].name);
+
+		g_test_add_data_func(path, &encode_cases[i], test_encode_case);
+	}
+	g_test_add_func("/smtpclient/encode/random", test_encode_random);
+	for (guint i = 0; i < G_N_ELEMENTS(utf8_cases); i++) {
+		g_autofree char *path =
+		    g_strdup_printf("/smtpclient/utf8/%s", utf8_cases[i].name);
+
+		g_test_add_data_func(path, &utf8_cases[i], test_utf8_case);
+	}
+	for (guint i = 0; i < G_N_ELEMENTS(text_cases); i++) {
+		g_autofree char *path = g_strdup_printf(
+		    "/smtpclient/message/text/%s", text_cases[i].name);
+
+		g_test_add_data_func(path, &text_cases[i], test_text_case);
+	}
+	g_test_add_func("/smtpclient/message/segments", test_message_segments);
+	g_test_add_func("/smtpclient/message/big-file", test_message_big_file);
+	g_test_add_func("/smtpclient/message/file-shrank",
+	                test_message_file_shrank);
+	g_test_add_func("/smtpclient/message/bad-fd", test_message_bad_fd);
+	return g_test_run();
+}
