@@ -1,0 +1,1065 @@
+/*
+ * conf.c - archive-milter configuration: loading, validation, defaults
+ *
+ * The file is read twice.  A line scanner of our own goes first: it
+ * records the line of every group and key, reports duplicate groups
+ * and keys (GKeyFile would merge the groups and keep the last key
+ * silently), accepts ';' as well as '#' comments, and rejects lines
+ * that are neither a group, a key = value pair nor a comment.  It
+ * hands GKeyFile a cleaned copy (comments blanked, bad lines dropped,
+ * values trimmed) so that one bad line does not hide the errors of the
+ * rest.  GKeyFile then holds the values, and validation walks its
+ * groups and keys.  Every problem becomes one message; none stops the
+ * load early.
+ *
+ * Values are taken literally (g_key_file_get_value): GKeyFile's
+ * backslash escapes are not interpreted, so a regular expression is
+ * written exactly as GRegex reads it ("\." is a dot, not an error).
+ *
+ * Known limits:
+ * XXX: a comment must be on a line of its own; "port = 25 # smtp" makes
+ *      the value "25 # smtp", which is then rejected as a bad port.
+ * XXX: archive_to is split at commas and whitespace, so a quoted local
+ *      part containing either ("a b"@example.com) cannot be written.
+ *      Such addresses are very rare on archive mailboxes.
+ * XXX: host names are checked for form only (RFC 1123 labels, or an IP
+ *      literal); whether they resolve is found out when connecting.
+ */
+#include <stdarg.h>
+#include <string.h>
+#include <sys/un.h>
+
+#include "conf.h"
+
+#define DEFAULT_PORT                25
+#define DEFAULT_TIMEOUT_MS          30000
+#define MAX_TIMEOUT_S               86400
+#define DEFAULT_CAPTURE_MEMORY_MAX  (1024 * 1024)
+#define DEFAULT_ARCHIVE_ID_KEY_FILE "/var/lib/archive-milter/archive-id.key"
+
+/* One error; kept with its line so --check can print them in file order. */
+typedef struct {
+	guint line; /* 0: no line known, printed last */
+	guint seq;  /* order of discovery, breaks ties */
+	char *text;
+} ConfError;
+
+/* Where a key was seen: the first for duplicate reports, the last
+ * because that is the value GKeyFile keeps. */
+typedef struct {
+	guint first;
+	guint last;
+} KeyLines;
+
+typedef struct {
+	const char *path;
+	GPtrArray *errors;       /* ConfError * */
+	GHashTable *group_lines; /* group name -> GUINT line of first */
+	GHashTable *key_lines;   /* "group\nkey" -> KeyLines * */
+	GKeyFile *kf;
+	AmConfig *config;
+} Loader;
+
+/* The keys each kind of group may hold; any other is an error. */
+static const char *const milter_keys[] = {
+    "socket", "archive_id_key_file", "capture_memory_max", "match", NULL,
+};
+
+static const char *const relay_keys[] = {
+    "host", "port", "timeout", "helo_name", NULL,
+};
+
+static const char *const rule_keys[] = {
+    "mode",
+    "relay",
+    "archive_to",
+    "archive_from",
+    "on_failure",
+    "match_sender",
+    "match_recipient",
+    "match_client",
+    "match_header",
+    "min_size",
+    NULL,
+};
+
+static void
+conf_error_free(gpointer data)
+{
+	ConfError *e = data;
+
+	g_free(e->text);
+	g_free(e);
+}
+
+/*
+ * Record one problem as "FILE:LINE: [GROUP] KEY: reason"; LINE 0 drops
+ * ":LINE", a NULL group drops "[GROUP] ", a NULL key gives "[GROUP]: ".
+ */
+static void add_error(Loader *l, guint line, const char *group, const char *key,
+                      const char *fmt, ...) G_GNUC_PRINTF(5, 6);
+
+static void
+add_error(Loader *l, guint line, const char *group, const char *key,
+          const char *fmt, ...)
+{
+	g_autoptr(GString) s = g_string_new(l->path);
+	g_autofree char *reason = NULL;
+	ConfError *e;
+	va_list ap;
+
+	va_start(ap, fmt);
+	reason = g_strdup_vprintf(fmt, ap);
+	va_end(ap);
+
+	if (line > 0)
+		g_string_append_printf(s, ":%u", line);
+	g_string_append(s, ": ");
+	if (group != NULL && key != NULL)
+		g_string_append_printf(s, "[%s] %s: ", group, key);
+	else if (group != NULL)
+		g_string_append_printf(s, "[%s]: ", group);
+	else if (key != NULL)
+		g_string_append_printf(s, "%s: ", key);
+	g_string_append(s, reason);
+
+	e = g_new0(ConfError, 1);
+	e->line = line;
+	e->seq = l->errors->len;
+	e->text = g_string_free(g_steal_pointer(&s), FALSE);
+	g_ptr_array_add(l->errors, e);
+}
+
+static guint
+group_line(Loader *l, const char *group)
+{
+	return GPOINTER_TO_UINT(g_hash_table_lookup(l->group_lines, group));
+}
+
+static guint
+key_line(Loader *l, const char *group, const char *key)
+{
+	g_autofree char *id = g_strconcat(group, "\n", key, NULL);
+	KeyLines *kl = g_hash_table_lookup(l->key_lines, id);
+
+	return kl != NULL ? kl->last : 0;
+}
+
+/* ---- the line scanner ------------------------------------------------ */
+
+static gboolean
+is_key_char(char c)
+{
+	return g_ascii_isalnum(c) || c == '_' || c == '-' || c == '.';
+}
+
+/* Control characters would end up inside values (a CR inside an
+ * address is how header and SMTP injection starts); tabs are spacing. */
+static gboolean
+line_is_clean(const char *s, gsize len)
+{
+	gsize i;
+
+	for (i = 0; i < len; i++) {
+		guchar c = (guchar)s[i];
+
+		if ((c < 0x20 && c != '\t') || c == 0x7f)
+			return FALSE;
+	}
+	return g_utf8_validate_len(s, len, NULL);
+}
+
+/*
+ * A group line.  After a bad one, *current becomes NULL and *skipping
+ * TRUE: its keys belong to no group we know, and reporting each of them
+ * would only repeat the one error.
+ */
+static void
+scan_group(Loader *l, guint lineno, const char *s, GString *clean,
+           char **current, gboolean *skipping)
+{
+	g_autofree char *name = NULL;
+	gsize len = strlen(s);
+	guint first;
+
+	g_clear_pointer(current, g_free);
+	*skipping = TRUE;
+	if (len < 2 || s[len - 1] != ']') {
+		add_error(l, lineno, NULL, NULL,
+		          "a group line must end with ']' (a comment goes "
+		          "on a line of its own)");
+		return;
+	}
+	name = g_strndup(s + 1, len - 2);
+	if (*name == '\0' || strpbrk(name, "[]") != NULL) {
+		add_error(l, lineno, NULL, NULL, "bad group name \"%s\"", name);
+		return;
+	}
+
+	first = group_line(l, name);
+	if (first > 0)
+		add_error(l, lineno, name, NULL,
+		          "duplicate group, first on line %u", first);
+	else
+		g_hash_table_insert(l->group_lines, g_strdup(name),
+		                    GUINT_TO_POINTER(lineno));
+
+	g_string_append_printf(clean, "[%s]", name);
+	*current = g_steal_pointer(&name);
+	*skipping = FALSE;
+}
+
+static void
+scan_key(Loader *l, guint lineno, const char *s, GString *clean,
+         const char *current, gboolean skipping)
+{
+	const char *eq = strchr(s, '=');
+	g_autofree char *key = NULL;
+	g_autofree char *id = NULL;
+	g_autofree char *value = NULL;
+	const char *p;
+	KeyLines *kl;
+
+	if (eq == NULL) {
+		add_error(l, lineno, NULL, NULL,
+		          "not a [group], a key = value line or a comment");
+		return;
+	}
+	if (current == NULL && skipping)
+		return;
+	key = g_strstrip(g_strndup(s, eq - s));
+	for (p = key; *p != '\0' && is_key_char(*p); p++)
+		;
+	if (*key == '\0') {
+		add_error(l, lineno, current, NULL, "no key before '='");
+		return;
+	}
+	if (*p != '\0') {
+		add_error(l, lineno, current, NULL, "bad key name \"%s\"", key);
+		return;
+	}
+	if (current == NULL) {
+		add_error(l, lineno, NULL, key, "key before any [group]");
+		return;
+	}
+
+	id = g_strconcat(current, "\n", key, NULL);
+	kl = g_hash_table_lookup(l->key_lines, id);
+	if (kl != NULL) {
+		add_error(l, lineno, current, key,
+		          "duplicate key, first set on line %u", kl->first);
+		kl->last = lineno;
+	} else {
+		kl = g_new(KeyLines, 1);
+		kl->first = kl->last = lineno;
+		g_hash_table_insert(l->key_lines, g_steal_pointer(&id), kl);
+	}
+
+	/* The line is already stripped at both ends. */
+	value = g_strchug(g_strdup(eq + 1));
+	g_string_append_printf(clean, "%s=%s", key, value);
+}
+
+/*
+ * Scan @data line by line; returns the text GKeyFile is to parse, the
+ * same number of lines, each line either kept (normalised) or blanked.
+ */
+static GString *
+scan(Loader *l, const char *data, gsize len)
+{
+	GString *clean = g_string_sized_new(len + 1);
+	g_autofree char *current = NULL;
+	gboolean skipping = FALSE;
+	const char *p = data;
+	const char *end = data + len;
+	guint lineno = 0;
+
+	while (p < end) {
+		const char *nl = memchr(p, '\n', end - p);
+		const char *eol = nl != NULL ? nl : end;
+		g_autofree char *line = NULL;
+		char *s;
+
+		lineno++;
+		/* CRLF files are common when edited elsewhere. */
+		if (eol > p && eol[-1] == '\r')
+			eol--;
+
+		if (!line_is_clean(p, eol - p)) {
+			add_error(l, lineno, NULL, NULL,
+			          "control character, NUL byte or invalid "
+			          "UTF-8 in line");
+		} else {
+			/* GKeyFile would keep trailing blanks in a value;
+			 * nobody means them, and nobody can see them. */
+			line = g_strndup(p, eol - p);
+			s = g_strstrip(line);
+			if (*s == '\0' || *s == '#' || *s == ';')
+				;
+			else if (*s == '[')
+				scan_group(l, lineno, s, clean, &current,
+				           &skipping);
+			else
+				scan_key(l, lineno, s, clean, current,
+				         skipping);
+		}
+		g_string_append_c(clean, '\n');
+		p = nl != NULL ? nl + 1 : end;
+	}
+	return clean;
+}
+
+/* ---- value checks ---------------------------------------------------- */
+
+/* Decimal digits only: no sign, no spaces, no hex, no exponent. */
+static gboolean
+parse_uint(const char *s, guint64 max, guint64 *out)
+{
+	guint64 v = 0;
+
+	if (*s == '\0')
+		return FALSE;
+	for (; *s != '\0'; s++) {
+		if (!g_ascii_isdigit(*s))
+			return FALSE;
+		if (v > (max - (*s - '0')) / 10)
+			return FALSE;
+		v = v * 10 + (*s - '0');
+	}
+	*out = v;
+	return TRUE;
+}
+
+static gboolean
+parse_port(const char *s, guint16 *out)
+{
+	guint64 v;
+
+	if (!parse_uint(s, 65535, &v) || v == 0)
+		return FALSE;
+	*out = (guint16)v;
+	return TRUE;
+}
+
+/* "123", "10K", "5M", "1G": octets, binary multiples. */
+static gboolean
+parse_size(const char *s, guint64 max, guint64 *out)
+{
+	g_autofree char *digits = g_strdup(s);
+	gsize len = strlen(digits);
+	guint shift = 0;
+	guint64 v;
+
+	if (len > 0) {
+		switch (g_ascii_toupper(digits[len - 1])) {
+		case 'K':
+			shift = 10;
+			break;
+		case 'M':
+			shift = 20;
+			break;
+		case 'G':
+			shift = 30;
+			break;
+		}
+		if (shift > 0)
+			digits[len - 1] = '\0';
+	}
+	if (!parse_uint(digits, max >> shift, &v))
+		return FALSE;
+	*out = v << shift;
+	return TRUE;
+}
+
+/*
+ * Seconds with an optional fraction ("30", "2.5") to milliseconds,
+ * rounded up so that a tiny positive value never becomes zero.
+ */
+static gboolean
+parse_timeout(const char *s, guint *out_ms)
+{
+	const char *dot = strchr(s, '.');
+	g_autofree char *whole =
+	    g_strndup(s, dot ? (gsize)(dot - s) : strlen(s));
+	const char *f = dot != NULL ? dot + 1 : "";
+	gboolean round_up = FALSE;
+	guint64 secs = 0, ms = 0;
+	guint i;
+
+	if (*whole == '\0' && *f == '\0')
+		return FALSE;
+	if (*whole != '\0' && !parse_uint(whole, MAX_TIMEOUT_S, &secs))
+		return FALSE;
+	for (i = 0; f[i] != '\0'; i++) {
+		if (!g_ascii_isdigit(f[i]))
+			return FALSE;
+		if (i < 3)
+			ms = ms * 10 + (f[i] - '0');
+		else if (f[i] != '0')
+			round_up = TRUE;
+	}
+	for (; i < 3; i++)
+		ms *= 10;
+	ms += secs * 1000 + (round_up ? 1 : 0);
+	if (ms == 0 || ms > (guint64)MAX_TIMEOUT_S * 1000)
+		return FALSE;
+	*out_ms = (guint)ms;
+	return TRUE;
+}
+
+/* RFC 1123 host name: labels of letters, digits and inner hyphens. */
+static gboolean
+is_host_name(const char *s)
+{
+	gsize len = strlen(s), label = 0;
+	gboolean all_numeric = TRUE;
+	const char *p;
+
+	if (len > 0 && s[len - 1] == '.')
+		len--;
+	if (len == 0 || len > 253)
+		return FALSE;
+	for (p = s; p < s + len; p++) {
+		if (*p == '.') {
+			if (label == 0 || p[-1] == '-')
+				return FALSE;
+			label = 0;
+			continue;
+		}
+		if (!g_ascii_isalnum(*p) && *p != '-')
+			return FALSE;
+		if (*p == '-' && label == 0)
+			return FALSE;
+		if (!g_ascii_isdigit(*p))
+			all_numeric = FALSE;
+		if (++label > 63)
+			return FALSE;
+	}
+	/* "999.1.1.1" is a mistyped address, not a name. */
+	return p[-1] != '-' && !all_numeric;
+}
+
+static gboolean
+is_ipv4(const char *s)
+{
+	return strchr(s, ':') == NULL && g_hostname_is_ip_address(s);
+}
+
+static gboolean
+is_ipv6(const char *s)
+{
+	return strchr(s, ':') != NULL && g_hostname_is_ip_address(s);
+}
+
+static gboolean
+is_host(const char *s)
+{
+	return g_hostname_is_ip_address(s) || is_host_name(s);
+}
+
+/* EHLO's argument: a domain or an address literal (RFC 5321 4.1.3). */
+static gboolean
+is_helo_name(const char *s)
+{
+	gsize len = strlen(s);
+	g_autofree char *inner = NULL;
+
+	if (len > 2 && s[0] == '[' && s[len - 1] == ']') {
+		inner = g_strndup(s + 1, len - 2);
+		if (g_str_has_prefix(inner, "IPv6:"))
+			return is_ipv6(inner + 5);
+		return is_ipv4(inner);
+	}
+	return is_host_name(s);
+}
+
+/*
+ * One bare address; "<addr>" is accepted and unwrapped.  Returns the
+ * bare address, or NULL with @why set.  "" (after unwrapping) is
+ * returned as is: the caller decides whether the null sender is allowed.
+ */
+static char *
+bare_address(const char *s, const char **why)
+{
+	gsize len = strlen(s);
+	const char *at;
+	const char *p;
+
+	if (len >= 2 && s[0] == '<' && s[len - 1] == '>') {
+		s++;
+		len -= 2;
+	}
+	for (p = s; p < s + len; p++) {
+		if (*p == '<' || *p == '>') {
+			*why = "angle brackets inside an address";
+			return NULL;
+		}
+		if (g_ascii_isspace(*p) || g_ascii_iscntrl(*p)) {
+			*why = "space, tab, CR or LF inside an address";
+			return NULL;
+		}
+	}
+	if (len == 0)
+		return g_strdup("");
+	at = g_strrstr_len(s, len, "@");
+	if (at == NULL || at == s || at == s + len - 1) {
+		*why = "not an address of the form local@domain";
+		return NULL;
+	}
+	return g_strndup(s, len);
+}
+
+/* ---- groups ---------------------------------------------------------- */
+
+static char *
+get(Loader *l, const char *group, const char *key)
+{
+	return g_key_file_get_value(l->kf, group, key, NULL);
+}
+
+static void
+check_keys(Loader *l, const char *group, const char *const *allowed)
+{
+	g_auto(GStrv) keys = g_key_file_get_keys(l->kf, group, NULL, NULL);
+	guint i;
+
+	for (i = 0; keys != NULL && keys[i] != NULL; i++) {
+		if (!g_strv_contains(allowed, keys[i]))
+			add_error(l, key_line(l, group, keys[i]), group,
+			          keys[i], "unknown key");
+	}
+}
+
+static char *
+require(Loader *l, const char *group, const char *key)
+{
+	char *v = get(l, group, key);
+
+	if (v == NULL)
+		add_error(l, group_line(l, group), group, key,
+		          "missing required key");
+	return v;
+}
+
+/* Report an empty value; TRUE when @v is set and not empty. */
+static gboolean
+non_empty(Loader *l, const char *group, const char *key, const char *v)
+{
+	if (v == NULL)
+		return FALSE;
+	if (*v == '\0') {
+		add_error(l, key_line(l, group, key), group, key,
+		          "must not be empty");
+		return FALSE;
+	}
+	return TRUE;
+}
+
+/* libmilter's smfi_setconn() forms; the bare "inet:PORT" (every
+ * interface) is refused on purpose: the listening address is explicit. */
+static gboolean
+is_socket_spec(const char *s, const char **why)
+{
+	struct sockaddr_un sa;
+	const char *path = NULL;
+	g_autofree char *port = NULL;
+	const char *rest = NULL;
+	const char *host;
+	const char *at;
+	gboolean v6;
+	guint16 p;
+
+	*why = "must be unix:/PATH, local:/PATH, inet:PORT@HOST or "
+	       "inet6:PORT@HOST";
+	if (g_str_has_prefix(s, "unix:"))
+		path = s + 5;
+	else if (g_str_has_prefix(s, "local:"))
+		path = s + 6;
+	if (path != NULL) {
+		if (path[0] != '/' || path[1] == '\0')
+			return FALSE;
+		if (strlen(path) >= sizeof(sa.sun_path)) {
+			*why = "socket path too long for a unix socket";
+			return FALSE;
+		}
+		return TRUE;
+	}
+
+	v6 = g_str_has_prefix(s, "inet6:");
+	if (v6)
+		rest = s + 6;
+	else if (g_str_has_prefix(s, "inet:"))
+		rest = s + 5;
+	if (rest == NULL || (at = strchr(rest, '@')) == NULL)
+		return FALSE;
+	port = g_strndup(rest, at - rest);
+	if (!parse_port(port, &p)) {
+		*why = "port must be a number from 1 to 65535";
+		return FALSE;
+	}
+	host = at + 1;
+	if (!(v6 ? is_ipv6(host) : is_ipv4(host)) && !is_host_name(host)) {
+		*why = "host must be an address of the socket's family or "
+		       "a host name";
+		return FALSE;
+	}
+	return TRUE;
+}
+
+static void
+load_milter(Loader *l)
+{
+	static const char g[] = "milter";
+	AmConfig *c = l->config;
+	g_autofree char *spec = require(l, g, "socket");
+	g_autofree char *key_file = get(l, g, "archive_id_key_file");
+	g_autofree char *mem = get(l, g, "capture_memory_max");
+	g_autofree char *match = get(l, g, "match");
+	const char *why;
+	guint64 size;
+
+	check_keys(l, g, milter_keys);
+
+	if (non_empty(l, g, "socket", spec)) {
+		if (is_socket_spec(spec, &why))
+			c->socket = g_steal_pointer(&spec);
+		else
+			add_error(l, key_line(l, g, "socket"), g, "socket",
+			          "\"%s\": %s", spec, why);
+	}
+
+	/* The daemon runs from "/": a relative name would be a surprise. */
+	if (non_empty(l, g, "archive_id_key_file", key_file)) {
+		if (g_path_is_absolute(key_file)) {
+			g_free(c->archive_id_key_file);
+			c->archive_id_key_file = g_steal_pointer(&key_file);
+		} else {
+			add_error(l, key_line(l, g, "archive_id_key_file"), g,
+			          "archive_id_key_file",
+			          "\"%s\": must be an absolute path", key_file);
+		}
+	}
+
+	if (mem != NULL) {
+		if (parse_size(mem, G_MAXSIZE, &size))
+			c->capture_memory_max = (gsize)size;
+		else
+			add_error(l, key_line(l, g, "capture_memory_max"), g,
+			          "capture_memory_max",
+			          "\"%s\": must be a size in octets, with an "
+			          "optional K, M or G suffix",
+			          mem);
+	}
+
+	if (match != NULL) {
+		if (strcmp(match, "first") == 0 || strcmp(match, "all") == 0)
+			c->match_all = strcmp(match, "all") == 0;
+		else
+			add_error(l, key_line(l, g, "match"), g, "match",
+			          "\"%s\": must be first or all", match);
+	}
+}
+
+/* [relay:NAME] and [rule:NAME] names are used in logs and references. */
+static gboolean
+check_name(Loader *l, const char *group, const char *name)
+{
+	const char *p;
+
+	for (p = name; *p != '\0' && is_key_char(*p); p++)
+		;
+	if (*name != '\0' && *p == '\0')
+		return TRUE;
+	add_error(l, group_line(l, group), group, NULL,
+	          "the name after ':' must be letters, digits, '.', '_' "
+	          "or '-'");
+	return FALSE;
+}
+
+static void
+relay_free(gpointer data)
+{
+	AmRelay *r = data;
+
+	g_free(r->name);
+	g_free(r->host);
+	g_free(r->helo_name);
+	g_free(r);
+}
+
+static void
+load_relay(Loader *l, const char *g)
+{
+	AmRelay *r = g_new0(AmRelay, 1);
+	g_autofree char *host = require(l, g, "host");
+	g_autofree char *port = get(l, g, "port");
+	g_autofree char *timeout = get(l, g, "timeout");
+	g_autofree char *helo = get(l, g, "helo_name");
+
+	r->name = g_strdup(strchr(g, ':') + 1);
+	r->port = DEFAULT_PORT;
+	r->timeout_ms = DEFAULT_TIMEOUT_MS;
+	g_ptr_array_add(l->config->relays, r);
+	check_name(l, g, r->name);
+	check_keys(l, g, relay_keys);
+
+	if (non_empty(l, g, "host", host)) {
+		if (is_host(host))
+			r->host = g_steal_pointer(&host);
+		else
+			add_error(l, key_line(l, g, "host"), g, "host",
+			          "\"%s\": not an IP address (without "
+			          "brackets) or a host name",
+			          host);
+	}
+
+	if (port != NULL && !parse_port(port, &r->port))
+		add_error(l, key_line(l, g, "port"), g, "port",
+		          "\"%s\": must be a number from 1 to 65535", port);
+
+	if (timeout != NULL && !parse_timeout(timeout, &r->timeout_ms))
+		add_error(l, key_line(l, g, "timeout"), g, "timeout",
+		          "\"%s\": must be a positive number of seconds, at "
+		          "most %d",
+		          timeout, MAX_TIMEOUT_S);
+
+	if (non_empty(l, g, "helo_name", helo)) {
+		if (is_helo_name(helo))
+			r->helo_name = g_steal_pointer(&helo);
+		else
+			add_error(l, key_line(l, g, "helo_name"), g,
+			          "helo_name",
+			          "\"%s\": not a host name or an address "
+			          "literal like [192.0.2.1]",
+			          helo);
+	}
+}
+
+static void
+rule_free(gpointer data)
+{
+	AmRule *r = data;
+
+	g_free(r->name);
+	g_strfreev(r->archive_to);
+	g_free(r->archive_from);
+	g_clear_pointer(&r->match_sender, g_regex_unref);
+	g_clear_pointer(&r->match_recipient, g_regex_unref);
+	g_clear_pointer(&r->match_client, g_regex_unref);
+	g_clear_pointer(&r->match_header, g_regex_unref);
+	g_free(r);
+}
+
+static void
+load_archive_to(Loader *l, const char *g, AmRule *r)
+{
+	g_autofree char *v = require(l, g, "archive_to");
+	g_auto(GStrv) parts = NULL;
+	g_autoptr(GPtrArray) list = NULL;
+	guint line = key_line(l, g, "archive_to");
+	const char *why;
+	guint i;
+
+	if (v == NULL)
+		return;
+	list = g_ptr_array_new_with_free_func(g_free);
+	parts = g_regex_split_simple("[\\s,]+", v, 0, 0);
+	for (i = 0; parts[i] != NULL; i++) {
+		char *addr;
+
+		if (*parts[i] == '\0')
+			continue;
+		addr = bare_address(parts[i], &why);
+		if (addr != NULL && *addr == '\0') {
+			why = "the null address <> cannot receive mail";
+			g_clear_pointer(&addr, g_free);
+		}
+		if (addr == NULL) {
+			add_error(l, line, g, "archive_to", "\"%s\": %s",
+			          parts[i], why);
+			return;
+		}
+		g_ptr_array_add(list, addr);
+	}
+	if (list->len == 0) {
+		add_error(l, line, g, "archive_to",
+		          "must list at least one address");
+		return;
+	}
+	g_ptr_array_add(list, NULL);
+	r->archive_to =
+	    (char **)g_ptr_array_free(g_steal_pointer(&list), FALSE);
+}
+
+static void
+load_archive_from(Loader *l, const char *g, AmRule *r)
+{
+	g_autofree char *v = get(l, g, "archive_from");
+	const char *why;
+	char *addr;
+
+	if (v == NULL)
+		return;
+	if (strpbrk(v, ", \t") != NULL) {
+		add_error(l, key_line(l, g, "archive_from"), g, "archive_from",
+		          "\"%s\": must be one address", v);
+		return;
+	}
+	addr = bare_address(v, &why);
+	if (addr == NULL) {
+		add_error(l, key_line(l, g, "archive_from"), g, "archive_from",
+		          "\"%s\": %s", v, why);
+		return;
+	}
+	g_free(r->archive_from);
+	r->archive_from = addr;
+}
+
+static GRegex *
+load_regex(Loader *l, const char *g, const char *key)
+{
+	g_autofree char *v = get(l, g, key);
+	g_autoptr(GError) error = NULL;
+	GRegex *re;
+
+	if (!non_empty(l, g, key, v))
+		return NULL;
+	re = g_regex_new(v, G_REGEX_CASELESS, 0, &error);
+	if (re == NULL)
+		add_error(l, key_line(l, g, key), g, key,
+		          "bad regular expression: %s", error->message);
+	return re;
+}
+
+static void
+load_rule(Loader *l, const char *g)
+{
+	AmRule *r = g_new0(AmRule, 1);
+	g_autofree char *mode = get(l, g, "mode");
+	g_autofree char *relay = require(l, g, "relay");
+	g_autofree char *fail = get(l, g, "on_failure");
+	g_autofree char *min_size = get(l, g, "min_size");
+
+	r->name = g_strdup(strchr(g, ':') + 1);
+	r->mode = AM_MODE_JOURNAL;
+	r->archive_from = g_strdup("");
+	r->on_failure = AM_ON_FAILURE_TEMPFAIL;
+	g_ptr_array_add(l->config->rules, r);
+	check_name(l, g, r->name);
+	check_keys(l, g, rule_keys);
+
+	if (mode != NULL && strcmp(mode, "journal") != 0)
+		add_error(l, key_line(l, g, "mode"), g, "mode",
+		          "\"%s\": must be journal", mode);
+
+	if (non_empty(l, g, "relay", relay)) {
+		r->relay = am_config_find_relay(l->config, relay);
+		if (r->relay == NULL)
+			add_error(l, key_line(l, g, "relay"), g, "relay",
+			          "\"%s\": no [relay:%s] group", relay, relay);
+	}
+
+	load_archive_to(l, g, r);
+	load_archive_from(l, g, r);
+
+	if (fail != NULL) {
+		if (strcmp(fail, "tempfail") == 0)
+			r->on_failure = AM_ON_FAILURE_TEMPFAIL;
+		else if (strcmp(fail, "accept") == 0)
+			r->on_failure = AM_ON_FAILURE_ACCEPT;
+		else
+			add_error(l, key_line(l, g, "on_failure"), g,
+			          "on_failure",
+			          "\"%s\": must be tempfail or accept", fail);
+	}
+
+	r->match_sender = load_regex(l, g, "match_sender");
+	r->match_recipient = load_regex(l, g, "match_recipient");
+	r->match_client = load_regex(l, g, "match_client");
+	r->match_header = load_regex(l, g, "match_header");
+
+	if (min_size != NULL &&
+	    !parse_size(min_size, G_MAXUINT64, &r->min_size))
+		add_error(l, key_line(l, g, "min_size"), g, "min_size",
+		          "\"%s\": must be a size in octets, with an optional "
+		          "K, M or G suffix",
+		          min_size);
+}
+
+/*
+ * Relays first, so that a rule may name a relay defined further down;
+ * rules keep file order.
+ */
+static void
+load_groups(Loader *l)
+{
+	g_auto(GStrv) groups = g_key_file_get_groups(l->kf, NULL);
+	gboolean have_milter = FALSE;
+	guint i;
+
+	for (i = 0; groups[i] != NULL; i++) {
+		const char *g = groups[i];
+
+		if (strcmp(g, "milter") == 0) {
+			have_milter = TRUE;
+			load_milter(l);
+		} else if (g_str_has_prefix(g, "relay:")) {
+			load_relay(l, g);
+		} else if (!g_str_has_prefix(g, "rule:")) {
+			add_error(l, group_line(l, g), g, NULL,
+			          "unknown group; expected [milter], "
+			          "[relay:NAME] or [rule:NAME]");
+		}
+	}
+	for (i = 0; groups[i] != NULL; i++) {
+		if (g_str_has_prefix(groups[i], "rule:"))
+			load_rule(l, groups[i]);
+	}
+
+	if (!have_milter)
+		add_error(l, 0, "milter", NULL, "missing group");
+	if (l->config->rules->len == 0)
+		add_error(l, 0, NULL, NULL,
+		          "no [rule:NAME] group: nothing would be archived");
+}
+
+static gint
+error_cmp(gconstpointer a, gconstpointer b)
+{
+	const ConfError *x = *(const ConfError *const *)a;
+	const ConfError *y = *(const ConfError *const *)b;
+	guint xl = x->line > 0 ? x->line : G_MAXUINT;
+	guint yl = y->line > 0 ? y->line : G_MAXUINT;
+
+	if (xl != yl)
+		return xl < yl ? -1 : 1;
+	return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+static AmConfig *
+config_new(const char *path)
+{
+	AmConfig *c = g_new0(AmConfig, 1);
+
+	c->path = g_strdup(path);
+	c->archive_id_key_file = g_strdup(DEFAULT_ARCHIVE_ID_KEY_FILE);
+	c->capture_memory_max = DEFAULT_CAPTURE_MEMORY_MAX;
+	c->relays = g_ptr_array_new_with_free_func(relay_free);
+	c->rules = g_ptr_array_new_with_free_func(rule_free);
+	return c;
+}
+
+static void
+load(Loader *l)
+{
+	g_autofree char *data = NULL;
+	g_autoptr(GString) clean = NULL;
+	g_autoptr(GError) error = NULL;
+	gsize len;
+
+	if (!g_file_get_contents(l->path, &data, &len, &error)) {
+		add_error(l, 0, NULL, NULL, "cannot read: %s", error->message);
+		return;
+	}
+
+	clean = scan(l, data, len);
+	if (!g_key_file_load_from_data(l->kf, clean->str, clean->len,
+	                               G_KEY_FILE_NONE, &error)) {
+		/* The scanner should have caught it: say what GKeyFile saw. */
+		add_error(l, 0, NULL, NULL, "not a valid INI file: %s",
+		          error->message);
+		return;
+	}
+	load_groups(l);
+}
+
+AmConfig *
+am_config_load(const char *path, GPtrArray **errors)
+{
+	g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(g_free);
+	g_autoptr(GPtrArray) list = NULL;
+	g_autoptr(GKeyFile) kf = g_key_file_new();
+	Loader l = {0};
+	guint i;
+
+	g_return_val_if_fail(path != NULL, NULL);
+
+	l.path = path;
+	l.errors = list = g_ptr_array_new_with_free_func(conf_error_free);
+	l.group_lines =
+	    g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+	l.key_lines =
+	    g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+	l.kf = kf;
+	l.config = config_new(path);
+
+	load(&l);
+	g_hash_table_unref(l.group_lines);
+	g_hash_table_unref(l.key_lines);
+
+	/* Errors in file order, those without a line last. */
+	g_ptr_array_sort(list, error_cmp);
+	for (i = 0; i < list->len; i++) {
+		ConfError *e = g_ptr_array_index(list, i);
+
+		g_ptr_array_add(out, g_steal_pointer(&e->text));
+	}
+	if (out->len > 0)
+		g_clear_pointer(&l.config, am_config_free);
+	if (errors != NULL)
+		*errors = g_steal_pointer(&out);
+	return l.config;
+}
+
+void
+am_config_free(AmConfig *config)
+{
+	if (config == NULL)
+		return;
+	/* Rules point at relays: free them first. */
+	g_ptr_array_unref(config->rules);
+	g_ptr_array_unref(config->relays);
+	g_free(config->path);
+	g_free(config->socket);
+	g_free(config->archive_id_key_file);
+	g_free(config);
+}
+
+const AmRelay *
+am_config_find_relay(const AmConfig *config, const char *name)
+{
+	guint i;
+
+	g_return_val_if_fail(config != NULL, NULL);
+	g_return_val_if_fail(name != NULL, NULL);
+
+	for (i = 0; i < config->relays->len; i++) {
+		const AmRelay *r = g_ptr_array_index(config->relays, i);
+
+		if (strcmp(r->name, name) == 0)
+			return r;
+	}
+	return NULL;
+}
+
+const char *
+am_mode_name(AmMode mode)
+{
+	switch (mode) {
+	case AM_MODE_JOURNAL:
+		return "journal";
+	}
+	return "unknown";
+}
+
+const char *
+am_on_failure_name(AmOnFailure on_failure)
+{
+	switch (on_failure) {
+	case AM_ON_FAILURE_TEMPFAIL:
+		return "tempfail";
+	case AM_ON_FAILURE_ACCEPT:
+		return "accept";
+	}
+	return "unknown";
+}

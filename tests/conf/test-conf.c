@@ -1,0 +1,1070 @@
+/*
+ * test-conf.c - unit tests of the configuration module (conf/conf.c)
+ *
+ * Three kinds of test:
+ *  - fixture pairs under cases/: NAME.conf is loaded and its errors are
+ *    compared, in order and in number, with NAME.expected, one line per
+ *    error (lines starting with '#' explain the case; an expected file
+ *    with no error lines means the file must load).  Each expected line
+ *    is a g_pattern_match_simple() glob ('*' and '?'), matched against
+ *    the whole message after the fixture's full path is replaced by
+ *    NAME.conf, so line numbers are checked too.  New cases need no code.
+ *  - good files under good/ and the shipped conf/archive-milter.conf,
+ *    with every parsed field and every default asserted.
+ *  - tables of single values (ports, timeouts, sizes, sockets, hosts,
+ *    addresses) spliced into a minimal file written to a temporary dir.
+ *
+ * The source directory comes from G_TEST_SRCDIR (set by meson).
+ */
+#include <errno.h>
+#include <string.h>
+#include <glib/gstdio.h>
+
+#include "conf.h"
+
+/* The smallest valid file; %s are extra lines for each of the groups. */
+#define BASE_CONF                                                              \
+	"[milter]\n"                                                           \
+	"socket = unix:/run/archive-milter/milter.sock\n"                      \
+	"%s\n"                                                                 \
+	"[relay:r]\n"                                                          \
+	"host = 127.0.0.1\n"                                                   \
+	"%s\n"                                                                 \
+	"[rule:a]\n"                                                           \
+	"relay = r\n"                                                          \
+	"archive_to = journal@archive.example\n"                               \
+	"%s\n"
+
+enum { IN_MILTER, IN_RELAY, IN_RULE };
+
+static char *tmp_dir;
+
+static char *
+case_path(const char *dir, const char *file)
+{
+	return g_test_build_filename(G_TEST_DIST, dir, file, NULL);
+}
+
+static char *
+example_path(void)
+{
+	return g_test_build_filename(G_TEST_DIST, "..", "..", "conf",
+	                             "archive-milter.conf", NULL);
+}
+
+static void
+dump_errors(const GPtrArray *errors)
+{
+	guint i;
+
+	for (i = 0; i < errors->len; i++)
+		g_test_message("error: %s",
+		               (const char *)g_ptr_array_index(errors, i));
+}
+
+/* Write @text to a fresh file in the temporary directory. */
+static char *
+write_tmp(const char *text, gssize len)
+{
+	static guint n;
+	g_autoptr(GError) error = NULL;
+	char *path;
+
+	path = g_strdup_printf("%s/t%u.conf", tmp_dir, n++);
+	g_file_set_contents(path, text, len, &error);
+	g_assert_no_error(error);
+	return path;
+}
+
+/* Load BASE_CONF with @extra added to the group @where. */
+static AmConfig *
+load_with(int where, const char *extra, GPtrArray **errors)
+{
+	g_autofree char *text = NULL;
+	g_autofree char *path = NULL;
+
+	text = g_strdup_printf(BASE_CONF, where == IN_MILTER ? extra : "",
+	                       where == IN_RELAY ? extra : "",
+	                       where == IN_RULE ? extra : "");
+	path = write_tmp(text, -1);
+	return am_config_load(path, errors);
+}
+
+static const AmRelay *
+relay_at(const AmConfig *c, guint i)
+{
+	g_assert_cmpuint(i, <, c->relays->len);
+	return g_ptr_array_index(c->relays, i);
+}
+
+static const AmRule *
+rule_at(const AmConfig *c, guint i)
+{
+	g_assert_cmpuint(i, <, c->rules->len);
+	return g_ptr_array_index(c->rules, i);
+}
+
+static void
+assert_matches(GRegex *re, const char *yes, const char *no)
+{
+	g_assert_nonnull(re);
+	g_assert_true(g_regex_match(re, yes, 0, NULL));
+	g_assert_false(g_regex_match(re, no, 0, NULL));
+}
+
+/* ---- fixture pairs --------------------------------------------------- */
+
+/* Expected lines of NAME.expected, comments and blank lines dropped. */
+static GPtrArray *
+read_expected(const char *name)
+{
+	g_autofree char *file = g_strconcat(name, ".expected", NULL);
+	g_autofree char *path = case_path("cases", file);
+	g_autofree char *text = NULL;
+	g_autoptr(GError) error = NULL;
+	g_auto(GStrv) lines = NULL;
+	GPtrArray *out = g_ptr_array_new_with_free_func(g_free);
+	guint i;
+
+	g_file_get_contents(path, &text, NULL, &error);
+	g_assert_no_error(error);
+	lines = g_strsplit(text, "\n", -1);
+	for (i = 0; lines[i] != NULL; i++) {
+		if (lines[i][0] != '\0' && lines[i][0] != '#')
+			g_ptr_array_add(out, g_strdup(lines[i]));
+	}
+	return out;
+}
+
+static void
+test_case(gconstpointer data)
+{
+	const char *name = data;
+	g_autofree char *file = g_strconcat(name, ".conf", NULL);
+	g_autofree char *path = case_path("cases", file);
+	g_autoptr(GPtrArray) expected = read_expected(name);
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(AmConfig) config = am_config_load(path, &errors);
+	guint i;
+
+	g_assert_nonnull(errors);
+	dump_errors(errors);
+	g_assert_cmpuint(errors->len, ==, expected->len);
+	if (expected->len == 0)
+		g_assert_nonnull(config);
+	else
+		g_assert_null(config);
+
+	for (i = 0; i < errors->len; i++) {
+		const char *e = g_ptr_array_index(errors, i);
+		const char *want = g_ptr_array_index(expected, i);
+		g_autofree char *shown = NULL;
+
+		/* Every message names the file it is about. */
+		g_assert_true(g_str_has_prefix(e, path));
+		shown = g_strconcat(file, e + strlen(path), NULL);
+		if (!g_pattern_match_simple(want, shown))
+			g_error("%s: error %u\n  got:      %s\n  expected: %s",
+			        file, i + 1, shown, want);
+	}
+}
+
+/* Each NAME.conf has its NAME.expected and the other way round. */
+static void
+test_cases_paired(void)
+{
+	g_autofree char *dir_path = case_path("cases", NULL);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GDir) dir = g_dir_open(dir_path, 0, &error);
+	const char *f;
+	guint n = 0;
+
+	g_assert_no_error(error);
+	while ((f = g_dir_read_name(dir)) != NULL) {
+		g_autofree char *stem = NULL;
+		g_autofree char *other = NULL;
+		g_autofree char *other_path = NULL;
+
+		if (g_str_has_suffix(f, ".conf")) {
+			stem = g_strndup(f, strlen(f) - 5);
+			other = g_strconcat(stem, ".expected", NULL);
+			n++;
+		} else if (g_str_has_suffix(f, ".expected")) {
+			stem = g_strndup(f, strlen(f) - 9);
+			other = g_strconcat(stem, ".conf", NULL);
+		} else {
+			g_error("cases/%s: neither .conf nor .expected", f);
+		}
+		other_path = case_path("cases", other);
+		if (!g_file_test(other_path, G_FILE_TEST_IS_REGULAR))
+			g_error("cases/%s has no cases/%s", f, other);
+	}
+	/* A lost directory must not pass as "no cases, no failures". */
+	g_assert_cmpuint(n, >=, 20);
+}
+
+static gint
+str_cmp(gconstpointer a, gconstpointer b)
+{
+	return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static void
+add_case_tests(void)
+{
+	g_autofree char *dir_path = case_path("cases", NULL);
+	g_autoptr(GDir) dir = g_dir_open(dir_path, 0, NULL);
+	g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
+	const char *f;
+	guint i;
+
+	if (dir == NULL)
+		return; /* test_cases_paired reports it */
+	while ((f = g_dir_read_name(dir)) != NULL) {
+		if (g_str_has_suffix(f, ".conf"))
+			g_ptr_array_add(names, g_strndup(f, strlen(f) - 5));
+	}
+	g_ptr_array_sort(names, str_cmp);
+	for (i = 0; i < names->len; i++) {
+		const char *name = g_ptr_array_index(names, i);
+		g_autofree char *test = g_strconcat("/conf/case/", name, NULL);
+
+		g_test_add_data_func_full(test, g_strdup(name), test_case,
+		                          g_free);
+	}
+}
+
+/* ---- good files: every field ----------------------------------------- */
+
+static void
+test_good_minimal(void)
+{
+	g_autofree char *path = case_path("good", "minimal.conf");
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(AmConfig) c = am_config_load(path, &errors);
+	const AmRelay *relay;
+	const AmRule *rule;
+
+	dump_errors(errors);
+	g_assert_cmpuint(errors->len, ==, 0);
+	g_assert_nonnull(c);
+
+	g_assert_cmpstr(c->path, ==, path);
+	g_assert_cmpstr(c->socket, ==, "local:/run/archive-milter/sock");
+	g_assert_cmpstr(c->archive_id_key_file, ==,
+	                "/var/lib/archive-milter/archive-id.key");
+	g_assert_cmpuint(c->capture_memory_max, ==, 1024 * 1024);
+	g_assert_false(c->match_all);
+
+	g_assert_cmpuint(c->relays->len, ==, 1);
+	relay = relay_at(c, 0);
+	g_assert_cmpstr(relay->name, ==, "archive");
+	g_assert_cmpstr(relay->host, ==, "127.0.0.1");
+	g_assert_cmpuint(relay->port, ==, 25);
+	g_assert_cmpuint(relay->timeout_ms, ==, 30000);
+	g_assert_null(relay->helo_name);
+
+	g_assert_cmpuint(c->rules->len, ==, 1);
+	rule = rule_at(c, 0);
+	g_assert_cmpstr(rule->name, ==, "all");
+	g_assert_cmpint(rule->mode, ==, AM_MODE_JOURNAL);
+	g_assert_true(rule->relay == relay);
+	g_assert_cmpstrv(
+	    rule->archive_to,
+	    ((const char *const[]){"journal@archive.example", NULL}));
+	g_assert_cmpstr(rule->archive_from, ==, "");
+	g_assert_cmpint(rule->on_failure, ==, AM_ON_FAILURE_TEMPFAIL);
+	g_assert_null(rule->match_sender);
+	g_assert_null(rule->match_recipient);
+	g_assert_null(rule->match_client);
+	g_assert_null(rule->match_header);
+	g_assert_cmpuint(rule->min_size, ==, 0);
+}
+
+static void
+test_good_full(void)
+{
+	g_autofree char *path = case_path("good", "full.conf");
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(AmConfig) c = am_config_load(path, &errors);
+	const AmRelay *r0, *r1;
+	const AmRule *a, *b;
+
+	dump_errors(errors);
+	g_assert_cmpuint(errors->len, ==, 0);
+	g_assert_nonnull(c);
+
+	g_assert_cmpstr(c->socket, ==, "inet6:8891@::1");
+	g_assert_cmpstr(c->archive_id_key_file, ==, "/etc/am/id.key");
+	g_assert_cmpuint(c->capture_memory_max, ==, 256 * 1024);
+	g_assert_true(c->match_all);
+
+	/* Relays in file order, each field. */
+	g_assert_cmpuint(c->relays->len, ==, 2);
+	r0 = relay_at(c, 0);
+	g_assert_cmpstr(r0->name, ==, "primary");
+	g_assert_cmpstr(r0->host, ==, "127.0.0.1");
+	g_assert_cmpuint(r0->port, ==, 2527);
+	g_assert_cmpuint(r0->timeout_ms, ==, 2500);
+	g_assert_cmpstr(r0->helo_name, ==, "milter.example");
+	r1 = relay_at(c, 1);
+	g_assert_cmpstr(r1->name, ==, "v6_relay-2.b");
+	g_assert_cmpstr(r1->host, ==, "::1");
+	g_assert_cmpuint(r1->port, ==, 65535);
+	g_assert_cmpuint(r1->timeout_ms, ==, 1000);
+	g_assert_cmpstr(r1->helo_name, ==, "[IPv6:::1]");
+
+	/* Rules in file order; the second names the relay defined later. */
+	g_assert_cmpuint(c->rules->len, ==, 2);
+	a = rule_at(c, 0);
+	g_assert_cmpstr(a->name, ==, "finance");
+	g_assert_cmpint(a->mode, ==, AM_MODE_JOURNAL);
+	g_assert_true(a->relay == r1);
+	g_assert_cmpstrv(
+	    a->archive_to,
+	    ((const char *const[]){"one@archive.example", "two@archive.example",
+	                           "three@archive.example", NULL}));
+	g_assert_cmpstr(a->archive_from, ==, "milter@mail.example");
+	g_assert_cmpint(a->on_failure, ==, AM_ON_FAILURE_ACCEPT);
+	/* Case-insensitive, and backslashes reach GRegex untouched. */
+	assert_matches(a->match_sender, "Boss@Finance.Example",
+	               "boss@financeXexample");
+	assert_matches(a->match_recipient, "AUDIT@x.example",
+	               "x@audit.example");
+	assert_matches(a->match_client, "127.0.0.1", "127.0.0.10");
+	assert_matches(a->match_header, "subject: [archive] Q3",
+	               "Subject: archive Q3");
+	g_assert_cmpuint(a->min_size, ==, 10 * 1024);
+
+	b = rule_at(c, 1);
+	g_assert_cmpstr(b->name, ==, "rest");
+	g_assert_true(b->relay == r0);
+	g_assert_cmpstrv(b->archive_to, ((const char *const[]){
+	                                    "journal@archive.example", NULL}));
+	g_assert_cmpstr(b->archive_from, ==, "");
+	g_assert_cmpint(b->on_failure, ==, AM_ON_FAILURE_TEMPFAIL);
+	g_assert_cmpuint(b->min_size, ==, 2ULL * 1024 * 1024 * 1024);
+}
+
+/* The file we ship must load as is, with the values it documents. */
+static void
+test_example(void)
+{
+	g_autofree char *path = example_path();
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(AmConfig) c = am_config_load(path, &errors);
+	const AmRelay *relay;
+	const AmRule *rule;
+
+	dump_errors(errors);
+	g_assert_cmpuint(errors->len, ==, 0);
+	g_assert_nonnull(c);
+	g_assert_cmpstr(c->socket, ==, "inet:8891@127.0.0.1");
+	g_assert_cmpstr(c->archive_id_key_file, ==,
+	                "/var/lib/archive-milter/archive-id.key");
+	g_assert_cmpuint(c->capture_memory_max, ==, 1024 * 1024);
+	g_assert_false(c->match_all);
+
+	relay = am_config_find_relay(c, "archive");
+	g_assert_nonnull(relay);
+	g_assert_cmpstr(relay->host, ==, "127.0.0.1");
+	g_assert_cmpuint(relay->port, ==, 2527);
+	g_assert_cmpuint(relay->timeout_ms, ==, 30000);
+	g_assert_null(relay->helo_name);
+
+	g_assert_cmpuint(c->rules->len, ==, 1);
+	rule = rule_at(c, 0);
+	g_assert_true(rule->relay == relay);
+	g_assert_cmpstrv(
+	    rule->archive_to,
+	    ((const char *const[]){"journal@archive.example", NULL}));
+	g_assert_cmpstr(rule->archive_from, ==, "");
+	g_assert_cmpint(rule->on_failure, ==, AM_ON_FAILURE_TEMPFAIL);
+	g_assert_null(rule->match_sender);
+	g_assert_cmpuint(rule->min_size, ==, 0);
+}
+
+/*
+ * The commented-out sample lines of the example must be valid too:
+ * uncommenting them is what an administrator does first.
+ */
+static void
+test_example_uncommented(void)
+{
+	g_autofree char *path = example_path();
+	g_autofree char *text = NULL;
+	g_autofree char *tmp = NULL;
+	g_autoptr(GRegex) re = NULL;
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(GError) error = NULL;
+	g_autoptr(AmConfig) c = NULL;
+	g_autofree char *out = NULL;
+	const AmRule *rule;
+
+	g_file_get_contents(path, &text, NULL, &error);
+	g_assert_no_error(error);
+	re = g_regex_new("^#([a-z_]+ = )", G_REGEX_MULTILINE, 0, NULL);
+	out = g_regex_replace(re, text, -1, 0, "\\1", 0, &error);
+	g_assert_no_error(error);
+	tmp = write_tmp(out, -1);
+	c = am_config_load(tmp, &errors);
+	dump_errors(errors);
+	g_assert_cmpuint(errors->len, ==, 0);
+	rule = rule_at(c, 0);
+	g_assert_cmpstr(relay_at(c, 0)->helo_name, ==, "milter.example");
+	assert_matches(rule->match_sender, "a@EXAMPLE.com", "a@example.org");
+	assert_matches(rule->match_recipient, "finance@x", "x@finance");
+	assert_matches(rule->match_client, "127.0.0.1", "127.0.0.12");
+	assert_matches(rule->match_header, "Subject: x [ARCHIVE]",
+	               "Subject: archive");
+	g_assert_cmpuint(rule->min_size, ==, 0);
+}
+
+/* ---- tables of single values ----------------------------------------- */
+
+typedef struct {
+	const char *line; /* added to the group */
+	guint64 want;     /* the parsed value; 0: must be an error */
+} ValueCase;
+
+static void
+run_value_table(int where, const char *key, const ValueCase *cases, gsize n,
+                guint64 (*field)(const AmConfig *))
+{
+	gsize i;
+
+	for (i = 0; i < n; i++) {
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = NULL;
+
+		g_test_message("%s", cases[i].line);
+		c = load_with(where, cases[i].line, &errors);
+		dump_errors(errors);
+		if (cases[i].want == 0) {
+			g_autofree char *frag = g_strdup_printf("] %s: ", key);
+
+			g_assert_null(c);
+			g_assert_cmpuint(errors->len, ==, 1);
+			g_assert_nonnull(
+			    strstr(g_ptr_array_index(errors, 0), frag));
+		} else {
+			g_assert_nonnull(c);
+			g_assert_cmpuint(field(c), ==, cases[i].want);
+		}
+	}
+}
+
+static guint64
+relay_port(const AmConfig *c)
+{
+	return relay_at(c, 0)->port;
+}
+
+static guint64
+relay_timeout(const AmConfig *c)
+{
+	return relay_at(c, 0)->timeout_ms;
+}
+
+static guint64
+rule_min_size(const AmConfig *c)
+{
+	/* +1 so that min_size = 0 is told apart from "must fail". */
+	return rule_at(c, 0)->min_size + 1;
+}
+
+static guint64
+capture_max(const AmConfig *c)
+{
+	return c->capture_memory_max + 1;
+}
+
+static void
+test_ports(void)
+{
+	static const ValueCase cases[] = {
+	    {"port = 1", 1},         {"port = 25", 25},
+	    {"port = 65535", 65535}, {"port = 0", 0},
+	    {"port = 65536", 0},     {"port = 99999999999999999999999", 0},
+	    {"port = -25", 0},       {"port = +25", 0},
+	    {"port = 0x19", 0},      {"port = 2 5", 0},
+	    {"port = smtp", 0},      {"port =", 0},
+	};
+
+	run_value_table(IN_RELAY, "port", cases, G_N_ELEMENTS(cases),
+	                relay_port);
+}
+
+static void
+test_timeouts(void)
+{
+	static const ValueCase cases[] = {
+	    {"timeout = 30", 30000},
+	    {"timeout = 1", 1000},
+	    {"timeout = 2.5", 2500},
+	    {"timeout = .25", 250},
+	    {"timeout = 7.", 7000},
+	    {"timeout = 0.001", 1},
+	    /* Rounded up: a positive timeout never becomes 0 ms. */
+	    {"timeout = 0.0001", 1},
+	    {"timeout = 1.0005", 1001},
+	    {"timeout = 1.0000", 1000},
+	    {"timeout = 86400", 86400000},
+	    {"timeout = 0", 0},
+	    {"timeout = 0.0", 0},
+	    {"timeout = 86400.001", 0},
+	    {"timeout = 86401", 0},
+	    {"timeout = 4294968", 0},
+	    {"timeout = -1", 0},
+	    {"timeout = 1e3", 0},
+	    {"timeout = 1.2.3", 0},
+	    {"timeout = .", 0},
+	    {"timeout = 30s", 0},
+	    {"timeout = nan", 0},
+	    {"timeout = inf", 0},
+	    {"timeout =", 0},
+	};
+
+	run_value_table(IN_RELAY, "timeout", cases, G_N_ELEMENTS(cases),
+	                relay_timeout);
+}
+
+static void
+test_sizes(void)
+{
+	static const ValueCase min[] = {
+	    {"min_size = 0", 1},
+	    {"min_size = 1000", 1001},
+	    {"min_size = 1K", 1024 + 1},
+	    {"min_size = 3k", 3 * 1024 + 1},
+	    {"min_size = 5M", 5 * 1024 * 1024 + 1},
+	    {"min_size = 2g", 2ULL * 1024 * 1024 * 1024 + 1},
+	    /* 2^64 - 2^30 still fits; 2^64 overflows. */
+	    {"min_size = 17179869183G", 18446744072635809792ULL + 1},
+	    {"min_size = 17179869184G", 0},
+	    {"min_size = 18446744073709551616", 0},
+	    {"min_size = 10 M", 0},
+	    {"min_size = 10MB", 0},
+	    {"min_size = 10T", 0},
+	    {"min_size = K", 0},
+	    {"min_size = -1", 0},
+	    {"min_size = 1.5M", 0},
+	    {"min_size =", 0},
+	};
+	static const ValueCase mem[] = {
+	    {"capture_memory_max = 0", 1},
+	    {"capture_memory_max = 64K", 64 * 1024 + 1},
+	    {"capture_memory_max = 16M", 16 * 1024 * 1024 + 1},
+	    {"capture_memory_max = 1X", 0},
+	    {"capture_memory_max =", 0},
+	};
+
+	run_value_table(IN_RULE, "min_size", min, G_N_ELEMENTS(min),
+	                rule_min_size);
+	run_value_table(IN_MILTER, "capture_memory_max", mem, G_N_ELEMENTS(mem),
+	                capture_max);
+}
+
+/* Apart from the table: G_MAXUINT64 + 1 would wrap in its accessor. */
+static void
+test_size_max(void)
+{
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(AmConfig) c = NULL;
+
+	c = load_with(IN_RULE, "min_size = 18446744073709551615", &errors);
+	g_assert_nonnull(c);
+	g_assert_cmpuint(rule_at(c, 0)->min_size, ==, G_MAXUINT64);
+}
+
+typedef struct {
+	const char *value;
+	gboolean ok;
+} ValidCase;
+
+/* Replace the [milter] socket of BASE_CONF. */
+static void
+test_sockets(void)
+{
+	static const ValidCase cases[] = {
+	    {"unix:/run/am.sock", TRUE},
+	    {"local:/var/spool/postfix/am/sock", TRUE},
+	    {"inet:8891@127.0.0.1", TRUE},
+	    {"inet:8891@localhost", TRUE},
+	    {"inet6:8891@::1", TRUE},
+	    {"inet6:1@localhost", TRUE},
+	    {"inet:65535@127.0.0.1", TRUE},
+	    {"unix:relative/sock", FALSE},
+	    {"unix:/", FALSE},
+	    {"unix:", FALSE},
+	    {"local:", FALSE},
+	    {"/run/am.sock", FALSE},
+	    {"inet:8891", FALSE},
+	    {"inet:@127.0.0.1", FALSE},
+	    {"inet:0@127.0.0.1", FALSE},
+	    {"inet:70000@127.0.0.1", FALSE},
+	    {"inet:8891@", FALSE},
+	    {"inet:8891@::1", FALSE},
+	    {"inet6:8891@127.0.0.1", FALSE},
+	    {"inet:8891@[127.0.0.1]", FALSE},
+	    {"inet6:8891@[::1]", FALSE},
+	    {"inet:8891@local host", FALSE},
+	    {"tcp:8891@127.0.0.1", FALSE},
+	    {"INET:8891@127.0.0.1", FALSE},
+	    {"", FALSE},
+	};
+	g_autofree char *long_path = g_strnfill(120, 'a');
+	gsize i;
+
+	for (i = 0; i <= G_N_ELEMENTS(cases); i++) {
+		gboolean last = i == G_N_ELEMENTS(cases);
+		g_autofree char *value =
+		    last ? g_strconcat("unix:/", long_path, NULL)
+		         : g_strdup(cases[i].value);
+		gboolean ok = last ? FALSE : cases[i].ok;
+		g_autofree char *text = g_strdup_printf(
+		    "[milter]\nsocket = %s\n[relay:r]\nhost = 127.0.0.1\n"
+		    "[rule:a]\nrelay = r\narchive_to = j@a.example\n",
+		    value);
+		g_autofree char *path = write_tmp(text, -1);
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = am_config_load(path, &errors);
+
+		g_test_message("socket = %s", value);
+		dump_errors(errors);
+		if (ok) {
+			g_assert_nonnull(c);
+			g_assert_cmpstr(c->socket, ==, value);
+		} else {
+			g_assert_null(c);
+			g_assert_cmpuint(errors->len, ==, 1);
+			g_assert_nonnull(strstr(g_ptr_array_index(errors, 0),
+			                        ":2: [milter] socket: "));
+		}
+	}
+}
+
+static void
+run_valid_table(int where, const char *key, const ValidCase *cases, gsize n,
+                const char *(*field)(const AmConfig *))
+{
+	gsize i;
+
+	for (i = 0; i < n; i++) {
+		g_autofree char *line =
+		    g_strdup_printf("%s = %s", key, cases[i].value);
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = NULL;
+
+		g_test_message("%s", line);
+		c = load_with(where, line, &errors);
+		dump_errors(errors);
+		if (cases[i].ok) {
+			g_assert_nonnull(c);
+			g_assert_cmpstr(field(c), ==, cases[i].value);
+		} else {
+			g_autofree char *frag = g_strdup_printf("] %s: ", key);
+
+			g_assert_null(c);
+			g_assert_cmpuint(errors->len, ==, 1);
+			g_assert_nonnull(
+			    strstr(g_ptr_array_index(errors, 0), frag));
+		}
+	}
+}
+
+static const char *
+relay_host(const AmConfig *c)
+{
+	/* BASE_CONF's host line comes first; the test adds a second
+	 * [relay:h] group so that the duplicate key check stays out. */
+	return relay_at(c, 1)->host;
+}
+
+static void
+test_hosts(void)
+{
+	static const ValidCase cases[] = {
+	    {"127.0.0.1", TRUE},
+	    {"::1", TRUE},
+	    {"fe80::1", TRUE},
+	    {"localhost", TRUE},
+	    {"archive.example", TRUE},
+	    {"archive.example.", TRUE},
+	    {"a-1.b2.example", TRUE},
+	    {"xn--bcher-kva.example", TRUE},
+	    {"[127.0.0.1]", FALSE},
+	    {"[::1]", FALSE},
+	    {"archive example", FALSE},
+	    {"999.1.1.1", FALSE},
+	    {"1.2.3", FALSE},
+	    {"-archive.example", FALSE},
+	    {"archive-.example", FALSE},
+	    {"archive..example", FALSE},
+	    {".archive.example", FALSE},
+	    {"arch_ive.example", FALSE},
+	    {"archive.example:25", FALSE},
+	    {"bücher.example", FALSE},
+	    {"a@b", FALSE},
+	};
+	g_autofree char *long_label = g_strnfill(64, 'a');
+	g_autofree char *ok_label = g_strnfill(63, 'a');
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(cases) + 2; i++) {
+		gboolean extra = i >= G_N_ELEMENTS(cases);
+		const char *host = !extra                     ? cases[i].value
+		                   : i == G_N_ELEMENTS(cases) ? ok_label
+		                                              : long_label;
+		gboolean ok = !extra ? cases[i].ok : i == G_N_ELEMENTS(cases);
+		g_autofree char *text = g_strdup_printf(
+		    BASE_CONF, "", "", "[relay:h]\nhost = %s\n");
+		g_autofree char *full = NULL;
+		g_autofree char *path = NULL;
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = NULL;
+
+		full = g_strdup_printf(text, host);
+		path = write_tmp(full, -1);
+		c = am_config_load(path, &errors);
+		g_test_message("host = %s", host);
+		dump_errors(errors);
+		if (ok) {
+			g_assert_nonnull(c);
+			g_assert_cmpstr(relay_host(c), ==, host);
+		} else {
+			g_assert_null(c);
+			g_assert_cmpuint(errors->len, ==, 1);
+			g_assert_nonnull(strstr(g_ptr_array_index(errors, 0),
+			                        ":11: [relay:h] host: "));
+		}
+	}
+}
+
+static const char *
+relay_helo(const AmConfig *c)
+{
+	return relay_at(c, 0)->helo_name;
+}
+
+static void
+test_helo_names(void)
+{
+	static const ValidCase cases[] = {
+	    {"milter.example", TRUE},    {"localhost", TRUE},
+	    {"[127.0.0.1]", TRUE},       {"[IPv6:::1]", TRUE},
+	    {"127.0.0.1", FALSE},        {"[::1]", FALSE},
+	    {"[IPv6:127.0.0.1]", FALSE}, {"[milter.example]", FALSE},
+	    {"milter example", FALSE},   {"", FALSE},
+	};
+
+	run_valid_table(IN_RELAY, "helo_name", cases, G_N_ELEMENTS(cases),
+	                relay_helo);
+}
+
+typedef struct {
+	const char *value;
+	const char *want; /* joined by '|'; NULL: must be an error */
+} ListCase;
+
+static void
+test_archive_to(void)
+{
+	static const ListCase cases[] = {
+	    {"a@x.example", "a@x.example"},
+	    {"<a@x.example>", "a@x.example"},
+	    {"a@x.example,b@x.example", "a@x.example|b@x.example"},
+	    {"a@x.example, b@x.example", "a@x.example|b@x.example"},
+	    {"a@x.example b@x.example\tc@x.example",
+	     "a@x.example|b@x.example|c@x.example"},
+	    {",a@x.example,,<b@x.example>,", "a@x.example|b@x.example"},
+	    {"\"quoted\"@x.example", "\"quoted\"@x.example"},
+	    {"jörg@bücher.example", "jörg@bücher.example"},
+	    {"", NULL},
+	    {",, ,", NULL},
+	    {"<>", NULL},
+	    {"a@x.example, <>", NULL},
+	    {"<a@x.example", NULL},
+	    {"a@x.example>", NULL},
+	    {"<<a@x.example>>", NULL},
+	    {"a<b>@x.example", NULL},
+	    {"< a@x.example >", NULL},
+	    {"nobody", NULL},
+	    {"@x.example", NULL},
+	    {"a@", NULL},
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		/* Replace BASE_CONF's archive_to, not add a second one. */
+		g_autofree char *text = g_strdup_printf(
+		    "[milter]\nsocket = unix:/run/s\n[relay:r]\n"
+		    "host = 127.0.0.1\n[rule:a]\nrelay = r\n"
+		    "archive_to = %s\n",
+		    cases[i].value);
+		g_autofree char *path = write_tmp(text, -1);
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = am_config_load(path, &errors);
+
+		g_test_message("archive_to = %s", cases[i].value);
+		dump_errors(errors);
+		if (cases[i].want != NULL) {
+			g_autofree char *got = NULL;
+
+			g_assert_nonnull(c);
+			got = g_strjoinv("|", rule_at(c, 0)->archive_to);
+			g_assert_cmpstr(got, ==, cases[i].want);
+		} else {
+			g_assert_null(c);
+			g_assert_cmpuint(errors->len, ==, 1);
+			g_assert_nonnull(strstr(g_ptr_array_index(errors, 0),
+			                        ":7: [rule:a] archive_to: "));
+		}
+	}
+}
+
+static void
+test_archive_from(void)
+{
+	static const ListCase cases[] = {
+	    {"", ""},
+	    {"<>", ""},
+	    {"milter@x.example", "milter@x.example"},
+	    {"<milter@x.example>", "milter@x.example"},
+	    {"a@x.example,b@x.example", NULL},
+	    {"a@x.example b@x.example", NULL},
+	    {"<milter@x.example", NULL},
+	    {"<<>>", NULL},
+	    {"milter", NULL},
+	    {"a<b>@x.example", NULL},
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autofree char *line =
+		    g_strdup_printf("archive_from = %s", cases[i].value);
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = NULL;
+
+		g_test_message("%s", line);
+		c = load_with(IN_RULE, line, &errors);
+		dump_errors(errors);
+		if (cases[i].want != NULL) {
+			g_assert_nonnull(c);
+			g_assert_cmpstr(rule_at(c, 0)->archive_from, ==,
+			                cases[i].want);
+		} else {
+			g_assert_null(c);
+			g_assert_cmpuint(errors->len, ==, 1);
+			g_assert_nonnull(strstr(g_ptr_array_index(errors, 0),
+			                        "] archive_from: "));
+		}
+	}
+}
+
+/* ---- file-level behaviour -------------------------------------------- */
+
+static void
+test_unreadable(void)
+{
+	g_autofree char *missing = g_strconcat(tmp_dir, "/missing.conf", NULL);
+	g_autofree char *dir = case_path("cases", NULL);
+	const char *paths[] = {missing, dir};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(paths); i++) {
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = am_config_load(paths[i], &errors);
+		g_autofree char *prefix =
+		    g_strconcat(paths[i], ": cannot read: ", NULL);
+
+		dump_errors(errors);
+		g_assert_null(c);
+		g_assert_cmpuint(errors->len, ==, 1);
+		g_assert_true(
+		    g_str_has_prefix(g_ptr_array_index(errors, 0), prefix));
+	}
+}
+
+/* A file saved with CRLF line ends loads, and no CR reaches a value. */
+static void
+test_crlf(void)
+{
+	static const char text[] = "; written on another system\r\n"
+	                           "[milter]\r\n"
+	                           "socket = unix:/run/s\r\n"
+	                           "\r\n"
+	                           "[relay:r]\r\n"
+	                           "host = 127.0.0.1\r\n"
+	                           "port = 2525\r\n"
+	                           "[rule:a]\r\n"
+	                           "relay = r\r\n"
+	                           "archive_to = a@x.example, b@x.example\r\n"
+	                           "archive_from = <>\r\n";
+	g_autofree char *path = write_tmp(text, -1);
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(AmConfig) c = am_config_load(path, &errors);
+
+	dump_errors(errors);
+	g_assert_nonnull(c);
+	g_assert_cmpstr(c->socket, ==, "unix:/run/s");
+	g_assert_cmpuint(relay_at(c, 0)->port, ==, 2525);
+	g_assert_cmpstrv(
+	    rule_at(c, 0)->archive_to,
+	    ((const char *const[]){"a@x.example", "b@x.example", NULL}));
+	g_assert_cmpstr(rule_at(c, 0)->archive_from, ==, "");
+}
+
+/*
+ * A lone CR, a NUL byte, other control characters and invalid UTF-8 are
+ * errors of their line (a CR inside an address would be SMTP injection),
+ * and the lines around them are still read and checked.
+ */
+static void
+test_bad_bytes(void)
+{
+	static const char text[] =
+	    "[milter]\n"
+	    "socket = unix:/run/s\n"
+	    "[relay:r]\n"
+	    "host = 127.0.0.1\n"
+	    "port = 0\n"
+	    "[rule:a]\n"
+	    "relay = r\n"
+	    "archive_to = a@x.example\rRCPT TO:<b@x.example>\n"
+	    "archive_from = \0evil\n"
+	    "match_header = caf\xe9\n"
+	    "on_failure = \x1b[1maccept\n"
+	    "mode = \x7f\n";
+	g_autofree char *path = write_tmp(text, sizeof(text) - 1);
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(AmConfig) c = am_config_load(path, &errors);
+	static const char *const want[] = {
+	    ":5: [relay:r] port: ",
+	    ":6: [rule:a] archive_to: missing required key",
+	    ":8: control character, NUL byte or invalid UTF-8 in line",
+	    ":9: control character, NUL byte or invalid UTF-8 in line",
+	    ":10: control character, NUL byte or invalid UTF-8 in line",
+	    ":11: control character, NUL byte or invalid UTF-8 in line",
+	    ":12: control character, NUL byte or invalid UTF-8 in line",
+	};
+	gsize i;
+
+	dump_errors(errors);
+	g_assert_null(c);
+	g_assert_cmpuint(errors->len, ==, G_N_ELEMENTS(want));
+	for (i = 0; i < errors->len; i++)
+		g_assert_nonnull(strstr(g_ptr_array_index(errors, i), want[i]));
+}
+
+/* @errors may be NULL; the result is unchanged. */
+static void
+test_errors_optional(void)
+{
+	g_autofree char *bad = case_path("cases", "bad-port.conf");
+	g_autofree char *good = case_path("good", "minimal.conf");
+	g_autoptr(AmConfig) c1 = am_config_load(bad, NULL);
+	g_autoptr(AmConfig) c2 = am_config_load(good, NULL);
+
+	g_assert_null(c1);
+	g_assert_nonnull(c2);
+}
+
+/* A good load hands back an empty array, not NULL. */
+static void
+test_errors_empty(void)
+{
+	g_autofree char *good = case_path("good", "minimal.conf");
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(AmConfig) c = am_config_load(good, &errors);
+
+	g_assert_nonnull(c);
+	g_assert_nonnull(errors);
+	g_assert_cmpuint(errors->len, ==, 0);
+}
+
+static void
+test_find_relay(void)
+{
+	g_autofree char *path = case_path("good", "full.conf");
+	g_autoptr(AmConfig) c = am_config_load(path, NULL);
+
+	g_assert_nonnull(c);
+	g_assert_true(am_config_find_relay(c, "primary") == relay_at(c, 0));
+	g_assert_true(am_config_find_relay(c, "v6_relay-2.b") ==
+	              relay_at(c, 1));
+	g_assert_null(am_config_find_relay(c, "Primary"));
+	g_assert_null(am_config_find_relay(c, "relay:primary"));
+	g_assert_null(am_config_find_relay(c, ""));
+}
+
+static void
+test_names(void)
+{
+	g_assert_cmpstr(am_mode_name(AM_MODE_JOURNAL), ==, "journal");
+	g_assert_cmpstr(am_on_failure_name(AM_ON_FAILURE_TEMPFAIL), ==,
+	                "tempfail");
+	g_assert_cmpstr(am_on_failure_name(AM_ON_FAILURE_ACCEPT), ==, "accept");
+	g_assert_cmpstr(am_mode_name((AmMode)42), ==, "unknown");
+	g_assert_cmpstr(am_on_failure_name((AmOnFailure)42), ==, "unknown");
+}
+
+static void
+test_free_null(void)
+{
+	am_config_free(NULL);
+}
+
+static void
+remove_tmp_dir(void)
+{
+	g_autoptr(GDir) dir = g_dir_open(tmp_dir, 0, NULL);
+	const char *f;
+
+	while (dir != NULL && (f = g_dir_read_name(dir)) != NULL) {
+		g_autofree char *p = g_build_filename(tmp_dir, f, NULL);
+
+		g_unlink(p);
+	}
+	g_rmdir(tmp_dir);
+}
+
+int
+main(int argc, char **argv)
+{
+	g_autoptr(GError) error = NULL;
+	int ret;
+
+	g_test_init(&argc, &argv, NULL);
+	tmp_dir = g_dir_make_tmp("test-conf-XXXXXX", &error);
+	g_assert_no_error(error);
+
+	g_test_add_func("/conf/cases/paired", test_cases_paired);
+	add_case_tests();
+	g_test_add_func("/conf/good/minimal", test_good_minimal);
+	g_test_add_func("/conf/good/full", test_good_full);
+	g_test_add_func("/conf/example/loads", test_example);
+	g_test_add_func("/conf/example/uncommented", test_example_uncommented);
+	g_test_add_func("/conf/value/port", test_ports);
+	g_test_add_func("/conf/value/timeout", test_timeouts);
+	g_test_add_func("/conf/value/size", test_sizes);
+	g_test_add_func("/conf/value/size-max", test_size_max);
+	g_test_add_func("/conf/value/socket", test_sockets);
+	g_test_add_func("/conf/value/host", test_hosts);
+	g_test_add_func("/conf/value/helo-name", test_helo_names);
+	g_test_add_func("/conf/value/archive-to", test_archive_to);
+	g_test_add_func("/conf/value/archive-from", test_archive_from);
+	g_test_add_func("/conf/file/unreadable", test_unreadable);
+	g_test_add_func("/conf/file/crlf", test_crlf);
+	g_test_add_func("/conf/file/bad-bytes", test_bad_bytes);
+	g_test_add_func("/conf/api/errors-optional", test_errors_optional);
+	g_test_add_func("/conf/api/errors-empty", test_errors_empty);
+	g_test_add_func("/conf/api/find-relay", test_find_relay);
+	g_test_add_func("/conf/api/names", test_names);
+	g_test_add_func("/conf/api/free-null", test_free_null);
+
+	ret = g_test_run();
+	remove_tmp_dir();
+	g_free(tmp_dir);
+	return ret;
+}
