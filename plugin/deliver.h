@@ -1,0 +1,67 @@
+/*
+ * deliver.h - send one copy to its relay and classify what happened
+ */
+#ifndef AM_DELIVER_H
+#define AM_DELIVER_H
+
+#include <glib.h>
+
+#include "conf.h"
+#include "log.h"
+#include "smtpclient.h"
+
+G_BEGIN_DECLS
+
+/* AmRcptOutcome: what became of one archive address.  Strings owned. */
+typedef struct {
+	char *address; /* archive address, bare */
+	AmStatus status;
+	char *dsn;   /* "X.Y.Z" */
+	char *reply; /* relay reply, or our reason when none */
+} AmRcptOutcome;
+
+/* AmDelivery: the outcome of one copy.  (transfer full) from am_deliver */
+typedef struct {
+	AmStatus status;  /* SENT only when every address was taken;
+				 * else the worst: DEFERRED before BOUNCED,
+				 * since a retry might still save it */
+	char *relay;      /* "host[ip]:port", or "none" when no
+				 * connection was made */
+	double delay;     /* seconds spent, connect to final reply */
+	GPtrArray *rcpts; /* AmRcptOutcome *, archive_to order */
+	char *reason;     /* first failure's reply, for the MTA's
+				 * reply to the client; NULL when sent */
+} AmDelivery;
+
+void am_delivery_free(AmDelivery *d);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmDelivery, am_delivery_free)
+
+/*
+ * AmCopyRequest: one copy to send.  Everything borrowed.
+ */
+typedef struct {
+	const AmRelay *relay;
+	const char *from;      /* "" for <> */
+	const char *const *to; /* NULL-terminated */
+	SmtpMessage *msg;
+	gboolean smtputf8; /* the original had SMTPUTF8 */
+	gboolean eightbit; /* the original had BODY=8BITMIME */
+} AmCopyRequest;
+
+/*
+ * am_deliver: send @req over a new connection to its relay, then QUIT.
+ * Never fails: every error becomes a status per address.
+ */
+AmDelivery *am_deliver(const AmCopyRequest *req);
+
+/*
+ * am_delivery_from_result: classify a finished send (@result, or NULL
+ * and @error) for the addresses @to.  Exposed for tests.
+ */
+AmDelivery *am_delivery_from_result(const char *const *to, const char *relay,
+                                    double delay, const SmtpResult *result,
+                                    const GError *error);
+
+G_END_DECLS
+
+#endif /* AM_DELIVER_H */

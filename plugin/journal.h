@@ -1,0 +1,39 @@
+/*
+ * journal.h - the journal copy of a message
+ *
+ * The copy is the original message, unchanged, preceded by headers that
+ * record its envelope, so that the archive knows who really received
+ * it (BCC recipients included) and can drop duplicates by id.
+ */
+#ifndef AM_JOURNAL_H
+#define AM_JOURNAL_H
+
+#include <glib.h>
+
+#include "capture.h"
+#include "smtpclient.h"
+
+G_BEGIN_DECLS
+
+/*
+ * am_journal_prefix: the headers put in front of the original:
+ *   X-Envelope-From: <SENDER>
+ *   X-Envelope-To: <RCPT>        (one per envelope recipient)
+ *   X-Archive-Id: ID
+ * each ending in CRLF.  NULL with @error (AM_CAPTURE_ERROR_INPUT) when
+ * an address holds a control character.  (transfer full)
+ */
+GBytes *am_journal_prefix(const AmEnvelope *env, const char *archive_id,
+                          GError **error);
+
+/*
+ * am_journal_build: the copy as a message of two segments, the prefix
+ * and the captured bytes (memory by reference, or the temporary file),
+ * so no large body is copied.  (transfer full)
+ */
+SmtpMessage *am_journal_build(const AmEnvelope *env, const char *archive_id,
+                              AmCapture *cap, GError **error);
+
+G_END_DECLS
+
+#endif /* AM_JOURNAL_H */

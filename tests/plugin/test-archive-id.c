@@ -1,0 +1,130 @@
+/*
+ * test-archive-id.c - own ids verify; forged, changed or foreign do not
+ */
+#include <glib/gstdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "archive-id.h"
+
+static const guint8 key_a[32] = "0123456789abcdef0123456789abcdef";
+static const guint8 key_b[32] = "fedcba9876543210fedcba9876543210";
+
+static void
+test_own_verifies(void)
+{
+	g_autoptr(AmArchiveKey) key = am_archive_key_new(key_a, 32);
+	g_autofree char *id = am_archive_id_new(key);
+	g_autofree char *spaced = g_strdup_printf("  %s \t", id);
+
+	g_assert_true(g_str_has_prefix(id, "am1."));
+	g_assert_true(am_archive_id_verify(key, id));
+	/* Header values arrive with their leading space. */
+	g_assert_true(am_archive_id_verify(key, spaced));
+}
+
+static void
+test_unique(void)
+{
+	g_autoptr(AmArchiveKey) key = am_archive_key_new(key_a, 32);
+	g_autofree char *a = am_archive_id_new(key);
+	g_autofree char *b = am_archive_id_new(key);
+
+	g_assert_cmpstr(a, !=, b);
+}
+
+static void
+test_other_key(void)
+{
+	g_autoptr(AmArchiveKey) ka = am_archive_key_new(key_a, 32);
+	g_autoptr(AmArchiveKey) kb = am_archive_key_new(key_b, 32);
+	g_autofree char *id = am_archive_id_new(ka);
+
+	g_assert_false(am_archive_id_verify(kb, id));
+}
+
+/* Every single-character change, and a table of malformed values. */
+static void
+test_modified(void)
+{
+	g_autoptr(AmArchiveKey) key = am_archive_key_new(key_a, 32);
+	g_autofree char *id = am_archive_id_new(key);
+	static const char *const forged[] = {
+	    "",
+	    "am1.",
+	    "am1.00000000000000000000000000000000."
+	    "00000000000000000000000000000000",
+	    "am2.00000000000000000000000000000000."
+	    "00000000000000000000000000000000",
+	    "garbage",
+	    "am1.zz",
+	};
+	gsize i;
+
+	for (i = 0; id[i] != '\0'; i++) {
+		g_autofree char *copy = g_strdup(id);
+
+		copy[i] = copy[i] == '0' ? '1' : '0';
+		g_assert_false(am_archive_id_verify(key, copy));
+	}
+	for (i = 0; i < G_N_ELEMENTS(forged); i++)
+		g_assert_false(am_archive_id_verify(key, forged[i]));
+	{
+		g_autofree char *longer = g_strconcat(id, "0", NULL);
+		g_autofree char *upper = g_ascii_strup(id, -1);
+
+		g_assert_false(am_archive_id_verify(key, longer));
+		g_assert_false(am_archive_id_verify(key, upper));
+		g_assert_false(am_archive_id_verify(key, NULL));
+	}
+}
+
+static void
+test_key_file(void)
+{
+	g_autofree char *dir = g_dir_make_tmp("am-key-XXXXXX", NULL);
+	g_autofree char *path = g_build_filename(dir, "key", NULL);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(AmArchiveKey) k1 = NULL;
+	g_autoptr(AmArchiveKey) k2 = NULL;
+	g_autofree char *id = NULL;
+	struct stat st;
+
+	/* Created 0600 with 32 octets when missing, then reused. */
+	k1 = am_archive_key_load(path, &error);
+	g_assert_no_error(error);
+	g_assert_cmpint(g_stat(path, &st), ==, 0);
+	g_assert_cmpint(st.st_mode & 0777, ==, 0600);
+	g_assert_cmpint(st.st_size, ==, 32);
+	k2 = am_archive_key_load(path, &error);
+	g_assert_no_error(error);
+	id = am_archive_id_new(k1);
+	g_assert_true(am_archive_id_verify(k2, id));
+
+	/* A key others can read is refused. */
+	g_chmod(path, 0644);
+	g_assert_null(am_archive_key_load(path, &error));
+	g_assert_error(error, AM_ARCHIVE_KEY_ERROR, AM_ARCHIVE_KEY_ERROR_BAD);
+	g_clear_error(&error);
+
+	/* So is one too short to be a secret. */
+	g_chmod(path, 0600);
+	g_assert_true(g_file_set_contents(path, "short", -1, NULL));
+	g_chmod(path, 0600);
+	g_assert_null(am_archive_key_load(path, &error));
+	g_assert_error(error, AM_ARCHIVE_KEY_ERROR, AM_ARCHIVE_KEY_ERROR_BAD);
+	g_unlink(path);
+	g_rmdir(dir);
+}
+
+int
+main(int argc, char **argv)
+{
+	g_test_init(&argc, &argv, NULL);
+	g_test_add_func("/plugin/archive-id/own", test_own_verifies);
+	g_test_add_func("/plugin/archive-id/unique", test_unique);
+	g_test_add_func("/plugin/archive-id/other-key", test_other_key);
+	g_test_add_func("/plugin/archive-id/modified", test_modified);
+	g_test_add_func("/plugin/archive-id/key-file", test_key_file);
+	return g_test_run();
+}

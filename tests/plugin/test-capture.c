@@ -1,0 +1,217 @@
+/*
+ * test-capture.c - capture: byte-exact rebuild, memory and spill
+ */
+#include <glib/gstdio.h>
+#include <string.h>
+
+#include "capture.h"
+
+static void
+assert_bytes(GBytes *bytes, const char *expect)
+{
+	gsize len;
+	const char *data = g_bytes_get_data(bytes, &len);
+
+	g_assert_cmpmem(data, len, expect, strlen(expect));
+}
+
+/* What Postfix 3.7 hands over with SMFIP_HDR_LEADSPC, and the bytes. */
+static void
+test_rebuild_leadspc(void)
+{
+	g_autoptr(AmCapture) cap = am_capture_new(1 << 20, NULL, TRUE);
+	g_autoptr(GBytes) all = NULL;
+	g_autoptr(GError) error = NULL;
+	static const char *const hdrs[][2] = {
+	    {"Subject", "NoSpace"},
+	    {"X-Two", "  two spaces "},
+	    {"X-Tab", "\ttab"},
+	    {"X-Fold", " first\n  second\n\tthird"},
+	    {"X-Empty", ""},
+	    {"X-FoldEmpty", "\n next"},
+	    {"X-Crlf", " already\r\n folded"},
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(hdrs); i++)
+		g_assert_true(
+		    am_capture_add_header(cap, hdrs[i][0], hdrs[i][1], &error));
+	g_assert_true(am_capture_end_headers(cap, &error));
+	g_assert_true(
+	    am_capture_add_body(cap, (const guchar *)"a\r\n", 3, &error));
+	g_assert_true(
+	    am_capture_add_body(cap, (const guchar *)"b\r\n", 3, &error));
+	all = am_capture_read_all(cap, &error);
+	g_assert_no_error(error);
+	assert_bytes(all, "Subject:NoSpace\r\n"
+	                  "X-Two:  two spaces \r\n"
+	                  "X-Tab:\ttab\r\n"
+	                  "X-Fold: first\r\n  second\r\n\tthird\r\n"
+	                  "X-Empty:\r\n"
+	                  "X-FoldEmpty:\r\n next\r\n"
+	                  "X-Crlf: already\r\n folded\r\n"
+	                  "\r\n"
+	                  "a\r\nb\r\n");
+	g_assert_cmpuint(am_capture_get_size(cap), ==, g_bytes_get_size(all));
+	g_assert_false(am_capture_is_spilled(cap));
+	g_assert_cmpuint(am_capture_get_headers(cap)->len, ==,
+	                 G_N_ELEMENTS(hdrs));
+}
+
+/* Without LEADSPC the MTA removed one space: it is put back. */
+static void
+test_rebuild_no_leadspc(void)
+{
+	g_autoptr(AmCapture) cap = am_capture_new(1 << 20, NULL, FALSE);
+	g_autoptr(GBytes) all = NULL;
+	g_autoptr(GError) error = NULL;
+
+	g_assert_true(am_capture_add_header(cap, "Subject", "hi", &error));
+	g_assert_true(am_capture_add_header(cap, "X-E", "", &error));
+	all = am_capture_read_all(cap, &error);
+	g_assert_no_error(error);
+	assert_bytes(all, "Subject: hi\r\nX-E:\r\n\r\n");
+}
+
+static void
+test_bad_header(void)
+{
+	g_autoptr(AmCapture) cap = am_capture_new(1 << 20, NULL, TRUE);
+	g_autoptr(GError) error = NULL;
+
+	g_assert_false(am_capture_add_header(cap, "Bad:Name", "x", &error));
+	g_assert_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT);
+	g_clear_error(&error);
+	g_assert_false(am_capture_add_header(cap, "", "x", &error));
+	g_assert_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT);
+}
+
+/* Spill happens exactly when the next write would pass the limit. */
+static void
+test_spill_threshold(void)
+{
+	g_autofree char *dir = g_dir_make_tmp("am-capture-XXXXXX", NULL);
+	g_autoptr(AmCapture) cap = am_capture_new(20, dir, TRUE);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GBytes) all = NULL;
+	g_autoptr(GDir) d = NULL;
+
+	g_assert_true(am_capture_add_header(cap, "Subject", " 12", &error));
+	g_assert_true(am_capture_end_headers(cap, &error));
+	/* "Subject: 12\r\n\r\n" is 15 octets; 5 more is exactly 20. */
+	g_assert_true(
+	    am_capture_add_body(cap, (const guchar *)"abcde", 5, &error));
+	g_assert_false(am_capture_is_spilled(cap));
+	g_assert_true(am_capture_add_body(cap, (const guchar *)"f", 1, &error));
+	g_assert_true(am_capture_is_spilled(cap));
+	g_assert_true(
+	    am_capture_add_body(cap, (const guchar *)"\r\n", 2, &error));
+	g_assert_no_error(error);
+
+	/* The temporary file is unlinked at once: the directory is empty. */
+	d = g_dir_open(dir, 0, NULL);
+	g_assert_nonnull(d);
+	g_assert_null(g_dir_read_name(d));
+
+	all = am_capture_read_all(cap, &error);
+	g_assert_no_error(error);
+	assert_bytes(all, "Subject: 12\r\n\r\nabcdef\r\n");
+	g_assert_cmpuint(am_capture_get_size(cap), ==, 23);
+	g_rmdir(dir);
+}
+
+/* Both storage kinds go into an SmtpMessage with the same size. */
+static void
+test_append_to_message(gconstpointer data)
+{
+	gsize limit = GPOINTER_TO_SIZE(data);
+	g_autoptr(AmCapture) cap = am_capture_new(limit, NULL, TRUE);
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+	guchar body[4096];
+
+	memset(body, 'x', sizeof(body));
+	g_assert_true(am_capture_add_header(cap, "A", " b", &error));
+	g_assert_true(am_capture_add_body(cap, body, sizeof(body), &error));
+	g_assert_true(am_capture_append_to(cap, msg, &error));
+	g_assert_no_error(error);
+	g_assert_cmpuint(am_capture_is_spilled(cap), ==, limit < 4096);
+	g_assert_cmpuint(smtp_message_get_size(msg), ==, 6 + 2 + 4096);
+
+	/* After the end of message nothing more may be added. */
+	g_assert_false(am_capture_add_body(cap, body, 1, &error));
+}
+
+static void
+test_address_strip(void)
+{
+	static const struct {
+		const char *in;
+		const char *out;
+	} cases[] = {
+	    {"<a@b.example>", "a@b.example"},
+	    {"<>", ""},
+	    {"a@b.example", "a@b.example"},
+	    {"<\"a b\"@c.example>", "\"a b\"@c.example"},
+	    {"<a@b\r\nX: y>", NULL},
+	    {"a b", NULL},
+	    {"<a@b", NULL},
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autofree char *got = am_address_strip(cases[i].in);
+
+		g_assert_cmpstr(got, ==, cases[i].out);
+	}
+}
+
+static void
+test_envelope(void)
+{
+	g_autoptr(AmEnvelope) env = am_envelope_new();
+	g_autoptr(GError) error = NULL;
+	char *mail[] = {"<s@ex.org>", "BODY=8BITMIME", "SMTPUTF8", NULL};
+	char *rcpt[] = {"<r@ex.org>", "NOTIFY=NEVER", NULL};
+	char *bad[] = {"<r@ex.org\n>", NULL};
+
+	g_assert_true(am_envelope_set_sender(env, mail, &error));
+	g_assert_cmpstr(env->sender, ==, "s@ex.org");
+	g_assert_true(env->eightbit);
+	g_assert_true(env->smtputf8);
+	g_assert_cmpuint(env->mail_params->len, ==, 2);
+	g_assert_true(am_envelope_add_recipient(env, rcpt, &error));
+	g_assert_false(am_envelope_add_recipient(env, bad, &error));
+	g_assert_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT);
+	g_assert_cmpuint(env->recipients->len, ==, 1);
+}
+
+static void
+test_unfold(void)
+{
+	AmHeader h = {"Subject", (char *)" a\r\n b\n\tc"};
+	g_autofree char *line = am_header_unfold(&h);
+
+	g_assert_cmpstr(line, ==, "Subject: a b\tc");
+}
+
+int
+main(int argc, char **argv)
+{
+	g_test_init(&argc, &argv, NULL);
+	g_test_add_func("/plugin/capture/rebuild/leadspc",
+	                test_rebuild_leadspc);
+	g_test_add_func("/plugin/capture/rebuild/no-leadspc",
+	                test_rebuild_no_leadspc);
+	g_test_add_func("/plugin/capture/rebuild/bad-header", test_bad_header);
+	g_test_add_func("/plugin/capture/spill/threshold",
+	                test_spill_threshold);
+	g_test_add_data_func("/plugin/capture/append/memory",
+	                     GSIZE_TO_POINTER(1 << 20), test_append_to_message);
+	g_test_add_data_func("/plugin/capture/append/file",
+	                     GSIZE_TO_POINTER(100), test_append_to_message);
+	g_test_add_func("/plugin/capture/envelope/strip", test_address_strip);
+	g_test_add_func("/plugin/capture/envelope/params", test_envelope);
+	g_test_add_func("/plugin/capture/unfold", test_unfold);
+	return g_test_run();
+}
