@@ -1,0 +1,879 @@
+/*
+ * test-smtp-send.c - the smtp-send tool, run as a real process
+ *
+ * Each case starts the in-process fake SMTP server with a script, runs
+ * the smtp-send binary (its path is the first argument, or $SMTP_SEND)
+ * with g_spawn, and checks the exit status, standard output and what the
+ * server received.  JSON output is checked by python3, which parses each
+ * line strictly (UTF-8, no raw control characters, no duplicate keys)
+ * and prints it back in compact form, so a case can compare whole
+ * objects, key order included, as plain strings.  GLib has no JSON
+ * parser and a second one written here would need tests of its own.
+ *
+ * $SMTP_SEND_WRAP, if set, is a command line put before smtp-send (a
+ * memory checker, say).
+ *
+ * Known limit: the default port 25 is not exercised, as the tests must
+ * not connect to anything they did not start themselves.
+ */
+#include <fcntl.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <glib.h>
+#include <glib/gstdio.h>
+
+#include "fakesmtp.h"
+
+static const char *smtp_send_path;
+
+#define FROM "alice@example.org"
+#define TO   "bob@example.net"
+
+/* ------------------------------------------------------------------ */
+/* Running smtp-send                                                    */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+	int status; /* exit status, or -1 when killed */
+	char *out;
+	char *err;
+} Run;
+
+static void
+run_clear(Run *r)
+{
+	g_clear_pointer(&r->out, g_free);
+	g_clear_pointer(&r->err, g_free);
+}
+
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(Run, run_clear)
+
+/* In the child, before exec: the prepared file becomes stdin. */
+static void
+child_stdin(gpointer data)
+{
+	int fd = *(int *)data;
+
+	if (fd >= 0)
+		dup2(fd, STDIN_FILENO);
+}
+
+/*
+ * Run smtp-send with @args (NULL-terminated), @input (may be NULL: empty)
+ * as standard input, and wait for it.
+ */
+static void
+run_argv(Run *r, const char *input, const char *const *args)
+{
+	g_autoptr(GPtrArray) argv = g_ptr_array_new();
+	g_autoptr(GError) error = NULL;
+	g_autofree char *in_path = NULL;
+	int wait_status = 0;
+	int fd;
+
+	/* Standard input from a temporary file, so any size works */
+	fd = g_file_open_tmp("smtp-send-in-XXXXXX", &in_path, &error);
+	g_assert_no_error(error);
+	if (input != NULL)
+		g_assert_cmpint(write(fd, input, strlen(input)), ==,
+		                (gssize)strlen(input));
+	g_assert_cmpint(lseek(fd, 0, SEEK_SET), ==, 0);
+
+	/* $SMTP_SEND_WRAP, e.g. "valgrind -q --error-exitcode=99", runs
+	 * each smtp-send under a checker; its own words are not freed */
+	if (g_getenv("SMTP_SEND_WRAP") != NULL) {
+		char **wrap = NULL;
+
+		g_shell_parse_argv(g_getenv("SMTP_SEND_WRAP"), NULL, &wrap,
+		                   &error);
+		g_assert_no_error(error);
+		for (char **w = wrap; *w != NULL; w++)
+			g_ptr_array_add(argv, *w);
+	}
+	g_ptr_array_add(argv, (gpointer)smtp_send_path);
+	for (; *args != NULL; args++)
+		g_ptr_array_add(argv, (gpointer)*args);
+	g_ptr_array_add(argv, NULL);
+
+	g_spawn_sync(NULL, (char **)argv->pdata, NULL, G_SPAWN_SEARCH_PATH,
+	             child_stdin, &fd, &r->out, &r->err, &wait_status, &error);
+	g_assert_no_error(error);
+	close(fd);
+	g_unlink(in_path);
+	r->status = WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : -1;
+	g_test_message("exit %d\nstdout: %s\nstderr: %s", r->status, r->out,
+	               r->err);
+}
+
+static void G_GNUC_NULL_TERMINATED
+run(Run *r, const char *input, ...)
+{
+	g_autoptr(GPtrArray) args = g_ptr_array_new();
+	const char *a;
+	va_list ap;
+
+	va_start(ap, input);
+	while ((a = va_arg(ap, const char *)) != NULL)
+		g_ptr_array_add(args, (gpointer)a);
+	va_end(ap);
+	g_ptr_array_add(args, NULL);
+	run_argv(r, input, (const char *const *)args->pdata);
+}
+
+/*
+ * The JSON lines of @out, each parsed strictly and printed back compact
+ * ("," and ":" without spaces, non-ASCII as \uXXXX), joined by "\n".
+ * Fails the test if any line is not valid JSON.
+ */
+static char *
+json_canon(const char *out)
+{
+	static const char script[] =
+	    "import json, os, sys\n"
+	    "def pairs(p):\n"
+	    "    keys = [k for k, _ in p]\n"
+	    "    if len(keys) != len(set(keys)):\n"
+	    "        raise ValueError('duplicate key')\n"
+	    "    return dict(p)\n"
+	    "text = os.fsencode(sys.argv[1]).decode('utf-8')\n"
+	    "if not text.endswith('\\n'):\n"
+	    "    raise ValueError('no final newline')\n"
+	    "res = []\n"
+	    "for line in text[:-1].split('\\n'):\n"
+	    "    obj = json.loads(line, object_pairs_hook=pairs)\n"
+	    "    if not isinstance(obj, dict):\n"
+	    "        raise ValueError('not an object')\n"
+	    "    res.append(json.dumps(obj, separators=(',', ':')))\n"
+	    "sys.stdout.write('\\n'.join(res))\n";
+	g_autoptr(GError) error = NULL;
+	g_autofree char *python = g_find_program_in_path("python3");
+	const char *argv[] = {python, "-c", script, out, NULL};
+	char *canon = NULL;
+	g_autofree char *err = NULL;
+	int wait_status = 0;
+
+	g_assert_nonnull(python);
+	g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+	             &canon, &err, &wait_status, &error);
+	g_assert_no_error(error);
+	if (!WIFEXITED(wait_status) || WEXITSTATUS(wait_status) != 0)
+		g_error("not valid JSON lines: %s\n%s", out, err);
+	return canon;
+}
+
+static gboolean
+have_python(void)
+{
+	g_autofree char *python = g_find_program_in_path("python3");
+
+	if (python == NULL)
+		g_test_skip("python3 is needed to check JSON output");
+	return python != NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* Server and files                                                     */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+	FakeSmtp *fake;
+	guint16 port;
+	char *server; /* "127.0.0.1:PORT" for --server */
+	char *dir;    /* a temporary directory for message files */
+} Fixture;
+
+/* Fixture data for cases that start their own server, or none. */
+static const char NO_SERVER[] = "";
+
+/* Start a fake server running @script (NULL: plain) on @address. */
+static gboolean
+fixture_start(Fixture *f, const char *script, const char *address)
+{
+	g_autoptr(GError) error = NULL;
+
+	f->fake = fake_smtp_new(script, &error);
+	g_assert_no_error(error);
+	f->port = fake_smtp_start(f->fake, address, NULL, &error);
+	if (f->port == 0)
+		return FALSE;
+	f->server = strchr(address, ':')
+	                ? g_strdup_printf("[%s]:%u", address, f->port)
+	                : g_strdup_printf("%s:%u", address, f->port);
+	return TRUE;
+}
+
+static void
+fixture_setup(Fixture *f, gconstpointer data)
+{
+	g_autoptr(GError) error = NULL;
+
+	f->dir = g_dir_make_tmp("smtp-send-XXXXXX", &error);
+	g_assert_no_error(error);
+	if (data != NO_SERVER)
+		g_assert_true(fixture_start(f, data, "127.0.0.1"));
+}
+
+static void
+fixture_teardown(Fixture *f, gconstpointer data)
+{
+	g_autoptr(GDir) dir = g_dir_open(f->dir, 0, NULL);
+	const char *name;
+
+	(void)data;
+	while (dir != NULL && (name = g_dir_read_name(dir)) != NULL) {
+		g_autofree char *path = g_build_filename(f->dir, name, NULL);
+
+		g_chmod(path, 0700);
+		if (g_remove(path) != 0)
+			g_rmdir(path);
+	}
+	g_rmdir(f->dir);
+	g_free(f->dir);
+	g_free(f->server);
+	g_clear_pointer(&f->fake, fake_smtp_free);
+}
+
+/* Write @content to @name in the fixture's directory; returns the path. */
+static char *
+fixture_file(Fixture *f, const char *name, const char *content)
+{
+	g_autoptr(GError) error = NULL;
+	char *path = g_build_filename(f->dir, name, NULL);
+
+	g_file_set_contents(path, content, -1, &error);
+	g_assert_no_error(error);
+	return path;
+}
+
+static const FakeSmtpMessage *
+message(Fixture *f, guint i)
+{
+	g_assert_true(fake_smtp_wait_messages(f->fake, i + 1, 5000));
+	return fake_smtp_get_message(f->fake, i);
+}
+
+static void
+assert_content(const FakeSmtpMessage *m, const char *expected)
+{
+	gsize len = 0;
+	const char *data = g_bytes_get_data(m->content, &len);
+
+	g_assert_cmpmem(data, len, expected, strlen(expected));
+}
+
+/* Whether any command received starts with @verb. */
+static gboolean
+got_command(Fixture *f, const char *verb)
+{
+	g_autoptr(GPtrArray) cmds = fake_smtp_get_commands(f->fake);
+
+	for (guint i = 0; i < cmds->len; i++) {
+		if (g_ascii_strncasecmp(g_ptr_array_index(cmds, i), verb,
+		                        strlen(verb)) == 0)
+			return TRUE;
+	}
+	return FALSE;
+}
+
+#define MSG "Subject: test\r\n\r\nHello.\r\n"
+
+/* ------------------------------------------------------------------ */
+/* Sending                                                              */
+/* ------------------------------------------------------------------ */
+
+static void
+test_stdin(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	const FakeSmtpMessage *m;
+	g_autofree char *size = NULL;
+
+	(void)data;
+	run(&r, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--timeout", "5", NULL);
+	g_assert_cmpint(r.status, ==, 0);
+	g_assert_true(g_str_has_prefix(r.out, "-: sent (250"));
+	g_assert_cmpstr(r.err, ==, "");
+
+	/* SIZE= announced: stdin was read wholly first */
+	m = message(f, 0);
+	size = g_strdup_printf("FROM:<" FROM "> SIZE=%zu", strlen(MSG));
+	g_assert_cmpstr(m->mail_from, ==, size);
+	g_assert_cmpuint(m->rcpt_to->len, ==, 1);
+	g_assert_cmpstr(g_ptr_array_index(m->rcpt_to, 0), ==, "TO:<" TO ">");
+	assert_content(m, MSG);
+}
+
+/* "<>" and "" are the null sender; brackets around addresses go. */
+static void
+test_null_sender(Fixture *f, gconstpointer data)
+{
+	const char *senders[] = {"<>", ""};
+
+	(void)data;
+	for (guint i = 0; i < G_N_ELEMENTS(senders); i++) {
+		g_auto(Run) r = {0};
+		const FakeSmtpMessage *m;
+
+		run(&r, MSG, "--server", f->server, "--from", senders[i],
+		    "--to", "<" TO ">", "--to", "carol@example.net", "-", NULL);
+		g_assert_cmpint(r.status, ==, 0);
+		m = message(f, i);
+		g_assert_true(g_str_has_prefix(m->mail_from, "FROM:<> "));
+		g_assert_cmpuint(m->rcpt_to->len, ==, 2);
+		g_assert_cmpstr(g_ptr_array_index(m->rcpt_to, 0), ==,
+		                "TO:<" TO ">");
+	}
+}
+
+/* Several files: one connection, in order, one JSON line each. */
+static void
+test_files(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	g_autofree char *a =
+	    fixture_file(f, "a.eml", "Subject: a\r\n\r\nA\r\n");
+	g_autofree char *b =
+	    fixture_file(f, "b.eml", "Subject: b\r\n\r\nB\r\n");
+	g_autofree char *canon = NULL;
+	g_autofree char *expected = NULL;
+
+	(void)data;
+	if (!have_python())
+		return;
+	run(&r, "Subject: in\r\n\r\nI\r\n", "--server", f->server, "--from",
+	    FROM, "--to", TO, "--json", a, "-", b, NULL);
+	g_assert_cmpint(r.status, ==, 0);
+	canon = json_canon(r.out);
+	expected = g_strdup_printf(
+	    "{\"file\":\"%s\",\"status\":\"sent\",\"refused\":{},"
+	    "\"error\":null,\"dropped_options\":[]}\n"
+	    "{\"file\":\"-\",\"status\":\"sent\",\"refused\":{},"
+	    "\"error\":null,\"dropped_options\":[]}\n"
+	    "{\"file\":\"%s\",\"status\":\"sent\",\"refused\":{},"
+	    "\"error\":null,\"dropped_options\":[]}",
+	    a, b);
+	g_assert_cmpstr(canon, ==, expected);
+
+	assert_content(message(f, 0), "Subject: a\r\n\r\nA\r\n");
+	assert_content(message(f, 1), "Subject: in\r\n\r\nI\r\n");
+	assert_content(message(f, 2), "Subject: b\r\n\r\nB\r\n");
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 3);
+	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 1);
+}
+
+static void
+test_helo(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	g_autoptr(GPtrArray) cmds = NULL;
+
+	(void)data;
+	run(&r, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--helo", "relay-test.example", NULL);
+	g_assert_cmpint(r.status, ==, 0);
+	cmds = fake_smtp_get_commands(f->fake);
+	g_assert_cmpuint(cmds->len, >, 0);
+	g_assert_cmpstr(g_ptr_array_index(cmds, 0), ==,
+	                "EHLO relay-test.example");
+}
+
+/* ------------------------------------------------------------------ */
+/* Refusals and errors, as JSON and exit status                         */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+	const char *name;
+	const char *script;
+	const char *const to[4];
+	const char *const extra[6]; /* more arguments */
+	int status;
+	const char *json; /* the canonical JSON line expected */
+	guint n_messages; /* what the server should have received */
+} ErrorCase;
+
+static const ErrorCase error_cases[] = {
+    {"some-refused",
+     "on RCPT /bad@/ reply 550 5.1.1 No such user\n"
+     "on RCPT /later@/ reply 450 Try later\n",
+     {"bad@example.net", TO, "later@example.net"},
+     {NULL},
+     0,
+     "{\"file\":\"-\",\"status\":\"sent\",\"refused\":{"
+     "\"bad@example.net\":[550,\"No such user\",\"5.1.1\"],"
+     "\"later@example.net\":[450,\"Try later\"]},"
+     "\"error\":null,\"dropped_options\":[]}",
+     1},
+    {"all-refused-permanent",
+     "on RCPT reply 550 5.1.1 No such user\n",
+     {TO, "bad@example.net"},
+     {NULL},
+     69,
+     "{\"file\":\"-\",\"status\":\"error\",\"refused\":{"
+     "\"bob@example.net\":[550,\"No such user\",\"5.1.1\"],"
+     "\"bad@example.net\":[550,\"No such user\",\"5.1.1\"]},"
+     "\"error\":{\"kind\":\"recipients_refused\",\"code\":550,"
+     "\"text\":\"No such user\",\"enhanced\":\"5.1.1\","
+     "\"stage\":\"rcpt\"},\"dropped_options\":[]}",
+     0},
+    {"all-refused-temporary",
+     "on RCPT reply 450 4.2.1 Mailbox busy\n",
+     {TO},
+     {NULL},
+     75,
+     "{\"file\":\"-\",\"status\":\"error\",\"refused\":{"
+     "\"bob@example.net\":[450,\"Mailbox busy\",\"4.2.1\"]},"
+     "\"error\":{\"kind\":\"recipients_refused\",\"code\":450,"
+     "\"text\":\"Mailbox busy\",\"enhanced\":\"4.2.1\","
+     "\"stage\":\"rcpt\"},\"dropped_options\":[]}",
+     0},
+    {"all-refused-mixed",
+     "on RCPT /bad@/ reply 550 5.1.1 No such user\n"
+     "on RCPT reply 452 4.5.3 Too many recipients\n",
+     {"bad@example.net", TO},
+     {NULL},
+     75,
+     NULL,
+     0},
+    {"sender-refused",
+     "on MAIL reply 553 5.1.8 Sender address rejected\n",
+     {TO},
+     {NULL},
+     69,
+     "{\"file\":\"-\",\"status\":\"error\",\"refused\":{},"
+     "\"error\":{\"kind\":\"sender_refused\",\"code\":553,"
+     "\"text\":\"Sender address rejected\",\"enhanced\":\"5.1.8\","
+     "\"stage\":\"mail\"},\"dropped_options\":[]}",
+     0},
+    {"sender-refused-temporary",
+     "on MAIL reply 451 Local error\n",
+     {TO},
+     {NULL},
+     75,
+     "{\"file\":\"-\",\"status\":\"error\",\"refused\":{},"
+     "\"error\":{\"kind\":\"sender_refused\",\"code\":451,"
+     "\"text\":\"Local error\",\"stage\":\"mail\"},"
+     "\"dropped_options\":[]}",
+     0},
+    {"data-refused",
+     "on DOT reply 554 5.6.0 Content rejected\n",
+     {TO},
+     {NULL},
+     69,
+     "{\"file\":\"-\",\"status\":\"error\",\"refused\":{},"
+     "\"error\":{\"kind\":\"data_error\",\"code\":554,"
+     "\"text\":\"Content rejected\",\"enhanced\":\"5.6.0\","
+     "\"stage\":\"end-of-data\"},\"dropped_options\":[]}",
+     0},
+    {"dropped-option",
+     "ehlo-keywords 8BITMIME SIZE 10485760 ENHANCEDSTATUSCODES\n",
+     {TO},
+     {"--rcpt-option", "NOTIFY=NEVER", "--mail-option", "BODY=8BITMIME"},
+     0,
+     "{\"file\":\"-\",\"status\":\"sent\",\"refused\":{},"
+     "\"error\":null,\"dropped_options\":[\"NOTIFY=NEVER\"]}",
+     1},
+    {"not-supported",
+     "ehlo-keywords 8BITMIME SIZE 10485760 ENHANCEDSTATUSCODES\n",
+     {TO},
+     {"--mail-option", "SMTPUTF8"},
+     69,
+     NULL,
+     0},
+    {"protocol", "on MAIL raw 2x0 what?\\r\\n\n", {TO}, {NULL}, 76, NULL, 0},
+    {"cr-in-recipient",
+     NULL,
+     {"bob@example.net\rRCPT TO:<eve@example.com>"},
+     {NULL},
+     65,
+     NULL,
+     0},
+    {"text-non-ascii", NULL, {TO}, {"--text"}, 65, NULL, 0},
+    {"bytes-non-ascii", NULL, {TO}, {NULL}, 0, NULL, 1},
+    {"timeout", "on DATA stall\n", {TO}, {"--timeout", "0.5"}, 75, NULL, 0},
+};
+
+/* The kind each case without a full expected line must report. */
+static const char *
+expected_kind(const ErrorCase *c)
+{
+	if (strcmp(c->name, "all-refused-mixed") == 0)
+		return "recipients_refused";
+	if (strcmp(c->name, "not-supported") == 0)
+		return "not_supported";
+	if (strcmp(c->name, "protocol") == 0)
+		return "protocol";
+	if (strcmp(c->name, "timeout") == 0)
+		return "timeout";
+	if (c->status == 65)
+		return "input";
+	return NULL;
+}
+
+static void
+test_error_case(gconstpointer data)
+{
+	const ErrorCase *c = data;
+	Fixture f = {0};
+	g_auto(Run) r = {0};
+	g_autoptr(GPtrArray) args = g_ptr_array_new();
+	g_autofree char *canon = NULL;
+	const char *input = MSG;
+
+	if (!have_python())
+		return;
+	fixture_setup(&f, c->script);
+	if (strstr(c->name, "non-ascii") != NULL)
+		input = "Subject: caf\xc3\xa9\r\n\r\nd\xc3\xa9j\xc3\xa0 vu\r\n";
+
+	g_ptr_array_add(args, "--json");
+	g_ptr_array_add(args, "--server");
+	g_ptr_array_add(args, f.server);
+	g_ptr_array_add(args, "--from");
+	g_ptr_array_add(args, FROM);
+	for (guint i = 0; c->to[i] != NULL; i++) {
+		g_ptr_array_add(args, "--to");
+		g_ptr_array_add(args, (gpointer)c->to[i]);
+	}
+	for (guint i = 0; c->extra[i] != NULL; i++)
+		g_ptr_array_add(args, (gpointer)c->extra[i]);
+	if (c->extra[0] == NULL || strcmp(c->extra[0], "--timeout") != 0) {
+		g_ptr_array_add(args, "--timeout");
+		g_ptr_array_add(args, "5");
+	}
+	g_ptr_array_add(args, NULL);
+	run_argv(&r, input, (const char *const *)args->pdata);
+
+	g_assert_cmpint(r.status, ==, c->status);
+	canon = json_canon(r.out);
+	if (c->json != NULL) {
+		g_assert_cmpstr(canon, ==, c->json);
+	} else {
+		g_autofree char *kind = NULL;
+
+		if (c->status == 0) {
+			g_assert_true(strstr(canon, "\"error\":null") != NULL);
+		} else {
+			kind = g_strdup_printf("\"kind\":\"%s\"",
+			                       expected_kind(c));
+			g_assert_nonnull(strstr(canon, kind));
+		}
+	}
+
+	/* Errors found before sending leave nothing on the server */
+	if (c->status == 65)
+		g_assert_false(got_command(&f, "MAIL"));
+	if (c->n_messages > 0)
+		message(&f, c->n_messages - 1);
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==,
+	                 c->n_messages);
+	fixture_teardown(&f, NULL);
+}
+
+/* The dropped option was not sent; the advertised one was. */
+static void
+test_dropped_option_wire(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	const FakeSmtpMessage *m;
+
+	(void)data;
+	run(&r, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--rcpt-option", "NOTIFY=NEVER", "--mail-option", "BODY=8BITMIME",
+	    NULL);
+	g_assert_cmpint(r.status, ==, 0);
+	g_assert_nonnull(strstr(r.out, "dropped option NOTIFY=NEVER"));
+	m = message(f, 0);
+	g_assert_nonnull(strstr(m->mail_from, "BODY=8BITMIME"));
+	g_assert_cmpstr(g_ptr_array_index(m->rcpt_to, 0), ==, "TO:<" TO ">");
+}
+
+/*
+ * A hostile server text: control characters, quotes, a backslash and
+ * bytes that are not UTF-8.  JSON stays valid; plain output carries no
+ * raw escape character to the terminal.
+ */
+static void
+test_hostile_text(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	g_auto(Run) p = {0};
+	g_autofree char *canon = NULL;
+
+	(void)data;
+	if (!have_python())
+		return;
+	run(&r, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--json", NULL);
+	g_assert_cmpint(r.status, ==, 69);
+	canon = json_canon(r.out);
+	g_assert_cmpstr(
+	    canon, ==,
+	    "{\"file\":\"-\",\"status\":\"error\",\"refused\":{"
+	    "\"bob@example.net\":[550,\"first\\nBad \\u001b[31m \\\"q\\\" "
+	    "\\\\ \\ufffd\\ufffd( \\u00e9 \\u007f\",\"5.1.1\"]},"
+	    "\"error\":{\"kind\":\"recipients_refused\",\"code\":550,"
+	    "\"text\":\"first\\nBad \\u001b[31m \\\"q\\\" \\\\ "
+	    "\\ufffd\\ufffd( \\u00e9 \\u007f\",\"enhanced\":\"5.1.1\","
+	    "\"stage\":\"rcpt\"},\"dropped_options\":[]}");
+
+	run(&p, MSG, "--server", f->server, "--from", FROM, "--to", TO, NULL);
+	g_assert_cmpint(p.status, ==, 69);
+	g_assert_null(strchr(p.out, '\x1b'));
+	g_assert_null(strchr(p.err, '\x1b'));
+	g_assert_nonnull(strstr(p.out, "refused <" TO ">: 550 5.1.1 first\\n"
+	                               "Bad \\x1b[31m"));
+	g_assert_nonnull(strstr(p.err, "kind=recipients_refused, code=550, "
+	                               "enhanced=5.1.1, stage=rcpt"));
+}
+
+/* ------------------------------------------------------------------ */
+/* Files, connections and the command line                              */
+/* ------------------------------------------------------------------ */
+
+/* An unreadable file: 66, and the files around it are still sent. */
+static void
+test_unreadable(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	g_autofree char *a =
+	    fixture_file(f, "a.eml", "Subject: a\r\n\r\nA\r\n");
+	g_autofree char *b =
+	    fixture_file(f, "b.eml", "Subject: b\r\n\r\nB\r\n");
+	g_autofree char *missing = g_build_filename(f->dir, "none", NULL);
+	g_autofree char *canon = NULL;
+	g_auto(GStrv) lines = NULL;
+
+	(void)data;
+	if (!have_python())
+		return;
+	run(&r, NULL, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--json", a, missing, f->dir, b, NULL);
+	g_assert_cmpint(r.status, ==, 66);
+	canon = json_canon(r.out);
+	lines = g_strsplit(canon, "\n", -1);
+	g_assert_cmpuint(g_strv_length(lines), ==, 4);
+	g_assert_nonnull(strstr(lines[0], "\"status\":\"sent\""));
+	g_assert_nonnull(strstr(lines[1], "\"status\":\"error\""));
+	g_assert_nonnull(strstr(lines[1], "{\"kind\":\"input\",\"code\":0,"));
+	g_assert_nonnull(strstr(lines[1], "\"stage\":\"input\"}"));
+	g_assert_nonnull(strstr(lines[2], "{\"kind\":\"input\",\"code\":0,"));
+	g_assert_nonnull(strstr(lines[3], "\"status\":\"sent\""));
+
+	assert_content(message(f, 0), "Subject: a\r\n\r\nA\r\n");
+	assert_content(message(f, 1), "Subject: b\r\n\r\nB\r\n");
+	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 1);
+}
+
+/* A failure in the middle: 75 wins over a later 69 or an earlier 66. */
+static void
+test_exit_status_mix(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	g_auto(Run) r2 = {0};
+	g_autofree char *ok = fixture_file(f, "ok.eml", "Subject: ok\r\n\r\n");
+	g_autofree char *missing = g_build_filename(f->dir, "none", NULL);
+
+	(void)data;
+	/* 66 first, then sent: the first failure's status */
+	run(&r, NULL, "--server", f->server, "--from", FROM, "--to", TO,
+	    missing, ok, NULL);
+	g_assert_cmpint(r.status, ==, 66);
+	g_assert_nonnull(strstr(r.err, "kind=input"));
+
+	/* 66 then a temporary refusal: 75 */
+	run(&r2, NULL, "--server", f->server, "--from", FROM, "--to",
+	    "later@example.net", missing, ok, NULL);
+	g_assert_cmpint(r2.status, ==, 75);
+}
+
+/* The connection lost during the first message; the second still goes. */
+static void
+test_reconnect(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	g_autofree char *a =
+	    fixture_file(f, "a.eml", "Subject: lost message\r\n\r\n");
+	g_autofree char *b =
+	    fixture_file(f, "b.eml", "Subject: b\r\n\r\nB\r\n");
+
+	(void)data;
+	run(&r, NULL, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--timeout", "5", a, b, NULL);
+	g_assert_cmpint(r.status, ==, 75);
+	g_assert_nonnull(strstr(r.err, "kind=disconnected"));
+	assert_content(message(f, 0), "Subject: b\r\n\r\nB\r\n");
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 1);
+	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 2);
+}
+
+/* Nothing listening: connect, code 0, 75, for every message. */
+static void
+test_connect_refused(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	g_autofree char *canon = NULL;
+	g_auto(GStrv) lines = NULL;
+
+	(void)data;
+	if (!have_python())
+		return;
+
+	/* A port of our own that nobody listens on any more */
+	g_assert_true(fixture_start(f, NULL, "127.0.0.1"));
+	fake_smtp_stop(f->fake);
+
+	run(&r, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--json", "--timeout", "5", NULL);
+	g_assert_cmpint(r.status, ==, 75);
+	canon = json_canon(r.out);
+	lines = g_strsplit(canon, "\n", -1);
+	g_assert_cmpuint(g_strv_length(lines), ==, 1);
+	g_assert_true(g_str_has_prefix(
+	    lines[0], "{\"file\":\"-\",\"status\":\"error\",\"refused\":{},"
+	              "\"error\":{\"kind\":\"connect\",\"code\":0,"
+	              "\"text\":"));
+	g_assert_true(g_str_has_suffix(
+	    lines[0], "\"stage\":\"connect\"},\"dropped_options\":[]}"));
+}
+
+/* --server with an IPv6 literal in brackets. */
+static void
+test_server_ipv6(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+
+	(void)data;
+	if (!fixture_start(f, NULL, "::1")) {
+		g_test_skip("no IPv6 loopback");
+		return;
+	}
+	g_assert_true(g_str_has_prefix(f->server, "[::1]:"));
+	run(&r, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--timeout", "5", NULL);
+	g_assert_cmpint(r.status, ==, 0);
+	assert_content(message(f, 0), MSG);
+}
+
+/* Malformed --server values and other usage errors: 64, no connection. */
+static void
+test_usage(Fixture *f, gconstpointer data)
+{
+	g_autofree char *v6_bad = g_strdup_printf("[::1]x%u", f->port);
+	g_autofree char *v6_bare = g_strdup_printf("::1:%u", f->port);
+	g_autofree char *named = g_strdup_printf("[localhost]:%u", f->port);
+	const char *servers[] = {
+	    "",
+	    ":25",
+	    "127.0.0.1:",
+	    "127.0.0.1:0",
+	    "127.0.0.1:65536",
+	    "127.0.0.1:abc",
+	    "127.0.0.1:-1",
+	    "127.0.0.1:25x",
+	    "[::1",
+	    "[]:25",
+	    "[::1]:",
+	    v6_bad,
+	    v6_bare,
+	    named,
+	    "bad host:25",
+	};
+	struct {
+		const char *args[10];
+	} others[] = {
+	    {{"--from", FROM, "--to", TO}},
+	    {{"--server", f->server, "--to", TO}},
+	    {{"--server", f->server, "--from", FROM}},
+	    {{"--server", f->server, "--from", FROM, "--to", ""}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "abc"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "0"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "-3"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO,
+	      "--no-such-option"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--to"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "-", "-"}},
+	};
+
+	(void)data;
+	for (guint i = 0; i < G_N_ELEMENTS(servers); i++) {
+		g_auto(Run) r = {0};
+
+		run(&r, MSG, "--server", servers[i], "--from", FROM, "--to", TO,
+		    NULL);
+		g_assert_cmpint(r.status, ==, 64);
+		g_assert_nonnull(strstr(r.err, "--help"));
+		g_assert_cmpstr(r.out, ==, "");
+	}
+	for (guint i = 0; i < G_N_ELEMENTS(others); i++) {
+		g_auto(Run) r = {0};
+
+		run_argv(&r, MSG, others[i].args);
+		g_assert_cmpint(r.status, ==, 64);
+		g_assert_cmpstr(r.out, ==, "");
+	}
+	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 0);
+}
+
+static void
+test_help(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+
+	(void)f;
+	(void)data;
+	run(&r, NULL, "--help", NULL);
+	g_assert_cmpint(r.status, ==, 0);
+	g_assert_nonnull(strstr(r.out, "--server"));
+	g_assert_nonnull(strstr(r.out, "[CODE, \"TEXT\", \"X.Y.Z\"]"));
+	g_assert_nonnull(strstr(r.out, "Exit status"));
+}
+
+int
+main(int argc, char **argv)
+{
+	g_test_init(&argc, &argv, NULL);
+
+	smtp_send_path = argc > 1 ? argv[1] : g_getenv("SMTP_SEND");
+	if (smtp_send_path == NULL)
+		g_error("usage: %s PATH-TO-SMTP-SEND (or set SMTP_SEND)",
+		        argv[0]);
+
+#define ADD(path, script, fn)                                                  \
+	g_test_add("/smtp-send/" path, Fixture, script, fixture_setup, fn,     \
+	           fixture_teardown)
+
+	ADD("send/stdin", NULL, test_stdin);
+	ADD("send/null-sender", NULL, test_null_sender);
+	ADD("send/files-one-connection", NULL, test_files);
+	ADD("send/helo", NULL, test_helo);
+	ADD("send/dropped-option-wire",
+	    "ehlo-keywords 8BITMIME SIZE 10485760 ENHANCEDSTATUSCODES\n",
+	    test_dropped_option_wire);
+	ADD("json/hostile-server-text",
+	    "on RCPT raw 550-5.1.1 first\\r\\n550 5.1.1 Bad \\x1b[31m \"q\" "
+	    "\\\\ \\xff\\xc3( \\xc3\\xa9 \\x7f\\r\\n\n",
+	    test_hostile_text);
+	ADD("files/unreadable", NULL, test_unreadable);
+	ADD("files/exit-status-mix", "on RCPT /later@/ reply 450 4.2.1 Busy\n",
+	    test_exit_status_mix);
+	ADD("files/reconnect-after-loss", "on MAIL /SIZE=25( |$)/ close\n",
+	    test_reconnect);
+	ADD("connect/refused", NO_SERVER, test_connect_refused);
+	ADD("server/ipv6-literal", NO_SERVER, test_server_ipv6);
+	ADD("usage/errors", NULL, test_usage);
+	ADD("usage/help", NULL, test_help);
+
+	for (guint i = 0; i < G_N_ELEMENTS(error_cases); i++) {
+		g_autofree char *path = g_strdup_printf("/smtp-send/outcome/%s",
+		                                        error_cases[i].name);
+
+		g_test_add_data_func(path, &error_cases[i], test_error_case);
+	}
+	return g_test_run();
+}
