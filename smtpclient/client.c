@@ -7,11 +7,16 @@
  * once, so a late answer can never be taken for the reply to the next
  * command; the next call connects again.  Refusals leave it open.
  *
+ * Session start is greeting, EHLO, then STARTTLS as the TLS level asks
+ * (tls.c) with EHLO again, then AUTH when credentials are set (auth.c).
+ * A TLS or AUTH failure closes the connection: keeping it would let the
+ * next call send mail over a session that is not what the caller set.
+ *
  * Known limits:
- * XXX: STARTTLS and AUTH come with issue 3; until then a TLS level
- * other than SMTP_TLS_NONE, or credentials, make connect fail with
- * SMTP_ERROR_TLS or SMTP_ERROR_AUTH before any connection is made, so
- * nothing is ever sent in the clear that the caller wanted protected.
+ * XXX: at SMTP_TLS_MAY a server that answers STARTTLS with anything
+ * but 220 gets the session in clear text, as Postfix's "may" does (no
+ * byte was exchanged under TLS, so the session is still well defined);
+ * a failed handshake, though, is an error, never a silent fallback.
  */
 #include <string.h>
 
@@ -139,6 +144,12 @@ smtp_client_get_peer(const SmtpClient *client)
 }
 
 gboolean
+smtp_client_is_tls(const SmtpClient *client)
+{
+	return client->conn != NULL && !smtp_conn_is_plain(client->conn);
+}
+
+gboolean
 smtp_client_is_esmtp(const SmtpClient *client)
 {
 	return client->conn != NULL && client->esmtp;
@@ -209,12 +220,15 @@ read_reply(SmtpClient *client, guint timeout_ms, const char *stage,
 	return TRUE;
 }
 
-gboolean
-smtp_client_command(SmtpClient *client, const char *stage, const char *line,
-                    SmtpReply *reply, GError **error)
+/* Send @line with CRLF and read its reply; @secret: wipe the copy. */
+static gboolean
+command(SmtpClient *client, const char *stage, const char *line,
+        gboolean secret, SmtpReply *reply, GError **error)
 {
-	g_autofree char *wire = NULL;
+	char *wire;
+	gsize len;
 	SmtpTimeouts t;
+	gboolean ok;
 
 	if (client->conn == NULL) {
 		smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage, NULL,
@@ -223,12 +237,31 @@ smtp_client_command(SmtpClient *client, const char *stage, const char *line,
 	}
 	smtp_client_get_timeouts(client, &t);
 	wire = g_strconcat(line, "\r\n", NULL);
-	if (!smtp_conn_write(client->conn, wire, strlen(wire), t.command_ms,
-	                     stage, error)) {
+	len = strlen(wire);
+	ok = smtp_conn_write(client->conn, wire, len, t.command_ms, stage,
+	                     error);
+	if (secret)
+		explicit_bzero(wire, len);
+	g_free(wire);
+	if (!ok) {
 		smtp_client_drop(client);
 		return FALSE;
 	}
 	return read_reply(client, t.command_ms, stage, reply, error);
+}
+
+gboolean
+smtp_client_command(SmtpClient *client, const char *stage, const char *line,
+                    SmtpReply *reply, GError **error)
+{
+	return command(client, stage, line, FALSE, reply, error);
+}
+
+gboolean
+smtp_client_command_secret(SmtpClient *client, const char *stage,
+                           const char *line, SmtpReply *reply, GError **error)
+{
+	return command(client, stage, line, TRUE, reply, error);
 }
 
 gboolean
@@ -276,6 +309,21 @@ helo_name(SmtpClient *client)
 	return client->helo_name;
 }
 
+/* Old servers (Exchange, Postfix's broken_sasl_auth_clients) also
+ * write "AUTH=PLAIN LOGIN"; its mechanisms join those of "AUTH". */
+static void
+add_auth_mechs(SmtpClient *client, const char *mechs)
+{
+	const char *old = g_hash_table_lookup(client->ext, "AUTH");
+	char *all;
+
+	if (old != NULL && *old != '\0')
+		all = g_strconcat(old, " ", mechs, NULL);
+	else
+		all = g_strdup(mechs);
+	g_hash_table_replace(client->ext, g_strdup("AUTH"), all);
+}
+
 /* Keep the extensions of an EHLO reply; its first line is the
  * server's name. */
 static void
@@ -291,7 +339,17 @@ parse_ehlo(SmtpClient *client, const SmtpReply *reply)
 
 		if (*line == '\0')
 			continue;
+		if (g_ascii_strncasecmp(line, "AUTH=", 5) == 0) {
+			g_strdelimit(line, "=", ' ');
+			add_auth_mechs(client, g_strchug(line + 5));
+			continue;
+		}
 		key = g_ascii_strup(line, sp ? sp - line : -1);
+		if (strcmp(key, "AUTH") == 0) {
+			add_auth_mechs(client, sp ? g_strchug(sp + 1) : "");
+			g_free(key);
+			continue;
+		}
 		g_hash_table_replace(client->ext, key,
 		                     g_strdup(sp ? g_strchug(sp + 1) : ""));
 	}
@@ -343,17 +401,101 @@ check_settings(SmtpClient *client, GError **error)
 		               "bad HELO name");
 		return FALSE;
 	}
-	if (client->tls_level != SMTP_TLS_NONE) {
-		smtp_set_error(error, SMTP_ERROR_TLS, "starttls", NULL,
-		               "STARTTLS is not implemented yet");
-		return FALSE;
-	}
-	if (client->auth_user != NULL) {
-		smtp_set_error(error, SMTP_ERROR_AUTH, "auth", NULL,
-		               "AUTH is not implemented yet");
+	if (client->auth_user != NULL && client->auth_password == NULL) {
+		smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
+		               "AUTH user set without a password");
 		return FALSE;
 	}
 	return TRUE;
+}
+
+static const char *
+tls_level_name(SmtpTlsLevel level)
+{
+	switch (level) {
+	case SMTP_TLS_NONE:
+		return "none";
+	case SMTP_TLS_MAY:
+		return "may";
+	case SMTP_TLS_ENCRYPT:
+		return "encrypt";
+	default:
+		return "verify";
+	}
+}
+
+/* The STARTTLS exchange itself (RFC 3207); the caller has checked the
+ * server offers it. */
+static gboolean
+starttls(SmtpClient *client, GError **error)
+{
+	SmtpReply reply = {0};
+	SmtpTimeouts t;
+
+	if (!smtp_client_command(client, "starttls", "STARTTLS", &reply, error))
+		return FALSE;
+	if (reply.code != 220 && client->tls_level == SMTP_TLS_MAY) {
+		smtp_reply_clear(&reply);
+		return TRUE;
+	}
+	if (reply.code != 220) {
+		smtp_set_error(error, SMTP_ERROR_TLS, "starttls", &reply,
+		               "STARTTLS refused by %s",
+		               smtp_client_get_peer(client));
+		smtp_reply_clear(&reply);
+		smtp_client_quit(client);
+		return FALSE;
+	}
+	smtp_reply_clear(&reply);
+
+	smtp_client_get_timeouts(client, &t);
+	if (!smtp_tls_start(client->conn, client->tls_level, client->host,
+	                    client->ca_file, t.command_ms, error)) {
+		/* Mid-handshake there is no way back to SMTP: no QUIT. */
+		smtp_client_drop(client);
+		return FALSE;
+	}
+
+	/* RFC 3207 section 4.2: forget what the server said in clear
+	 * text, it may have been forged; ask again under TLS. */
+	client->esmtp = FALSE;
+	g_hash_table_remove_all(client->ext);
+	return say_hello(client, error);
+}
+
+/* Step 4 of connect: STARTTLS as the level asks. */
+static gboolean
+maybe_starttls(SmtpClient *client, GError **error)
+{
+	if (client->tls_level == SMTP_TLS_NONE)
+		return TRUE;
+	if (smtp_client_has_extension(client, "STARTTLS", NULL))
+		return starttls(client, error);
+	if (client->tls_level == SMTP_TLS_MAY)
+		return TRUE;
+	smtp_set_error(error, SMTP_ERROR_TLS, "starttls", NULL,
+	               "%s does not offer STARTTLS, which TLS level %s "
+	               "requires",
+	               smtp_client_get_peer(client),
+	               tls_level_name(client->tls_level));
+	smtp_client_quit(client);
+	return FALSE;
+}
+
+/* Step 5 of connect: AUTH when credentials are set. */
+static gboolean
+maybe_auth(SmtpClient *client, GError **error)
+{
+	if (client->auth_user == NULL)
+		return TRUE;
+	if (smtp_auth_run(client, client->auth_user, client->auth_password,
+	                  client->auth_plaintext, error))
+		return TRUE;
+
+	/* Unauthenticated, the session is not the one the caller set
+	 * up; the next call must start over. */
+	smtp_client_quit(client);
+	return FALSE;
 }
 
 gboolean
@@ -389,7 +531,11 @@ smtp_client_connect(SmtpClient *client, GError **error)
 	smtp_reply_clear(&reply);
 
 	/* Step 3: EHLO or HELO. */
-	return say_hello(client, error);
+	if (!say_hello(client, error))
+		return FALSE;
+
+	/* Steps 4 and 5: TLS, then credentials, which need it. */
+	return maybe_starttls(client, error) && maybe_auth(client, error);
 }
 
 gboolean
@@ -424,4 +570,43 @@ smtp_client_quit(SmtpClient *client)
 	    smtp_conn_read_reply(client->conn, QUIT_MS, "quit", &reply, NULL))
 		smtp_reply_clear(&reply);
 	smtp_client_drop(client);
+}
+
+/* ------------------------------------------------------------------ */
+/* Pipelining (RFC 2920): writing and reading apart                     */
+/* ------------------------------------------------------------------ */
+
+gboolean
+smtp_client_write_commands(SmtpClient *client, const char *stage,
+                           const void *data, gsize len, GError **error)
+{
+	SmtpTimeouts t;
+
+	if (client->conn == NULL) {
+		smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage, NULL,
+		               "not connected");
+		return FALSE;
+	}
+	smtp_client_get_timeouts(client, &t);
+	if (!smtp_conn_write(client->conn, data, len, t.command_ms, stage,
+	                     error)) {
+		smtp_client_drop(client);
+		return FALSE;
+	}
+	return TRUE;
+}
+
+gboolean
+smtp_client_read_reply(SmtpClient *client, const char *stage, SmtpReply *reply,
+                       GError **error)
+{
+	SmtpTimeouts t;
+
+	if (client->conn == NULL) {
+		smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage, NULL,
+		               "not connected");
+		return FALSE;
+	}
+	smtp_client_get_timeouts(client, &t);
+	return read_reply(client, t.command_ms, stage, reply, error);
 }

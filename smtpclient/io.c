@@ -5,9 +5,10 @@
  * Every wait goes through wait_fd() with an absolute deadline, so a
  * server that dribbles one byte at a time cannot stretch a reply past
  * its limit.  Bytes move through an SmtpTransport: plain recv()/send()
- * here; STARTTLS will swap in an OpenSSL one after the handshake
- * without the callers changing.  send() uses MSG_NOSIGNAL, so a peer
- * that closes never raises SIGPIPE in the host process.
+ * here; after STARTTLS, tls.c swaps in an OpenSSL one through
+ * smtp_conn_set_transport() without the callers changing.  send() uses
+ * MSG_NOSIGNAL, so a peer that closes never raises SIGPIPE in the host
+ * process.
  *
  * Known limits:
  * XXX: getaddrinfo() has no time limit of its own; a stalled resolver
@@ -30,6 +31,7 @@
 struct SmtpConn {
 	int fd;
 	const SmtpTransport *transport;
+	gpointer transport_data; /* the TLS layer's state, or NULL */
 	SmtpReplyParser *parser;
 	char buf[READ_BUF]; /* bytes received, not yet parsed */
 	gsize start, end;   /* unparsed bytes are buf[start..end) */
@@ -231,6 +233,32 @@ gboolean
 smtp_conn_has_pending(SmtpConn *conn)
 {
 	return conn->start < conn->end || conn->transport->pending(conn);
+}
+
+void
+smtp_conn_set_transport(SmtpConn *conn, const SmtpTransport *transport,
+                        gpointer data)
+{
+	conn->transport = transport;
+	conn->transport_data = data;
+}
+
+gpointer
+smtp_conn_get_transport_data(const SmtpConn *conn)
+{
+	return conn->transport_data;
+}
+
+gboolean
+smtp_conn_is_plain(const SmtpConn *conn)
+{
+	return conn->transport == &plain_transport;
+}
+
+gboolean
+smtp_conn_wait(SmtpConn *conn, short events, gint64 deadline)
+{
+	return wait_fd(conn->fd, events, deadline);
 }
 
 /* ------------------------------------------------------------------ */

@@ -10,9 +10,15 @@
  * transaction is followed by RSET so the connection can carry the
  * next message.
  *
+ * With PIPELINING advertised (RFC 2920), MAIL, the RCPTs and DATA go
+ * out in one write and the replies are matched back in order; without
+ * it, one command at a time.  The replies are judged by the same code
+ * either way, so the outcome only depends on what the server answered.
+ *
  * Known limits:
- * XXX: one command at a time; PIPELINING (issue 3) will send MAIL, the
- * RCPTs and DATA in one write.
+ * XXX: more than PIPELINE_GROUP commands go out in several writes, each
+ * after the replies to the one before: the client reads no reply while
+ * it writes, so an unbounded group could fill both ends' buffers.
  * XXX: BODY=BINARYMIME needs BDAT (CHUNKING), which this client does
  * not speak, so it is refused as INPUT rather than sent with DATA.
  */
@@ -240,68 +246,273 @@ reset_after_error(SmtpClient *client)
 		smtp_client_rset(client, NULL);
 }
 
-/* Send one command, fail unless the reply's first digit is @want. */
-static gboolean
-expect(SmtpClient *client, const char *stage, const char *line, int want,
-       SmtpErrorCode code, const char *what, SmtpReply *reply, GError **error)
+/*
+ * The envelope: the command lines of MAIL, each RCPT and DATA, built
+ * before any is sent, and what the replies said.  Both ways of sending
+ * (one at a time, pipelined) fill it through the same judges below, so
+ * a refusal means the same whichever way it came.
+ */
+typedef struct {
+	SmtpClient *client;
+	const SmtpRecipient *rcpts;
+	gsize n_rcpts;
+	GPtrArray *lines;   /* char *: MAIL, RCPT..., DATA; no CRLF */
+	GPtrArray *refused; /* SmtpRefusal *, in recipient order; given
+	                     * to the error when all are refused */
+} Envelope;
+
+static void
+envelope_clear(Envelope *env)
 {
-	if (!smtp_client_command(client, stage, line, reply, error))
+	g_clear_pointer(&env->lines, g_ptr_array_unref);
+	g_clear_pointer(&env->refused, g_ptr_array_unref);
+}
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(Envelope, envelope_clear)
+
+/* The stage of command @i of @env: 0 is MAIL, the last is DATA. */
+static const char *
+stage_of(const Envelope *env, guint i)
+{
+	if (i == 0)
+		return "mail";
+	return i + 1 == env->lines->len ? "data" : "rcpt";
+}
+
+static gboolean
+build_mail(Envelope *env, const char *from, const char *const *mail_options,
+           SmtpMessage *msg, GPtrArray *dropped, GError **error)
+{
+	g_autoptr(GString) line = g_string_new(NULL);
+
+	g_string_printf(line, "MAIL FROM:<%s>", from);
+	if (smtp_client_has_extension(env->client, "SIZE", NULL))
+		g_string_append_printf(line, " SIZE=%" G_GUINT64_FORMAT,
+		                       smtp_message_get_size(msg));
+	if (!add_options(env->client, line, mail_options, TRUE, dropped, error))
 		return FALSE;
-	if (reply->code / 100 == want)
+	g_ptr_array_add(env->lines,
+	                g_string_free(g_steal_pointer(&line), FALSE));
+	return TRUE;
+}
+
+/* Every command line, so the options are judged (and NOT_SUPPORTED
+ * raised) before the first byte of the transaction goes out. */
+static gboolean
+build_commands(Envelope *env, const char *from, const char *const *mail_options,
+               SmtpMessage *msg, GPtrArray *dropped, GError **error)
+{
+	if (!build_mail(env, from, mail_options, msg, dropped, error))
+		return FALSE;
+	for (gsize i = 0; i < env->n_rcpts; i++) {
+		GString *line = g_string_new(NULL);
+
+		g_string_printf(line, "RCPT TO:<%s>", env->rcpts[i].address);
+		add_options(env->client, line, env->rcpts[i].options, FALSE,
+		            dropped, NULL);
+		g_ptr_array_add(env->lines, g_string_free(line, FALSE));
+	}
+	g_ptr_array_add(env->lines, g_strdup("DATA"));
+	return TRUE;
+}
+
+/* ---- the judges, shared by both ways of sending ------------------ */
+
+static gboolean
+judge_mail(const SmtpReply *reply, GError **error)
+{
+	if (reply->code / 100 == 2)
 		return TRUE;
-	smtp_set_error(error, code, stage, reply, "%s", what);
-	smtp_reply_clear(reply);
-	reset_after_error(client);
+	smtp_set_error(error, SMTP_ERROR_SENDER_REFUSED, "mail", reply,
+	               "sender refused");
 	return FALSE;
 }
 
-static gboolean
-send_mail(SmtpClient *client, const char *from, const char *const *mail_options,
-          SmtpMessage *msg, GPtrArray *dropped, GError **error)
+/* The reply to RCPT for recipient @i: a refusal is kept, not an error
+ * yet.  Takes @reply. */
+static void
+note_rcpt(Envelope *env, gsize i, SmtpReply *reply)
 {
-	g_autoptr(GString) line = g_string_new(NULL);
-	SmtpReply reply = {0};
+	SmtpRefusal *r;
 
-	g_string_printf(line, "MAIL FROM:<%s>", from);
-	if (smtp_client_has_extension(client, "SIZE", NULL))
-		g_string_append_printf(line, " SIZE=%" G_GUINT64_FORMAT,
-		                       smtp_message_get_size(msg));
-	if (!add_options(client, line, mail_options, TRUE, dropped, error))
+	if (reply->code / 100 == 2) {
+		smtp_reply_clear(reply);
+		return;
+	}
+	r = g_new0(SmtpRefusal, 1);
+	r->recipient = g_strdup(env->rcpts[i].address);
+	r->reply = *reply;
+	memset(reply, 0, sizeof(*reply));
+	g_ptr_array_add(env->refused, r);
+}
+
+/* All refused is RECIPIENTS_REFUSED, which takes the refused map. */
+static gboolean
+judge_rcpts(Envelope *env, GError **error)
+{
+	const SmtpRefusal *last;
+
+	if (env->refused->len < env->n_rcpts)
+		return TRUE;
+	last = g_ptr_array_index(env->refused, env->refused->len - 1);
+	smtp_set_error(error, SMTP_ERROR_RECIPIENTS_REFUSED, "rcpt",
+	               &last->reply, "all recipients refused");
+	if (error != NULL)
+		smtp_error_take_refused(*error, g_steal_pointer(&env->refused));
+	return FALSE;
+}
+
+/* DATA wants 354 (RFC 5321 section 4.3.2). */
+static gboolean
+judge_data(const SmtpReply *reply, GError **error)
+{
+	if (reply->code / 100 == 3)
+		return TRUE;
+	smtp_set_error(error, SMTP_ERROR_DATA, "data", reply, "DATA refused");
+	return FALSE;
+}
+
+/* ---- one command at a time ---------------------------------------- */
+
+static gboolean
+command(Envelope *env, guint i, SmtpReply *reply, GError **error)
+{
+	return smtp_client_command(env->client, stage_of(env, i),
+	                           g_ptr_array_index(env->lines, i), reply,
+	                           error);
+}
+
+/* Without PIPELINING each command waits for the previous reply, and a
+ * refusal stops the transaction before the next command. */
+static gboolean
+one_at_a_time(Envelope *env, GError **error)
+{
+	guint last = env->lines->len - 1;
+	SmtpReply reply = {0};
+	gboolean ok;
+
+	if (!command(env, 0, &reply, error))
 		return FALSE;
-	if (!expect(client, "mail", line->str, 2, SMTP_ERROR_SENDER_REFUSED,
-	            "sender refused", &reply, error))
-		return FALSE;
+	ok = judge_mail(&reply, error);
 	smtp_reply_clear(&reply);
+	for (guint i = 1; ok && i < last; i++) {
+		if (!command(env, i, &reply, error))
+			return FALSE;
+		note_rcpt(env, i - 1, &reply);
+	}
+	ok = ok && judge_rcpts(env, error);
+	if (ok) {
+		if (!command(env, last, &reply, error))
+			return FALSE;
+		ok = judge_data(&reply, error);
+		smtp_reply_clear(&reply);
+	}
+	if (!ok)
+		reset_after_error(env->client);
+	return ok;
+}
+
+/* ---- pipelined (RFC 2920) ----------------------------------------- */
+
+/*
+ * Commands per write.  Normally MAIL, the RCPTs and DATA go out in one
+ * write, but while we write, the server answers and nobody reads the
+ * answers: once they fill the socket buffers of both ends, the server
+ * stops reading and each side waits for the other until the time
+ * limit.  A hundred one-line replies (at most 512 octets each, RFC 5321
+ * section 4.5.3.1.5) fit in the 128 KiB a Linux socket starts with.
+ */
+#define PIPELINE_GROUP 100
+
+/* Commands [@from, @to) of @env in one write. */
+static gboolean
+send_batch(Envelope *env, guint from, guint to, GError **error)
+{
+	g_autoptr(GString) batch = g_string_new(NULL);
+
+	for (guint i = from; i < to; i++) {
+		g_string_append(batch, g_ptr_array_index(env->lines, i));
+		g_string_append(batch, "\r\n");
+	}
+	return smtp_client_write_commands(env->client, stage_of(env, from),
+	                                  batch->str, batch->len, error);
+}
+
+/* The replies to commands [@from, @to), in order: MAIL's into @mail,
+ * each RCPT's to its recipient, DATA's into @data. */
+static gboolean
+read_replies(Envelope *env, guint from, guint to, SmtpReply *mail,
+             SmtpReply *data, GError **error)
+{
+	for (guint i = from; i < to; i++) {
+		SmtpReply reply = {0};
+
+		if (!smtp_client_read_reply(env->client, stage_of(env, i),
+		                            &reply, error))
+			return FALSE;
+		if (i == 0)
+			*mail = reply;
+		else if (i + 1 == env->lines->len)
+			*data = reply;
+		else
+			note_rcpt(env, i - 1, &reply);
+	}
 	return TRUE;
 }
 
-/* RCPT for each recipient; refusals collected in @refused.  FALSE only
- * when the connection failed. */
-static gboolean
-send_rcpts(SmtpClient *client, const SmtpRecipient *rcpts, gsize n_rcpts,
-           GPtrArray *refused, GPtrArray *dropped, GError **error)
+/* RFC 2920 section 3.1: a server may answer DATA with 354 even though
+ * no recipient was accepted; the client then ends the data at once with
+ * a lone "." and must not send the message.  Its reply (most likely a
+ * 554) changes nothing: RSET follows.  A failure has closed the
+ * connection, which ends the transaction just as well. */
+static void
+end_empty_data(SmtpClient *client)
 {
-	for (gsize i = 0; i < n_rcpts; i++) {
-		g_autoptr(GString) line = g_string_new(NULL);
-		SmtpReply reply = {0};
-		SmtpRefusal *r;
+	SmtpReply reply = {0};
 
-		g_string_printf(line, "RCPT TO:<%s>", rcpts[i].address);
-		add_options(client, line, rcpts[i].options, FALSE, dropped,
-		            NULL);
-		if (!smtp_client_command(client, "rcpt", line->str, &reply,
-		                         error))
+	if (smtp_client_write_data(client, ".\r\n", 3, NULL) &&
+	    smtp_client_read_final(client, &reply, NULL))
+		smtp_reply_clear(&reply);
+}
+
+/* Every command goes out before its reply is read, group by group. */
+static gboolean
+exchange(Envelope *env, SmtpReply *mail, SmtpReply *data, GError **error)
+{
+	guint n = env->lines->len;
+
+	for (guint from = 0; from < n; from += PIPELINE_GROUP) {
+		guint to = MIN(n, from + PIPELINE_GROUP);
+
+		/* A refused sender makes the later groups moot. */
+		if (from > 0 && mail->code / 100 != 2)
+			break;
+		if (!send_batch(env, from, to, error) ||
+		    !read_replies(env, from, to, mail, data, error))
 			return FALSE;
-		if (reply.code / 100 == 2) {
-			smtp_reply_clear(&reply);
-			continue;
-		}
-		r = g_new0(SmtpRefusal, 1);
-		r->recipient = g_strdup(rcpts[i].address);
-		r->reply = reply;
-		g_ptr_array_add(refused, r);
 	}
 	return TRUE;
+}
+
+/* Every reply is read before any is judged, so after a refusal the
+ * stream is in step for RSET. */
+static gboolean
+pipelined(Envelope *env, GError **error)
+{
+	SmtpReply mail = {0}, data = {0};
+	gboolean ok;
+
+	ok = exchange(env, &mail, &data, error);
+	if (ok) {
+		ok = judge_mail(&mail, error) && judge_rcpts(env, error) &&
+		     judge_data(&data, error);
+		if (!ok && data.code == 354)
+			end_empty_data(env->client);
+		if (!ok)
+			reset_after_error(env->client);
+	}
+	smtp_reply_clear(&mail);
+	smtp_reply_clear(&data);
+	return ok;
 }
 
 typedef struct {
@@ -359,47 +570,43 @@ send_data(SmtpClient *client, SmtpMessage *msg, SmtpReply *final,
 	return FALSE;
 }
 
+/* RFC 2920 is an ESMTP extension: after HELO nothing is advertised. */
+static gboolean
+can_pipeline(SmtpClient *client)
+{
+	return smtp_client_has_extension(client, "PIPELINING", NULL);
+}
+
 static SmtpResult *
 transaction(SmtpClient *client, const char *from,
             const char *const *mail_options, const SmtpRecipient *rcpts,
             gsize n_rcpts, SmtpMessage *msg, GPtrArray *dropped, GError **error)
 {
-	g_autoptr(GPtrArray) refused = NULL;
+	g_auto(Envelope) env = {client, rcpts, n_rcpts, NULL, NULL};
 	g_autoptr(SmtpResult) result = NULL;
-	SmtpReply reply = {0};
+	gboolean ok;
 
-	/* Step 1: MAIL, with SIZE and the supported options. */
-	if (!send_mail(client, from, mail_options, msg, dropped, error))
+	/* Step 1: MAIL with SIZE and the supported options, the RCPTs,
+	 * DATA; nothing is sent yet. */
+	env.lines = g_ptr_array_new_with_free_func(g_free);
+	env.refused = g_ptr_array_new_with_free_func(smtp_refusal_free);
+	if (!build_commands(&env, from, mail_options, msg, dropped, error))
 		return NULL;
 
-	/* Step 2: every RCPT; refusals are answers, not errors yet. */
-	refused = g_ptr_array_new_with_free_func(smtp_refusal_free);
-	if (!send_rcpts(client, rcpts, n_rcpts, refused, dropped, error))
+	/* Step 2: the envelope and DATA, pipelined when the server says
+	 * it can take that; refusals are judged the same either way. */
+	if (can_pipeline(client))
+		ok = pipelined(&env, error);
+	else
+		ok = one_at_a_time(&env, error);
+	if (!ok)
 		return NULL;
-	if (refused->len == n_rcpts) {
-		const SmtpRefusal *last =
-		    g_ptr_array_index(refused, refused->len - 1);
 
-		smtp_set_error(error, SMTP_ERROR_RECIPIENTS_REFUSED, "rcpt",
-		               &last->reply, "all recipients refused");
-		if (error != NULL)
-			smtp_error_take_refused(*error,
-			                        g_steal_pointer(&refused));
-		reset_after_error(client);
-		return NULL;
-	}
-
-	/* Step 3: DATA wants 354 (RFC 5321 section 4.3.2). */
-	if (!expect(client, "data", "DATA", 3, SMTP_ERROR_DATA, "DATA refused",
-	            &reply, error))
-		return NULL;
-	smtp_reply_clear(&reply);
-
-	/* Step 4: the message and the reply to its end. */
+	/* Step 3: the message and the reply to its end. */
 	result = g_new0(SmtpResult, 1);
 	if (!send_data(client, msg, &result->reply, error))
 		return NULL;
-	result->refused = g_steal_pointer(&refused);
+	result->refused = g_steal_pointer(&env.refused);
 	return g_steal_pointer(&result);
 }
 

@@ -241,6 +241,91 @@ void smtp_client_drop(SmtpClient *client);
  * which callers that know a length check themselves.) */
 gboolean smtp_is_safe_arg(const char *s);
 
+/* ------------------------------------------------------------------ */
+/* io.c: the hooks of the TLS layer                                     */
+/* ------------------------------------------------------------------ */
+
+/* Replace how bytes move over @conn; @data is for the transport's own
+ * functions (smtp_conn_get_transport_data) and is released by its
+ * close function, which smtp_conn_free() calls. */
+void smtp_conn_set_transport(SmtpConn *conn, const SmtpTransport *transport,
+                             gpointer data);
+gpointer smtp_conn_get_transport_data(const SmtpConn *conn);
+
+/* TRUE while @conn still uses plain recv()/send() (no TLS). */
+gboolean smtp_conn_is_plain(const SmtpConn *conn);
+
+/* Wait for @events on the socket until @deadline (monotonic, in
+ * microseconds); FALSE when it passed. */
+gboolean smtp_conn_wait(SmtpConn *conn, short events, gint64 deadline);
+
+/* ------------------------------------------------------------------ */
+/* tls.c                                                                */
+/* ------------------------------------------------------------------ */
+
+/*
+ * smtp_tls_start: after the server's 220 to STARTTLS, make sure it sent
+ * nothing more (response injection: such bytes would otherwise be read
+ * as replies to later commands), run the handshake within @timeout_ms
+ * and switch @conn to TLS.  @level decides verification: only
+ * SMTP_TLS_VERIFY checks the chain (against @ca_file, or the system
+ * store when NULL) and @host (a name, or an address literal).
+ * Errors: SMTP_ERROR_TLS with a readable reason, SMTP_ERROR_TIMEOUT;
+ * stage "starttls".  After an error the connection must be dropped.
+ */
+gboolean smtp_tls_start(SmtpConn *conn, SmtpTlsLevel level, const char *host,
+                        const char *ca_file, guint timeout_ms, GError **error);
+
+/* ------------------------------------------------------------------ */
+/* auth.c and client.c: AUTH                                            */
+/* ------------------------------------------------------------------ */
+
+/*
+ * smtp_auth_run: AUTH PLAIN (preferred) or LOGIN with @user and
+ * @password, after EHLO.  Refuses before any credential is sent when
+ * the connection is not TLS and @allow_plaintext is FALSE, or when the
+ * server offers no AUTH or no mechanism we know.
+ * Errors: SMTP_ERROR_AUTH (stage "auth", with the server's reply when
+ * one refused), and those of smtp_client_command.  The password is never
+ * part of an error message.
+ */
+gboolean smtp_auth_run(SmtpClient *client, const char *user,
+                       const char *password, gboolean allow_plaintext,
+                       GError **error);
+
+/* TRUE when the connection of @client runs over TLS. */
+gboolean smtp_client_is_tls(const SmtpClient *client);
+
+/* smtp_client_command for a line that carries a secret: the copy made
+ * for the wire is wiped before it is freed. */
+gboolean smtp_client_command_secret(SmtpClient *client, const char *stage,
+                                    const char *line, SmtpReply *reply,
+                                    GError **error);
+
+/* ------------------------------------------------------------------ */
+/* client.c: pipelining (RFC 2920)                                      */
+/* ------------------------------------------------------------------ */
+
+/*
+ * smtp_client_write_commands: write @len bytes of complete command
+ * lines (each ending in CRLF, checked by the caller) within the command
+ * limit, without reading any reply; the replies are then read one by
+ * one with smtp_client_read_reply.  An I/O error closes the connection.
+ * Errors: DISCONNECTED, TIMEOUT, in @stage.
+ */
+gboolean smtp_client_write_commands(SmtpClient *client, const char *stage,
+                                    const void *data, gsize len,
+                                    GError **error);
+
+/*
+ * smtp_client_read_reply: read the next reply within the command limit;
+ * like smtp_client_command, a 421 or an I/O error closes the connection
+ * and is an error in @stage, any other reply is returned for the caller
+ * to judge.
+ */
+gboolean smtp_client_read_reply(SmtpClient *client, const char *stage,
+                                SmtpReply *reply, GError **error);
+
 G_END_DECLS
 
 #endif /* SMTP_PRIVATE_H */

@@ -771,8 +771,11 @@ test_connect_localhost(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 1);
 }
 
+/* The plain fake server offers neither STARTTLS nor AUTH: a required
+ * TLS level and credentials each fail and close (test-tls.c has the
+ * rest of STARTTLS and AUTH). */
 static void
-test_not_implemented(Fixture *f, gconstpointer data)
+test_tls_auth_unavailable(Fixture *f, gconstpointer data)
 {
 	g_autoptr(GError) error = NULL;
 
@@ -780,12 +783,15 @@ test_not_implemented(Fixture *f, gconstpointer data)
 	smtp_client_set_tls(f->client, SMTP_TLS_ENCRYPT, NULL);
 	g_assert_false(smtp_client_connect(f->client, &error));
 	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_TLS);
+	g_assert_false(smtp_client_is_connected(f->client));
 	g_clear_error(&error);
 	smtp_client_set_tls(f->client, SMTP_TLS_NONE, NULL);
 	smtp_client_set_auth(f->client, "user", "secret", TRUE);
 	g_assert_false(smtp_client_connect(f->client, &error));
 	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_AUTH);
-	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 0);
+	g_assert_false(smtp_client_is_connected(f->client));
+	g_assert_cmpuint(count_commands(f, "MAIL"), ==, 0);
+	g_assert_cmpuint(count_commands(f, "AUTH"), ==, 0);
 }
 
 static void
@@ -1107,7 +1113,7 @@ main(int argc, char **argv)
 	ADD("smtputf8/address", NULL, test_smtputf8_address);
 	ADD("text-8bit", NULL, test_text_8bit);
 	ADD("connect/localhost", NULL, test_connect_localhost);
-	ADD("connect/not-implemented", NULL, test_not_implemented);
+	ADD("connect/tls-auth-unavailable", NULL, test_tls_auth_unavailable);
 	ADD("rset-quit", NULL, test_rset_quit);
 	ADD("big-file", NULL, test_big_file);
 	ADD("close-in-data", "on DATA close-in-data", test_close_in_data);
