@@ -10,7 +10,8 @@
 #    needs root);
 # 3. build-asan/: the same sources with AddressSanitizer and UBSan, unit
 #    suite only;
-# 4. the last line is "N passed, N failed" (", N skipped" when any were),
+# 4. a short libFuzzer run of each fuzz target (fuzz/run-short.sh);
+# 5. the last line is "N passed, N failed" (", N skipped" when any were),
 #    counted from both builds' meson-logs/testlog.json: OK and
 #    EXPECTEDFAIL pass; FAIL, TIMEOUT, ERROR and UNEXPECTEDPASS fail; SKIP
 #    is skipped.  A step that stops a build from testing at all (setup,
@@ -94,12 +95,22 @@ build_and_test build --no-suite bench --no-suite soak
 build_and_test build-asan --suite unit -- \
     -Db_sanitize=address,undefined -Db_lundef=false
 
-"$PYTHON" - "$step_failures" build/meson-logs/testlog.json \
+# A short libFuzzer run of the reply parser and the message encoder
+# (issue 3); it counts as one test that passes or fails.
+step_passes=0
+echo "run-all: === fuzz: short run ==="
+if bash fuzz/run-short.sh "${FUZZ_SECONDS:-20}"; then
+	step_passes=$((step_passes + 1))
+else
+	fail_step "fuzz/run-short.sh (inputs in build-fuzz/fuzz-artifacts/)"
+fi
+
+"$PYTHON" - "$step_failures" "$step_passes" build/meson-logs/testlog.json \
     build-asan/meson-logs/testlog.json <<'PY'
 import json, sys
 
 passed = failed = skipped = 0
-for path in sys.argv[2:]:
+for path in sys.argv[3:]:
     try:
         f = open(path)
     except OSError:
@@ -118,6 +129,7 @@ for path in sys.argv[2:]:
                 # FAIL, TIMEOUT, ERROR, UNEXPECTEDPASS and anything new
                 failed += 1
 failed += int(sys.argv[1])
+passed += int(sys.argv[2])
 line = "%d passed, %d failed" % (passed, failed)
 if skipped:
     line += ", %d skipped" % skipped
