@@ -24,15 +24,29 @@
  *      Such addresses are very rare on archive mailboxes.
  * XXX: host names are checked for form only (RFC 1123 labels, or an IP
  *      literal); whether they resolve is found out when connecting.
+ *
+ * Secrets: a relay's AUTH password is read at load from
+ * auth_password_file, which must be a regular file its group and others
+ * cannot read (smtp_password_file_read() holds that rule for smtp-send
+ * too).  The password lives only in AmRelay, is wiped when the
+ * configuration is freed, and no message of this module quotes it.
+ * ca_file and the password file are read at load, so a bad path is found
+ * by --check and not by the first copy; a later change to either file
+ * takes effect only when the configuration is loaded again.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 #include "conf.h"
 
 #define DEFAULT_PORT                25
 #define DEFAULT_TIMEOUT_MS          30000
+#define DEFAULT_COPY_DEADLINE_MS    120000
 #define MAX_TIMEOUT_S               86400
 #define DEFAULT_CAPTURE_MEMORY_MAX  (1024 * 1024)
 #define DEFAULT_ARCHIVE_ID_KEY_FILE "/var/lib/archive-milter/archive-id.key"
@@ -62,11 +76,25 @@ typedef struct {
 
 /* The keys each kind of group may hold; any other is an error. */
 static const char *const milter_keys[] = {
-    "socket", "archive_id_key_file", "capture_memory_max", "match", NULL,
+    "socket", "archive_id_key_file", "capture_memory_max",
+    "match",  "copy_deadline",       NULL,
 };
 
 static const char *const relay_keys[] = {
-    "host", "port", "timeout", "helo_name", NULL,
+    "host",
+    "port",
+    "helo_name",
+    "timeout",
+    "timeout_connect",
+    "timeout_command",
+    "timeout_data",
+    "timeout_final",
+    "tls",
+    "ca_file",
+    "auth_user",
+    "auth_password_file",
+    "auth_plaintext",
+    NULL,
 };
 
 static const char *const rule_keys[] = {
@@ -615,6 +643,7 @@ load_milter(Loader *l)
 	g_autofree char *key_file = get(l, g, "archive_id_key_file");
 	g_autofree char *mem = get(l, g, "capture_memory_max");
 	g_autofree char *match = get(l, g, "match");
+	g_autofree char *deadline = get(l, g, "copy_deadline");
 	const char *why;
 	guint64 size;
 
@@ -658,6 +687,13 @@ load_milter(Loader *l)
 			add_error(l, key_line(l, g, "match"), g, "match",
 			          "\"%s\": must be first or all", match);
 	}
+
+	if (deadline != NULL && !parse_timeout(deadline, &c->copy_deadline_ms))
+		add_error(l, key_line(l, g, "copy_deadline"), g,
+		          "copy_deadline",
+		          "\"%s\": must be a positive number of seconds, at "
+		          "most %d",
+		          deadline, MAX_TIMEOUT_S);
 }
 
 /* [relay:NAME] and [rule:NAME] names are used in logs and references. */
@@ -684,7 +720,170 @@ relay_free(gpointer data)
 	g_free(r->name);
 	g_free(r->host);
 	g_free(r->helo_name);
+	g_free(r->ca_file);
+	g_free(r->auth_user);
+	g_free(r->auth_password_file);
+	smtp_password_free(r->auth_password);
 	g_free(r);
+}
+
+static void
+load_seconds(Loader *l, const char *g, const char *key, guint *ms)
+{
+	g_autofree char *v = get(l, g, key);
+
+	if (v != NULL && !parse_timeout(v, ms))
+		add_error(l, key_line(l, g, key), g, key,
+		          "\"%s\": must be a positive number of seconds, at "
+		          "most %d",
+		          v, MAX_TIMEOUT_S);
+}
+
+/* "timeout" sets every stage; a stage's own key wins over it. */
+static void
+load_timeouts(Loader *l, const char *g, AmRelay *r)
+{
+	static const struct {
+		const char *key;
+		glong offset;
+	} stages[] = {
+	    {"timeout_connect", G_STRUCT_OFFSET(SmtpTimeouts, connect_ms)},
+	    {"timeout_command", G_STRUCT_OFFSET(SmtpTimeouts, command_ms)},
+	    {"timeout_data", G_STRUCT_OFFSET(SmtpTimeouts, data_ms)},
+	    {"timeout_final", G_STRUCT_OFFSET(SmtpTimeouts, final_ms)},
+	};
+	guint all = DEFAULT_TIMEOUT_MS;
+	guint i;
+
+	load_seconds(l, g, "timeout", &all);
+	for (i = 0; i < G_N_ELEMENTS(stages); i++) {
+		guint *field =
+		    G_STRUCT_MEMBER_P(&r->timeouts, stages[i].offset);
+
+		*field = all;
+		load_seconds(l, g, stages[i].key, field);
+	}
+}
+
+/* An absolute path, so that the daemon's working directory ("/")
+ * cannot change which file is meant. */
+static gboolean
+absolute_path(Loader *l, const char *g, const char *key, const char *v)
+{
+	if (!non_empty(l, g, key, v))
+		return FALSE;
+	if (g_path_is_absolute(v))
+		return TRUE;
+	add_error(l, key_line(l, g, key), g, key,
+	          "\"%s\": must be an absolute path", v);
+	return FALSE;
+}
+
+/* The CA file is opened now, so that a typo shows at --check time and
+ * not as a failed handshake at the first copy. */
+static void
+load_ca_file(Loader *l, const char *g, AmRelay *r)
+{
+	g_autofree char *v = get(l, g, "ca_file");
+	const char *why = NULL;
+	struct stat st;
+	int fd;
+
+	if (!absolute_path(l, g, "ca_file", v))
+		return;
+	fd = open(v, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	if (fd < 0 || fstat(fd, &st) != 0)
+		why = g_strerror(errno);
+	else if (!S_ISREG(st.st_mode))
+		why = "not a regular file";
+	if (fd >= 0)
+		close(fd);
+	if (why != NULL)
+		add_error(l, key_line(l, g, "ca_file"), g, "ca_file",
+		          "\"%s\": cannot read: %s", v, why);
+	else
+		r->ca_file = g_steal_pointer(&v);
+}
+
+static gboolean
+parse_yes_no(const char *s, gboolean *out)
+{
+	if (strcmp(s, "yes") == 0 || strcmp(s, "no") == 0) {
+		*out = strcmp(s, "yes") == 0;
+		return TRUE;
+	}
+	return FALSE;
+}
+
+/* tls, or the default for the host: none on loopback, else verify. */
+static void
+load_tls(Loader *l, const char *g, AmRelay *r)
+{
+	g_autofree char *v = get(l, g, "tls");
+
+	r->tls = smtp_tls_default_for_host(r->host != NULL ? r->host : "");
+	if (v == NULL)
+		return;
+	if (smtp_tls_level_from_name(v, &r->tls))
+		r->tls_set = TRUE;
+	else
+		add_error(l, key_line(l, g, "tls"), g, "tls",
+		          "\"%s\": must be none, may, encrypt or verify", v);
+}
+
+/*
+ * auth_user and auth_password_file go together.  The password is read
+ * now; an error names the file and the problem, never its content.
+ */
+static void
+load_auth(Loader *l, const char *g, AmRelay *r)
+{
+	g_autofree char *user = get(l, g, "auth_user");
+	g_autofree char *file = get(l, g, "auth_password_file");
+	g_autofree char *plain = get(l, g, "auth_plaintext");
+	g_autoptr(GError) error = NULL;
+	gboolean have_user, have_file;
+
+	if (plain != NULL && !parse_yes_no(plain, &r->auth_plaintext))
+		add_error(l, key_line(l, g, "auth_plaintext"), g,
+		          "auth_plaintext", "\"%s\": must be yes or no", plain);
+
+	have_user = non_empty(l, g, "auth_user", user);
+	have_file = absolute_path(l, g, "auth_password_file", file);
+	if (user != NULL && file == NULL)
+		add_error(l, key_line(l, g, "auth_user"), g, "auth_user",
+		          "needs auth_password_file as well");
+	if (file != NULL && user == NULL)
+		add_error(l, key_line(l, g, "auth_password_file"), g,
+		          "auth_password_file", "needs auth_user as well");
+	if (!have_user || !have_file)
+		return;
+
+	r->auth_password = smtp_password_file_read(file, &error);
+	if (r->auth_password == NULL) {
+		add_error(l, key_line(l, g, "auth_password_file"), g,
+		          "auth_password_file", "\"%s\": %s", file,
+		          error->message);
+		return;
+	}
+	r->auth_user = g_steal_pointer(&user);
+	r->auth_password_file = g_steal_pointer(&file);
+}
+
+/*
+ * The library refuses AUTH without TLS unless auth_plaintext allows
+ * it, so such a relay could never take a copy: say so now.
+ */
+static void
+check_auth_tls(Loader *l, const char *g, const AmRelay *r)
+{
+	if (r->auth_user == NULL || r->tls != SMTP_TLS_NONE ||
+	    r->auth_plaintext)
+		return;
+	add_error(l, key_line(l, g, "auth_user"), g, "auth_user",
+	          "AUTH needs TLS, and tls is none%s: set tls = encrypt or "
+	          "verify, or auth_plaintext = yes",
+	          r->tls_set ? "" : " (the default for a loopback host)");
 }
 
 static void
@@ -693,12 +892,10 @@ load_relay(Loader *l, const char *g)
 	AmRelay *r = g_new0(AmRelay, 1);
 	g_autofree char *host = require(l, g, "host");
 	g_autofree char *port = get(l, g, "port");
-	g_autofree char *timeout = get(l, g, "timeout");
 	g_autofree char *helo = get(l, g, "helo_name");
 
 	r->name = g_strdup(strchr(g, ':') + 1);
 	r->port = DEFAULT_PORT;
-	r->timeout_ms = DEFAULT_TIMEOUT_MS;
 	g_ptr_array_add(l->config->relays, r);
 	check_name(l, g, r->name);
 	check_keys(l, g, relay_keys);
@@ -717,11 +914,7 @@ load_relay(Loader *l, const char *g)
 		add_error(l, key_line(l, g, "port"), g, "port",
 		          "\"%s\": must be a number from 1 to 65535", port);
 
-	if (timeout != NULL && !parse_timeout(timeout, &r->timeout_ms))
-		add_error(l, key_line(l, g, "timeout"), g, "timeout",
-		          "\"%s\": must be a positive number of seconds, at "
-		          "most %d",
-		          timeout, MAX_TIMEOUT_S);
+	load_timeouts(l, g, r);
 
 	if (non_empty(l, g, "helo_name", helo)) {
 		if (is_helo_name(helo))
@@ -733,6 +926,11 @@ load_relay(Loader *l, const char *g)
 			          "literal like [192.0.2.1]",
 			          helo);
 	}
+
+	load_tls(l, g, r);
+	load_ca_file(l, g, r);
+	load_auth(l, g, r);
+	check_auth_tls(l, g, r);
 }
 
 static void
@@ -916,6 +1114,13 @@ load_groups(Loader *l)
 			load_rule(l, groups[i]);
 	}
 
+	/* [milter] may come after the relays in the file. */
+	for (i = 0; i < l->config->relays->len; i++) {
+		AmRelay *r = g_ptr_array_index(l->config->relays, i);
+
+		r->copy_deadline_ms = l->config->copy_deadline_ms;
+	}
+
 	if (!have_milter)
 		add_error(l, 0, "milter", NULL, "missing group");
 	if (l->config->rules->len == 0)
@@ -944,6 +1149,7 @@ config_new(const char *path)
 	c->path = g_strdup(path);
 	c->archive_id_key_file = g_strdup(DEFAULT_ARCHIVE_ID_KEY_FILE);
 	c->capture_memory_max = DEFAULT_CAPTURE_MEMORY_MAX;
+	c->copy_deadline_ms = DEFAULT_COPY_DEADLINE_MS;
 	c->relays = g_ptr_array_new_with_free_func(relay_free);
 	c->rules = g_ptr_array_new_with_free_func(rule_free);
 	return c;

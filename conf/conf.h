@@ -9,8 +9,11 @@
  *
  * Groups:
  *   [milter]          socket, archive_id_key_file, capture_memory_max,
- *                     match (first | all)
- *   [relay:NAME]      host, port, timeout, helo_name
+ *                     match (first | all), copy_deadline
+ *   [relay:NAME]      host, port, helo_name, timeout, timeout_connect,
+ *                     timeout_command, timeout_data, timeout_final,
+ *                     tls (none | may | encrypt | verify), ca_file,
+ *                     auth_user, auth_password_file, auth_plaintext
  *   [rule:NAME]       mode, relay, archive_to, archive_from, on_failure,
  *                     match_sender, match_recipient, match_client,
  *                     match_header, min_size
@@ -21,6 +24,8 @@
 #define AM_CONF_H
 
 #include <glib.h>
+
+#include "smtpclient.h"
 
 G_BEGIN_DECLS
 
@@ -37,10 +42,24 @@ typedef struct {
 	char *name;		/* NAME of [relay:NAME] */
 	char *host;		/* name or address literal, no brackets */
 	guint16 port;		/* default 25 */
-	guint timeout_ms;	/* each connect, read and write; default
-				 * 30 s, so a copy stays well inside
-				 * Postfix's 300 s milter_content_timeout */
+	SmtpTimeouts timeouts;	/* ms per stage, never 0: timeout_connect,
+				 * _command, _data, _final, else timeout,
+				 * else 30 s each, so that a copy stays well
+				 * inside Postfix's 300 s
+				 * milter_content_timeout */
 	char *helo_name;	/* NULL: the library's default */
+	SmtpTlsLevel tls;	/* effective level */
+	gboolean tls_set;	/* TRUE: from the file; FALSE: the default
+				 * of smtp_tls_default_for_host() */
+	char *ca_file;		/* absolute, readable at load; NULL: the
+				 * system store */
+	char *auth_user;	/* NULL: no AUTH */
+	char *auth_password_file; /* set with auth_user, absolute */
+	char *auth_password;	/* its first line, read at load; wiped on
+				 * free; never printed or logged */
+	gboolean auth_plaintext; /* AUTH allowed without TLS; default no */
+	guint copy_deadline_ms;	/* [milter] copy_deadline, copied here so
+				 * that a copy request carries it */
 } AmRelay;
 
 typedef struct {
@@ -69,6 +88,8 @@ typedef struct {
 				 * before spilling to a temporary file;
 				 * default 1 MiB */
 	gboolean match_all;	/* every matching rule copies */
+	guint copy_deadline_ms;	/* overall limit of one synchronous copy,
+				 * every stage included; default 120 s */
 	GPtrArray *relays;	/* AmRelay *, file order */
 	GPtrArray *rules;	/* AmRule *, file order, at least one */
 } AmConfig;

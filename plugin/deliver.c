@@ -8,11 +8,30 @@
  * "bounced" for a permanent refusal.  The dsn is the relay's enhanced
  * code, else one derived from the reply class, else from the failure.
  *
- * Known limits: XXX: no connection reuse or pool per relay yet
- * (DESIGN.md section 2, step 4); each copy pays a TCP connect and EHLO.
- * A permanent refusal of the copy also fails the original under
- * on_failure = tempfail, until the policy table of issue 4 can say
- * otherwise.
+ * Each SmtpClient gets the relay's TLS level, CA file, credentials and
+ * stage time limits as the configuration resolved them.
+ *
+ * copy_deadline bounds a whole copy, because the MTA is waiting: Postfix
+ * gives a milter 300 s (milter_content_timeout) before it gives up on
+ * it.  The library is synchronous and has only per-stage limits, so the
+ * deadline is enforced from outside, at the two points we control:
+ * before the connection (connect, greeting, EHLO, STARTTLS, AUTH) and
+ * before the transaction (MAIL to the final reply), every stage limit
+ * is cut to the time left; a deadline used up by the connection ends
+ * the copy as a time-out without starting the transaction.
+ *
+ * Known limits: XXX: inside smtp_client_sendmail() each stage may use
+ * all of the time left when the transaction began, so a relay that
+ * answers every command just inside its limit can stretch a copy to a
+ * few times the deadline; an exact bound needs a deadline inside the
+ * library (a smtp_client_set_deadline(), say).  The QUIT sent when the
+ * client is freed has the library's own 5 s limit, outside the
+ * deadline.  `archive-milter --check` warns when the stage limits add up
+ * past Postfix's 300 s.
+ * XXX: no connection reuse or pool per relay yet (DESIGN.md section 2,
+ * step 4); each copy pays a TCP connect and EHLO.  A permanent refusal
+ * of the copy also fails the original under on_failure = tempfail,
+ * until the policy table of issue 4 can say otherwise.
  */
 #include <string.h>
 
@@ -123,6 +142,9 @@ error_dsn(const GError *error, gboolean temporary)
 		return "5.6.7"; /* RFC 6531: SMTPUTF8 required */
 	case SMTP_ERROR_TLS:
 		return temporary ? "4.7.5" : "5.7.5";
+	case SMTP_ERROR_AUTH:
+		/* security policy: e.g. no AUTH offered, or not over TLS */
+		return temporary ? "4.7.0" : "5.7.0";
 	default:
 		return temporary ? "4.0.0" : "5.0.0";
 	}
@@ -223,19 +245,74 @@ relay_name(SmtpClient *client, const GError *error)
 	return smtp_client_get_peer(client);
 }
 
-static void
-client_configure(SmtpClient *client, const AmRelay *relay)
+SmtpTimeouts
+am_deliver_clamp_timeouts(const SmtpTimeouts *t, gint64 remaining_ms)
 {
-	SmtpTimeouts t = {
-	    .connect_ms = relay->timeout_ms,
-	    .command_ms = relay->timeout_ms,
-	    .data_ms = relay->timeout_ms,
-	    .final_ms = relay->timeout_ms,
-	};
+	SmtpTimeouts out = *t;
+	guint *fields[] = {&out.connect_ms, &out.command_ms, &out.data_ms,
+	                   &out.final_ms};
+	guint cap;
+	guint i;
 
+	/* 0 would mean the library's default of minutes: never pass it. */
+	cap = (guint)CLAMP(remaining_ms, 1, (gint64)G_MAXUINT);
+	for (i = 0; i < G_N_ELEMENTS(fields); i++) {
+		if (*fields[i] == 0 || *fields[i] > cap)
+			*fields[i] = cap;
+	}
+	return out;
+}
+
+/* Milliseconds left before @deadline (monotonic, in microseconds). */
+static gint64
+remaining_ms(gint64 deadline)
+{
+	return (deadline - g_get_monotonic_time()) / 1000;
+}
+
+static void
+client_set_timeouts(SmtpClient *client, const AmRelay *relay, gint64 deadline)
+{
+	SmtpTimeouts t = relay->timeouts;
+
+	if (relay->copy_deadline_ms > 0)
+		t = am_deliver_clamp_timeouts(&t, remaining_ms(deadline));
 	smtp_client_set_timeouts(client, &t);
+}
+
+static void
+client_configure(SmtpClient *client, const AmRelay *relay, gint64 deadline)
+{
+	client_set_timeouts(client, relay, deadline);
 	if (relay->helo_name != NULL)
 		smtp_client_set_helo_name(client, relay->helo_name);
+	smtp_client_set_tls(client, relay->tls, relay->ca_file);
+	if (relay->auth_user != NULL)
+		smtp_client_set_auth(client, relay->auth_user,
+		                     relay->auth_password,
+		                     relay->auth_plaintext);
+}
+
+/*
+ * Connect under the deadline; then, with the stage limits cut to what
+ * is left, check that there is time for the transaction at all.
+ */
+static gboolean
+connect_in_time(SmtpClient *client, const AmRelay *relay, gint64 deadline,
+                GError **error)
+{
+	if (!smtp_client_connect(client, error))
+		return FALSE;
+	if (relay->copy_deadline_ms == 0)
+		return TRUE;
+	if (remaining_ms(deadline) <= 0) {
+		g_set_error(error, SMTP_ERROR, SMTP_ERROR_TIMEOUT,
+		            "copy_deadline of %.3g s used up before MAIL",
+		            relay->copy_deadline_ms / 1000.0);
+		return FALSE;
+	}
+	client_set_timeouts(client, relay, deadline);
+	return TRUE;
 }
 
 static void
@@ -257,6 +334,7 @@ am_deliver(const AmCopyRequest *req)
 	g_autoptr(GError) error = NULL;
 	const char *options[3];
 	gint64 start = g_get_monotonic_time();
+	gint64 deadline = start + (gint64)req->relay->copy_deadline_ms * 1000;
 	double delay;
 	int n = 0;
 
@@ -269,9 +347,10 @@ am_deliver(const AmCopyRequest *req)
 	options[n] = NULL;
 
 	client = smtp_client_new(req->relay->host, req->relay->port);
-	client_configure(client, req->relay);
-	result = smtp_client_sendmail(client, req->from, req->to, req->msg,
-	                              options, NULL, &error);
+	client_configure(client, req->relay, deadline);
+	if (connect_in_time(client, req->relay, deadline, &error))
+		result = smtp_client_sendmail(client, req->from, req->to,
+		                              req->msg, options, NULL, &error);
 	delay = (g_get_monotonic_time() - start) / (double)G_USEC_PER_SEC;
 	warn_dropped(req->relay, result
 	                             ? result->dropped_options

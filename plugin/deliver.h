@@ -50,9 +50,21 @@ typedef struct {
 
 /*
  * am_deliver: send @req over a new connection to its relay, then QUIT.
+ * The relay's TLS level, CA file, credentials and stage limits apply;
+ * its copy_deadline_ms (0: none) bounds the copy as deliver.c explains.
  * Never fails: every error becomes a status per address.
  */
 AmDelivery *am_deliver(const AmCopyRequest *req);
+
+/*
+ * am_deliver_clamp_timeouts: @t with every stage limit cut to
+ * @remaining_ms, and a 0 field (the library's default) set to it; never
+ * a 0 field, even when @remaining_ms is 0 or less.  What am_deliver
+ * applies before the connection and before the transaction.  Exposed
+ * for tests.
+ */
+SmtpTimeouts am_deliver_clamp_timeouts(const SmtpTimeouts *t,
+                                       gint64 remaining_ms);
 
 /*
  * am_delivery_from_result: classify a finished send (@result, or NULL

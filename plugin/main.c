@@ -28,6 +28,10 @@
 #include "log.h"
 #include "milter.h"
 
+/* Postfix's default milter_content_timeout: how long it waits for the
+ * milter's answer to the end of a message. */
+#define AM_POSTFIX_CONTENT_TIMEOUT_MS 300000
+
 typedef struct {
 	char *config_path;
 	gboolean foreground;
@@ -93,20 +97,114 @@ check_key_file(const char *path, GPtrArray *errors)
 	return TRUE;
 }
 
+/* Seconds for humans: "30s", "2.5s". */
+static char *
+seconds(guint ms)
+{
+	return g_strdup_printf("%gs", ms / 1000.0);
+}
+
+/* The level, and whether the file chose it or the host's default did. */
+static const char *
+tls_reason(const AmRelay *r)
+{
+	if (r->tls_set)
+		return "configured";
+	return smtp_host_is_loopback(r->host) ? "loopback default" : "default";
+}
+
+static void
+print_relay(const AmRelay *r)
+{
+	g_autofree char *connect = seconds(r->timeouts.connect_ms);
+	g_autofree char *command = seconds(r->timeouts.command_ms);
+	g_autofree char *data = seconds(r->timeouts.data_ms);
+	g_autofree char *final = seconds(r->timeouts.final_ms);
+
+	printf("relay %s: %s port %u, tls=%s (%s), timeouts connect=%s "
+	       "command=%s data=%s final=%s",
+	       r->name, r->host, r->port, smtp_tls_level_name(r->tls),
+	       tls_reason(r), connect, command, data, final);
+	if (r->ca_file != NULL)
+		printf(", ca_file=%s", r->ca_file);
+	/* The user and where the password comes from; never the password. */
+	if (r->auth_user != NULL)
+		printf(", auth_user=%s, auth_password_file=%s, "
+		       "auth_plaintext=%s",
+		       r->auth_user, r->auth_password_file,
+		       r->auth_plaintext ? "yes" : "no");
+	printf("\n");
+}
+
+/* The most archive addresses any rule sends through @relay (at least 1). */
+static guint
+max_recipients(const AmConfig *config, const AmRelay *relay)
+{
+	guint i, n = 1;
+
+	for (i = 0; i < config->rules->len; i++) {
+		const AmRule *rule = config->rules->pdata[i];
+
+		if (rule->relay == relay)
+			n = MAX(n, g_strv_length(rule->archive_to));
+	}
+	return n;
+}
+
+/*
+ * A synchronous copy runs while Postfix waits for the milter's answer
+ * to the end of the message; past milter_content_timeout (300 s by
+ * default) Postfix gives up on the milter and applies its
+ * milter_default_action, whatever the copy's outcome.  The worst case
+ * counts EHLO, MAIL, one RCPT per archive address and DATA at the
+ * command limit.  XXX: STARTTLS and AUTH add a few more round trips that
+ * the estimate leaves out; copy_deadline still bounds them.
+ */
+static void
+print_timeout_warnings(const AmConfig *config)
+{
+	const guint64 postfix_ms = AM_POSTFIX_CONTENT_TIMEOUT_MS;
+	guint i;
+
+	for (i = 0; i < config->relays->len; i++) {
+		const AmRelay *r = config->relays->pdata[i];
+		const SmtpTimeouts *t = &r->timeouts;
+		guint n = max_recipients(config, r);
+		guint64 worst = (guint64)t->connect_ms +
+		                (guint64)t->command_ms * (3 + n) + t->data_ms +
+		                t->final_ms;
+		g_autofree char *w = NULL;
+
+		if (worst <= postfix_ms)
+			continue;
+		w = seconds((guint)MIN(worst, G_MAXUINT));
+		printf("WARNING: relay %s: its timeouts allow a copy to take "
+		       "%s (timeout_connect + timeout_command * %u + "
+		       "timeout_data + timeout_final), more than Postfix's "
+		       "milter_content_timeout of 300s\n",
+		       r->name, w, 3 + n);
+	}
+	if (config->copy_deadline_ms >= postfix_ms) {
+		g_autofree char *d = seconds(config->copy_deadline_ms);
+
+		printf("WARNING: copy_deadline %s is not below Postfix's "
+		       "milter_content_timeout of 300s\n",
+		       d);
+	}
+}
+
 static void
 print_summary(const AmConfig *config)
 {
+	g_autofree char *deadline = seconds(config->copy_deadline_ms);
 	guint i;
 
-	printf("%s: ok, %u relay(s), %u rule(s), match=%s\n", config->path,
-	       config->relays->len, config->rules->len,
-	       config->match_all ? "all" : "first");
-	for (i = 0; i < config->relays->len; i++) {
-		const AmRelay *r = config->relays->pdata[i];
-
-		printf("relay %s: %s port %u, timeout %us\n", r->name, r->host,
-		       r->port, r->timeout_ms / 1000);
-	}
+	printf("%s: ok, %u relay(s), %u rule(s), match=%s, "
+	       "copy_deadline=%s\n",
+	       config->path, config->relays->len, config->rules->len,
+	       config->match_all ? "all" : "first", deadline);
+	for (i = 0; i < config->relays->len; i++)
+		print_relay(config->relays->pdata[i]);
 	for (i = 0; i < config->rules->len; i++) {
 		const AmRule *r = config->rules->pdata[i];
 		g_autofree char *to = g_strjoinv(">, <", r->archive_to);
@@ -117,6 +215,7 @@ print_summary(const AmConfig *config)
 		       r->archive_from ? r->archive_from : "",
 		       am_on_failure_name(r->on_failure));
 	}
+	print_timeout_warnings(config);
 }
 
 static AmConfig *
@@ -220,13 +319,16 @@ main(int argc, char **argv)
 	/* A relay that closes mid-write must give EPIPE, not kill us. */
 	signal(SIGPIPE, SIG_IGN);
 
+	/* --check ends here; the path is freed on every way out, as the
+	 * tests run the daemon under LeakSanitizer. */
 	config = load_config(opt.config_path, opt.check);
-	if (config == NULL)
-		return EX_CONFIG;
-	if (opt.check) {
-		print_summary(config);
+	if (config == NULL || opt.check) {
+		rc = config != NULL ? EX_OK : EX_CONFIG;
+		if (config != NULL)
+			print_summary(config);
 		am_config_free(config);
-		return EX_OK;
+		g_free(opt.config_path);
+		return rc;
 	}
 	am_log_init("archive-milter", opt.foreground, opt.verbose);
 	rc = run(config, &opt);

@@ -3,7 +3,9 @@
  *
  * smtp-send --server HOST[:PORT] --from ADDR --to ADDR [--to ADDR]...
  *           [--mail-option OPT]... [--rcpt-option OPT]... [--helo NAME]
- *           [--timeout SECONDS] [--text] [--json] [FILE]...
+ *           [--timeout SECONDS] [--tls LEVEL] [--ca-file FILE]
+ *           [--auth-user USER --auth-password-file FILE]
+ *           [--auth-plaintext] [--text] [--json] [FILE]...
  *
  * Each FILE is one message; all of them go over one SmtpClient, in order,
  * and sending goes on after a failure (the library connects again by
@@ -46,9 +48,16 @@
  * failure's status.  74 when the report itself cannot be written, as
  * the caller then cannot know what was sent.
  *
- * XXX: no STARTTLS or AUTH options yet; the library does not implement
- * them (see smtpclient.h).  When they come, a password must be read
- * from a file or the environment, never from argv, and never printed.
+ * TLS and AUTH: --tls takes Postfix's level names; the default is that
+ * of smtp_tls_default_for_host(), the rule archive-milter's relays
+ * follow too (none for a loopback server, else verify).  The password
+ * comes only from --auth-password-file, read with the library's
+ * smtp_password_file_read() (a regular file its group and others cannot
+ * read): a password in argv would be visible to every user through ps
+ * and /proc.  It is wiped after use and never printed.  A bad level, a
+ * --ca-file that cannot be read, a user without a password file (or the
+ * other way round) and a refused password file are usage errors (64),
+ * found before any connection.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -73,6 +82,11 @@ typedef struct {
 	char **rcpt_options;
 	char *helo;
 	char *timeout; /* seconds, as given */
+	char *tls;     /* level name, as given; NULL: by host */
+	char *ca_file;
+	char *auth_user;
+	char *auth_password_file;
+	gboolean auth_plaintext;
 	gboolean text;
 	gboolean json;
 	char **files;
@@ -114,7 +128,15 @@ static const char epilogue[] =
     "file;\n"
     "69 permanent failure (5xx, not_supported); 75 temporary failure (4xx,\n"
     "connect, timeout, disconnected); 76 protocol error.  With several\n"
-    "messages: 75 if any failure was temporary, else the first failure's.";
+    "messages: 75 if any failure was temporary, else the first failure's.\n"
+    "\n"
+    "--tls LEVEL is none, may (STARTTLS when offered, unverified), encrypt\n"
+    "(required, unverified) or verify (required, certificate and host name\n"
+    "checked against --ca-file or the system store).  Default: verify, or\n"
+    "none for a loopback server (127.0.0.0/8, ::1, localhost).  The AUTH\n"
+    "password is the first line of --auth-password-file, which its group\n"
+    "and others must not be able to read; AUTH is refused without TLS\n"
+    "unless --auth-plaintext is given.";
 
 /* ------------------------------------------------------------------ */
 /* Arguments                                                            */
@@ -206,6 +228,77 @@ parse_timeout(const char *arg, guint *ms, GError **error)
 	if (*ms == 0)
 		*ms = 1;
 	return TRUE;
+}
+
+/* --tls, or the default for @host when not given. */
+static gboolean
+parse_tls(const Options *opt, const char *host, SmtpTlsLevel *level,
+          GError **error)
+{
+	*level = smtp_tls_default_for_host(host);
+	if (opt->tls == NULL || smtp_tls_level_from_name(opt->tls, level))
+		return TRUE;
+	g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+	            "--tls: expected none, may, encrypt or verify, got \"%s\"",
+	            opt->tls);
+	return FALSE;
+}
+
+/* The CA file is opened now: a typo is a usage error, not a failed
+ * handshake after the connection. */
+static gboolean
+check_ca_file(const char *path, GError **error)
+{
+	struct stat st;
+	const char *why = NULL;
+	int fd;
+
+	if (path == NULL)
+		return TRUE;
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	if (fd < 0 || fstat(fd, &st) != 0)
+		why = g_strerror(errno);
+	else if (!S_ISREG(st.st_mode))
+		why = "not a regular file";
+	if (fd >= 0)
+		close(fd);
+	if (why == NULL)
+		return TRUE;
+	g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+	            "--ca-file: cannot read %s: %s", path, why);
+	return FALSE;
+}
+
+/*
+ * The password of --auth-password-file, or NULL without AUTH (and
+ * without an error).  Errors name the file and the reason, never a byte
+ * of its content.
+ */
+static gboolean
+read_password(const Options *opt, char **password, GError **error)
+{
+	g_autoptr(GError) local = NULL;
+
+	*password = NULL;
+	if ((opt->auth_user == NULL) != (opt->auth_password_file == NULL)) {
+		g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+		            "--auth-user and --auth-password-file go together");
+		return FALSE;
+	}
+	if (opt->auth_user == NULL)
+		return TRUE;
+	if (opt->auth_user[0] == '\0') {
+		g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+		            "--auth-user: must not be empty");
+		return FALSE;
+	}
+	*password = smtp_password_file_read(opt->auth_password_file, &local);
+	if (*password != NULL)
+		return TRUE;
+	g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+	            "--auth-password-file: %s: %s", opt->auth_password_file,
+	            local->message);
+	return FALSE;
 }
 
 /* "<a@b>" -> "a@b", "<>" -> "": the library wants bare addresses. */
@@ -735,7 +828,8 @@ send_one(SmtpClient *client, const Options *opt, const char *from,
 }
 
 static int
-send_all(const Options *opt, const char *host, guint16 port, guint ms)
+send_all(const Options *opt, const char *host, guint16 port, guint ms,
+         SmtpTlsLevel tls, const char *password)
 {
 	static const char *const stdin_only[] = {"-", NULL};
 	g_autoptr(SmtpClient) client = smtp_client_new(host, port);
@@ -757,6 +851,10 @@ send_all(const Options *opt, const char *host, guint16 port, guint ms)
 
 		smtp_client_set_timeouts(client, &t);
 	}
+	smtp_client_set_tls(client, tls, opt->ca_file);
+	if (password != NULL)
+		smtp_client_set_auth(client, opt->auth_user, password,
+		                     opt->auth_plaintext);
 
 	/* Every message, in order, whatever happened to the one before */
 	files = opt->files && opt->files[0] ? (const char *const *)opt->files
@@ -783,6 +881,10 @@ options_clear(Options *opt)
 	g_strfreev(opt->rcpt_options);
 	g_free(opt->helo);
 	g_free(opt->timeout);
+	g_free(opt->tls);
+	g_free(opt->ca_file);
+	g_free(opt->auth_user);
+	g_free(opt->auth_password_file);
 	g_strfreev(opt->files);
 }
 
@@ -808,6 +910,20 @@ main(int argc, char **argv)
 	     "Name to say in EHLO/HELO", "NAME"},
 	    {"timeout", 0, 0, G_OPTION_ARG_STRING, &opt.timeout,
 	     "Limit for each stage (default: RFC 5321 values)", "SECONDS"},
+	    {"tls", 0, 0, G_OPTION_ARG_STRING, &opt.tls,
+	     "none, may, encrypt or verify (default: verify, none on "
+	     "loopback)",
+	     "LEVEL"},
+	    {"ca-file", 0, 0, G_OPTION_ARG_FILENAME, &opt.ca_file,
+	     "CA certificates (PEM) for --tls verify (default: system store)",
+	     "FILE"},
+	    {"auth-user", 0, 0, G_OPTION_ARG_FILENAME, &opt.auth_user,
+	     "User name for AUTH (needs --auth-password-file)", "USER"},
+	    {"auth-password-file", 0, 0, G_OPTION_ARG_FILENAME,
+	     &opt.auth_password_file,
+	     "File whose first line is the AUTH password (mode 0600)", "FILE"},
+	    {"auth-plaintext", 0, 0, G_OPTION_ARG_NONE, &opt.auth_plaintext,
+	     "Allow AUTH on a connection without TLS", NULL},
 	    {"text", 0, 0, G_OPTION_ARG_NONE, &opt.text,
 	     "Send as text: ASCII, or UTF-8 with SMTPUTF8 or 8BITMIME", NULL},
 	    {"json", 0, 0, G_OPTION_ARG_NONE, &opt.json,
@@ -819,6 +935,8 @@ main(int argc, char **argv)
 	g_autoptr(GOptionContext) ctx = NULL;
 	g_autoptr(GError) error = NULL;
 	g_autofree char *host = NULL;
+	char *password = NULL;
+	SmtpTlsLevel tls = SMTP_TLS_VERIFY;
 	guint16 port = DEFAULT_PORT;
 	guint ms = 0;
 	int status;
@@ -836,14 +954,18 @@ main(int argc, char **argv)
 	if (!g_option_context_parse(ctx, &argc, &argv, &error) ||
 	    !check_options(&opt, &error) ||
 	    !parse_server(opt.server, &host, &port, &error) ||
-	    (opt.timeout != NULL && !parse_timeout(opt.timeout, &ms, &error))) {
+	    (opt.timeout != NULL && !parse_timeout(opt.timeout, &ms, &error)) ||
+	    !parse_tls(&opt, host, &tls, &error) ||
+	    !check_ca_file(opt.ca_file, &error) ||
+	    !read_password(&opt, &password, &error)) {
 		status = usage_error(error->message);
 		options_clear(&opt);
 		return status;
 	}
 
 	/* Send, then make sure the report reached its reader */
-	status = send_all(&opt, host, port, ms);
+	status = send_all(&opt, host, port, ms, tls, password);
+	smtp_password_free(password);
 	options_clear(&opt);
 	if (fflush(stdout) != 0 || ferror(stdout)) {
 		g_printerr("%s: cannot write standard output: %s\n",

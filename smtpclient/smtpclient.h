@@ -16,9 +16,12 @@
  * with "." are doubled, and the data ends with CRLF before the final
  * ".".  A lone CR or LF on the wire is how SMTP smuggling works.
  *
- * XXX: STARTTLS, AUTH and PIPELINING are declared here but come with a
- * later change; until then a TLS level other than SMTP_TLS_NONE fails
- * with SMTP_ERROR_TLS and AUTH with SMTP_ERROR_AUTH.
+ * STARTTLS (levels as Postfix names them) and AUTH PLAIN/LOGIN are
+ * part of smtp_client_connect(); see smtp_client_set_tls() and
+ * smtp_client_set_auth().
+ *
+ * With PIPELINING advertised (RFC 2920), MAIL, every RCPT and DATA go
+ * out in one write and the replies are matched back in order.
  */
 #ifndef SMTPCLIENT_H
 #define SMTPCLIENT_H
@@ -206,18 +209,40 @@ void smtp_client_set_helo_name(SmtpClient *client, const char *name);
 /* Per-stage time limits; zero fields keep the RFC 5321 defaults. */
 void smtp_client_set_timeouts(SmtpClient *client, const SmtpTimeouts *t);
 
-/* TLS level and CA file (NULL: system store).  Copied. */
+/*
+ * TLS level and CA file (NULL: system store), used from the next
+ * connect.  Copied.  At MAY a server that does not offer STARTTLS (or
+ * refuses it) gets clear text; at ENCRYPT and VERIFY that is
+ * SMTP_ERROR_TLS before MAIL.  Only VERIFY checks the chain (against
+ * @ca_file) and the host name given to smtp_client_new() (a name
+ * against DNS entries, an address literal against IP entries).  At any
+ * level a failed handshake is SMTP_ERROR_TLS, never a fallback to clear
+ * text; so is anything the server sends between its 220 to STARTTLS
+ * and the handshake.  After STARTTLS, EHLO is sent again and only its
+ * answer counts.  TLS 1.2 at least; SNI for names.  A TLS error is
+ * temporary only when the server answered STARTTLS with 4xx.
+ */
 void smtp_client_set_tls(SmtpClient *client, SmtpTlsLevel level,
 			 const char *ca_file);
 
-/* AUTH credentials (copied; the password is wiped on free and never
- * logged).  @allow_plaintext permits AUTH without TLS. */
+/*
+ * AUTH credentials (copied; the password is wiped when replaced or on
+ * free and never appears in an error or a log), used from the next
+ * connect, after STARTTLS.  PLAIN is preferred, then LOGIN; "AUTH="
+ * advertisements are understood.  Without TLS the credentials are sent
+ * only when @allow_plaintext is TRUE.  SMTP_ERROR_AUTH, before any
+ * credential is sent, when they would go unencrypted, when the server
+ * offers no AUTH or no known mechanism; with the server's reply when it
+ * refuses them (535: permanent, 454: temporary).  Any of these closes
+ * the connection.
+ */
 void smtp_client_set_auth(SmtpClient *client, const char *user,
 			  const char *password, gboolean allow_plaintext);
 
 /*
  * smtp_client_connect: connect, read the greeting and say EHLO (or HELO
  * when EHLO is refused).  Does nothing when already connected.
+ * Then STARTTLS and AUTH as set.
  * Errors: CONNECT, TIMEOUT, DISCONNECTED, HELO, PROTOCOL, TLS, AUTH.
  */
 gboolean smtp_client_connect(SmtpClient *client, GError **error);
@@ -313,6 +338,49 @@ SmtpResult *smtp_client_send(SmtpClient *client, const char *from,
 			     const char *const *mail_options,
 			     const SmtpRecipient *rcpts, gsize n_rcpts,
 			     SmtpMessage *msg, GError **error);
+
+/* ------------------------------------------------------------------ */
+/* Helpers shared by the library's users                                */
+/* ------------------------------------------------------------------ */
+
+/*
+ * smtp_host_is_loopback: whether @host (a name or an address literal
+ * without brackets) is this machine: "localhost", 127.0.0.0/8 or ::1.
+ * No name is resolved.
+ */
+gboolean smtp_host_is_loopback(const char *host);
+
+/*
+ * smtp_tls_default_for_host: the level for @host when none was chosen:
+ * SMTP_TLS_NONE on loopback (the traffic never leaves the machine),
+ * SMTP_TLS_VERIFY anywhere else.  archive-milter's configuration and
+ * smtp-send both take their default from here.
+ */
+SmtpTlsLevel smtp_tls_default_for_host(const char *host);
+
+/* smtp_tls_level_name: "none", "may", "encrypt", "verify" (static);
+ * "unknown" for anything else. */
+const char *smtp_tls_level_name(SmtpTlsLevel level);
+
+/* smtp_tls_level_from_name: the level named @name (exactly those four
+ * words, lower case); FALSE, *@level untouched, for anything else. */
+gboolean smtp_tls_level_from_name(const char *name, SmtpTlsLevel *level);
+
+/*
+ * smtp_password_file_read: the first line of @path (without LF or
+ * CRLF), for smtp_client_set_auth().  The file must be a regular file
+ * that neither its group nor others may read, and the line must be
+ * 1 to 1024 octets without NUL.
+ * Returns: (transfer full) the password; free it with
+ * smtp_password_free(), which wipes it.  NULL with @error in
+ * G_FILE_ERROR otherwise; the message gives the reason (and the mode
+ * when that is the problem) but neither @path nor any byte of the file,
+ * so callers prefix the path themselves.
+ */
+char *smtp_password_file_read(const char *path, GError **error);
+
+/* smtp_password_free: wipe and free a password; NULL is ignored. */
+void smtp_password_free(char *password);
 
 G_END_DECLS
 

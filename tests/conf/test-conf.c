@@ -18,6 +18,7 @@
  */
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <glib/gstdio.h>
 
 #include "conf.h"
@@ -102,6 +103,16 @@ rule_at(const AmConfig *c, guint i)
 {
 	g_assert_cmpuint(i, <, c->rules->len);
 	return g_ptr_array_index(c->rules, i);
+}
+
+static void
+assert_timeouts(const AmRelay *r, guint connect, guint command, guint data,
+                guint final)
+{
+	g_assert_cmpuint(r->timeouts.connect_ms, ==, connect);
+	g_assert_cmpuint(r->timeouts.command_ms, ==, command);
+	g_assert_cmpuint(r->timeouts.data_ms, ==, data);
+	g_assert_cmpuint(r->timeouts.final_ms, ==, final);
 }
 
 static void
@@ -261,8 +272,18 @@ test_good_minimal(void)
 	g_assert_cmpstr(relay->name, ==, "archive");
 	g_assert_cmpstr(relay->host, ==, "127.0.0.1");
 	g_assert_cmpuint(relay->port, ==, 25);
-	g_assert_cmpuint(relay->timeout_ms, ==, 30000);
+	assert_timeouts(relay, 30000, 30000, 30000, 30000);
 	g_assert_null(relay->helo_name);
+	/* 127.0.0.1: no TLS by default, and not because the file said so. */
+	g_assert_cmpint(relay->tls, ==, SMTP_TLS_NONE);
+	g_assert_false(relay->tls_set);
+	g_assert_null(relay->ca_file);
+	g_assert_null(relay->auth_user);
+	g_assert_null(relay->auth_password_file);
+	g_assert_null(relay->auth_password);
+	g_assert_false(relay->auth_plaintext);
+	g_assert_cmpuint(c->copy_deadline_ms, ==, 120000);
+	g_assert_cmpuint(relay->copy_deadline_ms, ==, 120000);
 
 	g_assert_cmpuint(c->rules->len, ==, 1);
 	rule = rule_at(c, 0);
@@ -305,14 +326,24 @@ test_good_full(void)
 	g_assert_cmpstr(r0->name, ==, "primary");
 	g_assert_cmpstr(r0->host, ==, "127.0.0.1");
 	g_assert_cmpuint(r0->port, ==, 2527);
-	g_assert_cmpuint(r0->timeout_ms, ==, 2500);
+	assert_timeouts(r0, 2500, 2500, 2500, 60000);
 	g_assert_cmpstr(r0->helo_name, ==, "milter.example");
+	g_assert_cmpint(r0->tls, ==, SMTP_TLS_ENCRYPT);
+	g_assert_true(r0->tls_set);
+	g_assert_false(r0->auth_plaintext);
+	/* [milter] comes first here; the relays still get its value. */
+	g_assert_cmpuint(c->copy_deadline_ms, ==, 45500);
+	g_assert_cmpuint(r0->copy_deadline_ms, ==, 45500);
 	r1 = relay_at(c, 1);
 	g_assert_cmpstr(r1->name, ==, "v6_relay-2.b");
 	g_assert_cmpstr(r1->host, ==, "::1");
 	g_assert_cmpuint(r1->port, ==, 65535);
-	g_assert_cmpuint(r1->timeout_ms, ==, 1000);
+	assert_timeouts(r1, 500, 1000, 1000, 1000);
 	g_assert_cmpstr(r1->helo_name, ==, "[IPv6:::1]");
+	g_assert_cmpint(r1->tls, ==, SMTP_TLS_MAY);
+	g_assert_true(r1->tls_set);
+	g_assert_true(r1->auth_plaintext);
+	g_assert_cmpuint(r1->copy_deadline_ms, ==, 45500);
 
 	/* Rules in file order; the second names the relay defined later. */
 	g_assert_cmpuint(c->rules->len, ==, 2);
@@ -369,8 +400,12 @@ test_example(void)
 	g_assert_nonnull(relay);
 	g_assert_cmpstr(relay->host, ==, "127.0.0.1");
 	g_assert_cmpuint(relay->port, ==, 2527);
-	g_assert_cmpuint(relay->timeout_ms, ==, 30000);
+	assert_timeouts(relay, 30000, 30000, 30000, 30000);
 	g_assert_null(relay->helo_name);
+	g_assert_cmpint(relay->tls, ==, SMTP_TLS_NONE);
+	g_assert_false(relay->tls_set);
+	g_assert_null(relay->auth_user);
+	g_assert_cmpuint(c->copy_deadline_ms, ==, 120000);
 
 	g_assert_cmpuint(c->rules->len, ==, 1);
 	rule = rule_at(c, 0);
@@ -412,6 +447,11 @@ test_example_uncommented(void)
 	g_assert_cmpuint(errors->len, ==, 0);
 	rule = rule_at(c, 0);
 	g_assert_cmpstr(relay_at(c, 0)->helo_name, ==, "milter.example");
+	assert_timeouts(relay_at(c, 0), 30000, 30000, 30000, 60000);
+	g_assert_cmpint(relay_at(c, 0)->tls, ==, SMTP_TLS_NONE);
+	g_assert_true(relay_at(c, 0)->tls_set);
+	g_assert_false(relay_at(c, 0)->auth_plaintext);
+	g_assert_cmpuint(c->copy_deadline_ms, ==, 120000);
 	assert_matches(rule->match_sender, "a@EXAMPLE.com", "a@example.org");
 	assert_matches(rule->match_recipient, "finance@x", "x@finance");
 	assert_matches(rule->match_client, "127.0.0.1", "127.0.0.12");
@@ -460,10 +500,23 @@ relay_port(const AmConfig *c)
 	return relay_at(c, 0)->port;
 }
 
+/* "timeout" sets all four stages alike. */
 static guint64
 relay_timeout(const AmConfig *c)
 {
-	return relay_at(c, 0)->timeout_ms;
+	const SmtpTimeouts *t = &relay_at(c, 0)->timeouts;
+
+	g_assert_cmpuint(t->command_ms, ==, t->connect_ms);
+	g_assert_cmpuint(t->data_ms, ==, t->connect_ms);
+	g_assert_cmpuint(t->final_ms, ==, t->connect_ms);
+	return t->connect_ms;
+}
+
+static guint64
+relay_plaintext(const AmConfig *c)
+{
+	/* 1 and 2 so that FALSE is told apart from "must fail". */
+	return relay_at(c, 0)->auth_plaintext ? 2 : 1;
 }
 
 static guint64
@@ -527,6 +580,348 @@ test_timeouts(void)
 
 	run_value_table(IN_RELAY, "timeout", cases, G_N_ELEMENTS(cases),
 	                relay_timeout);
+}
+
+/* A stage key wins over "timeout", whichever comes first. */
+static void
+test_stage_timeouts(void)
+{
+	static const struct {
+		const char *lines;
+		guint want[4]; /* connect, command, data, final */
+	} cases[] = {
+	    {"", {30000, 30000, 30000, 30000}},
+	    {"timeout_connect = 5", {5000, 30000, 30000, 30000}},
+	    {"timeout_command = 0.25", {30000, 250, 30000, 30000}},
+	    {"timeout_data = 90", {30000, 30000, 90000, 30000}},
+	    {"timeout_final = 600", {30000, 30000, 30000, 600000}},
+	    {"timeout = 10\ntimeout_data = 60", {10000, 10000, 60000, 10000}},
+	    {"timeout_final = 2\ntimeout = 7", {7000, 7000, 7000, 2000}},
+	    {"timeout = 1\ntimeout_connect = 2\ntimeout_command = 3\n"
+	     "timeout_data = 4\ntimeout_final = 5",
+	     {2000, 3000, 4000, 5000}},
+	};
+	static const char *const keys[] = {"timeout_connect", "timeout_command",
+	                                   "timeout_data", "timeout_final"};
+	static const char *const bad[] = {"0", "-1", "1e3", "86401", "x", ""};
+	gsize i, j;
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = NULL;
+
+		g_test_message("%s", cases[i].lines);
+		c = load_with(IN_RELAY, cases[i].lines, &errors);
+		dump_errors(errors);
+		g_assert_nonnull(c);
+		assert_timeouts(relay_at(c, 0), cases[i].want[0],
+		                cases[i].want[1], cases[i].want[2],
+		                cases[i].want[3]);
+	}
+
+	/* Each key has the checks of "timeout", and names itself. */
+	for (i = 0; i < G_N_ELEMENTS(keys); i++) {
+		for (j = 0; j < G_N_ELEMENTS(bad); j++) {
+			g_autofree char *line =
+			    g_strdup_printf("%s = %s", keys[i], bad[j]);
+			g_autofree char *frag =
+			    g_strdup_printf("] %s: \"%s\": must be a positive",
+			                    keys[i], bad[j]);
+			g_autoptr(GPtrArray) errors = NULL;
+			g_autoptr(AmConfig) c = NULL;
+
+			c = load_with(IN_RELAY, line, &errors);
+			g_assert_null(c);
+			g_assert_cmpuint(errors->len, ==, 1);
+			g_assert_nonnull(
+			    strstr(g_ptr_array_index(errors, 0), frag));
+		}
+	}
+}
+
+static guint64
+copy_deadline(const AmConfig *c)
+{
+	/* Every relay carries the [milter] value. */
+	g_assert_cmpuint(relay_at(c, 0)->copy_deadline_ms, ==,
+	                 c->copy_deadline_ms);
+	return c->copy_deadline_ms;
+}
+
+static void
+test_copy_deadline(void)
+{
+	static const ValueCase cases[] = {
+	    {"copy_deadline = 120", 120000},
+	    {"copy_deadline = 0.5", 500},
+	    {"copy_deadline = 299.9", 299900},
+	    {"copy_deadline = 86400", 86400000},
+	    {"copy_deadline = 0", 0},
+	    {"copy_deadline = -1", 0},
+	    {"copy_deadline = 2m", 0},
+	    {"copy_deadline =", 0},
+	};
+
+	run_value_table(IN_MILTER, "copy_deadline", cases, G_N_ELEMENTS(cases),
+	                copy_deadline);
+}
+
+/* The default follows the host; a configured level is kept as given. */
+static void
+test_tls_levels(void)
+{
+	static const struct {
+		const char *host;
+		const char *tls; /* NULL: not set */
+		SmtpTlsLevel want;
+	} cases[] = {
+	    {"127.0.0.1", NULL, SMTP_TLS_NONE},
+	    {"127.8.9.10", NULL, SMTP_TLS_NONE},
+	    {"::1", NULL, SMTP_TLS_NONE},
+	    {"localhost", NULL, SMTP_TLS_NONE},
+	    {"128.0.0.1", NULL, SMTP_TLS_VERIFY},
+	    {"192.0.2.7", NULL, SMTP_TLS_VERIFY},
+	    {"::2", NULL, SMTP_TLS_VERIFY},
+	    {"archive.example", NULL, SMTP_TLS_VERIFY},
+	    {"localhost.example", NULL, SMTP_TLS_VERIFY},
+	    {"127.0.0.1", "verify", SMTP_TLS_VERIFY},
+	    {"127.0.0.1", "encrypt", SMTP_TLS_ENCRYPT},
+	    {"::1", "may", SMTP_TLS_MAY},
+	    {"archive.example", "none", SMTP_TLS_NONE},
+	    {"archive.example", "may", SMTP_TLS_MAY},
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autofree char *text = g_strdup_printf(
+		    "[milter]\nsocket = unix:/run/s\n[relay:r]\nhost = %s\n"
+		    "%s%s\n[rule:a]\nrelay = r\narchive_to = j@a.example\n",
+		    cases[i].host, cases[i].tls ? "tls = " : "",
+		    cases[i].tls ? cases[i].tls : "");
+		g_autofree char *path = write_tmp(text, -1);
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = am_config_load(path, &errors);
+
+		g_test_message("host %s, tls %s", cases[i].host,
+		               cases[i].tls ? cases[i].tls : "(unset)");
+		dump_errors(errors);
+		g_assert_nonnull(c);
+		g_assert_cmpint(relay_at(c, 0)->tls, ==, cases[i].want);
+		g_assert_cmpint(relay_at(c, 0)->tls_set, ==,
+		                cases[i].tls != NULL);
+	}
+}
+
+/* Write @content to a fresh file of mode @mode; returns its path. */
+static char *
+write_mode(const char *content, int mode)
+{
+	char *path = write_tmp(content, -1);
+
+	g_assert_cmpint(g_chmod(path, mode), ==, 0);
+	return path;
+}
+
+static void
+test_ca_file(void)
+{
+	g_autofree char *ca = write_mode("not parsed at load\n", 0644);
+	g_autofree char *line = g_strdup_printf("ca_file = %s", ca);
+	g_autofree char *dir_line = g_strdup_printf("ca_file = %s", tmp_dir);
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(GPtrArray) dir_errors = NULL;
+	g_autoptr(AmConfig) c = load_with(IN_RELAY, line, &errors);
+	g_autoptr(AmConfig) d = NULL;
+	g_autofree char *want = NULL;
+
+	g_assert_nonnull(c);
+	g_assert_cmpstr(relay_at(c, 0)->ca_file, ==, ca);
+
+	/* A directory is not a CA file; the error names it. */
+	d = load_with(IN_RELAY, dir_line, &dir_errors);
+	g_assert_null(d);
+	g_assert_cmpuint(dir_errors->len, ==, 1);
+	want = g_strdup_printf("] ca_file: \"%s\": cannot read: not a regular "
+	                       "file",
+	                       tmp_dir);
+	g_assert_nonnull(strstr(g_ptr_array_index(dir_errors, 0), want));
+}
+
+#define SECRET "pa55 w0rd;#x"
+
+/* Load a relay on 192.0.2.1 (tls verify) with @file as password file. */
+static AmConfig *
+load_auth(const char *file, const char *extra, GPtrArray **errors)
+{
+	g_autofree char *text = g_strdup_printf(
+	    "[milter]\nsocket = unix:/run/s\n[relay:r]\nhost = 192.0.2.1\n"
+	    "auth_user = milter@example.org\nauth_password_file = %s\n%s\n"
+	    "[rule:a]\nrelay = r\narchive_to = j@a.example\n",
+	    file, extra);
+	g_autofree char *path = write_tmp(text, -1);
+
+	return am_config_load(path, errors);
+}
+
+/* The first line is the password, with LF or CRLF, whatever follows. */
+static void
+test_auth_good(void)
+{
+	static const char *const contents[] = {
+	    SECRET,
+	    SECRET "\n",
+	    SECRET "\r\n",
+	    SECRET "\nsecond line\n",
+	    SECRET "\r\nsecond\r\n",
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(contents); i++) {
+		int mode = i % 2 == 0 ? 0600 : 0400;
+		g_autofree char *pw = write_mode(contents[i], mode);
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = load_auth(pw, "", &errors);
+		const AmRelay *r;
+
+		dump_errors(errors);
+		g_assert_nonnull(c);
+		r = relay_at(c, 0);
+		g_assert_cmpstr(r->auth_user, ==, "milter@example.org");
+		g_assert_cmpstr(r->auth_password_file, ==, pw);
+		g_assert_cmpstr(r->auth_password, ==, SECRET);
+		g_assert_false(r->auth_plaintext);
+		g_assert_cmpint(r->tls, ==, SMTP_TLS_VERIFY);
+	}
+}
+
+/* Every refusal names the file and the reason, never the password. */
+static void
+test_auth_bad(void)
+{
+	static const struct {
+		const char *content;
+		int mode;
+		const char *why;
+	} cases[] = {
+	    {SECRET "\n", 0640, "\": mode 0640 lets the group or others read"},
+	    {SECRET "\n", 0604, "\": mode 0604 lets the group or others read"},
+	    {SECRET "\n", 0644, "\": mode 0644 lets the group or others read"},
+	    {"\n" SECRET "\n", 0600,
+	     "\": the first line (the password) is "
+	     "empty"},
+	    {"", 0600, "\": the first line (the password) is empty"},
+	};
+	g_autofree char *long_pw = g_strnfill(1025, 'p');
+	gsize i;
+
+	for (i = 0; i <= G_N_ELEMENTS(cases); i++) {
+		gboolean last = i == G_N_ELEMENTS(cases);
+		g_autofree char *pw =
+		    write_mode(last ? long_pw : cases[i].content,
+		               last ? 0600 : cases[i].mode);
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = load_auth(pw, "", &errors);
+		g_autofree char *want = g_strdup_printf(
+		    ":6: [relay:r] auth_password_file: \"%s%s", pw,
+		    last ? "\": the first line is longer than 1024 octets"
+		         : cases[i].why);
+		const char *e;
+
+		dump_errors(errors);
+		g_assert_null(c);
+		g_assert_cmpuint(errors->len, ==, 1);
+		e = g_ptr_array_index(errors, 0);
+		g_assert_nonnull(strstr(e, want));
+		g_assert_null(strstr(e, "pa55"));
+		g_assert_null(strstr(e, "pppp"));
+	}
+
+	/* A directory, and a FIFO that would block a careless reader. */
+	{
+		g_autofree char *fifo = g_build_filename(tmp_dir, "fifo", NULL);
+		const char *files[] = {tmp_dir, fifo};
+
+		g_assert_cmpint(mkfifo(fifo, 0600), ==, 0);
+		for (i = 0; i < G_N_ELEMENTS(files); i++) {
+			g_autoptr(GPtrArray) errors = NULL;
+			g_autoptr(AmConfig) c =
+			    load_auth(files[i], "", &errors);
+			g_autofree char *want = g_strdup_printf(
+			    "auth_password_file: \"%s\": not a regular file",
+			    files[i]);
+
+			g_assert_null(c);
+			g_assert_cmpuint(errors->len, ==, 1);
+			g_assert_nonnull(
+			    strstr(g_ptr_array_index(errors, 0), want));
+		}
+		g_unlink(fifo);
+	}
+}
+
+/* AUTH on a relay without TLS is refused unless auth_plaintext says. */
+static void
+test_auth_needs_tls(void)
+{
+	g_autofree char *pw = write_mode(SECRET "\n", 0600);
+	static const struct {
+		const char *extra;
+		gboolean ok;
+	} cases[] = {
+	    {"tls = none", FALSE},
+	    {"tls = none\nauth_plaintext = no", FALSE},
+	    {"tls = none\nauth_plaintext = yes", TRUE},
+	    {"tls = may", TRUE},
+	    {"tls = encrypt", TRUE},
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = load_auth(pw, cases[i].extra, &errors);
+
+		g_test_message("%s", cases[i].extra);
+		dump_errors(errors);
+		if (cases[i].ok) {
+			g_assert_nonnull(c);
+			g_assert_cmpstr(relay_at(c, 0)->auth_password, ==,
+			                SECRET);
+		} else {
+			g_assert_null(c);
+			g_assert_cmpuint(errors->len, ==, 1);
+			g_assert_nonnull(
+			    strstr(g_ptr_array_index(errors, 0),
+			           ":5: [relay:r] auth_user: AUTH "
+			           "needs TLS, and tls is none: "));
+		}
+	}
+
+	/* On loopback the error says the level came from the default. */
+	{
+		g_autofree char *line = g_strdup_printf(
+		    "auth_user = u\nauth_password_file = %s", pw);
+		g_autoptr(GPtrArray) errors = NULL;
+		g_autoptr(AmConfig) c = load_with(IN_RELAY, line, &errors);
+
+		g_assert_null(c);
+		g_assert_cmpuint(errors->len, ==, 1);
+		g_assert_nonnull(strstr(g_ptr_array_index(errors, 0),
+		                        "tls is none (the default for a "
+		                        "loopback host)"));
+	}
+}
+
+static void
+test_auth_plaintext(void)
+{
+	static const ValueCase cases[] = {
+	    {"auth_plaintext = yes", 2},  {"auth_plaintext = no", 1},
+	    {"auth_plaintext = Yes", 0},  {"auth_plaintext = 1", 0},
+	    {"auth_plaintext = true", 0}, {"auth_plaintext =", 0},
+	};
+
+	run_value_table(IN_RELAY, "auth_plaintext", cases, G_N_ELEMENTS(cases),
+	                relay_plaintext);
 }
 
 static void
@@ -1047,6 +1442,14 @@ main(int argc, char **argv)
 	g_test_add_func("/conf/example/uncommented", test_example_uncommented);
 	g_test_add_func("/conf/value/port", test_ports);
 	g_test_add_func("/conf/value/timeout", test_timeouts);
+	g_test_add_func("/conf/value/stage-timeouts", test_stage_timeouts);
+	g_test_add_func("/conf/value/copy-deadline", test_copy_deadline);
+	g_test_add_func("/conf/value/auth-plaintext", test_auth_plaintext);
+	g_test_add_func("/conf/relay/tls-levels", test_tls_levels);
+	g_test_add_func("/conf/relay/ca-file", test_ca_file);
+	g_test_add_func("/conf/relay/auth", test_auth_good);
+	g_test_add_func("/conf/relay/auth-bad-file", test_auth_bad);
+	g_test_add_func("/conf/relay/auth-needs-tls", test_auth_needs_tls);
 	g_test_add_func("/conf/value/size", test_sizes);
 	g_test_add_func("/conf/value/size-max", test_size_max);
 	g_test_add_func("/conf/value/socket", test_sockets);

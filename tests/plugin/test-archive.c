@@ -15,9 +15,11 @@ typedef struct {
 	AmContext *ctx;
 } Fixture;
 
+/* @milter_extra and @relay_extra: more lines for those groups. */
 static void
-fixture_setup(Fixture *f, const char *script, gboolean listening,
-              const char *on_failure)
+fixture_setup_with(Fixture *f, const char *script, gboolean listening,
+                   const char *on_failure, const char *milter_extra,
+                   const char *relay_extra)
 {
 	g_autoptr(GError) error = NULL;
 	g_autoptr(GPtrArray) errors = NULL;
@@ -39,13 +41,13 @@ fixture_setup(Fixture *f, const char *script, gboolean listening,
 	keyfile = g_build_filename(f->dir, "key", NULL);
 	conf = g_strdup_printf(
 	    "[milter]\nsocket = inet:1@127.0.0.1\n"
-	    "archive_id_key_file = %s\ncapture_memory_max = 64\n"
+	    "archive_id_key_file = %s\ncapture_memory_max = 64\n%s\n"
 	    "[relay:archive]\nhost = 127.0.0.1\nport = %u\n"
-	    "timeout = 2\n"
+	    "timeout = 2\n%s\n"
 	    "[rule:everything]\nmode = journal\nrelay = archive\n"
 	    "archive_to = journal@archive.example\n"
 	    "on_failure = %s\n",
-	    keyfile, port, on_failure);
+	    keyfile, milter_extra, port, relay_extra, on_failure);
 	path = g_build_filename(f->dir, "test.conf", NULL);
 	g_assert_true(g_file_set_contents(path, conf, -1, NULL));
 	config = am_config_load(path, &errors);
@@ -55,6 +57,13 @@ fixture_setup(Fixture *f, const char *script, gboolean listening,
 	f->ctx = am_context_new(config, key);
 	g_unlink(path);
 	g_unlink(keyfile);
+}
+
+static void
+fixture_setup(Fixture *f, const char *script, gboolean listening,
+              const char *on_failure)
+{
+	fixture_setup_with(f, script, listening, on_failure, "", "");
 }
 
 static void
@@ -198,6 +207,46 @@ test_forged_or_replayed(gconstpointer data)
 	fixture_teardown(&f);
 }
 
+/*
+ * Relay settings from the file reach the copy: copy_deadline cuts the
+ * relay's 10 s limit, and tls = encrypt keeps the copy from going out
+ * in clear to a relay that offers no STARTTLS.
+ */
+typedef struct {
+	const char *script;
+	const char *milter_extra;
+	const char *relay_extra;
+} SettingCase;
+
+static const SettingCase deadline_case = {
+    "on RCPT stall", "copy_deadline = 0.5", "timeout_command = 10"};
+static const SettingCase tls_case = {NULL, "", "tls = encrypt"};
+
+static void
+test_relay_setting(gconstpointer data)
+{
+	const SettingCase *c = data;
+	const char *rcpts[] = {"a@dest.example", NULL};
+	Fixture f = {0};
+	g_autoptr(AmEnvelope) env = envelope(rcpts);
+	g_autoptr(AmCapture) cap = capture(NULL);
+	g_autofree char *reason = NULL;
+	gint64 start;
+	double took;
+
+	fixture_setup_with(&f, c->script, TRUE, "tempfail", c->milter_extra,
+	                   c->relay_extra);
+	start = g_get_monotonic_time();
+	g_assert_cmpint(am_milter_archive(f.ctx, env, cap, &reason), ==,
+	                AM_VERDICT_TEMPFAIL);
+	took = (g_get_monotonic_time() - start) / (double)G_USEC_PER_SEC;
+	g_test_message("%s after %.3f s", reason, took);
+	g_assert_nonnull(reason);
+	g_assert_cmpfloat(took, <, 3);
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 0);
+	fixture_teardown(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -213,5 +262,9 @@ main(int argc, char **argv)
 	                     GINT_TO_POINTER(FALSE), test_forged_or_replayed);
 	g_test_add_data_func("/plugin/archive/replayed-id",
 	                     GINT_TO_POINTER(TRUE), test_forged_or_replayed);
+	g_test_add_data_func("/plugin/archive/copy-deadline", &deadline_case,
+	                     test_relay_setting);
+	g_test_add_data_func("/plugin/archive/tls-encrypt-not-offered",
+	                     &tls_case, test_relay_setting);
 	return g_test_run();
 }

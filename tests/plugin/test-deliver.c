@@ -1,5 +1,12 @@
 /*
- * test-deliver.c - one copy against the fake SMTP server: each outcome
+ * test-deliver.c - one copy against the fake SMTP server: each outcome,
+ * and each relay setting (TLS level, credentials, stage limits,
+ * copy_deadline) reaching the client
+ *
+ * TLS and AUTH cases hold whether or not the library implements them
+ * yet: what they check is that a copy which must not go in clear does
+ * not go at all.  The one case that needs a working AUTH skips itself
+ * while the library answers "not implemented".
  */
 #include <string.h>
 
@@ -20,7 +27,7 @@ fixture_start(Fixture *f, const char *script)
 	g_assert_no_error(error);
 	f->relay.name = (char *)"test";
 	f->relay.host = (char *)"127.0.0.1";
-	f->relay.timeout_ms = 2000;
+	f->relay.timeouts = (SmtpTimeouts){2000, 2000, 2000, 2000};
 	f->relay.port = fake_smtp_start(f->fake, "127.0.0.1", NULL, &error);
 	g_assert_no_error(error);
 }
@@ -120,7 +127,7 @@ test_fail(gconstpointer data)
 	fixture_start(&f, c->script);
 	if (c->script == NULL)
 		fake_smtp_stop(f.fake);
-	f.relay.timeout_ms = 500;
+	f.relay.timeouts = (SmtpTimeouts){500, 500, 500, 500};
 	d = send_copy(&f, to, c->utf8);
 	g_assert_cmpint(d->status, ==, c->status);
 	g_assert_cmpstr(rcpt(d, 0)->dsn, ==, c->dsn);
@@ -149,6 +156,237 @@ test_partial(void)
 	fixture_stop(&f);
 }
 
+/* Whether the server received a command starting with @verb. */
+static gboolean
+got_command(FakeSmtp *fake, const char *verb)
+{
+	g_autoptr(GPtrArray) cmds = fake_smtp_get_commands(fake);
+	guint i;
+
+	for (i = 0; i < cmds->len; i++) {
+		if (g_ascii_strncasecmp(cmds->pdata[i], verb, strlen(verb)) ==
+		    0)
+			return TRUE;
+	}
+	return FALSE;
+}
+
+/* Whether @needle occurs anywhere in what the server received. */
+static gboolean
+received(FakeSmtp *fake, const char *needle)
+{
+	g_autoptr(GBytes) bytes = fake_smtp_get_received(fake);
+	gsize len;
+	const char *data = g_bytes_get_data(bytes, &len);
+
+	return data != NULL &&
+	       memmem(data, len, needle, strlen(needle)) != NULL;
+}
+
+/*
+ * TLS required by the level, not offered by the server (the fake never
+ * advertises STARTTLS): the copy fails as a TLS failure (dsn X.7.5,
+ * RFC 3463: cryptographic failure) and nothing of the transaction goes
+ * out in clear.
+ */
+static void
+test_tls_required(gconstpointer data)
+{
+	const SmtpTlsLevel level = GPOINTER_TO_INT(data);
+	const char *to[] = {"journal@archive.example", NULL};
+	Fixture f = {0};
+	g_autoptr(AmDelivery) d = NULL;
+
+	fixture_start(&f, NULL);
+	f.relay.tls = level;
+	f.relay.ca_file = (char *)"/nonexistent/archive-milter-test/ca.pem";
+	d = send_copy(&f, to, FALSE);
+	g_test_message("reply: %s", rcpt(d, 0)->reply);
+	g_assert_cmpint(d->status, !=, AM_STATUS_SENT);
+	g_assert_true(g_str_has_suffix(rcpt(d, 0)->dsn, ".7.5"));
+	g_assert_false(got_command(f.fake, "MAIL"));
+	g_assert_false(got_command(f.fake, "DATA"));
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 0);
+	fixture_stop(&f);
+}
+
+#define USER   "milter@example.org"
+#define SECRET "s3cret-pa55"
+/* base64 of "\0" USER "\0" SECRET, and of SECRET alone (AUTH LOGIN) */
+#define PLAIN_B64 "AG1pbHRlckBleGFtcGxlLm9yZwBzM2NyZXQtcGE1NQ=="
+#define LOGIN_B64 "czNjcmV0LXBhNTU="
+
+/* AUTH on a connection without TLS, not allowed: no credential leaves,
+ * and the copy fails as a security policy failure (dsn X.7.0). */
+static void
+test_auth_no_plaintext(void)
+{
+	const char *to[] = {"journal@archive.example", NULL};
+	Fixture f = {0};
+	g_autoptr(AmDelivery) d = NULL;
+
+	fixture_start(&f, "ehlo-keywords 8BITMIME SIZE 10485760 AUTH PLAIN "
+	                  "LOGIN\non AUTH reply 235 2.7.0 ok\n");
+	f.relay.auth_user = (char *)USER;
+	f.relay.auth_password = (char *)SECRET;
+	f.relay.auth_plaintext = FALSE;
+	d = send_copy(&f, to, FALSE);
+	g_test_message("reply: %s", rcpt(d, 0)->reply);
+	g_assert_cmpint(d->status, !=, AM_STATUS_SENT);
+	g_assert_true(g_str_has_suffix(rcpt(d, 0)->dsn, ".7.0"));
+	g_assert_null(strstr(rcpt(d, 0)->reply, SECRET));
+	g_assert_false(received(f.fake, SECRET));
+	g_assert_false(received(f.fake, PLAIN_B64));
+	g_assert_false(received(f.fake, LOGIN_B64));
+	g_assert_false(got_command(f.fake, "MAIL"));
+	fixture_stop(&f);
+}
+
+/* auth_plaintext = yes: the configured user and password are sent. */
+static void
+test_auth_plaintext(void)
+{
+	const char *to[] = {"journal@archive.example", NULL};
+	Fixture f = {0};
+	g_autoptr(AmDelivery) d = NULL;
+
+	fixture_start(&f, "ehlo-keywords 8BITMIME SIZE 10485760 AUTH PLAIN\n"
+	                  "on AUTH reply 235 2.7.0 ok\n");
+	f.relay.auth_user = (char *)USER;
+	f.relay.auth_password = (char *)SECRET;
+	f.relay.auth_plaintext = TRUE;
+	d = send_copy(&f, to, FALSE);
+	if (d->status != AM_STATUS_SENT &&
+	    strstr(rcpt(d, 0)->reply, "not implemented") != NULL) {
+		g_test_skip("the library has no AUTH yet");
+		fixture_stop(&f);
+		return;
+	}
+	g_assert_cmpint(d->status, ==, AM_STATUS_SENT);
+	g_assert_true(got_command(f.fake, "AUTH PLAIN"));
+	g_assert_true(received(f.fake, PLAIN_B64));
+	fixture_stop(&f);
+}
+
+typedef struct {
+	const char *name;
+	const char *script;
+	SmtpTimeouts t;
+	guint deadline_ms; /* copy_deadline; 0: none */
+	gboolean sent;
+	double min_delay, max_delay;
+} TimeCase;
+
+/*
+ * Each stage limit is the one that applies at its stage: a short limit
+ * elsewhere does not cut a slow stage short, and copy_deadline cuts
+ * every stage to what is left of it.
+ */
+static const TimeCase time_cases[] = {
+    {"connect", "greeting none", {300, 10000, 10000, 10000}, 0, FALSE, 0.25, 3},
+    {"command", "on MAIL stall", {10000, 300, 10000, 10000}, 0, FALSE, 0.25, 3},
+    {"final",
+     "on DOT delay 1500 250 2.0.0 ok",
+     {10000, 10000, 10000, 300},
+     0,
+     FALSE,
+     0.25,
+     1.4},
+    {"final-not-command",
+     "on DOT delay 600 250 2.0.0 ok",
+     {5000, 300, 300, 5000},
+     0,
+     TRUE,
+     0.5,
+     3},
+    {"deadline-greeting",
+     "greeting none",
+     {10000, 10000, 10000, 10000},
+     500,
+     FALSE,
+     0.4,
+     3},
+    {"deadline-command",
+     "on RCPT stall",
+     {10000, 10000, 10000, 10000},
+     500,
+     FALSE,
+     0.4,
+     3},
+    {"deadline-final",
+     "on DOT stall",
+     {10000, 10000, 10000, 10000},
+     700,
+     FALSE,
+     0.6,
+     3},
+    {"deadline-not-reached",
+     "on DOT delay 300 250 2.0.0 ok",
+     {10000, 10000, 10000, 10000},
+     5000,
+     TRUE,
+     0.25,
+     3},
+};
+
+static void
+test_time(gconstpointer data)
+{
+	const TimeCase *c = data;
+	const char *to[] = {"journal@archive.example", NULL};
+	Fixture f = {0};
+	g_autoptr(AmDelivery) d = NULL;
+
+	fixture_start(&f, c->script);
+	f.relay.timeouts = c->t;
+	f.relay.copy_deadline_ms = c->deadline_ms;
+	d = send_copy(&f, to, FALSE);
+	g_test_message("%s: %s after %.3f s", c->name, rcpt(d, 0)->reply,
+	               d->delay);
+	g_assert_cmpint(d->status == AM_STATUS_SENT, ==, c->sent);
+	if (!c->sent)
+		g_assert_cmpint(d->status, ==, AM_STATUS_DEFERRED);
+	g_assert_cmpfloat(d->delay, >=, c->min_delay);
+	g_assert_cmpfloat(d->delay, <, c->max_delay);
+	fixture_stop(&f);
+}
+
+/* What am_deliver hands the library before each phase. */
+static void
+test_clamp(void)
+{
+	static const struct {
+		SmtpTimeouts in;
+		gint64 remaining;
+		SmtpTimeouts want;
+	} cases[] = {
+	    {{30000, 30000, 30000, 30000},
+	     120000,
+	     {30000, 30000, 30000, 30000}},
+	    {{30000, 30000, 30000, 60000}, 45000, {30000, 30000, 30000, 45000}},
+	    {{30000, 1000, 30000, 60000}, 2500, {2500, 1000, 2500, 2500}},
+	    /* 0 is the library's default of minutes: cut it too. */
+	    {{0, 0, 0, 0}, 7000, {7000, 7000, 7000, 7000}},
+	    /* Never 0 out, even with no time left. */
+	    {{30000, 30000, 30000, 30000}, 0, {1, 1, 1, 1}},
+	    {{30000, 30000, 30000, 30000}, -5000, {1, 1, 1, 1}},
+	    {{5, 6, 7, 8}, G_MAXINT64, {5, 6, 7, 8}},
+	    {{0, 6, 7, 8}, G_MAXINT64, {G_MAXUINT, 6, 7, 8}},
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		SmtpTimeouts got =
+		    am_deliver_clamp_timeouts(&cases[i].in, cases[i].remaining);
+
+		g_test_message("case %zu", i);
+		g_assert_cmpuint(got.connect_ms, ==, cases[i].want.connect_ms);
+		g_assert_cmpuint(got.command_ms, ==, cases[i].want.command_ms);
+		g_assert_cmpuint(got.data_ms, ==, cases[i].want.data_ms);
+		g_assert_cmpuint(got.final_ms, ==, cases[i].want.final_ms);
+	}
+}
+
 int
 main(int argc, char **argv)
 {
@@ -163,5 +401,22 @@ main(int argc, char **argv)
 
 		g_test_add_data_func(path, &fail_cases[i], test_fail);
 	}
+	g_test_add_data_func("/plugin/deliver/tls/encrypt-not-offered",
+	                     GINT_TO_POINTER(SMTP_TLS_ENCRYPT),
+	                     test_tls_required);
+	g_test_add_data_func("/plugin/deliver/tls/verify-not-offered",
+	                     GINT_TO_POINTER(SMTP_TLS_VERIFY),
+	                     test_tls_required);
+	g_test_add_func("/plugin/deliver/auth/no-plaintext",
+	                test_auth_no_plaintext);
+	g_test_add_func("/plugin/deliver/auth/plaintext-allowed",
+	                test_auth_plaintext);
+	for (i = 0; i < G_N_ELEMENTS(time_cases); i++) {
+		g_autofree char *path = g_strdup_printf(
+		    "/plugin/deliver/time/%s", time_cases[i].name);
+
+		g_test_add_data_func(path, &time_cases[i], test_time);
+	}
+	g_test_add_func("/plugin/deliver/time/clamp", test_clamp);
 	return g_test_run();
 }

@@ -832,6 +832,210 @@ test_help(Fixture *f, gconstpointer data)
 	g_assert_nonnull(strstr(r.out, "--server"));
 	g_assert_nonnull(strstr(r.out, "[CODE, \"TEXT\", \"X.Y.Z\"]"));
 	g_assert_nonnull(strstr(r.out, "Exit status"));
+	g_assert_nonnull(strstr(r.out, "--tls LEVEL"));
+	g_assert_nonnull(strstr(r.out, "--auth-password-file"));
+	g_assert_nonnull(strstr(r.out, "none for a loopback server"));
+}
+
+/* ------------------------------------------------------------------ */
+/* TLS and AUTH                                                         */
+/* ------------------------------------------------------------------ */
+
+#define USER   "relay-user"
+#define SECRET "n0t-in-argv-9"
+/* base64 of "\0" USER "\0" SECRET (AUTH PLAIN) and of SECRET (LOGIN) */
+#define PLAIN_B64 "AHJlbGF5LXVzZXIAbjB0LWluLWFyZ3YtOQ=="
+#define LOGIN_B64 "bjB0LWluLWFyZ3YtOQ=="
+#define AUTH_SCRIPT                                                            \
+	"ehlo-keywords 8BITMIME SIZE 10485760 AUTH PLAIN LOGIN\n"              \
+	"on AUTH reply 235 2.7.0 Authentication successful\n"
+
+/* Whether @needle occurs anywhere in what the server received. */
+static gboolean
+received(Fixture *f, const char *needle)
+{
+	g_autoptr(GBytes) bytes = fake_smtp_get_received(f->fake);
+	gsize len;
+	const char *data = g_bytes_get_data(bytes, &len);
+
+	return data != NULL &&
+	       memmem(data, len, needle, strlen(needle)) != NULL;
+}
+
+/* A password file of mode @mode in the fixture's directory. */
+static char *
+password_file(Fixture *f, const char *content, int mode)
+{
+	char *path = fixture_file(f, "pw", content);
+
+	g_assert_cmpint(g_chmod(path, mode), ==, 0);
+	return path;
+}
+
+/* No secret in what smtp-send printed. */
+static void
+assert_no_secret(const Run *r)
+{
+	g_assert_null(strstr(r->out, SECRET));
+	g_assert_null(strstr(r->err, SECRET));
+	g_assert_null(strstr(r->out, PLAIN_B64));
+	g_assert_null(strstr(r->err, PLAIN_B64));
+}
+
+/* TLS required, STARTTLS not offered: a TLS error, nothing in clear. */
+static void
+test_tls_required(Fixture *f, gconstpointer data)
+{
+	const char *levels[] = {"encrypt", "verify"};
+	g_autofree char *ca = fixture_file(f, "ca.pem", "not a PEM\n");
+
+	(void)data;
+	for (guint i = 0; i < G_N_ELEMENTS(levels); i++) {
+		g_auto(Run) r = {0};
+
+		run(&r, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+		    "--timeout", "5", "--tls", levels[i], "--ca-file", ca,
+		    NULL);
+		g_assert_cmpint(r.status, !=, 0);
+		g_assert_cmpint(r.status, !=, 64);
+		g_assert_nonnull(strstr(r.err, "kind=tls"));
+		g_assert_true(g_str_has_prefix(r.out, "-: error"));
+	}
+	g_assert_false(got_command(f, "MAIL"));
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 0);
+}
+
+/* --tls none, and the default for 127.0.0.1 and localhost: in clear. */
+static void
+test_tls_none(Fixture *f, gconstpointer data)
+{
+	g_autofree char *local = g_strdup_printf("localhost:%u", f->port);
+	const char *const cases[][3] = {
+	    {f->server, "--tls", "none"},
+	    {f->server, NULL, NULL},
+	    {local, NULL, NULL},
+	};
+
+	(void)data;
+	for (guint i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_auto(Run) r = {0};
+		const char *args[] = {"--server",  cases[i][0], "--from",
+		                      FROM,        "--to",      TO,
+		                      "--timeout", "5",         cases[i][1],
+		                      cases[i][2], NULL};
+
+		run_argv(&r, MSG, args);
+		g_assert_cmpint(r.status, ==, 0);
+	}
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 3);
+	g_assert_false(got_command(f, "STARTTLS"));
+}
+
+/* Credentials over a connection without TLS: refused, none sent. */
+static void
+test_auth_no_plaintext(Fixture *f, gconstpointer data)
+{
+	g_autofree char *pw = password_file(f, SECRET "\n", 0600);
+	g_auto(Run) r = {0};
+
+	(void)data;
+	run(&r, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--timeout", "5", "--auth-user", USER, "--auth-password-file", pw,
+	    NULL);
+	g_assert_cmpint(r.status, !=, 0);
+	g_assert_cmpint(r.status, !=, 64);
+	g_assert_nonnull(strstr(r.err, "kind=auth"));
+	assert_no_secret(&r);
+	g_assert_false(received(f, SECRET));
+	g_assert_false(received(f, PLAIN_B64));
+	g_assert_false(received(f, LOGIN_B64));
+	g_assert_false(got_command(f, "MAIL"));
+}
+
+/* --auth-plaintext: the file's first line is the password on the wire. */
+static void
+test_auth_plaintext(Fixture *f, gconstpointer data)
+{
+	g_autofree char *pw =
+	    password_file(f, SECRET "\r\nnot the password\n", 0400);
+	g_auto(Run) r = {0};
+
+	(void)data;
+	run(&r, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--timeout", "5", "--auth-user", USER, "--auth-password-file", pw,
+	    "--auth-plaintext", NULL);
+	if (r.status != 0 && strstr(r.err, "not implemented") != NULL) {
+		g_test_skip("the library has no AUTH yet");
+		return;
+	}
+	g_assert_cmpint(r.status, ==, 0);
+	assert_no_secret(&r);
+	g_assert_true(got_command(f, "AUTH PLAIN"));
+	g_assert_true(received(f, PLAIN_B64));
+	assert_content(message(f, 0), MSG);
+}
+
+/* Every flag's errors: 64, said on stderr, no connection, no secret. */
+static void
+test_tls_auth_usage(Fixture *f, gconstpointer data)
+{
+	g_autofree char *open_pw = password_file(f, SECRET "\n", 0644);
+	g_autofree char *group_pw = fixture_file(f, "gpw", SECRET "\n");
+	g_autofree char *empty_pw = fixture_file(f, "epw", "\n" SECRET "\n");
+	g_autofree char *ok_pw = fixture_file(f, "okpw", SECRET "\n");
+	g_autofree char *missing = g_build_filename(f->dir, "none", NULL);
+	const struct {
+		const char *args[4];
+		const char *said;
+	} cases[] = {
+	    {{"--tls", "maybe"},
+	     "--tls: expected none, may, encrypt or "
+	     "verify, got \"maybe\""},
+	    {{"--tls", "VERIFY"}, "got \"VERIFY\""},
+	    {{"--tls", ""}, "--tls: "},
+	    {{"--ca-file", missing}, "--ca-file: cannot read "},
+	    {{"--ca-file", f->dir}, "not a regular file"},
+	    {{"--auth-user", USER},
+	     "--auth-user and --auth-password-file go "
+	     "together"},
+	    {{"--auth-password-file", ok_pw}, "go together"},
+	    {{"--auth-user", USER, "--auth-password-file", open_pw},
+	     "mode 0644 lets the group or others read"},
+	    {{"--auth-user", USER, "--auth-password-file", group_pw},
+	     "mode 0640 lets the group or others read"},
+	    {{"--auth-user", USER, "--auth-password-file", missing},
+	     "--auth-password-file: "},
+	    {{"--auth-user", USER, "--auth-password-file", empty_pw},
+	     "the first line (the password) is empty"},
+	    {{"--auth-user", "", "--auth-password-file", ok_pw},
+	     "--auth-user: must not be empty"},
+	    {{"--auth-password", SECRET}, "--auth-password"},
+	};
+
+	(void)data;
+	g_assert_cmpint(g_chmod(group_pw, 0640), ==, 0);
+	g_assert_cmpint(g_chmod(empty_pw, 0600), ==, 0);
+	g_assert_cmpint(g_chmod(ok_pw, 0600), ==, 0);
+	for (guint i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autoptr(GPtrArray) args = g_ptr_array_new();
+		g_auto(Run) r = {0};
+		const char *base[] = {"--server", f->server, "--from",
+		                      FROM,       "--to",    TO};
+
+		for (guint j = 0; j < G_N_ELEMENTS(base); j++)
+			g_ptr_array_add(args, (gpointer)base[j]);
+		for (guint j = 0; j < 4 && cases[i].args[j] != NULL; j++)
+			g_ptr_array_add(args, (gpointer)cases[i].args[j]);
+		g_ptr_array_add(args, NULL);
+		run_argv(&r, MSG, (const char *const *)args->pdata);
+		g_assert_cmpint(r.status, ==, 64);
+		g_assert_cmpstr(r.out, ==, "");
+		g_assert_nonnull(strstr(r.err, cases[i].said));
+		/* The last case has the secret in argv on purpose. */
+		if (i + 1 < G_N_ELEMENTS(cases))
+			assert_no_secret(&r);
+	}
+	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 0);
 }
 
 int
@@ -868,6 +1072,11 @@ main(int argc, char **argv)
 	ADD("server/ipv6-literal", NO_SERVER, test_server_ipv6);
 	ADD("usage/errors", NULL, test_usage);
 	ADD("usage/help", NULL, test_help);
+	ADD("tls/required-not-offered", NULL, test_tls_required);
+	ADD("tls/none-and-loopback-default", NULL, test_tls_none);
+	ADD("auth/refused-without-tls", AUTH_SCRIPT, test_auth_no_plaintext);
+	ADD("auth/plaintext-allowed", AUTH_SCRIPT, test_auth_plaintext);
+	ADD("usage/tls-auth-errors", NULL, test_tls_auth_usage);
 
 	for (guint i = 0; i < G_N_ELEMENTS(error_cases); i++) {
 		g_autofree char *path = g_strdup_printf("/smtp-send/outcome/%s",

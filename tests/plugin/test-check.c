@@ -1,0 +1,236 @@
+/*
+ * test-check.c - `archive-milter --check`, run as a real process
+ *
+ * The configurations under check/ are checked by the built daemon (its
+ * path is the first argument, or $ARCHIVE_MILTER), and its output is
+ * compared line by line: each relay's effective TLS level with the
+ * reason, the WARNING lines about Postfix's milter_content_timeout, and
+ * that no password is ever printed, also when its file is refused.
+ */
+#include <string.h>
+#include <sys/wait.h>
+
+#include <glib.h>
+#include <glib/gstdio.h>
+
+static const char *milter_path;
+
+typedef struct {
+	int status; /* exit status, or -1 when killed */
+	char *out;
+	char *err;
+} Run;
+
+static void
+run_clear(Run *r)
+{
+	g_clear_pointer(&r->out, g_free);
+	g_clear_pointer(&r->err, g_free);
+}
+
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(Run, run_clear)
+
+static void
+run_check(Run *r, const char *conf)
+{
+	const char *argv[] = {milter_path, "-c", conf, "--check", NULL};
+	g_autoptr(GError) error = NULL;
+	int wait_status = 0;
+
+	g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+	             &r->out, &r->err, &wait_status, &error);
+	g_assert_no_error(error);
+	r->status = WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : -1;
+	g_test_message("exit %d\nstdout: %s\nstderr: %s", r->status, r->out,
+	               r->err);
+}
+
+static void
+run_fixture(Run *r, const char *name)
+{
+	g_autofree char *conf =
+	    g_test_build_filename(G_TEST_DIST, "check", name, NULL);
+
+	run_check(r, conf);
+	g_assert_cmpint(r->status, ==, 0);
+}
+
+/* The one line of @out starting with @prefix (which must exist). */
+static char *
+line_starting(const char *out, const char *prefix)
+{
+	g_auto(GStrv) lines = g_strsplit(out, "\n", -1);
+	char *found = NULL;
+	guint i;
+
+	for (i = 0; lines[i] != NULL; i++) {
+		if (g_str_has_prefix(lines[i], prefix)) {
+			g_assert_null(found);
+			found = g_strdup(lines[i]);
+		}
+	}
+	if (found == NULL)
+		g_error("no line starting with \"%s\" in:\n%s", prefix, out);
+	return found;
+}
+
+static guint
+count_lines_with(const char *out, const char *needle)
+{
+	g_auto(GStrv) lines = g_strsplit(out, "\n", -1);
+	guint i, n = 0;
+
+	for (i = 0; lines[i] != NULL; i++)
+		n += strstr(lines[i], needle) != NULL;
+	return n;
+}
+
+static void
+test_tls_levels(void)
+{
+	static const struct {
+		const char *prefix;
+		const char *level;
+	} cases[] = {
+	    {"relay loop4: 127.0.0.1 port 25,", "tls=none (loopback default)"},
+	    {"relay loop4b: 127.9.9.9 port 2525,",
+	     "tls=none (loopback default)"},
+	    {"relay loop6: ::1 port 25,", "tls=none (loopback default)"},
+	    {"relay localname: localhost port 25,",
+	     "tls=none (loopback default)"},
+	    {"relay remote: archive.example port 25,", "tls=verify (default)"},
+	    {"relay remote-ip: 192.0.2.7 port 25,", "tls=verify (default)"},
+	    {"relay forced: 127.0.0.1 port 25,", "tls=encrypt (configured)"},
+	    {"relay clear: archive.example port 25,", "tls=none (configured)"},
+	};
+	g_auto(Run) r = {0};
+	guint i;
+
+	run_fixture(&r, "levels.conf");
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autofree char *line = line_starting(r.out, cases[i].prefix);
+		g_autofree char *want = g_strconcat(cases[i].prefix, " ",
+		                                    cases[i].level, ",", NULL);
+
+		g_assert_true(g_str_has_prefix(line, want));
+		g_assert_nonnull(strstr(line,
+		                        ", timeouts connect=30s command=30s "
+		                        "data=30s final=30s"));
+	}
+	g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==, 0);
+	g_assert_cmpuint(count_lines_with(r.out, "copy_deadline=120s"), ==, 1);
+}
+
+static void
+test_warnings(void)
+{
+	g_auto(Run) r = {0};
+	g_autofree char *slow = NULL;
+	g_autofree char *many = NULL;
+	g_autofree char *deadline = NULL;
+
+	run_fixture(&r, "warn.conf");
+	slow = line_starting(r.out, "WARNING: relay slow:");
+	g_assert_cmpstr(slow, ==,
+	                "WARNING: relay slow: its timeouts allow a copy to "
+	                "take 420s (timeout_connect + timeout_command * 4 + "
+	                "timeout_data + timeout_final), more than Postfix's "
+	                "milter_content_timeout of 300s");
+	many = line_starting(r.out, "WARNING: relay many:");
+	g_assert_nonnull(strstr(many, " take 330s ("));
+	g_assert_nonnull(strstr(many, " timeout_command * 8 "));
+	deadline = line_starting(r.out, "WARNING: copy_deadline");
+	g_assert_cmpstr(deadline, ==,
+	                "WARNING: copy_deadline 300s is not below Postfix's "
+	                "milter_content_timeout of 300s");
+	/* fine (210 s) and edge (exactly 300 s) get none. */
+	g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==, 3);
+	g_assert_cmpuint(count_lines_with(r.out, "milter_content_timeout"), ==,
+	                 3);
+	g_assert_nonnull(strstr(r.out, "timeouts connect=10s command=10s "
+	                               "data=10s final=240s"));
+}
+
+static void
+test_quiet(void)
+{
+	g_auto(Run) r = {0};
+
+	run_fixture(&r, "quiet.conf");
+	g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==, 0);
+	g_assert_cmpuint(count_lines_with(r.out, "copy_deadline=299.999s"), ==,
+	                 1);
+}
+
+#define SECRET "never-print-me-42"
+
+/* The user and the file are shown; the password never, good or bad. */
+static void
+test_no_password(void)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *dir = g_dir_make_tmp("am-check-XXXXXX", &error);
+	g_autofree char *pw = g_build_filename(dir, "pw", NULL);
+	g_autofree char *ca = g_build_filename(dir, "ca.pem", NULL);
+	g_autofree char *conf = g_build_filename(dir, "am.conf", NULL);
+	g_autofree char *text = NULL;
+	g_autofree char *line = NULL;
+	g_autofree char *want = NULL;
+	g_auto(Run) good = {0};
+	g_auto(Run) bad = {0};
+
+	g_assert_no_error(error);
+	g_assert_true(g_file_set_contents(pw, SECRET "\n", -1, NULL));
+	g_assert_cmpint(g_chmod(pw, 0600), ==, 0);
+	g_assert_true(g_file_set_contents(ca, "PEM\n", -1, NULL));
+	text =
+	    g_strdup_printf("[milter]\nsocket = unix:/run/am.sock\n"
+	                    "archive_id_key_file = %s/key\n"
+	                    "[relay:r]\nhost = 192.0.2.7\nca_file = %s\n"
+	                    "auth_user = archiver\nauth_password_file = %s\n"
+	                    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
+	                    dir, ca, pw);
+	g_assert_true(g_file_set_contents(conf, text, -1, NULL));
+
+	run_check(&good, conf);
+	g_assert_cmpint(good.status, ==, 0);
+	line = line_starting(good.out, "relay r:");
+	want = g_strdup_printf(", ca_file=%s, auth_user=archiver, "
+	                       "auth_password_file=%s, auth_plaintext=no",
+	                       ca, pw);
+	g_assert_true(g_str_has_suffix(line, want));
+	g_assert_null(strstr(good.out, SECRET));
+	g_assert_null(strstr(good.err, SECRET));
+
+	/* Readable by others: refused, the mode named, no password. */
+	g_assert_cmpint(g_chmod(pw, 0644), ==, 0);
+	run_check(&bad, conf);
+	g_assert_cmpint(bad.status, ==, 78); /* EX_CONFIG */
+	g_assert_nonnull(strstr(bad.err, "auth_password_file: \""));
+	g_assert_nonnull(strstr(bad.err, "mode 0644"));
+	g_assert_null(strstr(bad.out, SECRET));
+	g_assert_null(strstr(bad.err, SECRET));
+
+	g_unlink(pw);
+	g_unlink(ca);
+	g_unlink(conf);
+	g_rmdir(dir);
+}
+
+int
+main(int argc, char **argv)
+{
+	g_test_init(&argc, &argv, NULL);
+
+	milter_path = argc > 1 ? argv[1] : g_getenv("ARCHIVE_MILTER");
+	if (milter_path == NULL)
+		g_error("usage: %s PATH-TO-ARCHIVE-MILTER (or set "
+		        "ARCHIVE_MILTER)",
+		        argv[0]);
+
+	g_test_add_func("/plugin/check/tls-levels", test_tls_levels);
+	g_test_add_func("/plugin/check/timeout-warnings", test_warnings);
+	g_test_add_func("/plugin/check/quiet", test_quiet);
+	g_test_add_func("/plugin/check/no-password", test_no_password);
+	return g_test_run();
+}
