@@ -30,68 +30,68 @@
 G_BEGIN_DECLS
 
 typedef enum {
-	AM_MODE_JOURNAL,	/* one copy to the archive address(es) */
+	AM_MODE_JOURNAL, /* one copy to the archive address(es) */
 } AmMode;
 
 typedef enum {
-	AM_ON_FAILURE_TEMPFAIL,	/* no copy, no delivery: the default */
-	AM_ON_FAILURE_ACCEPT,	/* deliver the original anyway */
+	AM_ON_FAILURE_TEMPFAIL, /* no copy, no delivery: the default */
+	AM_ON_FAILURE_ACCEPT,   /* deliver the original anyway */
 } AmOnFailure;
 
 typedef struct {
-	char *name;		/* NAME of [relay:NAME] */
-	char *host;		/* name or address literal, no brackets */
-	guint16 port;		/* default 25 */
-	SmtpTimeouts timeouts;	/* ms per stage, never 0: timeout_connect,
+	char *name;               /* NAME of [relay:NAME] */
+	char *host;               /* name or address literal, no brackets */
+	guint16 port;             /* default 25 */
+	SmtpTimeouts timeouts;    /* ms per stage, never 0: timeout_connect,
 				 * _command, _data, _final, else timeout,
 				 * else 30 s each, so that a copy stays well
 				 * inside Postfix's 300 s
 				 * milter_content_timeout */
-	char *helo_name;	/* NULL: the library's default */
-	SmtpTlsLevel tls;	/* effective level */
-	gboolean tls_set;	/* TRUE: from the file; FALSE: the default
+	char *helo_name;          /* NULL: the library's default */
+	SmtpTlsLevel tls;         /* effective level */
+	gboolean tls_set;         /* TRUE: from the file; FALSE: the default
 				 * of smtp_tls_default_for_host() */
-	char *ca_file;		/* absolute, readable at load; NULL: the
+	char *ca_file;            /* absolute, readable at load; NULL: the
 				 * system store */
-	char *auth_user;	/* NULL: no AUTH */
+	char *auth_user;          /* NULL: no AUTH */
 	char *auth_password_file; /* set with auth_user, absolute */
-	char *auth_password;	/* its first line, read at load; wiped on
+	char *auth_password;      /* its first line, read at load; wiped on
 				 * free; never printed or logged */
-	gboolean auth_plaintext; /* AUTH allowed without TLS; default no */
-	guint copy_deadline_ms;	/* [milter] copy_deadline, copied here so
+	gboolean auth_plaintext;  /* AUTH allowed without TLS; default no */
+	guint copy_deadline_ms;   /* [milter] copy_deadline, copied here so
 				 * that a copy request carries it */
 } AmRelay;
 
 typedef struct {
-	char *name;		/* NAME of [rule:NAME] */
+	char *name; /* NAME of [rule:NAME] */
 	AmMode mode;
-	const AmRelay *relay;	/* (transfer none): owned by the config */
-	char **archive_to;	/* NULL-terminated, at least one address */
-	char *archive_from;	/* "" (the null sender) by default */
+	const AmRelay *relay; /* (transfer none): owned by the config */
+	char **archive_to;    /* NULL-terminated, at least one address */
+	char *archive_from;   /* "" (the null sender) by default */
 	AmOnFailure on_failure;
 
 	/* Selection: every criterion set must match; none set: all mail.
 	 * Each GRegex is case-insensitive and NULL when not configured. */
-	GRegex *match_sender;	/* envelope sender, bare address */
+	GRegex *match_sender;    /* envelope sender, bare address */
 	GRegex *match_recipient; /* any envelope recipient */
-	GRegex *match_client;	/* client address, e.g. "127.0.0.1" */
-	GRegex *match_header;	/* any "Name: value" header line, unfolded */
-	guint64 min_size;	/* octets; 0: no limit */
+	GRegex *match_client;    /* client address, e.g. "127.0.0.1" */
+	GRegex *match_header;    /* any "Name: value" header line, unfolded */
+	guint64 min_size;        /* octets; 0: no limit */
 } AmRule;
 
 typedef struct {
-	char *path;		/* the file this was loaded from */
-	char *socket;		/* libmilter socket spec, required */
+	char *path;                /* the file this was loaded from */
+	char *socket;              /* libmilter socket spec, required */
 	char *archive_id_key_file; /* secret for X-Archive-Id; created
 				 * (0600, random) if missing */
-	gsize capture_memory_max; /* octets kept in memory per message
+	gsize capture_memory_max;  /* octets kept in memory per message
 				 * before spilling to a temporary file;
 				 * default 1 MiB */
-	gboolean match_all;	/* every matching rule copies */
-	guint copy_deadline_ms;	/* overall limit of one synchronous copy,
+	gboolean match_all;        /* every matching rule copies */
+	guint copy_deadline_ms;    /* overall limit of one synchronous copy,
 				 * every stage included; default 120 s */
-	GPtrArray *relays;	/* AmRelay *, file order */
-	GPtrArray *rules;	/* AmRule *, file order, at least one */
+	GPtrArray *relays;         /* AmRelay *, file order */
+	GPtrArray *rules;          /* AmRule *, file order, at least one */
 } AmConfig;
 
 /*
@@ -109,8 +109,7 @@ void am_config_free(AmConfig *config);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmConfig, am_config_free)
 
 /* am_config_find_relay: the relay named @name, or NULL. (transfer none) */
-const AmRelay *am_config_find_relay(const AmConfig *config,
-				    const char *name);
+const AmRelay *am_config_find_relay(const AmConfig *config, const char *name);
 
 /* Names for logs and --check output, static strings. */
 const char *am_mode_name(AmMode mode);

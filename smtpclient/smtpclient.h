@@ -42,18 +42,18 @@ G_BEGIN_DECLS
  * smtp_error_get_reply()); code 0 there means no reply was involved.
  */
 typedef enum {
-	SMTP_ERROR_RECIPIENTS_REFUSED,	/* every RCPT refused */
-	SMTP_ERROR_SENDER_REFUSED,	/* MAIL FROM refused */
-	SMTP_ERROR_DATA,		/* DATA or the final "." refused */
-	SMTP_ERROR_HELO,		/* both EHLO and HELO refused */
-	SMTP_ERROR_NOT_SUPPORTED,	/* SMTPUTF8 asked, not advertised */
-	SMTP_ERROR_CONNECT,		/* no connection could be made */
-	SMTP_ERROR_TIMEOUT,		/* a stage's time limit ran out */
-	SMTP_ERROR_DISCONNECTED,	/* 421, or the peer closed */
-	SMTP_ERROR_TLS,			/* STARTTLS or the handshake */
-	SMTP_ERROR_AUTH,		/* authentication failed */
-	SMTP_ERROR_PROTOCOL,		/* malformed or unexpected reply */
-	SMTP_ERROR_INPUT,		/* bad caller input, nothing sent */
+	SMTP_ERROR_RECIPIENTS_REFUSED, /* every RCPT refused */
+	SMTP_ERROR_SENDER_REFUSED,     /* MAIL FROM refused */
+	SMTP_ERROR_DATA,               /* DATA or the final "." refused */
+	SMTP_ERROR_HELO,               /* both EHLO and HELO refused */
+	SMTP_ERROR_NOT_SUPPORTED,      /* SMTPUTF8 asked, not advertised */
+	SMTP_ERROR_CONNECT,            /* no connection could be made */
+	SMTP_ERROR_TIMEOUT,            /* a stage's time limit ran out */
+	SMTP_ERROR_DISCONNECTED,       /* 421, or the peer closed */
+	SMTP_ERROR_TLS,                /* STARTTLS or the handshake */
+	SMTP_ERROR_AUTH,               /* authentication failed */
+	SMTP_ERROR_PROTOCOL,           /* malformed or unexpected reply */
+	SMTP_ERROR_INPUT,              /* bad caller input, nothing sent */
 } SmtpErrorCode;
 
 GQuark smtp_error_quark(void);
@@ -62,9 +62,9 @@ GQuark smtp_error_quark(void);
  * SmtpReply: one server reply.  All strings are owned by the struct.
  */
 typedef struct {
-	int code;		/* 3-digit reply code; 0: no reply */
-	char *enhanced;		/* "X.Y.Z" (RFC 3463) or NULL */
-	char *text;		/* text after code and enhanced code; lines
+	int code;       /* 3-digit reply code; 0: no reply */
+	char *enhanced; /* "X.Y.Z" (RFC 3463) or NULL */
+	char *text;     /* text after code and enhanced code; lines
 				 * of a multi-line reply joined by "\n";
 				 * never NULL ("" when the server sent none) */
 } SmtpReply;
@@ -73,8 +73,8 @@ typedef struct {
  * SmtpRefusal: one refused recipient.  Owned by the array holding it.
  */
 typedef struct {
-	char *recipient;	/* the address as the caller gave it */
-	SmtpReply reply;	/* the server's answer to its RCPT */
+	char *recipient; /* the address as the caller gave it */
+	SmtpReply reply; /* the server's answer to its RCPT */
 } SmtpRefusal;
 
 /*
@@ -162,7 +162,7 @@ void smtp_message_append_data(SmtpMessage *msg, const void *data, gsize len);
  * be dup()ed or stat()ed.
  */
 gboolean smtp_message_append_fd(SmtpMessage *msg, int fd, goffset offset,
-				gint64 len, GError **error);
+                                gint64 len, GError **error);
 
 /* The message size in octets before encoding (what SIZE= announces). */
 guint64 smtp_message_get_size(const SmtpMessage *msg);
@@ -173,10 +173,10 @@ guint64 smtp_message_get_size(const SmtpMessage *msg);
 
 /* TLS levels, named as Postfix names them (smtp_tls_security_level). */
 typedef enum {
-	SMTP_TLS_NONE,		/* never STARTTLS */
-	SMTP_TLS_MAY,		/* STARTTLS when offered, no verification */
-	SMTP_TLS_ENCRYPT,	/* STARTTLS required, no verification */
-	SMTP_TLS_VERIFY,	/* required; chain and host name checked */
+	SMTP_TLS_NONE,    /* never STARTTLS */
+	SMTP_TLS_MAY,     /* STARTTLS when offered, no verification */
+	SMTP_TLS_ENCRYPT, /* STARTTLS required, no verification */
+	SMTP_TLS_VERIFY,  /* required; chain and host name checked */
 } SmtpTlsLevel;
 
 /*
@@ -185,10 +185,10 @@ typedef enum {
  * block, 10 min for the final reply).  0 means "use the default".
  */
 typedef struct {
-	guint connect_ms;	/* TCP connect and the 220 greeting */
-	guint command_ms;	/* each command's reply, each write */
-	guint data_ms;		/* each block of message data written */
-	guint final_ms;		/* the reply to the final "." */
+	guint connect_ms; /* TCP connect and the 220 greeting */
+	guint command_ms; /* each command's reply, each write */
+	guint data_ms;    /* each block of message data written */
+	guint final_ms;   /* the reply to the final "." */
 } SmtpTimeouts;
 
 typedef struct SmtpClient SmtpClient;
@@ -223,7 +223,7 @@ void smtp_client_set_timeouts(SmtpClient *client, const SmtpTimeouts *t);
  * temporary only when the server answered STARTTLS with 4xx.
  */
 void smtp_client_set_tls(SmtpClient *client, SmtpTlsLevel level,
-			 const char *ca_file);
+                         const char *ca_file);
 
 /*
  * AUTH credentials (copied; the password is wiped when replaced or on
@@ -237,7 +237,7 @@ void smtp_client_set_tls(SmtpClient *client, SmtpTlsLevel level,
  * the connection.
  */
 void smtp_client_set_auth(SmtpClient *client, const char *user,
-			  const char *password, gboolean allow_plaintext);
+                          const char *password, gboolean allow_plaintext);
 
 /*
  * smtp_client_connect: connect, read the greeting and say EHLO (or HELO
@@ -263,7 +263,7 @@ const char *smtp_client_get_peer(const SmtpClient *client);
  * NULL, receives the parameters (transfer none) or "".
  */
 gboolean smtp_client_has_extension(const SmtpClient *client,
-				   const char *keyword, const char **param);
+                                   const char *keyword, const char **param);
 
 /*
  * smtp_client_rset: send RSET.  Used between messages and after errors
@@ -288,11 +288,11 @@ typedef struct {
  * with smtp_result_free().
  */
 typedef struct {
-	GPtrArray *refused;	/* SmtpRefusal *, in recipient order; empty
+	GPtrArray *refused;         /* SmtpRefusal *, in recipient order; empty
 				 * when every recipient was accepted */
 	GPtrArray *dropped_options; /* char *: options not advertised by
 				 * the server and therefore not sent */
-	SmtpReply reply;	/* the server's answer to the final "." */
+	SmtpReply reply;            /* the server's answer to the final "." */
 } SmtpResult;
 
 void smtp_result_free(SmtpResult *result);
@@ -324,20 +324,20 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpResult, smtp_result_free)
  * (stage "connect"): to the caller the relay is simply unreachable.
  */
 SmtpResult *smtp_client_sendmail(SmtpClient *client, const char *from,
-				 const char *const *recipients,
-				 SmtpMessage *msg,
-				 const char *const *mail_options,
-				 const char *const *rcpt_options,
-				 GError **error);
+                                 const char *const *recipients,
+                                 SmtpMessage *msg,
+                                 const char *const *mail_options,
+                                 const char *const *rcpt_options,
+                                 GError **error);
 
 /*
  * smtp_client_send: the same with options per recipient (@rcpts,
  * @n_rcpts >= 1), as forwarding with ORCPT= needs.
  */
 SmtpResult *smtp_client_send(SmtpClient *client, const char *from,
-			     const char *const *mail_options,
-			     const SmtpRecipient *rcpts, gsize n_rcpts,
-			     SmtpMessage *msg, GError **error);
+                             const char *const *mail_options,
+                             const SmtpRecipient *rcpts, gsize n_rcpts,
+                             SmtpMessage *msg, GError **error);
 
 /* ------------------------------------------------------------------ */
 /* Helpers shared by the library's users                                */

@@ -85,18 +85,18 @@ typedef struct FakeSmtp FakeSmtp;
 GQuark fake_smtp_error_quark(void);
 
 typedef enum {
-	FAKE_SMTP_ERROR_SCRIPT,	/* a bad script line; the message names it */
-	FAKE_SMTP_ERROR_LISTEN,	/* bad address, port in use, no store dir */
+	FAKE_SMTP_ERROR_SCRIPT, /* a bad script line; the message names it */
+	FAKE_SMTP_ERROR_LISTEN, /* bad address, port in use, no store dir */
 } FakeSmtpError;
 
 /* One message as received. (transfer none) from fake_smtp_get_message */
 typedef struct {
-	char *mail_from;	/* argument of MAIL as sent, e.g.
+	char *mail_from;    /* argument of MAIL as sent, e.g.
 				 * "FROM:<a@b> SIZE=12" */
-	GPtrArray *rcpt_to;	/* char *: arguments of accepted RCPTs */
-	GBytes *wire;		/* DATA payload as received, up to and
+	GPtrArray *rcpt_to; /* char *: arguments of accepted RCPTs */
+	GBytes *wire;       /* DATA payload as received, up to and
 				 * including the final CRLF.CRLF */
-	GBytes *content;	/* the message: un-dot-stuffed, without the
+	GBytes *content;    /* the message: un-dot-stuffed, without the
 				 * final "." line */
 } FakeSmtpMessage;
 
@@ -116,7 +116,7 @@ FakeSmtp *fake_smtp_new(const char *script, GError **error);
  * Returns: the port, or 0 with @error set.
  */
 guint16 fake_smtp_start(FakeSmtp *fake, const char *address,
-			const char *store_dir, GError **error);
+                        const char *store_dir, GError **error);
 
 /*
  * fake_smtp_start_port: as fake_smtp_start, on a fixed @port (0: chosen
@@ -130,9 +130,8 @@ guint16 fake_smtp_start(FakeSmtp *fake, const char *address,
  * stored.
  * Returns: the port, or 0 with @error set.
  */
-guint16 fake_smtp_start_port(FakeSmtp *fake, const char *address,
-			     guint16 port, const char *store_dir,
-			     GError **error);
+guint16 fake_smtp_start_port(FakeSmtp *fake, const char *address, guint16 port,
+                             const char *store_dir, GError **error);
 
 /* fake_smtp_stop: stop listening, close connections, join the threads;
  * returns promptly even while a connection stalls or delays.  What was
