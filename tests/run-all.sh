@@ -120,7 +120,11 @@ for path in sys.argv[3:]:
             line = line.strip()
             if not line:
                 continue
-            result = json.loads(line).get("result", "")
+            try:
+                result = json.loads(line).get("result", "")
+            except ValueError:
+                # A torn or corrupt record must not look green.
+                result = "UNREADABLE"
             if result in ("OK", "EXPECTEDFAIL"):
                 passed += 1
             elif result == "SKIP":
