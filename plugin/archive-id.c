@@ -63,6 +63,25 @@ random_bytes(guint8 *buf, gsize len, GError **error)
 	return FALSE;
 }
 
+/*
+ * The default key lives in /var/lib/archive-milter, which a fresh
+ * machine does not have: make the last directory of @path (0700, it
+ * holds a secret), but never a whole tree, so that a typo in the
+ * configured path fails loudly instead of creating one.
+ */
+static gboolean
+key_dir_create(const char *path, GError **error)
+{
+	g_autofree char *dir = g_path_get_dirname(path);
+
+	if (mkdir(dir, 0700) == 0 || errno == EEXIST)
+		return TRUE;
+	g_set_error(error, AM_ARCHIVE_KEY_ERROR, AM_ARCHIVE_KEY_ERROR_IO,
+	            "cannot create directory %s for the key: %s", dir,
+	            g_strerror(errno));
+	return FALSE;
+}
+
 /* Create @path exclusively, so two starting daemons cannot race. */
 static gboolean
 key_create(const char *path, GError **error)
@@ -72,6 +91,8 @@ key_create(const char *path, GError **error)
 	ssize_t n;
 
 	if (!random_bytes(secret, sizeof(secret), error))
+		return FALSE;
+	if (!key_dir_create(path, error))
 		return FALSE;
 	fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
 	if (fd < 0 && errno == EEXIST)

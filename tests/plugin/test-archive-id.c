@@ -117,6 +117,36 @@ test_key_file(void)
 	g_rmdir(dir);
 }
 
+/* The key's own directory is made (0700) when missing; a deeper
+ * missing tree is an error naming the directory, never created. */
+static void
+test_key_dir(void)
+{
+	g_autofree char *top = g_dir_make_tmp("am-keydir-XXXXXX", NULL);
+	g_autofree char *dir = g_build_filename(top, "lib", NULL);
+	g_autofree char *path = g_build_filename(dir, "key", NULL);
+	g_autofree char *deep = g_build_filename(top, "a", "b", "key", NULL);
+	g_autofree char *deep_dir = g_build_filename(top, "a", NULL);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(AmArchiveKey) key = NULL;
+	struct stat st;
+
+	key = am_archive_key_load(path, &error);
+	g_assert_no_error(error);
+	g_assert_nonnull(key);
+	g_assert_cmpint(g_stat(dir, &st), ==, 0);
+	g_assert_cmpint(st.st_mode & 0777, ==, 0700);
+
+	g_assert_null(am_archive_key_load(deep, &error));
+	g_assert_error(error, AM_ARCHIVE_KEY_ERROR, AM_ARCHIVE_KEY_ERROR_IO);
+	g_assert_nonnull(strstr(error->message, "cannot create directory"));
+	g_assert_false(g_file_test(deep_dir, G_FILE_TEST_EXISTS));
+
+	g_unlink(path);
+	g_rmdir(dir);
+	g_rmdir(top);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -126,5 +156,6 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/archive-id/other-key", test_other_key);
 	g_test_add_func("/plugin/archive-id/modified", test_modified);
 	g_test_add_func("/plugin/archive-id/key-file", test_key_file);
+	g_test_add_func("/plugin/archive-id/key-dir", test_key_dir);
 	return g_test_run();
 }
