@@ -220,6 +220,25 @@ read_reply(SmtpClient *client, guint timeout_ms, const char *stage,
 	return TRUE;
 }
 
+/*
+ * Before we speak, the server has nothing to say.  Bytes waiting here
+ * are a broken server or replies sent ahead for commands not yet sent:
+ * a "250 queued" slipped in behind the 354 would otherwise be read as
+ * the answer to the end of data, and a message never stored would
+ * count as sent.  The stream is out of step for good: close it.
+ */
+static gboolean
+check_quiet(SmtpClient *client, const char *stage, GError **error)
+{
+	if (smtp_conn_is_quiet(client->conn))
+		return TRUE;
+	smtp_set_error(error, SMTP_ERROR_PROTOCOL, stage, NULL,
+	               "unexpected data from %s before %s",
+	               smtp_client_get_peer(client), stage);
+	smtp_client_drop(client);
+	return FALSE;
+}
+
 /* Send @line with CRLF and read its reply; @secret: wipe the copy. */
 static gboolean
 command(SmtpClient *client, const char *stage, const char *line,
@@ -235,6 +254,8 @@ command(SmtpClient *client, const char *stage, const char *line,
 		               "not connected");
 		return FALSE;
 	}
+	if (!check_quiet(client, stage, error))
+		return FALSE;
 	smtp_client_get_timeouts(client, &t);
 	wire = g_strconcat(line, "\r\n", NULL);
 	len = strlen(wire);
@@ -270,6 +291,13 @@ smtp_client_write_data(SmtpClient *client, const void *data, gsize len,
 {
 	SmtpTimeouts t;
 
+	if (client->conn == NULL) {
+		smtp_set_error(error, SMTP_ERROR_DISCONNECTED, "message", NULL,
+		               "not connected");
+		return FALSE;
+	}
+	if (!check_quiet(client, "message", error))
+		return FALSE;
 	smtp_client_get_timeouts(client, &t);
 	if (!smtp_conn_write(client->conn, data, len, t.data_ms, "message",
 	                     error)) {
@@ -587,6 +615,8 @@ smtp_client_write_commands(SmtpClient *client, const char *stage,
 		               "not connected");
 		return FALSE;
 	}
+	if (!check_quiet(client, stage, error))
+		return FALSE;
 	smtp_client_get_timeouts(client, &t);
 	if (!smtp_conn_write(client->conn, data, len, t.command_ms, stage,
 	                     error)) {

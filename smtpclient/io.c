@@ -235,6 +235,23 @@ smtp_conn_has_pending(SmtpConn *conn)
 	return conn->start < conn->end || conn->transport->pending(conn);
 }
 
+gboolean
+smtp_conn_is_quiet(SmtpConn *conn)
+{
+	char c;
+	ssize_t n;
+
+	if (smtp_conn_has_pending(conn))
+		return FALSE;
+	/* Any other transport's pending() has looked at the socket. */
+	if (conn->transport != &plain_transport)
+		return TRUE;
+	do {
+		n = recv(conn->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+	} while (n < 0 && errno == EINTR);
+	return n <= 0;
+}
+
 void
 smtp_conn_set_transport(SmtpConn *conn, const SmtpTransport *transport,
                         gpointer data)

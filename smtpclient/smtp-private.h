@@ -136,6 +136,11 @@ gboolean smtp_conn_read_reply(SmtpConn *conn, guint timeout_ms,
  * before a STARTTLS handshake: such bytes are an injection). */
 gboolean smtp_conn_has_pending(SmtpConn *conn);
 
+/* TRUE when nothing from the server waits: not in our buffer, not in
+ * the transport's, not on the socket (a non-blocking peek).  A closed
+ * socket counts as quiet; the next read finds the close. */
+gboolean smtp_conn_is_quiet(SmtpConn *conn);
+
 /* ------------------------------------------------------------------ */
 /* message.c                                                            */
 /* ------------------------------------------------------------------ */

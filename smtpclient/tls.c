@@ -166,10 +166,25 @@ tls_send(SmtpConn *conn, const void *buf, gsize len, short *want)
 	return tls_result(ssl, rc > 0 ? (int)n : rc, want);
 }
 
+/*
+ * Application data waiting, decrypted or still on the socket.  The raw
+ * socket cannot tell: under TLS 1.3 it also carries session tickets
+ * and other records that are no reply, so peek through OpenSSL (the
+ * socket is non-blocking; "nothing yet" is just WANT_READ).
+ */
 static gboolean
 tls_pending(SmtpConn *conn)
 {
-	return SSL_pending(smtp_conn_get_transport_data(conn)) > 0;
+	SSL *ssl = smtp_conn_get_transport_data(conn);
+	size_t n = 0;
+	char c;
+	int rc;
+
+	if (SSL_pending(ssl) > 0)
+		return TRUE;
+	rc = SSL_peek_ex(ssl, &c, 1, &n);
+	ERR_clear_error();
+	return rc > 0 && n > 0;
 }
 
 /* Best-effort close_notify: one non-blocking try, no waiting for the
@@ -317,16 +332,7 @@ handshake_error(SSL *ssl, int rc, SmtpTlsLevel level, const char *host,
 static gboolean
 injected(SmtpConn *conn)
 {
-	char c;
-	ssize_t n;
-
-	if (smtp_conn_has_pending(conn))
-		return TRUE;
-	do {
-		n = recv(smtp_conn_get_fd(conn), &c, 1,
-		         MSG_PEEK | MSG_DONTWAIT);
-	} while (n < 0 && errno == EINTR);
-	return n > 0;
+	return !smtp_conn_is_quiet(conn);
 }
 
 static SSL_CTX *

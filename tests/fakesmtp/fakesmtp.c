@@ -55,13 +55,14 @@ typedef enum {
 	VERB_STARTTLS,
 	VERB_AUTH,
 	VERB_DOT,
+	VERB_OTHER,
 	N_VERBS,
 	VERB_UNKNOWN = N_VERBS,
 } Verb;
 
 static const char *const verb_names[N_VERBS] = {
     "EHLO", "HELO", "MAIL",     "RCPT", "DATA", "RSET",
-    "NOOP", "QUIT", "STARTTLS", "AUTH", "DOT",
+    "NOOP", "QUIT", "STARTTLS", "AUTH", "DOT", "OTHER",
 };
 
 typedef enum {
@@ -1028,8 +1029,8 @@ conn_command(Conn *c, const char *line, gsize len)
 	const char *text;
 	int code;
 
-	/* DOT is a rule name, never a command a client can send. */
-	if (verb == VERB_DOT)
+	/* DOT and OTHER are rule names, never commands a client sends. */
+	if (verb == VERB_DOT || verb == VERB_OTHER)
 		verb = VERB_UNKNOWN;
 
 	g_mutex_lock(&c->fake->lock);
@@ -1041,6 +1042,13 @@ conn_command(Conn *c, const char *line, gsize len)
 		rule = conn_find_rule(c, verb, arg, arg_len);
 		if (rule != NULL)
 			return conn_run_rule(c, rule, verb, arg, NULL);
+	} else {
+		/* A line of no known verb, e.g. an AUTH continuation: OTHER
+		 * rules match their REGEX against the whole line. */
+		c->counts[VERB_OTHER]++;
+		rule = conn_find_rule(c, VERB_OTHER, line, len);
+		if (rule != NULL)
+			return conn_run_rule(c, rule, VERB_OTHER, line, NULL);
 	}
 
 	if (verb == VERB_EHLO) {

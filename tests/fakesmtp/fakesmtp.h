@@ -19,7 +19,10 @@
  *                           for the Nth (1-based, counted per connection;
  *                           omitted: every) command VERB (EHLO, HELO,
  *                           MAIL, RCPT, DATA, RSET, NOOP, QUIT, STARTTLS,
- *                           AUTH, or DOT for the end of message data)
+ *                           AUTH, DOT for the end of message data, or
+ *                           OTHER for any line of no known verb, such
+ *                           as an AUTH continuation, whose REGEX is
+ *                           matched against the whole line)
  *                           whose argument matches REGEX (optional)
  *   ACTION is one of:
  *     reply REPLY           send REPLY (see below)

@@ -576,8 +576,9 @@ static const FakeCase fake_cases[] = {
      "user", TRUE, FALSE, 0, NULL, NULL, FALSE,
      "EHLO client.example|AUTH PLAIN AHVzZXIAc2VjcmV0|" SENT},
     {"/smtpclient/auth/login",
-     KW_AUTH("AUTH LOGIN") "on AUTH raw 334 VXNlcm5hbWU6\\r\\n"
-                           "334 UGFzc3dvcmQ6\\r\\n235 2.7.0 ok\\r\\n\n",
+     KW_AUTH("AUTH LOGIN") "on AUTH reply 334 VXNlcm5hbWU6\n"
+                           "on OTHER /^dXNlcg==$/ reply 334 UGFzc3dvcmQ6\n"
+                           "on OTHER /^c2VjcmV0$/ reply 235 2.7.0 ok\n",
      SMTP_TLS_NONE, "user", TRUE, TRUE, 0, NULL, NULL, FALSE,
      "EHLO client.example|AUTH LOGIN|dXNlcg==|c2VjcmV0"},
     {"/smtpclient/auth/535",
