@@ -16,22 +16,9 @@
 
 #include <glib/gstdio.h>
 
-#include "fakesmtp.h"
-#include "smtp-private.h"
+#include "test-common.h"
 
 #define FROM "sender@example.org"
-
-typedef struct {
-	FakeSmtp *fake;
-	guint16 port;
-	SmtpClient *client;
-} Fixture;
-
-/* Every test's data starts like this: the fixture reads the script. */
-typedef struct {
-	const char *name;
-	const char *script; /* for the fake server; NULL: plain */
-} CaseHead;
 
 /* CaseHeads of the tests that are not in a table, freed at exit. */
 static GPtrArray *plain_cases;
@@ -40,25 +27,9 @@ static void
 fixture_set_up(Fixture *f, gconstpointer data)
 {
 	const CaseHead *head = data;
-	g_autoptr(GError) error = NULL;
 	SmtpTimeouts t = {5000, 5000, 5000, 5000};
 
-	f->fake = fake_smtp_new(head->script, &error);
-	g_assert_no_error(error);
-	f->port = fake_smtp_start(f->fake, "127.0.0.1", NULL, &error);
-	g_assert_no_error(error);
-	g_assert_cmpuint(f->port, !=, 0);
-	f->client = smtp_client_new("127.0.0.1", f->port);
-	smtp_client_set_helo_name(f->client, "client.example");
-	smtp_client_set_timeouts(f->client, &t);
-}
-
-static void
-fixture_tear_down(Fixture *f, gconstpointer data)
-{
-	(void)data;
-	smtp_client_free(f->client);
-	fake_smtp_free(f->fake);
+	fixture_start(f, head->script, &t);
 }
 
 /* Send @body (BYTES) to the NULL-terminated @rcpts. */
@@ -81,20 +52,6 @@ send_simple(Fixture *f, GError **error)
 
 	return send_body(f, FROM, rcpts, "Subject: x\r\n\r\nhi\r\n", NULL, NULL,
 	                 error);
-}
-
-/* How many commands the server got that start with @prefix. */
-static guint
-count_commands(Fixture *f, const char *prefix)
-{
-	g_autoptr(GPtrArray) cmds = fake_smtp_get_commands(f->fake);
-	guint n = 0;
-
-	for (guint i = 0; i < cmds->len; i++) {
-		if (g_str_has_prefix(g_ptr_array_index(cmds, i), prefix))
-			n++;
-	}
-	return n;
 }
 
 /* The commands as one string, "|"-separated, for exact comparisons. */
@@ -304,6 +261,21 @@ static const FailCase fail_cases[] = {
     {"garbage", "on MAIL raw hello there\\r\\n", SMTP_ERROR_PROTOCOL, "mail", 0,
      FALSE, FALSE, FALSE},
     {"garbage-in-multiline", "on RCPT raw 250-ok\\r\\n999 x\\r\\n",
+     SMTP_ERROR_PROTOCOL, "rcpt", 0, FALSE, FALSE, FALSE},
+    /* Replies sent ahead of their commands: a forged "250 queued"
+     * behind the 354 must never pass for the end-of-data reply. */
+    {"reply-ahead-of-dot",
+     "on DATA raw 354 go\\r\\n250 2.0.0 Ok: queued as FORGED\\r\\n\n"
+     "on DOT stall",
+     SMTP_ERROR_PROTOCOL, "message", 0, FALSE, FALSE, FALSE},
+    {"reply-ahead-of-dot-pipelined",
+     "ehlo-keywords PIPELINING 8BITMIME SIZE 10485760\n"
+     "on DATA raw 354 go\\r\\n250 2.0.0 Ok: queued as FORGED\\r\\n\n"
+     "on DOT stall",
+     SMTP_ERROR_PROTOCOL, "message", 0, FALSE, FALSE, FALSE},
+    {"replies-ahead-of-rcpt",
+     "on MAIL raw 250 ok\\r\\n250 ok\\r\\n354 go\\r\\n250 queued\\r\\n\n"
+     "on RCPT stall",
      SMTP_ERROR_PROTOCOL, "rcpt", 0, FALSE, FALSE, FALSE},
     {"rset-refused",
      "on MAIL reply 550 5.7.1 no\non RSET reply 502 5.5.1 no RSET",
@@ -1051,15 +1023,8 @@ static void
 add_plain(const char *path, const char *script,
           void (*func)(Fixture *, gconstpointer))
 {
-	CaseHead *head = g_new0(CaseHead, 1);
-	g_autofree char *full =
-	    g_strconcat("/smtpclient/sendmail/", path, NULL);
-
-	head->name = path;
-	head->script = script;
-	g_ptr_array_add(plain_cases, head);
-	g_test_add(full, Fixture, head, fixture_set_up, func,
-	           fixture_tear_down);
+	add_plain_case(plain_cases, "/smtpclient/sendmail/", path, script,
+	               fixture_set_up, func);
 }
 
 #define ADD(path, script, func) add_plain(path, script, func)
