@@ -9,7 +9,8 @@
  * and service managers wait for.  Without -f the daemon detaches and
  * logs to syslog (LOG_MAIL).
  *
- * Known limits: XXX: no SIGUSR1 reload and no privilege drop yet
+ * Known limits: XXX: no SIGUSR1 reload (the signal is ignored, not
+ * fatal) and no privilege drop yet
  * (DESIGN.md section 3 and 4); run it as the user that owns the key
  * file.  libmilter's own signal thread takes SIGHUP, SIGINT and SIGTERM
  * as requests to stop.
@@ -318,6 +319,10 @@ main(int argc, char **argv)
 
 	/* A relay that closes mid-write must give EPIPE, not kill us. */
 	signal(SIGPIPE, SIG_IGN);
+	/* DESIGN.md names SIGUSR1 as "reload": until reload exists, an
+	 * operator who sends it must not take the mail flow down with
+	 * the default action, which is to terminate. */
+	signal(SIGUSR1, SIG_IGN);
 
 	/* --check ends here; the path is freed on every way out, as the
 	 * tests run the daemon under LeakSanitizer. */

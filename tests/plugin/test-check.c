@@ -7,6 +7,7 @@
  * reason, the WARNING lines about Postfix's milter_content_timeout, and
  * that no password is ever printed, also when its file is refused.
  */
+#include <signal.h>
 #include <string.h>
 #include <sys/wait.h>
 
@@ -217,6 +218,55 @@ test_no_password(void)
 	g_rmdir(dir);
 }
 
+/*
+ * SIGUSR1 (DESIGN.md: reload, not implemented yet) must not stop a
+ * running daemon: it would take every message down to a tempfail.
+ */
+static void
+test_sigusr1(void)
+{
+	g_autofree char *dir = g_dir_make_tmp("am-usr1-XXXXXX", NULL);
+	g_autofree char *conf = g_build_filename(dir, "a.conf", NULL);
+	g_autofree char *sock = g_build_filename(dir, "sock", NULL);
+	g_autofree char *key = g_build_filename(dir, "key", NULL);
+	g_autofree char *text = NULL;
+	const char *argv[] = {milter_path, "-c", conf, "-f", NULL};
+	g_autoptr(GError) error = NULL;
+	GPid pid;
+	int status = 0;
+
+	text =
+	    g_strdup_printf("[milter]\nsocket = unix:%s\n"
+	                    "archive_id_key_file = %s\n"
+	                    "[relay:r]\nhost = 127.0.0.1\nport = 9\n"
+	                    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
+	                    sock, key);
+	g_assert_true(g_file_set_contents(conf, text, -1, NULL));
+	g_spawn_async(NULL, (char **)argv, NULL,
+	              G_SPAWN_DO_NOT_REAP_CHILD | G_SPAWN_STDERR_TO_DEV_NULL,
+	              NULL, NULL, &pid, &error);
+	g_assert_no_error(error);
+
+	/* Listening: the socket file is there. */
+	for (int i = 0; i < 100 && !g_file_test(sock, G_FILE_TEST_EXISTS); i++)
+		g_usleep(50000);
+	g_assert_true(g_file_test(sock, G_FILE_TEST_EXISTS));
+
+	kill(pid, SIGUSR1);
+	g_usleep(300000);
+	g_assert_cmpint(waitpid(pid, &status, WNOHANG), ==, 0);
+
+	/* SIGTERM still stops it (libmilter takes a few seconds). */
+	kill(pid, SIGTERM);
+	g_assert_cmpint(waitpid(pid, &status, 0), ==, pid);
+	g_assert_true(WIFEXITED(status));
+	g_spawn_close_pid(pid);
+	g_unlink(sock);
+	g_unlink(key);
+	g_unlink(conf);
+	g_rmdir(dir);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -232,5 +282,6 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/check/timeout-warnings", test_warnings);
 	g_test_add_func("/plugin/check/quiet", test_quiet);
 	g_test_add_func("/plugin/check/no-password", test_no_password);
+	g_test_add_func("/plugin/daemon/sigusr1", test_sigusr1);
 	return g_test_run();
 }
