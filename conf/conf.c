@@ -34,13 +34,9 @@
  * by --check and not by the first copy; a later change to either file
  * takes effect only when the configuration is loaded again.
  */
-#include <errno.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/un.h>
-#include <unistd.h>
 
 #include "conf.h"
 
@@ -785,24 +781,15 @@ static void
 load_ca_file(Loader *l, const char *g, AmRelay *r)
 {
 	g_autofree char *v = get(l, g, "ca_file");
-	const char *why = NULL;
-	struct stat st;
-	int fd;
+	g_autoptr(GError) why = NULL;
 
 	if (!absolute_path(l, g, "ca_file", v))
 		return;
-	fd = open(v, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-	if (fd < 0 || fstat(fd, &st) != 0)
-		why = g_strerror(errno);
-	else if (!S_ISREG(st.st_mode))
-		why = "not a regular file";
-	if (fd >= 0)
-		close(fd);
-	if (why != NULL)
-		add_error(l, key_line(l, g, "ca_file"), g, "ca_file",
-		          "\"%s\": cannot read: %s", v, why);
-	else
+	if (smtp_ca_file_check(v, &why))
 		r->ca_file = g_steal_pointer(&v);
+	else
+		add_error(l, key_line(l, g, "ca_file"), g, "ca_file",
+		          "\"%s\": cannot read: %s", v, why->message);
 }
 
 static gboolean

@@ -249,23 +249,12 @@ parse_tls(const Options *opt, const char *host, SmtpTlsLevel *level,
 static gboolean
 check_ca_file(const char *path, GError **error)
 {
-	struct stat st;
-	const char *why = NULL;
-	int fd;
+	g_autoptr(GError) why = NULL;
 
-	if (path == NULL)
-		return TRUE;
-	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-	if (fd < 0 || fstat(fd, &st) != 0)
-		why = g_strerror(errno);
-	else if (!S_ISREG(st.st_mode))
-		why = "not a regular file";
-	if (fd >= 0)
-		close(fd);
-	if (why == NULL)
+	if (path == NULL || smtp_ca_file_check(path, &why))
 		return TRUE;
 	g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-	            "--ca-file: cannot read %s: %s", path, why);
+	            "--ca-file: cannot read %s: %s", path, why->message);
 	return FALSE;
 }
 
@@ -529,6 +518,27 @@ has_text(const char *s)
 /* ------------------------------------------------------------------ */
 
 /*
+ * The escapes JSON and the terminal share: the backslash, LF, CR and
+ * TAB; NULL for any other character.
+ */
+static const char *
+common_escape(gunichar c)
+{
+	switch (c) {
+	case '\\':
+		return "\\\\";
+	case '\n':
+		return "\\n";
+	case '\r':
+		return "\\r";
+	case '\t':
+		return "\\t";
+	default:
+		return NULL;
+	}
+}
+
+/*
  * Append @s as a JSON string.  Bytes that are not valid UTF-8 become
  * U+FFFD so that the line stays valid JSON whatever the server sent;
  * U+2028 and U+2029 are escaped for JavaScript consumers.
@@ -546,7 +556,7 @@ json_append_string(GString *out, const char *s)
 	g_string_append_c(out, '"');
 	while (s < end) {
 		gunichar c = g_utf8_get_char_validated(s, end - s);
-		const char *next;
+		const char *next, *esc;
 
 		if (c == (gunichar)-1 || c == (gunichar)-2) {
 			g_string_append(out, "\\ufffd");
@@ -554,16 +564,9 @@ json_append_string(GString *out, const char *s)
 			continue;
 		}
 		next = g_utf8_next_char(s);
-		if (c == '"')
-			g_string_append(out, "\\\"");
-		else if (c == '\\')
-			g_string_append(out, "\\\\");
-		else if (c == '\n')
-			g_string_append(out, "\\n");
-		else if (c == '\r')
-			g_string_append(out, "\\r");
-		else if (c == '\t')
-			g_string_append(out, "\\t");
+		esc = c == '"' ? "\\\"" : common_escape(c);
+		if (esc != NULL)
+			g_string_append(out, esc);
 		else if (c < 0x20 || c == 0x7f || c == 0x2028 || c == 0x2029)
 			g_string_append_printf(out, "\\u%04x", c);
 		else
@@ -682,7 +685,7 @@ plain_append(GString *out, const char *s)
 
 	while (s < end) {
 		gunichar c = g_utf8_get_char_validated(s, end - s);
-		const char *next;
+		const char *next, *esc;
 
 		if (c == (gunichar)-1 || c == (gunichar)-2) {
 			g_string_append_printf(out, "\\x%02x",
@@ -691,14 +694,9 @@ plain_append(GString *out, const char *s)
 			continue;
 		}
 		next = g_utf8_next_char(s);
-		if (c == '\\')
-			g_string_append(out, "\\\\");
-		else if (c == '\n')
-			g_string_append(out, "\\n");
-		else if (c == '\r')
-			g_string_append(out, "\\r");
-		else if (c == '\t')
-			g_string_append(out, "\\t");
+		esc = common_escape(c);
+		if (esc != NULL)
+			g_string_append(out, esc);
 		else if (c < 0x20 || (c >= 0x7f && c <= 0x9f))
 			g_string_append_printf(out, "\\x%02x", c);
 		else

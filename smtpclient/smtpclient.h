@@ -379,6 +379,18 @@ gboolean smtp_tls_level_from_name(const char *name, SmtpTlsLevel *level);
  */
 char *smtp_password_file_read(const char *path, GError **error);
 
+/**
+ * smtp_ca_file_check: whether @path can be opened for reading and is a
+ * regular file, so that a wrong CA file shows when it is configured
+ * and not as a failed handshake at the first connection.
+ * Returns: TRUE if so.  FALSE with @error in G_FILE_ERROR otherwise:
+ * the code from errno when open() or fstat() fails, else
+ * G_FILE_ERROR_INVAL; the message is only the reason (the strerror()
+ * text, or "not a regular file"), without @path, so callers prefix the
+ * path and the setting themselves.
+ */
+gboolean smtp_ca_file_check(const char *path, GError **error);
+
 /* smtp_password_free: wipe and free a password; NULL is ignored. */
 void smtp_password_free(char *password);
 

@@ -126,6 +126,33 @@ open_password_file(const char *path, GError **error)
 	return fd;
 }
 
+gboolean
+smtp_ca_file_check(const char *path, GError **error)
+{
+	struct stat st;
+	int fd, saved;
+
+	g_return_val_if_fail(path != NULL, FALSE);
+
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	if (fd < 0 || fstat(fd, &st) != 0) {
+		saved = errno;
+		g_set_error_literal(error, G_FILE_ERROR,
+		                    g_file_error_from_errno(saved),
+		                    g_strerror(saved));
+		if (fd >= 0)
+			close(fd);
+		return FALSE;
+	}
+	close(fd);
+	if (!S_ISREG(st.st_mode)) {
+		g_set_error_literal(error, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+		                    "not a regular file");
+		return FALSE;
+	}
+	return TRUE;
+}
+
 /* Read up to @size bytes; -1 with errno on error. */
 static gssize
 read_some(int fd, char *buf, gsize size)

@@ -62,7 +62,7 @@ typedef enum {
 
 static const char *const verb_names[N_VERBS] = {
     "EHLO", "HELO", "MAIL",     "RCPT", "DATA", "RSET",
-    "NOOP", "QUIT", "STARTTLS", "AUTH", "DOT", "OTHER",
+    "NOOP", "QUIT", "STARTTLS", "AUTH", "DOT",  "OTHER",
 };
 
 typedef enum {

@@ -18,8 +18,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "fakesmtp.h"
-#include "smtp-private.h"
+#include "test-common.h"
 
 #define FROM          "sender@example.org"
 #define PIPE_KEYWORDS "ehlo-keywords PIPELINING 8BITMIME SIZE 1000000\n"
@@ -32,18 +31,6 @@
 	"RCPT TO:<b@x.example>\r\n"                                            \
 	"DATA\r\n"
 #define BODY_WIRE "hi\r\n.\r\n"
-
-typedef struct {
-	FakeSmtp *fake;
-	guint16 port;
-	SmtpClient *client;
-} Fixture;
-
-/* Every test's data starts like this: the fixture reads the script. */
-typedef struct {
-	const char *name;
-	const char *script;
-} CaseHead;
 
 static GPtrArray *plain_cases;
 
@@ -104,24 +91,9 @@ static void
 fixture_set_up(Fixture *f, gconstpointer data)
 {
 	const CaseHead *head = data;
-	g_autoptr(GError) error = NULL;
 	SmtpTimeouts t = {5000, 1000, 5000, 5000};
 
-	f->fake = fake_smtp_new(head->script, &error);
-	g_assert_no_error(error);
-	f->port = fake_smtp_start(f->fake, "127.0.0.1", NULL, &error);
-	g_assert_no_error(error);
-	f->client = smtp_client_new("127.0.0.1", f->port);
-	smtp_client_set_helo_name(f->client, "client.example");
-	smtp_client_set_timeouts(f->client, &t);
-}
-
-static void
-fixture_tear_down(Fixture *f, gconstpointer data)
-{
-	(void)data;
-	smtp_client_free(f->client);
-	fake_smtp_free(f->fake);
+	fixture_start(f, head->script, &t);
 }
 
 static SmtpResult *
@@ -150,19 +122,6 @@ received(Fixture *f, gsize min_len)
 			return g_strndup(p != NULL ? p : "", len);
 		g_usleep(10000);
 	}
-}
-
-static guint
-count_commands(Fixture *f, const char *prefix)
-{
-	g_autoptr(GPtrArray) cmds = fake_smtp_get_commands(f->fake);
-	guint n = 0;
-
-	for (guint i = 0; i < cmds->len; i++) {
-		if (g_str_has_prefix(g_ptr_array_index(cmds, i), prefix))
-			n++;
-	}
-	return n;
 }
 
 static void
@@ -619,15 +578,8 @@ static void
 add_plain(const char *path, const char *script,
           void (*func)(Fixture *, gconstpointer))
 {
-	CaseHead *head = g_new0(CaseHead, 1);
-	g_autofree char *full =
-	    g_strconcat("/smtpclient/pipelining/", path, NULL);
-
-	head->name = path;
-	head->script = script;
-	g_ptr_array_add(plain_cases, head);
-	g_test_add(full, Fixture, head, fixture_set_up, func,
-	           fixture_tear_down);
+	add_plain_case(plain_cases, "/smtpclient/pipelining/", path, script,
+	               fixture_set_up, func);
 }
 
 int
