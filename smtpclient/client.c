@@ -239,6 +239,31 @@ check_quiet(SmtpClient *client, const char *stage, GError **error)
 	return FALSE;
 }
 
+static gboolean
+require_conn(SmtpClient *client, const char *stage, GError **error)
+{
+	if (client->conn != NULL)
+		return TRUE;
+	smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage, NULL,
+	               "not connected");
+	return FALSE;
+}
+
+/* Every write to the server: connected, quiet, then @data within
+ * @timeout_ms.  A failed write leaves the stream unusable: close. */
+static gboolean
+write_out(SmtpClient *client, const char *stage, const void *data, gsize len,
+          guint timeout_ms, GError **error)
+{
+	if (!require_conn(client, stage, error) ||
+	    !check_quiet(client, stage, error))
+		return FALSE;
+	if (smtp_conn_write(client->conn, data, len, timeout_ms, stage, error))
+		return TRUE;
+	smtp_client_drop(client);
+	return FALSE;
+}
+
 /* Send @line with CRLF and read its reply; @secret: wipe the copy. */
 static gboolean
 command(SmtpClient *client, const char *stage, const char *line,
@@ -249,25 +274,15 @@ command(SmtpClient *client, const char *stage, const char *line,
 	SmtpTimeouts t;
 	gboolean ok;
 
-	if (client->conn == NULL) {
-		smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage, NULL,
-		               "not connected");
-		return FALSE;
-	}
-	if (!check_quiet(client, stage, error))
-		return FALSE;
 	smtp_client_get_timeouts(client, &t);
 	wire = g_strconcat(line, "\r\n", NULL);
 	len = strlen(wire);
-	ok = smtp_conn_write(client->conn, wire, len, t.command_ms, stage,
-	                     error);
+	ok = write_out(client, stage, wire, len, t.command_ms, error);
 	if (secret)
 		explicit_bzero(wire, len);
 	g_free(wire);
-	if (!ok) {
-		smtp_client_drop(client);
+	if (!ok)
 		return FALSE;
-	}
 	return read_reply(client, t.command_ms, stage, reply, error);
 }
 
@@ -291,20 +306,8 @@ smtp_client_write_data(SmtpClient *client, const void *data, gsize len,
 {
 	SmtpTimeouts t;
 
-	if (client->conn == NULL) {
-		smtp_set_error(error, SMTP_ERROR_DISCONNECTED, "message", NULL,
-		               "not connected");
-		return FALSE;
-	}
-	if (!check_quiet(client, "message", error))
-		return FALSE;
 	smtp_client_get_timeouts(client, &t);
-	if (!smtp_conn_write(client->conn, data, len, t.data_ms, "message",
-	                     error)) {
-		smtp_client_drop(client);
-		return FALSE;
-	}
-	return TRUE;
+	return write_out(client, "message", data, len, t.data_ms, error);
 }
 
 gboolean
@@ -610,20 +613,8 @@ smtp_client_write_commands(SmtpClient *client, const char *stage,
 {
 	SmtpTimeouts t;
 
-	if (client->conn == NULL) {
-		smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage, NULL,
-		               "not connected");
-		return FALSE;
-	}
-	if (!check_quiet(client, stage, error))
-		return FALSE;
 	smtp_client_get_timeouts(client, &t);
-	if (!smtp_conn_write(client->conn, data, len, t.command_ms, stage,
-	                     error)) {
-		smtp_client_drop(client);
-		return FALSE;
-	}
-	return TRUE;
+	return write_out(client, stage, data, len, t.command_ms, error);
 }
 
 gboolean
@@ -632,11 +623,8 @@ smtp_client_read_reply(SmtpClient *client, const char *stage, SmtpReply *reply,
 {
 	SmtpTimeouts t;
 
-	if (client->conn == NULL) {
-		smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage, NULL,
-		               "not connected");
+	if (!require_conn(client, stage, error))
 		return FALSE;
-	}
 	smtp_client_get_timeouts(client, &t);
 	return read_reply(client, t.command_ms, stage, reply, error);
 }
