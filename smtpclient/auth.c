@@ -27,16 +27,6 @@ typedef enum {
 	MECH_LOGIN,
 } Mech;
 
-/* Wipe and free a string that held a secret. */
-static void
-wipe_str(char *s)
-{
-	if (s == NULL)
-		return;
-	explicit_bzero(s, strlen(s));
-	g_free(s);
-}
-
 /* PLAIN when offered, else LOGIN; @offered is the AUTH parameter list
  * of the EHLO reply. */
 static Mech
@@ -63,9 +53,9 @@ send_b64(SmtpClient *client, const char *prefix, const void *data, gsize len,
 	char *line = g_strconcat(prefix, b64, NULL);
 	gboolean ok;
 
-	wipe_str(b64);
+	smtp_password_free(b64);
 	ok = smtp_client_command_secret(client, "auth", line, reply, error);
-	wipe_str(line);
+	smtp_password_free(line);
 	return ok;
 }
 

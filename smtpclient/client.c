@@ -63,15 +63,6 @@ smtp_client_new(const char *host, guint16 port)
 	return client;
 }
 
-static void
-wipe_free(char *secret)
-{
-	if (secret == NULL)
-		return;
-	explicit_bzero(secret, strlen(secret));
-	g_free(secret);
-}
-
 void
 smtp_client_free(SmtpClient *client)
 {
@@ -82,7 +73,7 @@ smtp_client_free(SmtpClient *client)
 	g_free(client->helo_name);
 	g_free(client->ca_file);
 	g_free(client->auth_user);
-	wipe_free(client->auth_password);
+	smtp_password_free(client->auth_password);
 	g_free(client->peer);
 	g_hash_table_unref(client->ext);
 	g_free(client);
@@ -114,7 +105,7 @@ smtp_client_set_auth(SmtpClient *client, const char *user, const char *password,
                      gboolean allow_plaintext)
 {
 	g_free(client->auth_user);
-	wipe_free(client->auth_password);
+	smtp_password_free(client->auth_password);
 	client->auth_user = g_strdup(user);
 	client->auth_password = g_strdup(password);
 	client->auth_plaintext = allow_plaintext;

@@ -391,7 +391,8 @@ char *smtp_password_file_read(const char *path, GError **error);
  */
 gboolean smtp_ca_file_check(const char *path, GError **error);
 
-/* smtp_password_free: wipe and free a password; NULL is ignored. */
+/* smtp_password_free: wipe and free a password, or any string that
+ * held a secret; NULL is ignored. */
 void smtp_password_free(char *password);
 
 G_END_DECLS
