@@ -221,7 +221,7 @@ read_reply(SmtpClient *client, guint timeout_ms, const char *stage,
 static gboolean
 check_quiet(SmtpClient *client, const char *stage, GError **error)
 {
-	if (smtp_conn_is_quiet(client->conn))
+	if (!smtp_conn_has_pending(client->conn))
 		return TRUE;
 	smtp_set_error(error, SMTP_ERROR_PROTOCOL, stage, NULL,
 	               "unexpected data from %s before %s",

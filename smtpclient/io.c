@@ -55,11 +55,19 @@ plain_send(SmtpConn *conn, const void *buf, gsize len, short *want)
 	return send(conn->fd, buf, len, MSG_NOSIGNAL);
 }
 
+/* A non-blocking peek: poll() could say the same, but a peek also
+ * tells a closed socket (quiet: the next read finds the close) from
+ * one with data. */
 static gboolean
 plain_pending(SmtpConn *conn)
 {
-	(void)conn;
-	return FALSE;
+	char c;
+	ssize_t n;
+
+	do {
+		n = recv(conn->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+	} while (n < 0 && errno == EINTR);
+	return n > 0;
 }
 
 static void
@@ -233,23 +241,6 @@ gboolean
 smtp_conn_has_pending(SmtpConn *conn)
 {
 	return conn->start < conn->end || conn->transport->pending(conn);
-}
-
-gboolean
-smtp_conn_is_quiet(SmtpConn *conn)
-{
-	char c;
-	ssize_t n;
-
-	if (smtp_conn_has_pending(conn))
-		return FALSE;
-	/* Any other transport's pending() has looked at the socket. */
-	if (conn->transport != &plain_transport)
-		return TRUE;
-	do {
-		n = recv(conn->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-	} while (n < 0 && errno == EINTR);
-	return n <= 0;
 }
 
 void

@@ -89,8 +89,9 @@ typedef struct SmtpConn SmtpConn;
  * recv()/send(); a TLS layer provides its own.  recv and send return
  * the byte count, 0 for end of stream (recv only), or -1 with errno;
  * on EAGAIN they set *@want to the poll() events to wait for (a TLS
- * read can need the socket writable).  pending says whether bytes are
- * buffered above the socket, where poll() cannot see them.
+ * read can need the socket writable).  pending says, without blocking,
+ * whether application data from the server waits, buffered in the
+ * transport or still on the socket.
  */
 typedef struct {
 	ssize_t (*recv)(SmtpConn *conn, void *buf, gsize len, short *want);
@@ -132,14 +133,11 @@ gboolean smtp_conn_read_reply(SmtpConn *conn, guint timeout_ms,
                               const char *stage, SmtpReply *reply,
                               GError **error);
 
-/* TRUE when bytes the server sent are waiting unread (for the check
- * before a STARTTLS handshake: such bytes are an injection). */
+/* TRUE when bytes the server sent wait unread: in our buffer, in the
+ * transport's, or on the socket.  Before we speak there must be none:
+ * such bytes are replies sent ahead of their commands, or injected
+ * before a STARTTLS handshake. */
 gboolean smtp_conn_has_pending(SmtpConn *conn);
-
-/* TRUE when nothing from the server waits: not in our buffer, not in
- * the transport's, not on the socket (a non-blocking peek).  A closed
- * socket counts as quiet; the next read finds the close. */
-gboolean smtp_conn_is_quiet(SmtpConn *conn);
 
 /* ------------------------------------------------------------------ */
 /* message.c                                                            */

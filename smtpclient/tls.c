@@ -332,7 +332,7 @@ handshake_error(SSL *ssl, int rc, SmtpTlsLevel level, const char *host,
 static gboolean
 injected(SmtpConn *conn)
 {
-	return !smtp_conn_is_quiet(conn);
+	return smtp_conn_has_pending(conn);
 }
 
 static SSL_CTX *
