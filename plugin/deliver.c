@@ -77,18 +77,12 @@ reply_format(const SmtpReply *reply)
 	return g_string_free(out, FALSE);
 }
 
-/* An enhanced code we can trust to be "D.D{1,3}.D{1,3}". */
-static gboolean
-enhanced_valid(const char *s)
-{
-	return s != NULL && g_regex_match_simple(
-	                        "^[245]\\.[0-9]{1,3}\\.[0-9]{1,3}$", s, 0, 0);
-}
-
+/* The library keeps an enhanced code only when it is well formed and
+ * of the reply's class, so it can go into the log as it is. */
 static char *
 reply_dsn(const SmtpReply *reply)
 {
-	if (enhanced_valid(reply->enhanced))
+	if (reply->enhanced != NULL)
 		return g_strdup(reply->enhanced);
 	return g_strdup_printf("%d.0.0", reply->code / 100);
 }

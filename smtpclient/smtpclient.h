@@ -63,7 +63,9 @@ GQuark smtp_error_quark(void);
  */
 typedef struct {
 	int code;       /* 3-digit reply code; 0: no reply */
-	char *enhanced; /* "X.Y.Z" (RFC 3463) or NULL */
+	char *enhanced; /* "X.Y.Z" (RFC 3463) or NULL; kept only
+	                 * when well formed (1 to 3 digits after
+	                 * each dot) and X is the code's class */
 	char *text;     /* text after code and enhanced code; lines
 				 * of a multi-line reply joined by "\n";
 				 * never NULL ("" when the server sent none) */
