@@ -1028,7 +1028,6 @@ load_rule(Loader *l, const char *g)
 	r->name = g_strdup(strchr(g, ':') + 1);
 	r->mode = AM_MODE_JOURNAL;
 	r->archive_from = g_strdup("");
-	r->on_failure = AM_ON_FAILURE_TEMPFAIL;
 	g_ptr_array_add(l->config->rules, r);
 	check_name(l, g, r->name);
 	check_keys(l, g, rule_keys);
@@ -1049,9 +1048,9 @@ load_rule(Loader *l, const char *g)
 
 	if (fail != NULL) {
 		if (strcmp(fail, "tempfail") == 0)
-			r->on_failure = AM_ON_FAILURE_TEMPFAIL;
+			r->on_failure = AM_ACTION_TEMPFAIL;
 		else if (strcmp(fail, "accept") == 0)
-			r->on_failure = AM_ON_FAILURE_ACCEPT;
+			r->on_failure = AM_ACTION_ACCEPT;
 		else
 			add_error(l, key_line(l, g, "on_failure"), g,
 			          "on_failure",
@@ -1245,14 +1244,22 @@ am_mode_name(AmMode mode)
 	return "unknown";
 }
 
-const char *
-am_on_failure_name(AmOnFailure on_failure)
+char *
+am_action_format(guint actions)
 {
-	switch (on_failure) {
-	case AM_ON_FAILURE_TEMPFAIL:
-		return "tempfail";
-	case AM_ON_FAILURE_ACCEPT:
-		return "accept";
+	static const char *const names[] = {"accept",     "tempfail", "reject",
+	                                    "quarantine", "spool",    "header"};
+	GString *out = g_string_new(NULL);
+	guint i;
+
+	for (i = 0; i < G_N_ELEMENTS(names); i++) {
+		if ((actions & (1u << i)) == 0)
+			continue;
+		if (out->len > 0)
+			g_string_append_c(out, '+');
+		g_string_append(out, names[i]);
 	}
-	return "unknown";
+	if (out->len == 0)
+		g_string_append(out, "default");
+	return g_string_free(out, FALSE);
 }

@@ -9,14 +9,18 @@
  *
  * Groups:
  *   [milter]          socket, archive_id_key_file, capture_memory_max,
- *                     match (first | all), copy_deadline
+ *                     match (first | all), copy_deadline, pid_file,
+ *                     spool_dir, workers, spool_min_free, spool_max_age,
+ *                     spool_retry_min, spool_retry_max
  *   [relay:NAME]      host, port, helo_name, timeout, timeout_connect,
  *                     timeout_command, timeout_data, timeout_final,
  *                     tls (none | may | encrypt | verify), ca_file,
  *                     auth_user, auth_password_file, auth_plaintext
- *   [rule:NAME]       mode, relay, archive_to, archive_from, on_failure,
- *                     match_sender, match_recipient, match_client,
- *                     match_header, min_size
+ *   [rule:NAME]       mode, relay, archive_to, archive_from, delivery
+ *                     (sync | spool), on_failure, on_OUTCOME for each
+ *                     outcome of AmOutcome, reject_text, match_sender,
+ *                     match_recipient, match_client, match_header,
+ *                     min_size
  * Rules are kept in file order; the first that matches wins unless
  * [milter] match = all.
  */
@@ -34,9 +38,65 @@ typedef enum {
 } AmMode;
 
 typedef enum {
-	AM_ON_FAILURE_TEMPFAIL, /* no copy, no delivery: the default */
-	AM_ON_FAILURE_ACCEPT,   /* deliver the original anyway */
-} AmOnFailure;
+	AM_DELIVERY_SYNC,  /* the copy is sent at end of message */
+	AM_DELIVERY_SPOOL, /* the copy is written to the spool, fsynced,
+			    * then delivered by a worker */
+} AmDeliveryMode;
+
+/*
+ * AmOutcome: what became of one copy, as the policy table names it.
+ * Classified from the library's result or error (deliver.c):
+ *   SENT            every archive address taken
+ *   SOME_REFUSED    some addresses refused at RCPT, the rest taken
+ *   ALL_REFUSED     every address refused at RCPT
+ *   SENDER_REFUSED  MAIL refused
+ *   DATA_ERROR      DATA or the final dot refused; also a copy the
+ *                   relay cannot take (SMTPUTF8 not offered) or a local
+ *                   failure to read the captured message
+ *   UNREACHABLE     no connection, refused greeting or EHLO, AUTH
+ *                   failure, protocol garbage, or the connection lost
+ *                   (SMTP_ERROR_DISCONNECTED, including 421)
+ *   TIMEOUT         a stage limit or copy_deadline ran out
+ *   TLS_ERROR       STARTTLS required but not offered, or failed
+ */
+typedef enum {
+	AM_OUTCOME_SENT,
+	AM_OUTCOME_SOME_REFUSED,
+	AM_OUTCOME_ALL_REFUSED,
+	AM_OUTCOME_SENDER_REFUSED,
+	AM_OUTCOME_DATA_ERROR,
+	AM_OUTCOME_UNREACHABLE,
+	AM_OUTCOME_TIMEOUT,
+	AM_OUTCOME_TLS_ERROR,
+	AM_OUTCOME_COUNT
+} AmOutcome;
+
+/*
+ * Actions of the policy table, combined as a bit set ("spool+header").
+ * The valid sets (anything else is a configuration error naming the
+ * key):
+ *   accept [+header]              accept the original; a copy not
+ *                                 confirmed goes to the spool's hold/
+ *   spool [+quarantine] [+header] accept (quarantine: Postfix hold
+ *                                 queue); the copy goes to the spool
+ *                                 queue for retry
+ *   tempfail                      451 for the original
+ *   reject                        550 for the original, with the
+ *                                 relay's code and text, or reject_text
+ *   header alone means accept+header.  on_sent takes accept[+header]
+ *   only.  With delivery = spool the milter has answered before the
+ *   outcome is known, so only retry (tempfail or spool) and stop
+ *   (accept: the copy moves to hold/) apply; reject, quarantine and
+ *   header there are errors.
+ */
+typedef enum {
+	AM_ACTION_ACCEPT = 1 << 0,
+	AM_ACTION_TEMPFAIL = 1 << 1,
+	AM_ACTION_REJECT = 1 << 2,
+	AM_ACTION_QUARANTINE = 1 << 3,
+	AM_ACTION_SPOOL = 1 << 4,
+	AM_ACTION_HEADER = 1 << 5,
+} AmAction;
 
 typedef struct {
 	char *name;               /* NAME of [relay:NAME] */
@@ -68,7 +128,10 @@ typedef struct {
 	const AmRelay *relay; /* (transfer none): owned by the config */
 	char **archive_to;    /* NULL-terminated, at least one address */
 	char *archive_from;   /* "" (the null sender) by default */
-	AmOnFailure on_failure;
+	AmDeliveryMode delivery;
+	guint on_failure;                /* AmAction set; 0: not set */
+	guint actions[AM_OUTCOME_COUNT]; /* on_OUTCOME; 0: not set */
+	char *reject_text;               /* NULL: the relay's reply */
 
 	/* Selection: every criterion set must match; none set: all mail.
 	 * Each GRegex is case-insensitive and NULL when not configured. */
@@ -90,6 +153,16 @@ typedef struct {
 	gboolean match_all;        /* every matching rule copies */
 	guint copy_deadline_ms;    /* overall limit of one synchronous copy,
 				 * every stage included; default 120 s */
+	char *pid_file;            /* NULL: none written */
+	char *spool_dir;           /* default /var/spool/archive-milter */
+	guint workers;             /* spool delivery threads; default 4 */
+	guint64 spool_min_free;    /* octets that must stay free on the
+				 * spool's file system; default 100 MiB */
+	guint spool_max_age_s;     /* a queued copy older moves to hold/;
+				 * default 5 days */
+	guint spool_retry_min_s;   /* first retry delay; default 60 s,
+				 * doubling per attempt */
+	guint spool_retry_max_s;   /* longest retry delay; default 1 h */
 	GPtrArray *relays;         /* AmRelay *, file order */
 	GPtrArray *rules;          /* AmRule *, file order, at least one */
 } AmConfig;
@@ -113,7 +186,34 @@ const AmRelay *am_config_find_relay(const AmConfig *config, const char *name);
 
 /* Names for logs and --check output, static strings. */
 const char *am_mode_name(AmMode mode);
-const char *am_on_failure_name(AmOnFailure on_failure);
+const char *am_delivery_mode_name(AmDeliveryMode delivery);
+/* "some_refused" etc., as in the key on_some_refused. */
+const char *am_outcome_name(AmOutcome outcome);
+
+/*
+ * am_action_parse: @text ("spool+header") as an AmAction set, checked
+ * against the valid sets above for @outcome (AM_OUTCOME_COUNT: the
+ * on_failure key) and @delivery.  FALSE with @why (transfer full) the
+ * reason, to be prefixed with file, line and key by the caller.
+ */
+gboolean am_action_parse(const char *text, AmOutcome outcome,
+                         AmDeliveryMode delivery, guint *actions, char **why);
+
+/* am_action_format: "spool+quarantine+header". (transfer full) */
+char *am_action_format(guint actions);
+
+/*
+ * am_rule_action: the action set for @outcome of a copy under @rule.
+ * @temporary: a retry might succeed (smtp_error_is_temporary, or a 4xx
+ * refusal).  In order: on_OUTCOME, then on_failure for any outcome but
+ * SENT, then the defaults, which never lose a copy:
+ *   SENT                      accept
+ *   temporary, sync           tempfail
+ *   temporary, spool          spool (retry)
+ *   permanent                 accept (the copy kept in hold/, and an
+ *                             error line in the log)
+ */
+guint am_rule_action(const AmRule *rule, AmOutcome outcome, gboolean temporary);
 
 G_END_DECLS
 

@@ -321,7 +321,7 @@ warn_dropped(const AmRelay *relay, const GPtrArray *dropped)
 }
 
 AmDelivery *
-am_deliver(const AmCopyRequest *req)
+am_deliver(AmPool *pool, const AmCopyRequest *req)
 {
 	g_autoptr(SmtpClient) client = NULL;
 	g_autoptr(SmtpResult) result = NULL;
@@ -332,6 +332,7 @@ am_deliver(const AmCopyRequest *req)
 	double delay;
 	int n = 0;
 
+	(void)pool; /* XXX: the pool is issue 4's, not written yet */
 	/* The copy keeps the original's needs; the library drops BODY
 	 * when unadvertised and refuses an unadvertised SMTPUTF8. */
 	if (req->smtputf8)

@@ -22,15 +22,21 @@ typedef struct {
 
 /* AmDelivery: the outcome of one copy.  (transfer full) from am_deliver */
 typedef struct {
-	AmStatus status;  /* SENT only when every address was taken;
+	AmStatus status;    /* SENT only when every address was taken;
 				 * else the worst: DEFERRED before BOUNCED,
 				 * since a retry might still save it */
-	char *relay;      /* "host[ip]:port", or "none" when no
+	char *relay;        /* "host[ip]:port", or "none" when no
 				 * connection was made */
-	double delay;     /* seconds spent, connect to final reply */
-	GPtrArray *rcpts; /* AmRcptOutcome *, archive_to order */
-	char *reason;     /* first failure's reply, for the MTA's
+	double delay;       /* seconds spent, connect to final reply */
+	GPtrArray *rcpts;   /* AmRcptOutcome *, archive_to order */
+	char *reason;       /* first failure's reply, for the MTA's
 				 * reply to the client; NULL when sent */
+	AmOutcome outcome;  /* for the policy table, as conf.h defines */
+	gboolean temporary; /* a retry may succeed: a 4xx or a
+				 * temporary library error; FALSE when
+				 * sent */
+	SmtpReply reply;    /* the reply that decided the outcome, for
+				 * a reject; code 0 when none */
 } AmDelivery;
 
 void am_delivery_free(AmDelivery *d);
@@ -49,12 +55,28 @@ typedef struct {
 } AmCopyRequest;
 
 /*
- * am_deliver: send @req over a new connection to its relay, then QUIT.
+ * AmPool: open connections to relays, kept for reuse between copies as
+ * Postfix's connection cache does: at most @max_idle idle connections
+ * per relay, RSET between messages, closed after @idle_ms unused or
+ * when the relay's configuration changed.  Thread-safe; a connection is
+ * used by one copy at a time.  (transfer full)
+ */
+typedef struct AmPool AmPool;
+AmPool *am_pool_new(guint max_idle, guint idle_ms);
+/* Closes (QUIT) every idle connection. */
+void am_pool_free(AmPool *pool);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmPool, am_pool_free)
+
+/*
+ * am_deliver: send @req over a connection to its relay, from @pool when
+ * one is idle there (NULL: a new connection, closed after), else a new
+ * one; a pooled connection that turns out dead is replaced once
+ * before the copy counts as failed.
  * The relay's TLS level, CA file, credentials and stage limits apply;
  * its copy_deadline_ms (0: none) bounds the copy as deliver.c explains.
  * Never fails: every error becomes a status per address.
  */
-AmDelivery *am_deliver(const AmCopyRequest *req);
+AmDelivery *am_deliver(AmPool *pool, const AmCopyRequest *req);
 
 /*
  * am_deliver_clamp_timeouts: @t with every stage limit cut to

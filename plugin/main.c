@@ -209,12 +209,12 @@ print_summary(const AmConfig *config)
 	for (i = 0; i < config->rules->len; i++) {
 		const AmRule *r = config->rules->pdata[i];
 		g_autofree char *to = g_strjoinv(">, <", r->archive_to);
+		g_autofree char *fail = am_action_format(r->on_failure);
 
 		printf("rule %s: mode=%s, relay=%s, archive_to=<%s>, "
 		       "archive_from=<%s>, on_failure=%s\n",
 		       r->name, am_mode_name(r->mode), r->relay->name, to,
-		       r->archive_from ? r->archive_from : "",
-		       am_on_failure_name(r->on_failure));
+		       r->archive_from ? r->archive_from : "", fail);
 	}
 	print_timeout_warnings(config);
 }

@@ -90,8 +90,8 @@ am_milter_set_context(AmContext *ctx)
 	am_context_unref(old);
 }
 
-static AmContext *
-context_get(void)
+AmContext *
+am_milter_get_context(void)
 {
 	AmContext *ctx;
 
@@ -207,7 +207,7 @@ copy_one(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	    .smtputf8 = env->smtputf8,
 	    .eightbit = env->eightbit,
 	};
-	d = am_deliver(&req);
+	d = am_deliver(ctx->pool, &req);
 	log_delivery(env, d);
 	if (d->status == AM_STATUS_SENT)
 		return TRUE;
@@ -256,7 +256,7 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
 		if (copy_one(ctx, rule, env, cap, &why))
 			continue;
 		failed++;
-		if (rule->on_failure == AM_ON_FAILURE_TEMPFAIL && !tempfail) {
+		if (!(rule->on_failure & AM_ACTION_ACCEPT) && !tempfail) {
 			tempfail = TRUE;
 			*reason = g_steal_pointer(&why);
 		}
@@ -456,7 +456,7 @@ cb_envfrom(SMFICTX *mctx, char **argv)
 	session_reset_message(s);
 
 	/* Step 1: the configuration this message is handled with. */
-	s->ctx = context_get();
+	s->ctx = am_milter_get_context();
 	if (s->ctx == NULL)
 		return session_tempfail(mctx, s, "milter not configured");
 

@@ -17,13 +17,22 @@ G_BEGIN_DECLS
  * Reference-counted so that a reload can swap it while messages that
  * started under the old one finish with it.
  */
+struct AmSpool;
+struct AmRunner;
+struct AmPool;
+
 typedef struct {
 	gint ref;
 	AmConfig *config;
 	AmArchiveKey *key;
+	struct AmPool *pool;     /* owned: connections to the relays */
+	struct AmSpool *spool;   /* borrowed; NULL: no spool (tests) */
+	struct AmRunner *runner; /* borrowed; NULL: no workers (tests,
+				  * --spool-* commands) */
 } AmContext;
 
-/* am_context_new: takes ownership of both.  (transfer full) */
+/* am_context_new: takes ownership of both, makes a pool; spool and
+ * runner are set by the caller.  (transfer full) */
 AmContext *am_context_new(AmConfig *config, AmArchiveKey *key);
 AmContext *am_context_ref(AmContext *ctx);
 void am_context_unref(AmContext *ctx);
@@ -32,6 +41,10 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmContext, am_context_unref)
 /* am_milter_set_context: the context new messages use (a ref is taken;
  * NULL drops the current one). */
 void am_milter_set_context(AmContext *ctx);
+
+/* am_milter_get_context: a ref on the current context, or NULL.
+ * (transfer full) */
+AmContext *am_milter_get_context(void);
 
 #define AM_MILTER_ERROR (am_milter_error_quark())
 GQuark am_milter_error_quark(void);

@@ -294,7 +294,7 @@ test_good_minimal(void)
 	    rule->archive_to,
 	    ((const char *const[]){"journal@archive.example", NULL}));
 	g_assert_cmpstr(rule->archive_from, ==, "");
-	g_assert_cmpint(rule->on_failure, ==, AM_ON_FAILURE_TEMPFAIL);
+	g_assert_cmpint(rule->on_failure, ==, 0);
 	g_assert_null(rule->match_sender);
 	g_assert_null(rule->match_recipient);
 	g_assert_null(rule->match_client);
@@ -356,7 +356,7 @@ test_good_full(void)
 	    ((const char *const[]){"one@archive.example", "two@archive.example",
 	                           "three@archive.example", NULL}));
 	g_assert_cmpstr(a->archive_from, ==, "milter@mail.example");
-	g_assert_cmpint(a->on_failure, ==, AM_ON_FAILURE_ACCEPT);
+	g_assert_cmpint(a->on_failure, ==, AM_ACTION_ACCEPT);
 	/* Case-insensitive, and backslashes reach GRegex untouched. */
 	assert_matches(a->match_sender, "Boss@Finance.Example",
 	               "boss@financeXexample");
@@ -373,7 +373,7 @@ test_good_full(void)
 	g_assert_cmpstrv(b->archive_to, ((const char *const[]){
 	                                    "journal@archive.example", NULL}));
 	g_assert_cmpstr(b->archive_from, ==, "");
-	g_assert_cmpint(b->on_failure, ==, AM_ON_FAILURE_TEMPFAIL);
+	g_assert_cmpint(b->on_failure, ==, 0);
 	g_assert_cmpuint(b->min_size, ==, 2ULL * 1024 * 1024 * 1024);
 }
 
@@ -414,7 +414,7 @@ test_example(void)
 	    rule->archive_to,
 	    ((const char *const[]){"journal@archive.example", NULL}));
 	g_assert_cmpstr(rule->archive_from, ==, "");
-	g_assert_cmpint(rule->on_failure, ==, AM_ON_FAILURE_TEMPFAIL);
+	g_assert_cmpint(rule->on_failure, ==, 0);
 	g_assert_null(rule->match_sender);
 	g_assert_cmpuint(rule->min_size, ==, 0);
 }
@@ -1397,11 +1397,7 @@ static void
 test_names(void)
 {
 	g_assert_cmpstr(am_mode_name(AM_MODE_JOURNAL), ==, "journal");
-	g_assert_cmpstr(am_on_failure_name(AM_ON_FAILURE_TEMPFAIL), ==,
-	                "tempfail");
-	g_assert_cmpstr(am_on_failure_name(AM_ON_FAILURE_ACCEPT), ==, "accept");
 	g_assert_cmpstr(am_mode_name((AmMode)42), ==, "unknown");
-	g_assert_cmpstr(am_on_failure_name((AmOnFailure)42), ==, "unknown");
 }
 
 static void

@@ -52,7 +52,7 @@ send_copy(Fixture *f, const char *const *to, gboolean utf8)
 	};
 
 	smtp_message_append_data(msg, "Subject: t\r\n\r\nbody\r\n", 20);
-	return am_deliver(&req);
+	return am_deliver(NULL, &req);
 }
 
 static const AmRcptOutcome *

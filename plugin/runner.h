@@ -1,0 +1,51 @@
+/*
+ * runner.h - the worker threads that deliver spooled copies
+ *
+ * The runner owns a queue of copy ids that are due, fed by
+ * am_runner_kick() when the milter spools a copy, and by a scan of the
+ * spool's queue/ at start (every copy left by an earlier run is picked
+ * up again) and then every few seconds (copies released by
+ * `--spool-retry` from another process, retries that came due).
+ *
+ * Each worker sends one copy at a time with am_deliver() through the
+ * relay named in the copy, under the rule named in the copy; a rule or
+ * relay no longer in the configuration moves the copy to hold/.  The
+ * outcome goes through the rule's policy (am_rule_action): a retry
+ * (tempfail or spool) sets the next attempt with exponential backoff
+ * between spool_retry_min and spool_retry_max; accept, or a copy older
+ * than spool_max_age, moves it to hold/ with an error line; a confirmed
+ * copy is removed.  Addresses that a relay took are dropped from the
+ * copy's state, so a retry goes only to those still due.
+ */
+#ifndef AM_RUNNER_H
+#define AM_RUNNER_H
+
+#include <glib.h>
+
+#include "milter.h"
+#include "spool.h"
+
+G_BEGIN_DECLS
+
+typedef struct AmRunner AmRunner;
+
+/*
+ * am_runner_start: start @workers threads delivering from @spool with
+ * the context current at each attempt (am_milter_set_context).  @spool
+ * is borrowed and must outlive the runner.  (transfer full)
+ */
+AmRunner *am_runner_start(AmSpool *spool, guint workers, GError **error);
+
+/* am_runner_kick: copy @id was just queued: deliver it soon. */
+void am_runner_kick(AmRunner *runner, const char *id);
+
+/*
+ * am_runner_stop: let running deliveries finish (each is bounded by its
+ * relay's time limits), join the threads, free the runner.  Copies not
+ * yet sent stay in the spool for the next start.
+ */
+void am_runner_stop(AmRunner *runner);
+
+G_END_DECLS
+
+#endif /* AM_RUNNER_H */

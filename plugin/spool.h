@@ -1,0 +1,146 @@
+/*
+ * spool.h - the durable spool of archive copies
+ *
+ * A copy that is not confirmed by its relay lives here until it is.
+ * Layout under the spool directory (mode 0700, created by am_spool_open):
+ *
+ *   tmp/ID     being written; never read; removed at open
+ *   queue/ID   waiting for (re)delivery by a worker
+ *   hold/ID    refused for good or too old: kept for an administrator
+ *   state/ID   retry state of a copy (attempts, next attempt, last
+ *              error, addresses still due); small, rewritten by rename,
+ *              never fsynced: losing it only resets the backoff and may
+ *              send a copy again, which its X-Archive-Id lets an
+ *              archive recognise
+ *
+ * ID is the copy's X-Archive-Id, which is also in the file, so that the
+ * id stays the same on every retry and after a restart.  A spool file
+ * starts with a versioned text envelope, then a blank line, then the
+ * copy exactly as it will be sent (journal headers and the original).
+ *
+ * A file reaches queue/ or hold/ only by rename after fsync of the file;
+ * the directory is fsynced after the rename.  am_spool_put() returns
+ * only when both are done, so a caller that answers the MTA after it
+ * returns never answers for a copy that a crash could lose.
+ *
+ * Safe to use from many threads of one process, and from a second
+ * process (archive-milter --spool-list / --spool-retry) at the same time
+ * as the daemon: every change of state is one rename.
+ */
+#ifndef AM_SPOOL_H
+#define AM_SPOOL_H
+
+#include <glib.h>
+
+#include "smtpclient.h"
+
+G_BEGIN_DECLS
+
+#define AM_SPOOL_ERROR (am_spool_error_quark())
+GQuark am_spool_error_quark(void);
+
+typedef enum {
+	AM_SPOOL_ERROR_IO,        /* a system call failed: errno's text */
+	AM_SPOOL_ERROR_FULL,      /* below spool_min_free, or ENOSPC/EDQUOT */
+	AM_SPOOL_ERROR_FORMAT,    /* a spool file that cannot be parsed */
+	AM_SPOOL_ERROR_NOT_FOUND, /* no copy with that id */
+} AmSpoolError;
+
+/* Spool file format version written; older or newer are FORMAT errors. */
+#define AM_SPOOL_VERSION 1
+
+typedef enum {
+	AM_SPOOL_QUEUED, /* queue/ */
+	AM_SPOOL_HELD,   /* hold/ */
+} AmSpoolState;
+
+/*
+ * AmSpoolEntry: the envelope and retry state of one spooled copy.
+ * Every string is owned; free with am_spool_entry_free().
+ */
+typedef struct {
+	char *id;       /* X-Archive-Id; also the file name */
+	char *queue_id; /* the original's queue id; NULL: unknown */
+	char *rule;     /* [rule:NAME] that made the copy */
+	char *relay;    /* [relay:NAME] to send it through */
+	char *from;     /* copy's envelope sender; "" for <> */
+	char **to;      /* NULL-terminated: addresses still due */
+	gboolean smtputf8;
+	gboolean eightbit;
+	gint64 created;      /* unix seconds, when first spooled */
+	guint attempts;      /* delivery attempts so far */
+	gint64 next_attempt; /* unix seconds; 0: now */
+	char *last_error;    /* last failure's reply or reason; NULL */
+	AmSpoolState state;
+	guint64 size; /* octets of the copy (read only) */
+} AmSpoolEntry;
+
+void am_spool_entry_free(AmSpoolEntry *entry);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmSpoolEntry, am_spool_entry_free)
+
+typedef struct AmSpool AmSpool;
+
+/*
+ * am_spool_open: use @dir as the spool, creating it and its
+ * subdirectories (0700) when missing and removing leftovers in tmp/.
+ * Fails (IO) when @dir cannot be created, is not a directory, or is
+ * open to group or others.  @min_free: octets that must stay free on
+ * its file system for am_spool_put() to write.  (transfer full)
+ */
+AmSpool *am_spool_open(const char *dir, guint64 min_free, GError **error);
+void am_spool_close(AmSpool *spool);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmSpool, am_spool_close)
+
+/* The directory, as given. (transfer none) */
+const char *am_spool_get_dir(const AmSpool *spool);
+
+/*
+ * am_spool_put: write @entry and the raw bytes of @msg (its segments
+ * as they are, not SMTP-encoded) durably into queue/ or hold/ as
+ * @state says.  FULL when the free space is below the floor or the
+ * disk filled while writing; IO otherwise.  On failure nothing is left
+ * behind.
+ */
+gboolean am_spool_put(AmSpool *spool, const AmSpoolEntry *entry,
+                      SmtpMessage *msg, AmSpoolState state, GError **error);
+
+/*
+ * am_spool_list: every copy in @state, oldest first, as AmSpoolEntry *
+ * with its state/ file applied (transfer full).  A file that cannot be
+ * parsed is logged and skipped, never deleted.
+ */
+GPtrArray *am_spool_list(AmSpool *spool, AmSpoolState state, GError **error);
+
+/* am_spool_get: the copy @id, wherever it is.  NOT_FOUND if none. */
+AmSpoolEntry *am_spool_get(AmSpool *spool, const char *id, GError **error);
+
+/*
+ * am_spool_message: the copy's message, as a message that streams from
+ * the spool file (kept open by it).  (transfer full)
+ */
+SmtpMessage *am_spool_message(AmSpool *spool, const AmSpoolEntry *entry,
+                              GError **error);
+
+/* am_spool_update: persist @entry's retry state (attempts,
+ * next_attempt, last_error, to) in state/ID. */
+gboolean am_spool_update(AmSpool *spool, const AmSpoolEntry *entry,
+                         GError **error);
+
+/* am_spool_remove: the copy was confirmed: delete it and its state. */
+gboolean am_spool_remove(AmSpool *spool, const char *id, GError **error);
+
+/* am_spool_hold: move a queued copy to hold/, recording @reason. */
+gboolean am_spool_hold(AmSpool *spool, const char *id, const char *reason,
+                       GError **error);
+
+/*
+ * am_spool_release: move held copy @id (or every one, when @id is
+ * "all") back to queue/ with its retry state reset so that it is tried
+ * at once.  @count receives how many moved.  NOT_FOUND for an unknown id.
+ */
+gboolean am_spool_release(AmSpool *spool, const char *id, guint *count,
+                          GError **error);
+
+G_END_DECLS
+
+#endif /* AM_SPOOL_H */
