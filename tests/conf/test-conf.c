@@ -373,7 +373,7 @@ test_good_full(void)
 	g_assert_cmpstrv(b->archive_to, ((const char *const[]){
 	                                    "journal@archive.example", NULL}));
 	g_assert_cmpstr(b->archive_from, ==, "");
-	g_assert_cmpint(b->on_failure, ==, 0);
+	g_assert_cmpint(b->on_failure, ==, AM_ACTION_TEMPFAIL);
 	g_assert_cmpuint(b->min_size, ==, 2ULL * 1024 * 1024 * 1024);
 }
 
