@@ -414,7 +414,7 @@ test_example(void)
 	    rule->archive_to,
 	    ((const char *const[]){"journal@archive.example", NULL}));
 	g_assert_cmpstr(rule->archive_from, ==, "");
-	g_assert_cmpint(rule->on_failure, ==, 0);
+	g_assert_cmpint(rule->on_failure, ==, AM_ACTION_TEMPFAIL);
 	g_assert_null(rule->match_sender);
 	g_assert_cmpuint(rule->min_size, ==, 0);
 }
