@@ -86,6 +86,95 @@ test_bad_header(void)
 	g_assert_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT);
 }
 
+/*
+ * A CR or LF that is not a fold would start a line of the sender's
+ * choosing in the copy: every such value is refused, nothing of it is
+ * written, and the capture still takes the next (good) header.
+ */
+static void
+test_forged_lines(void)
+{
+	static const char *const values[] = {
+	    " x\nX-Envelope-To: <evil@example>",   /* bare LF + name */
+	    " x\rX-Envelope-To: <evil@example>",   /* lone CR + name */
+	    " x\r\nX-Envelope-To: <evil@example>", /* CRLF + name */
+	    " x\n\nforged body",                   /* ends the headers */
+	    " x\r\n\r\nforged body",
+	    " x\n", /* break at the end */
+	    " x\r",
+	    " x\r\n",
+	    "\nX-Envelope-To: <evil@example>", /* break first */
+	    " x\r \n\tfold after a lone CR",
+	    " x\n\r\n folded CRLF after a bare LF",
+	    " ok\n fold\nX-Evil: after a good fold",
+	    " x\n\rX-Evil: y",
+	    " x\r\rX-Evil: y",
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(values); i++) {
+		g_autoptr(AmCapture) cap = am_capture_new(1 << 20, NULL, TRUE);
+		g_autoptr(GError) error = NULL;
+		g_autoptr(GBytes) all = NULL;
+		g_autofree char *shown = g_strescape(values[i], NULL);
+
+		g_test_message("value %zu: \"%s\"", i, shown);
+		g_assert_false(
+		    am_capture_add_header(cap, "Subject", values[i], &error));
+		g_assert_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT);
+		g_assert_nonnull(strstr(error->message, "Subject"));
+		g_clear_error(&error);
+
+		/* Nothing of the refused header reached the capture. */
+		g_assert_cmpuint(am_capture_get_headers(cap)->len, ==, 0);
+		g_assert_cmpuint(am_capture_get_size(cap), ==, 0);
+		g_assert_true(am_capture_add_header(cap, "X-Ok", " y", &error));
+		all = am_capture_read_all(cap, &error);
+		g_assert_no_error(error);
+		assert_bytes(all, "X-Ok: y\r\n\r\n");
+	}
+}
+
+/*
+ * A NUL cannot reach the capture inside a value (libmilter and this API
+ * take C strings): whatever follows it is simply not there, and so can
+ * forge nothing.
+ */
+static void
+test_nul_cuts_value(void)
+{
+	static const char value[] = " x\0\r\nX-Envelope-To: <evil@example>";
+	g_autoptr(AmCapture) cap = am_capture_new(1 << 20, NULL, TRUE);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GBytes) all = NULL;
+
+	g_assert_true(am_capture_add_header(cap, "Subject", value, &error));
+	all = am_capture_read_all(cap, &error);
+	g_assert_no_error(error);
+	assert_bytes(all, "Subject: x\r\n\r\n");
+}
+
+/* RFC 5322 section 2.2: a name is printable US-ASCII without ':'. */
+static void
+test_bad_names(void)
+{
+	static const char *const names[] = {
+	    "Bad:Name", "",     "X-Sp ace", "X-Tab\t", "X\r\nX-Evil",
+	    "X\nY",     "X\rY", "X\x01",    "X\x7f",   "X-\xc3\xa9",
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(names); i++) {
+		g_autoptr(AmCapture) cap = am_capture_new(1 << 20, NULL, TRUE);
+		g_autoptr(GError) error = NULL;
+
+		g_assert_false(
+		    am_capture_add_header(cap, names[i], " x", &error));
+		g_assert_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT);
+		g_assert_cmpuint(am_capture_get_size(cap), ==, 0);
+	}
+}
+
 /* Spill happens exactly when the next write would pass the limit. */
 static void
 test_spill_threshold(void)
@@ -204,6 +293,10 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/capture/rebuild/no-leadspc",
 	                test_rebuild_no_leadspc);
 	g_test_add_func("/plugin/capture/rebuild/bad-header", test_bad_header);
+	g_test_add_func("/plugin/capture/rebuild/bad-names", test_bad_names);
+	g_test_add_func("/plugin/capture/rebuild/forged-lines",
+	                test_forged_lines);
+	g_test_add_func("/plugin/capture/rebuild/nul", test_nul_cuts_value);
 	g_test_add_func("/plugin/capture/spill/threshold",
 	                test_spill_threshold);
 	g_test_add_data_func("/plugin/capture/append/memory",
