@@ -105,6 +105,25 @@ am_address_strip(const char *arg)
 	return g_strdup(arg);
 }
 
+/*
+ * An address the journal could not write on one line is refused here,
+ * when the MTA can still tell its client (a 4xx for that RCPT alone),
+ * rather than at end of message, where it would fail the whole copy.
+ */
+static gboolean
+address_fits(const char *addr, const char *what, GError **error)
+{
+	gsize len = strlen(addr);
+
+	if (len <= AM_ADDRESS_MAX)
+		return TRUE;
+	g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
+	            "%s address of %zu octets is longer than %d, too long "
+	            "for a header line of the archive copy",
+	            what, len, AM_ADDRESS_MAX);
+	return FALSE;
+}
+
 gboolean
 am_envelope_set_sender(AmEnvelope *env, char **argv, GError **error)
 {
@@ -114,6 +133,10 @@ am_envelope_set_sender(AmEnvelope *env, char **argv, GError **error)
 	if (addr == NULL) {
 		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
 		            "unusable MAIL FROM address");
+		return FALSE;
+	}
+	if (!address_fits(addr, "MAIL FROM", error)) {
+		g_free(addr);
 		return FALSE;
 	}
 	g_free(env->sender);
@@ -143,6 +166,10 @@ am_envelope_add_recipient(AmEnvelope *env, char **argv, GError **error)
 		g_free(addr);
 		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
 		            "unusable RCPT TO address");
+		return FALSE;
+	}
+	if (!address_fits(addr, "RCPT TO", error)) {
+		g_free(addr);
 		return FALSE;
 	}
 	g_ptr_array_add(env->recipients, addr);

@@ -275,6 +275,53 @@ test_envelope(void)
 	g_assert_cmpuint(env->recipients->len, ==, 1);
 }
 
+/*
+ * An address longer than AM_ADDRESS_MAX would not fit in a header line
+ * of the journal: refused when the MTA hands it over, 979 taken.
+ */
+static void
+test_envelope_address_max(void)
+{
+	static const struct {
+		gsize len;
+		gboolean ok;
+	} cases[] = {
+	    {AM_ADDRESS_MAX, TRUE},
+	    {AM_ADDRESS_MAX + 1, FALSE},
+	    {65536, FALSE},
+	};
+	gsize i;
+
+	g_assert_cmpint(AM_ADDRESS_MAX, ==,
+	                998 - (int)strlen("X-Envelope-From: <>"));
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autoptr(AmEnvelope) env = am_envelope_new();
+		g_autoptr(GError) error = NULL;
+		g_autofree char *local =
+		    g_strnfill(cases[i].len - strlen("@x.example"), 'a');
+		g_autofree char *arg =
+		    g_strconcat("<", local, "@x.example>", NULL);
+		char *argv[] = {arg, NULL};
+
+		g_assert_cmpint(am_envelope_set_sender(env, argv, &error), ==,
+		                cases[i].ok);
+		g_assert_cmpint(am_envelope_add_recipient(
+		                    env, argv, cases[i].ok ? &error : NULL),
+		                ==, cases[i].ok);
+		if (cases[i].ok) {
+			g_assert_no_error(error);
+			g_assert_cmpuint(strlen(env->sender), ==, cases[i].len);
+			g_assert_cmpuint(env->recipients->len, ==, 1);
+		} else {
+			g_assert_error(error, AM_CAPTURE_ERROR,
+			               AM_CAPTURE_ERROR_INPUT);
+			g_assert_nonnull(strstr(error->message, "979"));
+			g_assert_null(env->sender);
+			g_assert_cmpuint(env->recipients->len, ==, 0);
+		}
+	}
+}
+
 static void
 test_unfold(void)
 {
@@ -305,6 +352,8 @@ main(int argc, char **argv)
 	                     GSIZE_TO_POINTER(100), test_append_to_message);
 	g_test_add_func("/plugin/capture/envelope/strip", test_address_strip);
 	g_test_add_func("/plugin/capture/envelope/params", test_envelope);
+	g_test_add_func("/plugin/capture/envelope/address-max",
+	                test_envelope_address_max);
 	g_test_add_func("/plugin/capture/unfold", test_unfold);
 	return g_test_run();
 }
