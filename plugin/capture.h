@@ -45,6 +45,14 @@ void am_envelope_free(AmEnvelope *env);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmEnvelope, am_envelope_free)
 
 /*
+ * Longest envelope address taken, in octets: "X-Envelope-From: <" ADDR
+ * ">" then fills the 998-octet line limit of RFC 5322 section 2.1.1
+ * exactly, and an address cannot be folded (journal.h).  RFC 5321
+ * section 4.5.3.1 allows 256 octets for a whole path.
+ */
+#define AM_ADDRESS_MAX 979
+
+/*
  * am_address_strip: the bare address of a MAIL or RCPT argument
  * ("<a@b>" -> "a@b", "<>" -> ""), or NULL when @arg is not one address
  * in angle brackets or contains a control character.  (transfer full)
@@ -54,11 +62,15 @@ char *am_address_strip(const char *arg);
 /*
  * am_envelope_set_sender: record MAIL FROM from libmilter's @argv
  * (address first, then the parameters).  FALSE with @error (INPUT) when
- * the address is unusable.
+ * the address is unusable or longer than AM_ADDRESS_MAX.
  */
 gboolean am_envelope_set_sender(AmEnvelope *env, char **argv, GError **error);
 
-/* am_envelope_add_recipient: record one RCPT TO from @argv. */
+/*
+ * am_envelope_add_recipient: record one RCPT TO from @argv.  FALSE with
+ * @error (INPUT) as for the sender; the milter then refuses this
+ * recipient alone (4xx), never the message.
+ */
 gboolean am_envelope_add_recipient(AmEnvelope *env, char **argv,
                                    GError **error);
 

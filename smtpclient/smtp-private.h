@@ -39,6 +39,9 @@ void smtp_error_take_refused(GError *error, GPtrArray *refused);
  * knowing which command the reply answered). */
 void smtp_error_set_stage(GError *error, const char *stage);
 
+/* Keep @errnum in @error (SMTP_ERROR_IO) for smtp_error_get_errno(). */
+void smtp_error_set_errno(GError *error, int errnum);
+
 /* Copy @dropped (char *) into @error, which must be in SMTP_ERROR. */
 void smtp_error_set_dropped(GError *error, const GPtrArray *dropped);
 
