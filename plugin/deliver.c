@@ -33,22 +33,18 @@
  *
  * copy_deadline bounds a whole copy, because the MTA is waiting: Postfix
  * gives a milter 300 s (milter_content_timeout) before it gives up on
- * it.  The library is synchronous and has only per-stage limits, so the
- * deadline is enforced from outside, at the points we control: before
- * the RSET of a pooled connection, before a connection (connect,
- * greeting, EHLO, STARTTLS, AUTH) and before the transaction (MAIL to
- * the final reply), every stage limit is cut to the time left; a
- * deadline used up by the connection ends the copy as a time-out
- * without starting the transaction.
+ * it.  It is the library's hard deadline (smtp_client_set_deadline) on
+ * every wait of the copy, from the RSET of a pooled connection or the
+ * connect to the final reply, so a relay that answers each command just
+ * inside its stage limit still cannot hold a copy past it; the copy is
+ * then a time-out.  A connection closed at the end of a copy without a
+ * pool says QUIT under the same deadline; one kept in the pool has it
+ * removed, so that the janitor's QUIT is not cut.
  *
- * Known limits: XXX: inside smtp_client_sendmail() each stage may use
- * all of the time left when the transaction began, so a relay that
- * answers every command just inside its limit can stretch a copy to a
- * few times the deadline; an exact bound needs a deadline inside the
- * library (a smtp_client_set_deadline(), say).  The QUIT sent when a
- * connection is closed has the library's own 5 s limit, outside the
- * deadline.  `archive-milter --check` warns when the stage limits add up
- * past Postfix's 300 s.
+ * Known limits: XXX: name resolution (getaddrinfo) is outside the
+ * deadline, as the library documents; a relay configured by a name
+ * whose resolver hangs can hold a copy past it.  `archive-milter
+ * --check` warns when the stage limits add up past Postfix's 300 s.
  */
 #include <pthread.h>
 #include <signal.h>
@@ -361,51 +357,14 @@ am_delivery_from_result(const char *const *to, const char *relay, double delay,
 /* Time limits                                                          */
 /* ------------------------------------------------------------------ */
 
-SmtpTimeouts
-am_deliver_clamp_timeouts(const SmtpTimeouts *t, gint64 remaining_ms)
-{
-	SmtpTimeouts out = *t;
-	guint *fields[] = {&out.connect_ms, &out.command_ms, &out.data_ms,
-	                   &out.final_ms};
-	guint cap;
-	guint i;
-
-	/* 0 would mean the library's default of minutes: never pass it. */
-	cap = (guint)CLAMP(remaining_ms, 1, (gint64)G_MAXUINT);
-	for (i = 0; i < G_N_ELEMENTS(fields); i++) {
-		if (*fields[i] == 0 || *fields[i] > cap)
-			*fields[i] = cap;
-	}
-	return out;
-}
-
-/* Milliseconds left before @deadline (monotonic, in microseconds). */
-static gint64
-remaining_ms(gint64 deadline)
-{
-	return (deadline - g_get_monotonic_time()) / 1000;
-}
-
+/* The relay's stage limits, and copy_deadline as the library's hard
+ * limit on every wait (0: none). */
 static void
-client_set_timeouts(SmtpClient *client, const AmRelay *relay, gint64 deadline)
+client_set_limits(SmtpClient *client, const AmRelay *relay, gint64 deadline)
 {
-	SmtpTimeouts t = relay->timeouts;
-
-	if (relay->copy_deadline_ms > 0)
-		t = am_deliver_clamp_timeouts(&t, remaining_ms(deadline));
-	smtp_client_set_timeouts(client, &t);
-}
-
-static gboolean
-deadline_passed(const AmRelay *relay, gint64 deadline, const char *before,
-                GError **error)
-{
-	if (relay->copy_deadline_ms == 0 || remaining_ms(deadline) > 0)
-		return FALSE;
-	g_set_error(error, SMTP_ERROR, SMTP_ERROR_TIMEOUT,
-	            "copy_deadline of %.3g s used up before %s",
-	            relay->copy_deadline_ms / 1000.0, before);
-	return TRUE;
+	smtp_client_set_timeouts(client, &relay->timeouts);
+	smtp_client_set_deadline(client,
+	                         relay->copy_deadline_ms > 0 ? deadline : 0);
 }
 
 /* ------------------------------------------------------------------ */
@@ -553,8 +512,8 @@ am_pool_new(guint max_idle, guint idle_ms)
 	pool->max_idle = max_idle;
 	pool->idle_us = (gint64)MAX(idle_ms, 1) * 1000;
 	if (max_idle > 0)
-		pool->janitor = thread_new_without_signals(
-		    "am-pool-janitor", pool_janitor, pool);
+		pool->janitor = thread_new_without_signals("am-pool-janitor",
+		                                           pool_janitor, pool);
 	return pool;
 }
 
@@ -620,6 +579,8 @@ pool_give(AmPool *pool, PoolConn *pc)
 		g_hash_table_insert(pool->idle, g_strdup(pc->key), q);
 	}
 	if (q->length < pool->max_idle) {
+		/* The copy's deadline must not cut the janitor's QUIT. */
+		smtp_client_set_deadline(pc->client, 0);
 		pc->idle_since = g_get_monotonic_time();
 		g_queue_push_head(q, pc);
 		pc = NULL;
@@ -677,7 +638,7 @@ connection_get(AmPool *pool, const AmRelay *relay, gint64 deadline,
 	PoolConn *pc = pool_take(pool, key);
 
 	if (pc != NULL) {
-		client_set_timeouts(pc->client, relay, deadline);
+		client_set_limits(pc->client, relay, deadline);
 		if (smtp_client_rset(pc->client, &stale))
 			return pc;
 		am_log_debug("pool: %s: idle connection unusable (%s); "
@@ -688,11 +649,9 @@ connection_get(AmPool *pool, const AmRelay *relay, gint64 deadline,
 	pc = g_new0(PoolConn, 1);
 	pc->client = client_new(relay);
 	pc->key = g_steal_pointer(&key);
-	client_set_timeouts(pc->client, relay, deadline);
+	client_set_limits(pc->client, relay, deadline);
 	/* On failure @error says so; @pc stays for the peer's name. */
-	if (!deadline_passed(relay, deadline, "the connection", error) &&
-	    smtp_client_connect(pc->client, error))
-		deadline_passed(relay, deadline, "MAIL", error);
+	smtp_client_connect(pc->client, error);
 	return pc;
 }
 
@@ -731,11 +690,9 @@ am_deliver(AmPool *pool, const AmCopyRequest *req)
 	/* Step 2: a connection, then the transaction under what is left
 	 * of the deadline. */
 	pc = connection_get(pool, req->relay, deadline, &error);
-	if (error == NULL) {
-		client_set_timeouts(pc->client, req->relay, deadline);
+	if (error == NULL)
 		result = smtp_client_sendmail(pc->client, req->from, req->to,
 		                              req->msg, options, NULL, &error);
-	}
 	delay = (g_get_monotonic_time() - start) / (double)G_USEC_PER_SEC;
 
 	/* Step 3: the outcome; the connection back to the pool when the

@@ -157,14 +157,18 @@ test_no_reuse_after_timeout(void)
 	fake_smtp_free(f.fake);
 }
 
-/* Idle longer than idle_ms: the janitor says QUIT, unasked. */
+/*
+ * Idle longer than idle_ms: the janitor says QUIT, unasked, even though
+ * the copy's deadline (copy_deadline) has passed by then.
+ */
 static void
 test_idle_close(void)
 {
 	Fixture f = {0};
-	AmPool *pool = am_pool_new(4, 200);
+	AmPool *pool = am_pool_new(4, 600);
 
 	fixture_start(&f, NULL);
+	f.relay.copy_deadline_ms = 300;
 	assert_sent(send_copy(pool, &f.relay, NULL));
 	g_assert_cmpuint(count_commands(f.fake, "QUIT"), ==, 0);
 	g_assert_true(wait_commands(f.fake, "QUIT", 1, 3000));
