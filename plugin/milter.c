@@ -232,6 +232,7 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
 {
 	const GPtrArray *headers = am_capture_get_headers(cap);
 	g_autoptr(GPtrArray) rules = NULL;
+	g_autoptr(GError) error = NULL;
 	g_autofree char *detail = NULL;
 	const char *own;
 	gboolean tempfail = FALSE;
@@ -250,9 +251,15 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
 		return AM_VERDICT_ACCEPT;
 	}
 
-	/* Step 2: which rules want a copy. */
+	/* Step 2: which rules want a copy; undecidable: no accept. */
 	rules = am_rules_select(ctx->config, env, headers,
-	                        am_capture_get_size(cap));
+	                        am_capture_get_size(cap), &error);
+	if (rules == NULL) {
+		am_log_decision(env->queue_id, "tempfail", 0, 0,
+		                error->message);
+		*reason = g_strdup("archive rules could not be applied");
+		return AM_VERDICT_TEMPFAIL;
+	}
 	if (rules->len == 0) {
 		am_log_decision(env->queue_id, "accept", 0, 0,
 		                "no rule matched");
