@@ -16,6 +16,7 @@ typedef struct {
 	const char *stage;  /* static string, never NULL once set */
 	GPtrArray *refused; /* SmtpRefusal *, or NULL */
 	GPtrArray *dropped; /* char *, never NULL */
+	int errnum;         /* errno behind SMTP_ERROR_IO, else 0 */
 } SmtpErrorPrivate;
 
 static void
@@ -50,6 +51,7 @@ smtp_error_private_copy(const SmtpErrorPrivate *src, SmtpErrorPrivate *dest)
 	smtp_reply_clear(&dest->reply);
 	smtp_reply_copy(&src->reply, &dest->reply);
 	dest->stage = src->stage;
+	dest->errnum = src->errnum;
 	if (src->refused != NULL)
 		dest->refused = copy_refused(src->refused);
 	for (guint i = 0; i < src->dropped->len; i++)
@@ -191,6 +193,22 @@ smtp_error_get_stage(const GError *error)
 	return priv != NULL ? priv->stage : NULL;
 }
 
+void
+smtp_error_set_errno(GError *error, int errnum)
+{
+	smtp_error_get_private(error)->errnum = errnum;
+}
+
+int
+smtp_error_get_errno(const GError *error)
+{
+	SmtpErrorPrivate *priv = get_priv(error);
+
+	if (priv == NULL || error->code != SMTP_ERROR_IO)
+		return 0;
+	return priv->errnum;
+}
+
 const GPtrArray *
 smtp_error_get_dropped_options(const GError *error)
 {
@@ -210,6 +228,7 @@ smtp_error_is_temporary(const GError *error)
 	case SMTP_ERROR_CONNECT:
 	case SMTP_ERROR_TIMEOUT:
 	case SMTP_ERROR_DISCONNECTED:
+	case SMTP_ERROR_IO:
 		return TRUE;
 	case SMTP_ERROR_PROTOCOL:
 	case SMTP_ERROR_INPUT:

@@ -157,11 +157,18 @@ foreach_file_block(const Segment *seg, guint8 *buf, SmtpBlockFunc func,
 
 		if (n < 0 && errno == EINTR)
 			continue;
-		if (n <= 0) {
+		if (n < 0) {
 			smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
 			               "cannot read message file: %s",
-			               n < 0 ? g_strerror(errno)
-			                     : "file shorter than announced");
+			               g_strerror(errno));
+			return FALSE;
+		}
+		if (n == 0) {
+			smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
+			               "message file changed while being read: "
+			               "it ends after %" G_GUINT64_FORMAT
+			               " of %" G_GUINT64_FORMAT " octets",
+			               done, seg->len);
 			return FALSE;
 		}
 		if (!func(buf, n, user_data, error))
@@ -199,6 +206,44 @@ smtp_message_foreach_block(const SmtpMessage *msg, SmtpBlockFunc func,
 		}
 	}
 	return TRUE;
+}
+
+/* Write one block to the fd in @user_data, whatever write() takes at
+ * a time. */
+static gboolean
+write_block(const guint8 *data, gsize len, gpointer user_data, GError **error)
+{
+	int fd = *(const int *)user_data;
+
+	while (len > 0) {
+		ssize_t n = write(fd, data, len);
+		int errnum = errno;
+
+		if (n < 0 && errnum == EINTR)
+			continue;
+		if (n <= 0) {
+			/* write() returning 0 for a non-empty buffer: the
+			 * device takes no more, which is what ENOSPC says. */
+			if (n == 0)
+				errnum = ENOSPC;
+			smtp_set_error(error, SMTP_ERROR_IO, "write", NULL,
+			               "cannot write message: %s",
+			               g_strerror(errnum));
+			if (error != NULL)
+				smtp_error_set_errno(*error, errnum);
+			return FALSE;
+		}
+		data += n;
+		len -= n;
+	}
+	return TRUE;
+}
+
+gboolean
+smtp_message_write_raw(SmtpMessage *msg, int fd, GError **error)
+{
+	g_return_val_if_fail(msg != NULL, FALSE);
+	return smtp_message_foreach_block(msg, write_block, &fd, error);
 }
 
 /* ------------------------------------------------------------------ */

@@ -54,6 +54,8 @@ typedef enum {
 	SMTP_ERROR_AUTH,               /* authentication failed */
 	SMTP_ERROR_PROTOCOL,           /* malformed or unexpected reply */
 	SMTP_ERROR_INPUT,              /* bad caller input, nothing sent */
+	SMTP_ERROR_IO,                 /* a local write failed (errno kept,
+	                                * see smtp_error_get_errno()) */
 } SmtpErrorCode;
 
 GQuark smtp_error_quark(void);
@@ -98,9 +100,17 @@ const GPtrArray *smtp_error_get_refused(const GError *error);
  * smtp_error_get_stage: the SMTP stage the error happened in, as a
  * static string ("connect", "greeting", "ehlo", "helo", "starttls",
  * "auth", "mail", "rcpt", "data", "message", "end-of-data", "rset",
- * "quit", "input"), or NULL for errors outside SMTP_ERROR.
+ * "quit", "input", "write"), or NULL for errors outside SMTP_ERROR.
  */
 const char *smtp_error_get_stage(const GError *error);
+
+/*
+ * smtp_error_get_errno: for SMTP_ERROR_IO, the errno value of the
+ * failed system call (e.g. ENOSPC or EDQUOT for a full disk), so a
+ * caller can tell "disk full" from other failures without parsing the
+ * message; 0 for every other error and outside SMTP_ERROR.
+ */
+int smtp_error_get_errno(const GError *error);
 
 /*
  * smtp_error_get_dropped_options: options the caller asked for that the
@@ -111,8 +121,8 @@ const GPtrArray *smtp_error_get_dropped_options(const GError *error);
 
 /*
  * smtp_error_is_temporary: TRUE when retrying later may succeed: a 4xx
- * reply, CONNECT, TIMEOUT, DISCONNECTED; for RECIPIENTS_REFUSED, TRUE
- * when any refusal was 4xx.  FALSE for 5xx, PROTOCOL, INPUT, TLS, AUTH
+ * reply, CONNECT, TIMEOUT, DISCONNECTED, IO (a full disk may be freed);
+ * for RECIPIENTS_REFUSED, TRUE when any refusal was 4xx.  FALSE for 5xx, PROTOCOL, INPUT, TLS, AUTH
  * (with a 5xx) and NOT_SUPPORTED.
  */
 gboolean smtp_error_is_temporary(const GError *error);
@@ -166,8 +176,28 @@ void smtp_message_append_data(SmtpMessage *msg, const void *data, gsize len);
 gboolean smtp_message_append_fd(SmtpMessage *msg, int fd, goffset offset,
                                 gint64 len, GError **error);
 
-/* The message size in octets before encoding (what SIZE= announces). */
+/* The message size in octets before encoding. */
 guint64 smtp_message_get_size(const SmtpMessage *msg);
+
+/*
+ * smtp_message_write_raw: write the segments of @msg to @fd in order,
+ * exactly as they are: NOT encoded for SMTP (no CRLF normalisation, no
+ * dot-stuffing, no end marker).  For keeping a message on disk, e.g. in
+ * a spool, to be sent later from that file.  Short writes and EINTR are
+ * handled; @fd stays open and owned by the caller, its file offset moves
+ * by the octets written (write(), not pwrite(), so pipes work too).
+ * Nothing is synced: fsync() is the caller's.  @msg is unchanged and
+ * can still be sent or written again.
+ * Returns: TRUE when every octet was written.  FALSE with @error set
+ * otherwise, after which an unknown part may have been written:
+ * - SMTP_ERROR_INPUT (stage "message") when a file segment cannot be
+ *   read or has become shorter than it was when appended;
+ * - SMTP_ERROR_IO (stage "write") when write() fails; the message has
+ *   strerror()'s text, and smtp_error_get_errno() gives errno's value
+ *   (ENOSPC, EDQUOT, EIO, ...).  A write() that returns 0 counts as
+ *   ENOSPC.
+ */
+gboolean smtp_message_write_raw(SmtpMessage *msg, int fd, GError **error);
 
 /* ------------------------------------------------------------------ */
 /* The client                                                           */
@@ -210,6 +240,26 @@ void smtp_client_set_helo_name(SmtpClient *client, const char *name);
 
 /* Per-stage time limits; zero fields keep the RFC 5321 defaults. */
 void smtp_client_set_timeouts(SmtpClient *client, const SmtpTimeouts *t);
+
+/*
+ * smtp_client_set_deadline: a hard overall limit, in microseconds of
+ * g_get_monotonic_time() (e.g. g_get_monotonic_time() + 120 *
+ * G_USEC_PER_SEC); 0 (or less) removes it.  Every wait after this call
+ * (connect, greeting, each reply, each write, the TLS handshake, QUIT,
+ * also on an open connection) ends at the stage's own limit or at the
+ * deadline, whichever comes first, so a server that answers each
+ * command just inside its limit cannot hold the caller much past it.
+ * When the deadline ends a wait, or has passed before a command would
+ * be sent, the error is SMTP_ERROR_TIMEOUT (also in stage "connect",
+ * where a stage limit gives CONNECT); its stage is where it ran out and
+ * its message says "overall deadline ran out in STAGE ...".  As with
+ * every time-out the connection is then closed, and QUIT is skipped
+ * once the deadline has passed (smtp_client_free does not wait).
+ * The deadline stays until changed: a caller that reuses the client
+ * for another message sets a new one (or 0) first.  Name resolution
+ * (getaddrinfo) is not limited by it.
+ */
+void smtp_client_set_deadline(SmtpClient *client, gint64 deadline_us);
 
 /*
  * TLS level and CA file (NULL: system store), used from the next

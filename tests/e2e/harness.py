@@ -147,6 +147,146 @@ REGISTRY = Registry()
 atexit.register(REGISTRY.stop_all)
 
 
+# ------------------------------------------------------------------ #
+# Watchdog                                                             #
+# ------------------------------------------------------------------ #
+#
+# The Registry, atexit and the signal handlers cover every way out but
+# one: SIGKILL (meson's second step on a timeout, the OOM killer).  Then
+# nothing of this process runs, and Postfix's master, which detaches
+# itself into a session of its own, would keep running with its queue,
+# ports and log.  So a second process, started once per test process,
+# holds the read end of a pipe whose only write end is ours: when we
+# die, however we die, the kernel closes it, the watchdog reads EOF and
+# stops by pid everything we told it about, unmounts what we mounted and
+# removes what we asked it to.  It is a fresh interpreter (fork + exec),
+# not a bare fork of this threaded process, in a session of its own so
+# that a signal to our process group does not take it with us, and its
+# output goes to /dev/null so that meson does not wait for it.
+#
+# Its protocol, one line each on its standard input:
+#   pid PID START   SIGTERM, then SIGKILL, PID if /proc still shows the
+#                   same process (START: field 22 of /proc/PID/stat,
+#                   so that a reused pid is left alone)
+#   unpid PID       stopped by us already; forget it
+#   postfix CONF QUEUE   stop that private Postfix (master pid from
+#                   QUEUE/pid/master.pid, then its children)
+#   unpostfix CONF  forget it
+#   umount PATH     umount -l PATH
+#   unumount PATH   forget it
+#   rmtree PATH     remove PATH at the end
+#   unrmtree PATH   forget it
+
+
+def _proc_start_time(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Watchdog:
+    def __init__(self):
+        self.popen = None
+        self.lock = threading.Lock()
+
+    def _ensure(self):
+        if self.popen is not None and self.popen.poll() is None:
+            return True
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--watchdog",
+                 str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            print("# harness: no watchdog: %s" % e, file=sys.stderr)
+            self.popen = None
+            return False
+        return True
+
+    def tell(self, *words):
+        line = (" ".join(str(w) for w in words) + "\n").encode()
+        with self.lock:
+            if not self._ensure():
+                return
+            try:
+                self.popen.stdin.write(line)
+                self.popen.stdin.flush()
+            except OSError as e:
+                print("# harness: watchdog: %s" % e, file=sys.stderr)
+
+    def watch_pid(self, pid):
+        self.tell("pid", pid, _proc_start_time(pid) or "-")
+
+    def forget_pid(self, pid):
+        if self.popen is not None:
+            self.tell("unpid", pid)
+
+
+WATCHDOG = Watchdog()
+
+
+def _watchdog_main(parent):
+    """The watchdog process: collect orders until EOF, then carry out
+    the ones not taken back, newest first."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    orders = []         # (kind, args), in order of arrival
+    for raw in sys.stdin.buffer:
+        words = raw.decode("utf-8", "replace").split()
+        if not words:
+            continue
+        kind, args = words[0], words[1:]
+        if kind.startswith("un"):
+            orders = [(k, a) for k, a in orders
+                      if not (k == kind[2:] and a[:1] == args[:1])]
+        else:
+            orders.append((kind, args))
+    for kind, args in reversed(orders):
+        try:
+            if kind == "pid":
+                pid = int(args[0])
+                if args[1] != "-" and _proc_start_time(pid) != args[1]:
+                    continue
+                kill_pid(pid, 5)
+            elif kind == "postfix":
+                _watchdog_stop_postfix(args[0], args[1])
+            elif kind == "umount":
+                subprocess.run(["umount", "-l", args[0]],
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=30)
+            elif kind == "rmtree":
+                shutil.rmtree(args[0], ignore_errors=True)
+        except Exception:
+            pass        # nobody to tell: do the rest
+    return 0
+
+
+def _watchdog_stop_postfix(conf, queue):
+    try:
+        with open(os.path.join(queue, "pid", "master.pid")) as f:
+            master = int(f.read().strip())
+    except (OSError, ValueError):
+        return
+    if not pid_alive(master):
+        return
+    kids = children_of(master)
+    subprocess.run(["postfix", "-c", conf, "stop"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=30)
+    try:
+        wait_for(lambda: not pid_alive(master), 10, "master exit")
+    except Timeout:
+        kids += children_of(master)
+        kill_pid(master, 2)
+    for k in kids:
+        if pid_alive(k):
+            kill_pid(k, 2)
+
+
 def _on_signal(signum, frame):
     # Turn the signal into an exception so that finally blocks and
     # context managers run; atexit stops whatever is left.  A second
@@ -198,17 +338,23 @@ class Proc:
         self.log_path = log_path
         self.grace = grace
         self.log = open(log_path, "ab")
+        # A process started again on the same log: only what this one
+        # writes counts for wait_output().
+        self.log_start = self.log.seek(0, os.SEEK_END)
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                       stdout=self.log,
                                       stderr=subprocess.STDOUT, env=env)
         self.pid = self.popen.pid
         REGISTRY.add(name, self.stop)
+        WATCHDOG.watch_pid(self.pid)
 
     def alive(self):
         return self.popen.poll() is None
 
-    def output(self):
+    def output(self, all_runs=False):
         with open(self.log_path, "rb") as f:
+            if not all_runs:
+                f.seek(self.log_start)
             return f.read().decode("utf-8", "replace")
 
     def wait_output(self, pattern, timeout):
@@ -232,7 +378,21 @@ class Proc:
     def stop(self):
         REGISTRY.remove(self.stop)
         kill_pid(self.pid, self.grace, self.popen)
-        self.log.close()
+        WATCHDOG.forget_pid(self.pid)
+        if not self.log.closed:
+            self.log.close()
+
+    def kill(self):
+        """SIGKILL, as a crash would: no cleanup in the process."""
+        REGISTRY.remove(self.stop)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(timeout=30)
+        WATCHDOG.forget_pid(self.pid)
+        if not self.log.closed:
+            self.log.close()
 
 
 # ------------------------------------------------------------------ #
@@ -610,6 +770,7 @@ class Postfix:
     def start(self, timeout=60):
         self.configure()
         REGISTRY.add("postfix", self.stop)
+        WATCHDOG.tell("postfix", self.conf, self.queue)
         r = subprocess.run(["postfix", "-c", self.conf, "start"],
                            capture_output=True, text=True)
         if r.returncode != 0:
@@ -631,6 +792,7 @@ class Postfix:
         subprocess.run(["postfix", "-c", self.conf, "stop"],
                        capture_output=True)
         if pid is None:
+            WATCHDOG.tell("unpostfix", self.conf)
             return
         try:
             wait_for(lambda: not pid_alive(pid), 15, "postfix master exit")
@@ -639,6 +801,7 @@ class Postfix:
                 kill_pid(child, 2)
             kill_pid(pid, 2)
         self.master_pid = None
+        WATCHDOG.tell("unpostfix", self.conf)
 
     def log(self):
         try:
@@ -670,46 +833,80 @@ class Postfix:
 
 
 class Milter:
-    """archive-milter in the foreground with a generated config."""
+    """archive-milter in the foreground with a generated config.
+
+    on_failure: written as the rule's on_failure unless None (then the
+    policy defaults of conf.h apply).  relay_timeout: the relay's
+    `timeout` (seconds, decimals allowed); relay_keys: more [relay:archive]
+    keys (timeout_final = 2 ...).  delivery: "sync" or "spool" (None:
+    the key is not written, the default applies).  spool_dir: the spool
+    (default: WORKDIR/spool when delivery is set).  workers,
+    spool_retry_min, spool_retry_max: [milter] keys, written when not
+    None; milter_keys: more [milter] keys.  policy: {"on_timeout":
+    "tempfail", ...} written into the rule.  extra_conf: raw text
+    appended to the file.
+
+    The spool survives stop(), kill() and start(): a test kills the
+    milter with SIGKILL and starts it again on the same spool."""
 
     def __init__(self, exe, workdir, archive_port, archive_to,
-                 on_failure="tempfail", relay_timeout=10, extra_conf=""):
+                 on_failure="tempfail", relay_timeout=10, extra_conf="",
+                 delivery=None, spool_dir=None, workers=None,
+                 spool_retry_min=None, spool_retry_max=None, policy=None,
+                 milter_keys=None, relay_keys=None, port=None):
         self.exe = exe
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self.archive_port = archive_port
         self.archive_to = archive_to
         self.on_failure = on_failure
         self.relay_timeout = relay_timeout
         self.extra_conf = extra_conf
+        self.delivery = delivery
+        self.spool_dir = spool_dir or (os.path.join(workdir, "spool")
+                                       if delivery else None)
+        self.workers = workers
+        self.spool_retry_min = spool_retry_min
+        self.spool_retry_max = spool_retry_max
+        self.policy = dict(policy or {})
+        self.milter_keys = dict(milter_keys or {})
+        self.relay_keys = dict(relay_keys or {})
         self.conf_path = os.path.join(workdir, "archive-milter.conf")
         self.key_path = os.path.join(workdir, "archive-id.key")
         self.log_path = os.path.join(workdir, "milter.log")
         self.proc = None
 
-    def write_config(self):
+    def config_text(self):
+        milter = [("socket", "inet:%d@%s" % (self.port, LOOPBACK)),
+                  ("archive_id_key_file", self.key_path)]
+        for key in ("spool_dir", "workers", "spool_retry_min",
+                    "spool_retry_max"):
+            if getattr(self, key) is not None:
+                milter.append((key, getattr(self, key)))
+        milter += list(self.milter_keys.items())
+        relay = [("host", LOOPBACK), ("port", self.archive_port),
+                 ("timeout", self.relay_timeout)]
+        relay += list(self.relay_keys.items())
+        rule = [("mode", "journal"), ("relay", "archive"),
+                ("archive_to", self.archive_to)]
+        if self.delivery is not None:
+            rule.append(("delivery", self.delivery))
+        if self.on_failure is not None:
+            rule.append(("on_failure", self.on_failure))
+        rule += list(self.policy.items())
+
+        def group(name, pairs):
+            return "[%s]\n%s\n" % (name, "".join(
+                "%s = %s\n" % kv for kv in pairs))
         # No key file: the milter creates it (mode 0600, random) on start.
+        return ("# generated by tests/e2e/harness.py\n"
+                + group("milter", milter) + group("relay:archive", relay)
+                + group("rule:everything", rule) + self.extra_conf)
+
+    def write_config(self):
         with open(self.conf_path, "w") as f:
-            f.write("# generated by tests/e2e/harness.py\n"
-                    "[milter]\n"
-                    "socket = inet:%d@%s\n"
-                    "archive_id_key_file = %s\n"
-                    "\n"
-                    "[relay:archive]\n"
-                    "host = %s\n"
-                    "port = %d\n"
-                    "timeout = %d\n"
-                    "\n"
-                    "[rule:everything]\n"
-                    "mode = journal\n"
-                    "relay = archive\n"
-                    "archive_to = %s\n"
-                    "on_failure = %s\n"
-                    % (self.port, LOOPBACK, self.key_path, LOOPBACK,
-                       self.archive_port, self.relay_timeout,
-                       self.archive_to, self.on_failure))
-            f.write(self.extra_conf)
+            f.write(self.config_text())
 
     def start(self, timeout=30):
         self.write_config()
@@ -724,8 +921,37 @@ class Milter:
         if self.proc:
             self.proc.stop()
 
+    def kill(self):
+        """SIGKILL: no chance to finish or clean anything up."""
+        if self.proc:
+            self.proc.kill()
+
+    def running(self):
+        return self.proc is not None and self.proc.alive()
+
     def log(self):
-        return self.proc.output() if self.proc else ""
+        """The output of every run so far."""
+        return self.proc.output(all_runs=True) if self.proc else ""
+
+    def run_tool(self, *args, timeout=30):
+        """archive-milter -c CONF ARGS... (e.g. --spool-list) as a
+        separate process: (exit status, stdout, stderr)."""
+        self.write_config()
+        r = subprocess.run([self.exe, "-c", self.conf_path] + list(args),
+                           capture_output=True, timeout=timeout)
+        return (r.returncode, r.stdout.decode("utf-8", "replace"),
+                r.stderr.decode("utf-8", "replace"))
+
+    def spool_files(self, part):
+        """Names in SPOOL/part (queue, hold, tmp), read directly: a
+        cross-check of --spool-list that needs no parser of its output."""
+        if not self.spool_dir:
+            return []
+        try:
+            return sorted(n for n in os.listdir(os.path.join(
+                self.spool_dir, part)) if not n.startswith("."))
+        except FileNotFoundError:
+            return []
 
 
 # ------------------------------------------------------------------ #
@@ -903,20 +1129,28 @@ class World:
 
     def __init__(self, milter_exe=None, fake_smtpd=None, workdir=None,
                  keep=False, postfix_extra=None, milter_extra_conf="",
-                 loop=False):
+                 loop=False, milter_opts=None, archive_relay=None):
         """loop: the milter sends its copies back into Postfix, which
         routes the archive domain to the archive relay (transport_maps),
-        as a site whose archive is a transport of the MTA itself does."""
+        as a site whose archive is a transport of the MTA itself does.
+        milter_opts: more keyword arguments of Milter (delivery, policy
+        ...).  archive_relay: a function of the work directory that
+        returns the archive relay, not yet started (default: as the
+        main relay)."""
         self.milter_exe = milter_exe
         self.fake_smtpd = fake_smtpd
         self.keep = keep or bool(workdir)
         self.workdir = workdir or tempfile.mkdtemp(prefix="archive-e2e-")
         os.makedirs(self.workdir, exist_ok=True)
+        if not self.keep:
+            WATCHDOG.tell("rmtree", self.workdir)
         # Postfix's own processes (user postfix) walk into it.
         os.chmod(self.workdir, 0o755)
         self.postfix_extra = postfix_extra or {}
         self.milter_extra_conf = milter_extra_conf
         self.loop = loop
+        self.milter_opts = milter_opts or {}
+        self.archive_relay = archive_relay
         self.main = self.archive = self.milter = self.postfix = None
 
     def _relay(self, name):
@@ -929,7 +1163,10 @@ class World:
     def start(self):
         install_signal_handlers()
         self.main = self._relay("main").start()
-        self.archive = self._relay("archive").start()
+        if self.archive_relay:
+            self.archive = self.archive_relay(self.workdir).start()
+        else:
+            self.archive = self._relay("archive").start()
         postfix_port = free_port()
         transports = {}
         if self.loop:
@@ -939,7 +1176,8 @@ class World:
                                  os.path.join(self.workdir, "milter"),
                                  postfix_port if self.loop
                                  else self.archive.port, self.ARCHIVE_TO,
-                                 extra_conf=self.milter_extra_conf)
+                                 extra_conf=self.milter_extra_conf,
+                                 **self.milter_opts)
             self.milter.start()
         self.postfix = Postfix(os.path.join(self.workdir, "postfix"),
                                self.main.port,
@@ -959,6 +1197,7 @@ class World:
                     print("# harness: stop: %s" % e, file=sys.stderr)
         if not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            WATCHDOG.tell("unrmtree", self.workdir)
 
     def __enter__(self):
         try:
@@ -970,3 +1209,7 @@ class World:
     def __exit__(self, *exc):
         self.stop()
         return False
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--watchdog"]:
+    sys.exit(_watchdog_main(int(sys.argv[2])))

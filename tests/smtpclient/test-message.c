@@ -7,7 +7,11 @@
  * boundaries is tested everywhere, not only where a case happens to
  * cut.
  */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <glib/gstdio.h>
@@ -335,6 +339,198 @@ test_message_bad_fd(void)
 	g_assert_cmpstr(smtp_error_get_stage(error), ==, "input");
 }
 
+/* Read back everything in @fd from its start. */
+static GByteArray *
+read_back(int fd)
+{
+	GByteArray *all = g_byte_array_new();
+	guint8 buf[4096];
+	ssize_t n;
+	off_t off = 0;
+
+	while ((n = pread(fd, buf, sizeof(buf), off)) > 0) {
+		g_byte_array_append(all, buf, n);
+		off += n;
+	}
+	g_assert_cmpint(n, ==, 0);
+	return all;
+}
+
+/* Raw means raw: lone LF, lone CR, a leading dot and NUL pass as they
+ * are, from memory and from file ranges with an offset, and the fd's
+ * own offset moves by what was written. */
+static void
+test_write_raw_segments(void)
+{
+	static const char text[] = "x\n.\r\nMAIL\r";
+	static const char expected[] = "pre:x\n.\r\nMAIL\r3456\0.89"
+	                               "x\n.\r\nMAIL\r3456\0.89";
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_TEXT);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GByteArray) all = NULL;
+	g_autofree char *path = NULL;
+	int src = temp_file("0123456789", 10);
+	int out;
+
+	smtp_message_append_data(msg, text, sizeof(text) - 1);
+	g_assert_true(smtp_message_append_fd(msg, src, 3, 4, &error));
+	smtp_message_append_data(msg, "\0.", 2);
+	g_assert_true(smtp_message_append_fd(msg, src, 8, -1, &error));
+	g_assert_no_error(error);
+	close(src);
+
+	out = g_file_open_tmp("test-raw-XXXXXX", &path, &error);
+	g_assert_no_error(error);
+	g_unlink(path);
+	g_assert_cmpint(write(out, "pre:", 4), ==, 4);
+	for (guint round = 0; round < 2; round++) {
+		g_assert_true(smtp_message_write_raw(msg, out, &error));
+		g_assert_no_error(error);
+	}
+	all = read_back(out);
+	g_assert_cmpmem(all->data, all->len, expected, sizeof(expected) - 1);
+	g_assert_cmpint(lseek(out, 0, SEEK_CUR), ==, sizeof(expected) - 1);
+	close(out);
+}
+
+static void
+test_write_raw_empty(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+
+	/* Nothing to write: not even a bad fd is touched. */
+	g_assert_true(smtp_message_write_raw(msg, -1, &error));
+	g_assert_no_error(error);
+}
+
+/* A full disk is SMTP_ERROR_IO with ENOSPC findable, and survives
+ * g_error_copy() (the spool maps it to "disk full"). */
+static void
+test_write_raw_enospc(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GError) copy = NULL;
+	int fd = open("/dev/full", O_WRONLY | O_CLOEXEC);
+
+	if (fd < 0) {
+		g_test_skip("no /dev/full");
+		return;
+	}
+	smtp_message_append_data(msg, "hello\r\n", 7);
+	g_assert_false(smtp_message_write_raw(msg, fd, &error));
+	close(fd);
+	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_IO);
+	g_assert_cmpint(smtp_error_get_errno(error), ==, ENOSPC);
+	g_assert_cmpstr(smtp_error_get_stage(error), ==, "write");
+	g_assert_nonnull(strstr(error->message, g_strerror(ENOSPC)));
+	g_assert_true(smtp_error_is_temporary(error));
+	copy = g_error_copy(error);
+	g_assert_cmpint(smtp_error_get_errno(copy), ==, ENOSPC);
+}
+
+static void
+test_write_raw_bad_fd(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+
+	smtp_message_append_data(msg, "x", 1);
+	g_assert_false(smtp_message_write_raw(msg, -1, &error));
+	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_IO);
+	g_assert_cmpint(smtp_error_get_errno(error), ==, EBADF);
+}
+
+/* A file segment that shrank after it was appended is INPUT, not IO:
+ * the message is at fault, not the disk written to. */
+static void
+test_write_raw_shrank(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+	g_autofree char *path = NULL;
+	int src = temp_file("0123456789", 10);
+	int out;
+
+	g_assert_true(smtp_message_append_fd(msg, src, 0, -1, &error));
+	g_assert_cmpint(ftruncate(src, 4), ==, 0);
+	close(src);
+	out = g_file_open_tmp("test-raw-XXXXXX", &path, &error);
+	g_assert_no_error(error);
+	g_unlink(path);
+	g_assert_false(smtp_message_write_raw(msg, out, &error));
+	close(out);
+	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_INPUT);
+	g_assert_cmpint(smtp_error_get_errno(error), ==, 0);
+	g_assert_nonnull(strstr(error->message, "changed"));
+}
+
+/* Short writes and EINTR: a slow reader on a pipe while a timer
+ * interrupts write() (no SA_RESTART) again and again. */
+static volatile sig_atomic_t alarms;
+
+static void
+on_alarm(int sig)
+{
+	(void)sig;
+	alarms++;
+}
+
+static gpointer
+slow_reader(gpointer data)
+{
+	int fd = GPOINTER_TO_INT(data);
+	GByteArray *all = g_byte_array_new();
+	guint8 buf[3000];
+	ssize_t n;
+
+	while ((n = read(fd, buf, sizeof(buf))) != 0) {
+		if (n < 0 && errno == EINTR)
+			continue;
+		g_assert_cmpint(n, >, 0);
+		g_byte_array_append(all, buf, n);
+		g_usleep(50);
+	}
+	return all;
+}
+
+static void
+test_write_raw_interrupted(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GByteArray) got = NULL;
+	gsize len = 2 * SMTP_MESSAGE_BLOCK + 12345;
+	g_autofree guint8 *data = g_malloc(len);
+	struct sigaction sa = {.sa_handler = on_alarm}, old;
+	struct itimerval tv = {{0, 200}, {0, 200}}, off = {{0, 0}, {0, 0}};
+	GThread *reader;
+	int p[2], src;
+
+	for (gsize i = 0; i < len; i++)
+		data[i] = (guint8)(i * 13 + (i >> 8));
+	src = temp_file(data, len / 2);
+	g_assert_true(smtp_message_append_fd(msg, src, 0, -1, &error));
+	close(src);
+	smtp_message_append_data(msg, data + len / 2, len - len / 2);
+
+	g_assert_cmpint(pipe(p), ==, 0);
+	reader = g_thread_new("reader", slow_reader, GINT_TO_POINTER(p[0]));
+	sigemptyset(&sa.sa_mask);
+	g_assert_cmpint(sigaction(SIGALRM, &sa, &old), ==, 0);
+	setitimer(ITIMER_REAL, &tv, NULL);
+	g_assert_true(smtp_message_write_raw(msg, p[1], &error));
+	setitimer(ITIMER_REAL, &off, NULL);
+	sigaction(SIGALRM, &old, NULL);
+	g_assert_no_error(error);
+	close(p[1]);
+	got = g_thread_join(reader);
+	close(p[0]);
+	g_assert_cmpmem(got->data, got->len, data, len);
+	g_assert_cmpint(alarms, >, 0);
+}
+
 typedef struct {
 	const char *name;
 	SmtpMessageKind kind;
@@ -398,5 +594,13 @@ main(int argc, char **argv)
 	g_test_add_func("/smtpclient/message/file-shrank",
 	                test_message_file_shrank);
 	g_test_add_func("/smtpclient/message/bad-fd", test_message_bad_fd);
+	g_test_add_func("/smtpclient/write-raw/segments",
+	                test_write_raw_segments);
+	g_test_add_func("/smtpclient/write-raw/empty", test_write_raw_empty);
+	g_test_add_func("/smtpclient/write-raw/enospc", test_write_raw_enospc);
+	g_test_add_func("/smtpclient/write-raw/bad-fd", test_write_raw_bad_fd);
+	g_test_add_func("/smtpclient/write-raw/shrank", test_write_raw_shrank);
+	g_test_add_func("/smtpclient/write-raw/interrupted",
+	                test_write_raw_interrupted);
 	return g_test_run();
 }
