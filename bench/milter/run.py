@@ -586,24 +586,55 @@ def stop_perf(proc):
         proc.wait()
 
 
-def under_perf(setup, files, args, outdir, argv):
-    """One round with `perf ARGV -p PID` attached to the milter."""
-    perf = subprocess.Popen(["perf"] + argv + ["-p", str(setup.milter_pid)],
-                            stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    stopper = lambda: stop_perf(perf)  # noqa: E731
+def under_perf(setup, files, args, outdir, *argvs):
+    """One round with `perf ARGV -p PID` attached to the milter, for
+    each ARGV at the same time."""
+    perfs = [subprocess.Popen(["perf"] + argv
+                              + ["-p", str(setup.milter_pid)],
+                              stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for argv in argvs]
+
+    def stopper():
+        for p in perfs:
+            stop_perf(p)
     harness.REGISTRY.add("perf", stopper)
     time.sleep(1)  # perf attaches to every thread before we start
     try:
         r = run_round(setup, files, args, outdir)
     finally:
-        stop_perf(perf)
+        stopper()
         harness.REGISTRY.remove(stopper)
     log("profile: %s: %d messages under perf %s (%.1f accepted msg/s, "
-        "not a timed round)" % (setup.name, r["sent"], argv[0],
+        "not a timed round)" % (setup.name, r["sent"],
+                                " and ".join(a[0] for a in argvs),
                                 r["accepted"]))
     return r
+
+
+# Syscalls that wait on the disk or the network: perf trace times them.
+PERF_TRACED = ("fsync", "fdatasync", "sync_file_range", "connect",
+               "rename", "renameat2", "openat")
+
+
+def trace_summary(path):
+    """{syscall: (calls, total ms)} summed over the threads of a
+    `perf trace -s` summary."""
+    out = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                w = line.split()
+                if len(w) >= 4 and w[0] in PERF_TRACED:
+                    try:
+                        calls, total = int(w[1]), float(w[3])
+                    except ValueError:
+                        continue
+                    c, t = out.get(w[0], (0, 0.0))
+                    out[w[0]] = (c + calls, t + total)
+    except OSError:
+        pass
+    return out
 
 
 def profile(setup, files, args, outdir):
@@ -616,9 +647,12 @@ def profile(setup, files, args, outdir):
     # Syscalls per message.
     events = perf_events()
     if events:
+        trace_out = os.path.join(outdir, "perf-%s.trace" % setup.name)
         r = under_perf(setup, files, args, outdir,
                        ["stat", "-x", ",", "-e", ",".join(events), "-o",
-                        stat_out])
+                        stat_out],
+                       ["trace", "-s", "--no-syscalls", "-e",
+                        ",".join(PERF_TRACED), "-o", trace_out])
         with open(stat_out) as f:
             for line in f:
                 parts = line.strip().split(",")
@@ -637,12 +671,18 @@ def profile(setup, files, args, outdir):
                     name, n = "task-clock (ms)", n
                 log("profile: %s: %-16s %10.0f  %8.2f per message"
                     % (setup.name, name, n, n / max(1, r["sent"])))
+        for name, (calls, total) in sorted(trace_summary(
+                trace_out).items()):
+            log("profile: %s: %-16s %8d calls, %8.3f ms each, %6.3f ms "
+                "per message (time waited, from perf trace)"
+                % (setup.name, name, calls, total / max(1, calls),
+                   total / max(1, r["sent"])))
         log("profile: %s: archive relay sessions %d for %d copies"
             % (setup.name, r["archive_sessions"], r["archive_copies"]))
 
     # The hottest symbols, self time, and the split per library.
     r = under_perf(setup, files, args, outdir,
-                   ["record", "-q", "-F", "999", "-g", "-o", data])
+                   ["record", "-q", "-F", "1999", "-g", "-o", data])
     log("profile: %s: milter CPU %.0f us/msg under perf record"
         % (setup.name, r["milter_cpu_us"]))
     for sort, limit in (("dso", 1.0), ("dso,symbol", 0.7)):
