@@ -116,36 +116,106 @@ key_create(const char *path, GError **error)
 	return TRUE;
 }
 
-AmArchiveKey *
-am_archive_key_load(const char *path, GError **error)
+/*
+ * Read at most AM_ARCHIVE_KEY_MAX + 1 octets of @fd into @buf: one more
+ * than a key may hold tells a file that is too long, whatever its
+ * st_size says, without reading a large file whole.
+ */
+static gboolean
+key_read(int fd, const char *path, guint8 *buf, gsize *len, GError **error)
 {
-	g_autofree char *data = NULL;
-	gsize len = 0;
-	struct stat st;
-	AmArchiveKey *key;
+	*len = 0;
+	while (*len < AM_ARCHIVE_KEY_MAX + 1) {
+		ssize_t n = read(fd, buf + *len, AM_ARCHIVE_KEY_MAX + 1 - *len);
 
-	if (!key_create(path, error))
-		return NULL;
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			g_set_error(error, AM_ARCHIVE_KEY_ERROR,
+			            AM_ARCHIVE_KEY_ERROR_IO,
+			            "cannot read %s: %s", path,
+			            g_strerror(errno));
+			return FALSE;
+		}
+		if (n == 0)
+			break;
+		*len += n;
+	}
+	return TRUE;
+}
+
+/*
+ * The opened file itself is checked (fstat), not the path, so that a
+ * file swapped in between check and read cannot slip through.
+ */
+static gboolean
+key_file_ok(int fd, const char *path, GError **error)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
+		            AM_ARCHIVE_KEY_ERROR_BAD,
+		            "%s: must be a regular file", path);
+		return FALSE;
+	}
 
 	/* A secret others can read is no secret: refuse it loudly. */
-	if (stat(path, &st) != 0 || (st.st_mode & 0077) != 0) {
+	if ((st.st_mode & 0077) != 0) {
 		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
 		            AM_ARCHIVE_KEY_ERROR_BAD,
 		            "%s: must exist with mode 0600 or stricter", path);
+		return FALSE;
+	}
+	if (st.st_size > AM_ARCHIVE_KEY_MAX) {
+		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
+		            AM_ARCHIVE_KEY_ERROR_BAD,
+		            "%s: a key holds at most %d octets, the file has "
+		            "%lld",
+		            path, AM_ARCHIVE_KEY_MAX, (long long)st.st_size);
+		return FALSE;
+	}
+	return TRUE;
+}
+
+AmArchiveKey *
+am_archive_key_load(const char *path, GError **error)
+{
+	guint8 buf[AM_ARCHIVE_KEY_MAX + 1];
+	gsize len = 0;
+	AmArchiveKey *key = NULL;
+	int fd;
+
+	if (!key_create(path, error))
+		return NULL;
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	if (fd < 0) {
+		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
+		            AM_ARCHIVE_KEY_ERROR_IO, "cannot open %s: %s", path,
+		            g_strerror(errno));
 		return NULL;
 	}
-	if (!g_file_get_contents(path, &data, &len, error))
-		return NULL;
-	if (len < AM_ARCHIVE_KEY_MIN) {
+	if (!key_file_ok(fd, path, error) ||
+	    !key_read(fd, path, buf, &len, error))
+		goto out;
+
+	/* The file may have grown since fstat(): the read decides. */
+	if (len > AM_ARCHIVE_KEY_MAX)
+		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
+		            AM_ARCHIVE_KEY_ERROR_BAD,
+		            "%s: a key holds at most %d octets, the file has "
+		            "more",
+		            path, AM_ARCHIVE_KEY_MAX);
+	else if (len < AM_ARCHIVE_KEY_MIN)
 		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
 		            AM_ARCHIVE_KEY_ERROR_BAD,
 		            "%s: a key needs at least %d octets, found %zu",
 		            path, AM_ARCHIVE_KEY_MIN, len);
-		explicit_bzero(data, len);
-		return NULL;
-	}
-	key = am_archive_key_new((const guint8 *)data, len);
-	explicit_bzero(data, len);
+	else
+		key = am_archive_key_new(buf, len);
+out:
+	explicit_bzero(buf, sizeof(buf));
+	close(fd);
 	return key;
 }
 

@@ -17,20 +17,26 @@ GQuark am_archive_key_error_quark(void);
 
 typedef enum {
 	AM_ARCHIVE_KEY_ERROR_IO,  /* cannot read or create the file */
-	AM_ARCHIVE_KEY_ERROR_BAD, /* too short, or open to others */
+	AM_ARCHIVE_KEY_ERROR_BAD, /* too short or long, not a regular
+				   * file, or open to others */
 } AmArchiveKeyError;
 
-/* Octets of secret in a key file we create; the least we accept. */
+/* Octets of secret in a key file we create; the least and the most we
+ * accept (a larger file is a wrong path, never read whole). */
 #define AM_ARCHIVE_KEY_SIZE 32
 #define AM_ARCHIVE_KEY_MIN  16
+#define AM_ARCHIVE_KEY_MAX  1024
 
 typedef struct AmArchiveKey AmArchiveKey;
 
 /*
  * am_archive_key_load: read the secret from @path, creating the file
  * (mode 0600, AM_ARCHIVE_KEY_SIZE random octets) when it does not
- * exist.  Fails when the file is shorter than AM_ARCHIVE_KEY_MIN or
- * readable by group or others.  (transfer full): am_archive_key_free().
+ * exist.  Fails (BAD, naming @path and the limit) when the file is
+ * shorter than AM_ARCHIVE_KEY_MIN or longer than AM_ARCHIVE_KEY_MAX
+ * octets, not a regular file, or readable by group or others; at most
+ * AM_ARCHIVE_KEY_MAX + 1 octets are ever read.
+ * (transfer full): am_archive_key_free().
  */
 AmArchiveKey *am_archive_key_load(const char *path, GError **error);
 

@@ -7,9 +7,11 @@
  * measured) passes a folded value with a bare "\n" at each fold,
  * followed by the continuation's own white space, and, with
  * SMFIP_HDR_LEADSPC, the value's leading white space as received
- * (none, one space, several, a tab).  So each bare "\n" becomes CRLF
- * and nothing else changes.  Body chunks arrive with CRLF line ends and
- * dots already un-stuffed; they are kept as they are.
+ * (none, one space, several, a tab).  So each fold ("\n" or "\r\n"
+ * before white space) becomes CRLF and nothing else changes; a value
+ * with any other CR or LF is refused (see header_rebuild()).  Body
+ * chunks arrive with CRLF line ends and dots already un-stuffed; they
+ * are kept as they are.
  *
  * Memory stays bounded: past memory_max octets everything moves to a
  * temporary file that is unlinked as soon as it is created, so it
@@ -18,7 +20,11 @@
  * Known limits: headers the MTA adds after the milter saw the message
  * (Postfix's own Received:) are not in the capture; Postfix also adds
  * Message-Id/Date/From for local clients before the milter sees them,
- * and those are.
+ * and those are.  XXX: libmilter hands a header value over as a C
+ * string, so a NUL inside a value sent over the raw milter protocol
+ * cuts the value there: the copy has the part before the NUL, which
+ * can forge nothing, but differs from what the MTA keeps.  Seeing it
+ * would need the value's length, which libmilter does not give.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -35,6 +41,7 @@ struct AmCapture {
 	char *tmpdir;           /* where the spill file goes */
 	gboolean leading_space; /* values keep their leading space */
 	GPtrArray *headers;     /* AmHeader * */
+	gsize header_octets;    /* names and values in headers */
 	gboolean headers_done;  /* the blank line is written */
 	GByteArray *mem;        /* the message while in memory */
 	GBytes *frozen;         /* mem, frozen for sending */
@@ -99,6 +106,25 @@ am_address_strip(const char *arg)
 	return g_strdup(arg);
 }
 
+/*
+ * An address the journal could not write on one line is refused here,
+ * when the MTA can still tell its client (a 4xx for that RCPT alone),
+ * rather than at end of message, where it would fail the whole copy.
+ */
+static gboolean
+address_fits(const char *addr, const char *what, GError **error)
+{
+	gsize len = strlen(addr);
+
+	if (len <= AM_ADDRESS_MAX)
+		return TRUE;
+	g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
+	            "%s address of %zu octets is longer than %d, too long "
+	            "for a header line of the archive copy",
+	            what, len, AM_ADDRESS_MAX);
+	return FALSE;
+}
+
 gboolean
 am_envelope_set_sender(AmEnvelope *env, char **argv, GError **error)
 {
@@ -108,6 +134,10 @@ am_envelope_set_sender(AmEnvelope *env, char **argv, GError **error)
 	if (addr == NULL) {
 		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
 		            "unusable MAIL FROM address");
+		return FALSE;
+	}
+	if (!address_fits(addr, "MAIL FROM", error)) {
+		g_free(addr);
 		return FALSE;
 	}
 	g_free(env->sender);
@@ -137,6 +167,10 @@ am_envelope_add_recipient(AmEnvelope *env, char **argv, GError **error)
 		g_free(addr);
 		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
 		            "unusable RCPT TO address");
+		return FALSE;
+	}
+	if (!address_fits(addr, "RCPT TO", error)) {
+		g_free(addr);
 		return FALSE;
 	}
 	g_ptr_array_add(env->recipients, addr);
@@ -283,12 +317,76 @@ capture_write(AmCapture *cap, const void *data, gsize len, GError **error)
 	return TRUE;
 }
 
-/* NAME ":" VALUE CRLF with each bare LF of a fold turned into CRLF. */
-static GString *
-header_rebuild(const char *name, const char *value, gboolean leading_space)
+/*
+ * Line breaks inside a header value.  RFC 5322 section 2.2.3 allows a
+ * line break in a header only as a fold: CRLF followed by white space.
+ * Postfix hands a fold over as a bare LF, some MTAs as CRLF; both are
+ * written as CRLF.  Any other CR or LF would end the header early in
+ * the copy and start a line of the sender's choosing: a value
+ * "x\nX-Envelope-To: <evil>" forges a header, "x\n\nbody" ends the
+ * headers, and a lone CR becomes a line end in the SMTP encoder.
+ *
+ * Such a value is refused, not repaired.  An archive is worth what its
+ * copies are faithful: any repair (a space after the break, the break
+ * turned into a space) makes a copy that differs from what the MTA
+ * delivered, in a way no reader of the archive can see, and which
+ * bytes the MTA delivers for such a value differs from MTA to MTA, so
+ * no repair can be right for all of them.  A refusal is visible: the
+ * message is tempfailed with the reason, nothing is accepted without a
+ * faithful copy, and mail through Postfix never meets it (Postfix
+ * cleans header values before any milter sees them).
+ */
+typedef enum {
+	BREAK_NONE, /* not a line break */
+	BREAK_FOLD, /* a fold: its break length in *len */
+	BREAK_BAD,  /* CR or LF that does not fold */
+} BreakKind;
+
+static BreakKind
+line_break_at(const char *v, gsize *len)
 {
-	GString *out = g_string_sized_new(strlen(name) + strlen(value) + 8);
+	*len = 0;
+	if (*v == '\r' && v[1] == '\n')
+		*len = 2;
+	else if (*v == '\n')
+		*len = 1;
+	else if (*v == '\r')
+		return BREAK_BAD; /* a lone CR */
+	else
+		return BREAK_NONE;
+	return v[*len] == ' ' || v[*len] == '\t' ? BREAK_FOLD : BREAK_BAD;
+}
+
+/*
+ * RFC 5322 section 2.2: a field name is printable US-ASCII but ':'.
+ * Anything else (control characters, white space, 8-bit) would not be
+ * read back as the same header.
+ */
+static gboolean
+header_name_valid(const char *name)
+{
+	const char *p;
+
+	if (*name == '\0')
+		return FALSE;
+	for (p = name; *p != '\0'; p++)
+		if ((guchar)*p < 33 || (guchar)*p > 126 || *p == ':')
+			return FALSE;
+	return TRUE;
+}
+
+/*
+ * NAME ":" VALUE CRLF with each fold written as CRLF, or NULL with
+ * @error (INPUT) when the value holds a CR or LF that is not a fold.
+ */
+static GString *
+header_rebuild(const char *name, const char *value, gboolean leading_space,
+               GError **error)
+{
+	g_autoptr(GString) out =
+	    g_string_sized_new(strlen(name) + strlen(value) + 8);
 	const char *v;
+	gsize len;
 
 	g_string_append(out, name);
 	g_string_append_c(out, ':');
@@ -297,12 +395,47 @@ header_rebuild(const char *name, const char *value, gboolean leading_space)
 	if (!leading_space && *value != '\0')
 		g_string_append_c(out, ' ');
 	for (v = value; *v != '\0'; v++) {
-		if (*v == '\n' && (v == value || v[-1] != '\r'))
-			g_string_append_c(out, '\r');
-		g_string_append_c(out, *v);
+		switch (line_break_at(v, &len)) {
+		case BREAK_NONE:
+			g_string_append_c(out, *v);
+			break;
+		case BREAK_FOLD:
+			g_string_append(out, "\r\n");
+			v += len - 1;
+			break;
+		case BREAK_BAD:
+			g_set_error(error, AM_CAPTURE_ERROR,
+			            AM_CAPTURE_ERROR_INPUT,
+			            "header %.64s: line break not followed by "
+			            "white space at octet %zu (a forged header "
+			            "line?)",
+			            name, (gsize)(v - value));
+			return NULL;
+		}
 	}
 	g_string_append(out, "\r\n");
-	return out;
+	return g_steal_pointer(&out);
+}
+
+/* The headers kept in memory stay within the limits of capture.h. */
+static gboolean
+header_fits(const AmCapture *cap, const char *name, const char *value,
+            GError **error)
+{
+	gsize octets = strlen(name) + strlen(value);
+
+	if (cap->headers->len >= AM_CAPTURE_HEADERS_MAX) {
+		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
+		            "more than %d headers", AM_CAPTURE_HEADERS_MAX);
+		return FALSE;
+	}
+	if (octets > AM_CAPTURE_HEADER_OCTETS_MAX - cap->header_octets) {
+		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
+		            "headers of more than %d octets in all",
+		            AM_CAPTURE_HEADER_OCTETS_MAX);
+		return FALSE;
+	}
+	return TRUE;
 }
 
 gboolean
@@ -312,15 +445,20 @@ am_capture_add_header(AmCapture *cap, const char *name, const char *value,
 	g_autoptr(GString) line = NULL;
 	AmHeader *h;
 
-	if (name == NULL || value == NULL || *name == '\0' ||
-	    strpbrk(name, ": \t\r\n") != NULL || cap->headers_done) {
+	if (name == NULL || value == NULL || !header_name_valid(name) ||
+	    cap->headers_done) {
 		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
 		            "malformed header from the MTA");
 		return FALSE;
 	}
-	line = header_rebuild(name, value, cap->leading_space);
+	if (!header_fits(cap, name, value, error))
+		return FALSE;
+	line = header_rebuild(name, value, cap->leading_space, error);
+	if (line == NULL)
+		return FALSE;
 	if (!capture_write(cap, line->str, line->len, error))
 		return FALSE;
+	cap->header_octets += strlen(name) + strlen(value);
 	h = g_new(AmHeader, 1);
 	h->name = g_strdup(name);
 	h->value = g_strdup(value);

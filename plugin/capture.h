@@ -45,6 +45,14 @@ void am_envelope_free(AmEnvelope *env);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmEnvelope, am_envelope_free)
 
 /*
+ * Longest envelope address taken, in octets: "X-Envelope-From: <" ADDR
+ * ">" then fills the 998-octet line limit of RFC 5322 section 2.1.1
+ * exactly, and an address cannot be folded (journal.h).  RFC 5321
+ * section 4.5.3.1 allows 256 octets for a whole path.
+ */
+#define AM_ADDRESS_MAX 979
+
+/*
  * am_address_strip: the bare address of a MAIL or RCPT argument
  * ("<a@b>" -> "a@b", "<>" -> ""), or NULL when @arg is not one address
  * in angle brackets or contains a control character.  (transfer full)
@@ -54,11 +62,15 @@ char *am_address_strip(const char *arg);
 /*
  * am_envelope_set_sender: record MAIL FROM from libmilter's @argv
  * (address first, then the parameters).  FALSE with @error (INPUT) when
- * the address is unusable.
+ * the address is unusable or longer than AM_ADDRESS_MAX.
  */
 gboolean am_envelope_set_sender(AmEnvelope *env, char **argv, GError **error);
 
-/* am_envelope_add_recipient: record one RCPT TO from @argv. */
+/*
+ * am_envelope_add_recipient: record one RCPT TO from @argv.  FALSE with
+ * @error (INPUT) as for the sender; the milter then refuses this
+ * recipient alone (4xx), never the message.
+ */
 gboolean am_envelope_add_recipient(AmEnvelope *env, char **argv,
                                    GError **error);
 
@@ -92,9 +104,21 @@ void am_capture_free(AmCapture *cap);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmCapture, am_capture_free)
 
 /*
+ * The headers are also kept apart, in memory, for the rules and the
+ * X-Archive-Id check, whatever memory_max says: so their number and
+ * their octets (names and values) are capped.  Tiny headers cost far
+ * more memory than their size (about 100 octets each), and the MTA
+ * does not cap their number (Postfix: only message_size_limit).  Real
+ * mail stays far below both.
+ */
+#define AM_CAPTURE_HEADERS_MAX       10000
+#define AM_CAPTURE_HEADER_OCTETS_MAX (4 * 1024 * 1024)
+
+/*
  * Events in MTA order: each header, the end of headers, body chunks.
  * Each fails with @error (IO) when the temporary file cannot be written,
- * or (INPUT) on a header that cannot be rebuilt; the capture is then
+ * or (INPUT) on a header that cannot be rebuilt (a bad name, a CR or LF
+ * that is not a fold) or that passes a limit above; the capture is then
  * unusable and the message should be tempfailed.
  */
 gboolean am_capture_add_header(AmCapture *cap, const char *name,

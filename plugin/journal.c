@@ -6,13 +6,24 @@
  * below them, so the archive can compare and hash it, and a reader sees
  * the message as its recipients did.
  *
+ * An address cannot be folded, so a line that would pass the 998-octet
+ * limit of RFC 5322 section 2.1.1 is refused (INPUT), never cut nor
+ * encoded into a form the archive would have to know: a cut address
+ * names someone else, and an encoded one is lost on any archive that
+ * does not decode it.  The envelope (capture.c) already refuses such
+ * addresses when the MTA hands them over, so only a recipient that a
+ * caller adds by hand can get here; RFC 5321 section 4.5.3.1 caps a
+ * path at 256 octets anyway.
+ *
  * Known limits: one X-Envelope-To line per recipient, never folded; a
- * message to many thousands of recipients gets as many lines.  An
- * address longer than the 998-octet line limit of RFC 5322 would make a
- * line too long; MTAs refuse such addresses long before (RFC 5321
- * section 4.5.3.1 caps a path at 256 octets).
+ * message to many thousands of recipients gets as many lines.
  */
+#include <string.h>
+
 #include "journal.h"
+
+/* RFC 5322 section 2.1.1: at most 998 octets before the CRLF. */
+#define LINE_MAX_OCTETS 998
 
 static gboolean
 append_address_header(GString *out, const char *name, const char *addr,
@@ -28,6 +39,15 @@ append_address_header(GString *out, const char *name, const char *addr,
 			            "control character in an address");
 			return FALSE;
 		}
+	}
+
+	/* NAME ": <" ADDR ">" */
+	if (strlen(name) + 4 + strlen(addr) > LINE_MAX_OCTETS) {
+		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
+		            "%s address of %zu octets does not fit in a "
+		            "header line of %d octets",
+		            name, strlen(addr), LINE_MAX_OCTETS);
+		return FALSE;
 	}
 	g_string_append_printf(out, "%s: <%s>\r\n", name, addr);
 	return TRUE;

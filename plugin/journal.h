@@ -21,7 +21,9 @@ G_BEGIN_DECLS
  *   X-Envelope-To: <RCPT>        (one per envelope recipient)
  *   X-Archive-Id: ID
  * each ending in CRLF.  NULL with @error (AM_CAPTURE_ERROR_INPUT) when
- * an address holds a control character.  (transfer full)
+ * an address holds a control character, or would make its line longer
+ * than 998 octets (RFC 5322 section 2.1.1; an address cannot be
+ * folded).  (transfer full)
  */
 GBytes *am_journal_prefix(const AmEnvelope *env, const char *archive_id,
                           GError **error);

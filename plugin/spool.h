@@ -14,7 +14,9 @@
  *              archive recognise
  *
  * ID is the copy's X-Archive-Id, which is also in the file, so that the
- * id stays the same on every retry and after a restart.  A spool file
+ * id stays the same on every retry and after a restart.  An id is
+ * refused (NOT_FOUND) unless it is a plain file name: no '/', no
+ * leading '.', no space or control character, at most 200 octets.  A spool file
  * starts with a versioned text envelope, then a blank line, then the
  * copy exactly as it will be sent (journal headers and the original).
  *
@@ -71,6 +73,9 @@ typedef struct {
 	guint attempts;      /* delivery attempts so far */
 	gint64 next_attempt; /* unix seconds; 0: now */
 	char *last_error;    /* last failure's reply or reason; NULL */
+	gint64 released;     /* unix seconds of the last release from
+			      * hold/; 0: never.  spool_max_age counts
+			      * from the later of this and created */
 	AmSpoolState state;
 	guint64 size; /* octets of the copy (read only) */
 } AmSpoolEntry;
@@ -98,8 +103,12 @@ const char *am_spool_get_dir(const AmSpool *spool);
  * am_spool_put: write @entry and the raw bytes of @msg (its segments
  * as they are, not SMTP-encoded) durably into queue/ or hold/ as
  * @state says.  FULL when the free space is below the floor or the
- * disk filled while writing; IO otherwise.  On failure nothing is left
- * behind.
+ * disk filled while writing; FORMAT when a field of @entry holds a
+ * control character (CR, LF...) or a rule, relay or address is
+ * missing; IO otherwise.  On failure nothing is left behind.  The
+ * retry fields of @entry (attempts, next_attempt, last_error), when
+ * set, are written to state/ID too: a copy held at once keeps its
+ * reason.
  */
 gboolean am_spool_put(AmSpool *spool, const AmSpoolEntry *entry,
                       SmtpMessage *msg, AmSpoolState state, GError **error);
@@ -110,6 +119,14 @@ gboolean am_spool_put(AmSpool *spool, const AmSpoolEntry *entry,
  * parsed is logged and skipped, never deleted.
  */
 GPtrArray *am_spool_list(AmSpool *spool, AmSpoolState state, GError **error);
+
+/*
+ * am_spool_list_ids: the file names in queue/ or hold/ as @state says,
+ * in no order, without reading them (char *, transfer full): what the
+ * runner scans every few seconds, whatever the backlog.
+ */
+GPtrArray *am_spool_list_ids(AmSpool *spool, AmSpoolState state,
+                             GError **error);
 
 /* am_spool_get: the copy @id, wherever it is.  NOT_FOUND if none. */
 AmSpoolEntry *am_spool_get(AmSpool *spool, const char *id, GError **error);

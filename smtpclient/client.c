@@ -37,6 +37,7 @@ struct SmtpClient {
 	guint16 port;
 	char *helo_name;
 	SmtpTimeouts timeouts; /* as set; zero fields: defaults */
+	gint64 deadline;       /* hard limit, monotonic us; 0: none */
 	SmtpTlsLevel tls_level;
 	char *ca_file;
 	char *auth_user;
@@ -90,6 +91,14 @@ void
 smtp_client_set_timeouts(SmtpClient *client, const SmtpTimeouts *t)
 {
 	client->timeouts = *t;
+}
+
+void
+smtp_client_set_deadline(SmtpClient *client, gint64 deadline_us)
+{
+	client->deadline = MAX(deadline_us, 0);
+	if (client->conn != NULL)
+		smtp_conn_set_deadline(client->conn, client->deadline);
 }
 
 void
@@ -534,7 +543,7 @@ smtp_client_connect(SmtpClient *client, GError **error)
 
 	/* Step 1: the TCP connection. */
 	client->conn = smtp_conn_open(client->host, client->port, t.connect_ms,
-	                              &client->peer, error);
+	                              client->deadline, &client->peer, error);
 	if (client->conn == NULL)
 		return FALSE;
 

@@ -4,7 +4,10 @@
  *
  * Every wait goes through wait_fd() with an absolute deadline, so a
  * server that dribbles one byte at a time cannot stretch a reply past
- * its limit.  Bytes move through an SmtpTransport: plain recv()/send()
+ * its limit.  That deadline is the stage's limit or the connection's
+ * hard deadline (smtp_client_set_deadline), whichever comes first: a
+ * server that answers each command just inside the stage limit cannot
+ * stretch a whole transaction past the caller's overall limit either.  Bytes move through an SmtpTransport: plain recv()/send()
  * here; after STARTTLS, tls.c swaps in an OpenSSL one through
  * smtp_conn_set_transport() without the callers changing.  send() uses
  * MSG_NOSIGNAL, so a peer that closes never raises SIGPIPE in the host
@@ -33,8 +36,9 @@ struct SmtpConn {
 	const SmtpTransport *transport;
 	gpointer transport_data; /* the TLS layer's state, or NULL */
 	SmtpReplyParser *parser;
-	char buf[READ_BUF]; /* bytes received, not yet parsed */
-	gsize start, end;   /* unparsed bytes are buf[start..end) */
+	gint64 hard_deadline; /* monotonic us; 0: none */
+	char buf[READ_BUF];   /* bytes received, not yet parsed */
+	gsize start, end;     /* unparsed bytes are buf[start..end) */
 };
 
 /* ------------------------------------------------------------------ */
@@ -87,10 +91,43 @@ static const SmtpTransport plain_transport = {
 /* Waiting                                                              */
 /* ------------------------------------------------------------------ */
 
+/* The end of a wait: @timeout_ms from now, or @hard when that comes
+ * first (*@is_hard then says so, for the error message). */
 static gint64
-deadline_after(guint timeout_ms)
+deadline_after(guint timeout_ms, gint64 hard, gboolean *is_hard)
 {
-	return g_get_monotonic_time() + (gint64)timeout_ms * 1000;
+	gint64 soft = g_get_monotonic_time() + (gint64)timeout_ms * 1000;
+
+	*is_hard = hard > 0 && hard <= soft;
+	return *is_hard ? hard : soft;
+}
+
+gint64
+smtp_conn_deadline(const SmtpConn *conn, guint timeout_ms, gboolean *is_hard)
+{
+	return deadline_after(timeout_ms, conn->hard_deadline, is_hard);
+}
+
+void
+smtp_conn_set_deadline(SmtpConn *conn, gint64 deadline)
+{
+	conn->hard_deadline = deadline;
+}
+
+/* Whether @hard (0: none) has passed.  Checked before a stage's first
+ * byte goes out: a write that needs no wait would otherwise start a
+ * command whose reply can no longer be awaited. */
+static gboolean
+hard_passed(gint64 hard)
+{
+	return hard > 0 && g_get_monotonic_time() >= hard;
+}
+
+void
+smtp_set_deadline_error(GError **error, const char *stage, const char *doing)
+{
+	smtp_set_error(error, SMTP_ERROR_TIMEOUT, stage, NULL,
+	               "overall deadline ran out in %s %s", stage, doing);
 }
 
 /* Wait for @events on @fd until @deadline; FALSE when it passed.  A
@@ -130,9 +167,11 @@ format_peer(const char *host, const struct addrinfo *ai, guint16 port)
 
 /* One attempt; returns the fd or -1 with *@why set (static string). */
 static int
-try_connect(const struct addrinfo *ai, guint timeout_ms, const char **why)
+try_connect(const struct addrinfo *ai, guint timeout_ms, gint64 hard,
+            const char **why, gboolean *hard_ran_out)
 {
-	gint64 deadline = deadline_after(timeout_ms);
+	gboolean is_hard;
+	gint64 deadline = deadline_after(timeout_ms, hard, &is_hard);
 	int fd, err = 0, one = 1;
 	socklen_t err_len = sizeof(err);
 
@@ -148,6 +187,7 @@ try_connect(const struct addrinfo *ai, guint timeout_ms, const char **why)
 			err = errno;
 		} else if (!wait_fd(fd, POLLOUT, deadline)) {
 			*why = "connection timed out";
+			*hard_ran_out = is_hard;
 			close(fd);
 			return -1;
 		} else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err,
@@ -168,14 +208,20 @@ try_connect(const struct addrinfo *ai, guint timeout_ms, const char **why)
 }
 
 SmtpConn *
-smtp_conn_open(const char *host, guint16 port, guint timeout_ms, char **peer,
-               GError **error)
+smtp_conn_open(const char *host, guint16 port, guint timeout_ms,
+               gint64 hard_deadline, char **peer, GError **error)
 {
 	struct addrinfo hints = {0}, *res = NULL;
 	char port_str[8];
 	const char *why = "no address";
+	gboolean hard_ran_out = FALSE;
 	SmtpConn *conn;
 	int rc, fd = -1;
+
+	if (hard_passed(hard_deadline)) {
+		smtp_set_deadline_error(error, "connect", "before connecting");
+		return NULL;
+	}
 
 	/* Step 1: resolve; AI_ADDRCONFIG is left out on purpose, it
 	 * hides ::1 and 127.0.0.1 on hosts with only loopback up. */
@@ -197,15 +243,20 @@ smtp_conn_open(const char *host, guint16 port, guint timeout_ms, char **peer,
 	}
 
 	/* Step 2: each address in the resolver's order. */
-	for (struct addrinfo *ai = res; ai != NULL && fd < 0;
+	for (struct addrinfo *ai = res; ai != NULL && fd < 0 && !hard_ran_out;
 	     ai = ai->ai_next) {
 		if (peer != NULL) {
 			g_free(*peer);
 			*peer = format_peer(host, ai, port);
 		}
-		fd = try_connect(ai, timeout_ms, &why);
+		fd = try_connect(ai, timeout_ms, hard_deadline, &why,
+		                 &hard_ran_out);
 	}
 	freeaddrinfo(res);
+	if (fd < 0 && hard_ran_out) {
+		smtp_set_deadline_error(error, "connect", "while connecting");
+		return NULL;
+	}
 	if (fd < 0) {
 		smtp_set_error(error, SMTP_ERROR_CONNECT, "connect", NULL,
 		               "cannot connect to %s: %s",
@@ -217,6 +268,7 @@ smtp_conn_open(const char *host, guint16 port, guint timeout_ms, char **peer,
 	conn->fd = fd;
 	conn->transport = &plain_transport;
 	conn->parser = smtp_reply_parser_new();
+	conn->hard_deadline = hard_deadline;
 	return conn;
 }
 
@@ -277,9 +329,15 @@ gboolean
 smtp_conn_write(SmtpConn *conn, const void *data, gsize len, guint timeout_ms,
                 const char *stage, GError **error)
 {
-	gint64 deadline = deadline_after(timeout_ms);
+	gboolean is_hard;
+	gint64 deadline =
+	    deadline_after(timeout_ms, conn->hard_deadline, &is_hard);
 	const char *p = data;
 
+	if (len > 0 && hard_passed(conn->hard_deadline)) {
+		smtp_set_deadline_error(error, stage, "before sending");
+		return FALSE;
+	}
 	while (len > 0) {
 		short want = POLLOUT;
 		ssize_t n = conn->transport->send(conn, p, len, &want);
@@ -299,9 +357,14 @@ smtp_conn_write(SmtpConn *conn, const void *data, gsize len, guint timeout_ms,
 			return FALSE;
 		}
 		if (!wait_fd(conn->fd, want, deadline)) {
-			smtp_set_error(error, SMTP_ERROR_TIMEOUT, stage, NULL,
-			               "timed out sending after %u ms",
-			               timeout_ms);
+			if (is_hard)
+				smtp_set_deadline_error(error, stage,
+				                        "while sending");
+			else
+				smtp_set_error(error, SMTP_ERROR_TIMEOUT, stage,
+				               NULL,
+				               "timed out sending after %u ms",
+				               timeout_ms);
 			return FALSE;
 		}
 	}
@@ -310,8 +373,8 @@ smtp_conn_write(SmtpConn *conn, const void *data, gsize len, guint timeout_ms,
 
 /* Fill the empty buffer with what the server sent, within @deadline. */
 static gboolean
-fill(SmtpConn *conn, gint64 deadline, guint timeout_ms, const char *stage,
-     GError **error)
+fill(SmtpConn *conn, gint64 deadline, gboolean is_hard, guint timeout_ms,
+     const char *stage, GError **error)
 {
 	for (;;) {
 		short want = POLLIN;
@@ -338,8 +401,13 @@ fill(SmtpConn *conn, gint64 deadline, guint timeout_ms, const char *stage,
 			return FALSE;
 		}
 		if (!wait_fd(conn->fd, want, deadline)) {
-			smtp_set_error(error, SMTP_ERROR_TIMEOUT, stage, NULL,
-			               "no reply within %u ms", timeout_ms);
+			if (is_hard)
+				smtp_set_deadline_error(
+				    error, stage, "waiting for the reply");
+			else
+				smtp_set_error(error, SMTP_ERROR_TIMEOUT, stage,
+				               NULL, "no reply within %u ms",
+				               timeout_ms);
 			return FALSE;
 		}
 	}
@@ -349,7 +417,9 @@ gboolean
 smtp_conn_read_reply(SmtpConn *conn, guint timeout_ms, const char *stage,
                      SmtpReply *reply, GError **error)
 {
-	gint64 deadline = deadline_after(timeout_ms);
+	gboolean is_hard;
+	gint64 deadline =
+	    deadline_after(timeout_ms, conn->hard_deadline, &is_hard);
 
 	for (;;) {
 		SmtpParseStatus st;
@@ -368,7 +438,7 @@ smtp_conn_read_reply(SmtpConn *conn, guint timeout_ms, const char *stage,
 				smtp_error_set_stage(*error, stage);
 			return FALSE;
 		}
-		if (!fill(conn, deadline, timeout_ms, stage, error))
+		if (!fill(conn, deadline, is_hard, timeout_ms, stage, error))
 			return FALSE;
 	}
 }

@@ -110,24 +110,43 @@ typedef struct {
  * "host[address]:port" of the last address tried (transfer full),
  * also on failure when any address was tried.
  * Errors: SMTP_ERROR_CONNECT (stage "connect"), also when the limit ran
- * out: the caller needs "unreachable", whatever the reason.
+ * out: the caller needs "unreachable", whatever the reason.  But when
+ * @hard_deadline (monotonic us, 0: none; kept as the connection's hard
+ * deadline) ran out first, SMTP_ERROR_TIMEOUT: the caller's overall
+ * limit, not the relay, ended the attempt.
  */
 SmtpConn *smtp_conn_open(const char *host, guint16 port, guint timeout_ms,
-                         char **peer, GError **error);
+                         gint64 hard_deadline, char **peer, GError **error);
 void smtp_conn_free(SmtpConn *conn);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpConn, smtp_conn_free)
 
 int smtp_conn_get_fd(const SmtpConn *conn);
 
+/* The hard deadline of @conn (monotonic us, 0: none): no wait on it
+ * goes past it, whatever the stage's limit. */
+void smtp_conn_set_deadline(SmtpConn *conn, gint64 deadline);
+
+/* The end of a wait of @timeout_ms starting now, cut to the hard
+ * deadline; *@is_hard is TRUE when the hard deadline is the end. */
+gint64 smtp_conn_deadline(const SmtpConn *conn, guint timeout_ms,
+                          gboolean *is_hard);
+
+/* SMTP_ERROR_TIMEOUT in @stage saying that the overall deadline ran out
+ * (@doing: "while sending", "waiting for the reply", ...). */
+void smtp_set_deadline_error(GError **error, const char *stage,
+                             const char *doing);
+
 /*
- * smtp_conn_write: write all @len bytes within @timeout_ms.
+ * smtp_conn_write: write all @len bytes within @timeout_ms (and the
+ * hard deadline, which, once passed, fails it before a byte is sent).
  * Errors: SMTP_ERROR_TIMEOUT, SMTP_ERROR_DISCONNECTED, both in @stage.
  */
 gboolean smtp_conn_write(SmtpConn *conn, const void *data, gsize len,
                          guint timeout_ms, const char *stage, GError **error);
 
 /*
- * smtp_conn_read_reply: read one whole reply within @timeout_ms.
+ * smtp_conn_read_reply: read one whole reply within @timeout_ms and
+ * the hard deadline.
  * Bytes after it stay buffered.  Errors: TIMEOUT, DISCONNECTED (end of
  * stream or a reset), PROTOCOL; all in @stage.  After an error the
  * connection must be closed: its reply stream is out of step.

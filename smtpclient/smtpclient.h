@@ -242,6 +242,26 @@ void smtp_client_set_helo_name(SmtpClient *client, const char *name);
 void smtp_client_set_timeouts(SmtpClient *client, const SmtpTimeouts *t);
 
 /*
+ * smtp_client_set_deadline: a hard overall limit, in microseconds of
+ * g_get_monotonic_time() (e.g. g_get_monotonic_time() + 120 *
+ * G_USEC_PER_SEC); 0 (or less) removes it.  Every wait after this call
+ * (connect, greeting, each reply, each write, the TLS handshake, QUIT,
+ * also on an open connection) ends at the stage's own limit or at the
+ * deadline, whichever comes first, so a server that answers each
+ * command just inside its limit cannot hold the caller much past it.
+ * When the deadline ends a wait, or has passed before a command would
+ * be sent, the error is SMTP_ERROR_TIMEOUT (also in stage "connect",
+ * where a stage limit gives CONNECT); its stage is where it ran out and
+ * its message says "overall deadline ran out in STAGE ...".  As with
+ * every time-out the connection is then closed, and QUIT is skipped
+ * once the deadline has passed (smtp_client_free does not wait).
+ * The deadline stays until changed: a caller that reuses the client
+ * for another message sets a new one (or 0) first.  Name resolution
+ * (getaddrinfo) is not limited by it.
+ */
+void smtp_client_set_deadline(SmtpClient *client, gint64 deadline_us);
+
+/*
  * TLS level and CA file (NULL: system store), used from the next
  * connect.  Copied.  At MAY a server that does not offer STARTTLS (or
  * refuses it) gets clear text; at ENCRYPT and VERIFY that is

@@ -423,7 +423,8 @@ gboolean
 smtp_tls_start(SmtpConn *conn, SmtpTlsLevel level, const char *host,
                const char *ca_file, guint timeout_ms, GError **error)
 {
-	gint64 deadline = g_get_monotonic_time() + (gint64)timeout_ms * 1000;
+	gboolean is_hard;
+	gint64 deadline = smtp_conn_deadline(conn, timeout_ms, &is_hard);
 	SSL *ssl;
 
 	/* Step 1: nothing may follow the 220. */
@@ -458,11 +459,16 @@ smtp_tls_start(SmtpConn *conn, SmtpTlsLevel level, const char *host,
 
 			if (smtp_conn_wait(conn, ev, deadline))
 				continue;
-			smtp_set_error(error, SMTP_ERROR_TIMEOUT, "starttls",
-			               NULL,
-			               "TLS handshake timed out after "
-			               "%u ms",
-			               timeout_ms);
+			if (is_hard)
+				smtp_set_deadline_error(
+				    error, "starttls",
+				    "during the TLS handshake");
+			else
+				smtp_set_error(error, SMTP_ERROR_TIMEOUT,
+				               "starttls", NULL,
+				               "TLS handshake timed out after "
+				               "%u ms",
+				               timeout_ms);
 		} else {
 			handshake_error(ssl, rc, level, host, error);
 		}

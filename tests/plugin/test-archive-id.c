@@ -1,9 +1,12 @@
 /*
  * test-archive-id.c - own ids verify; forged, changed or foreign do not
  */
+#include <fcntl.h>
 #include <glib/gstdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "archive-id.h"
 
@@ -147,6 +150,127 @@ test_key_dir(void)
 	g_rmdir(top);
 }
 
+/* A 0600 file of @len octets at @path, each octet @c. */
+static void
+write_key_file(const char *path, gsize len, char c)
+{
+	g_autofree char *data = g_strnfill(len, c);
+
+	g_assert_true(g_file_set_contents(path, data, len, NULL));
+	g_assert_cmpint(g_chmod(path, 0600), ==, 0);
+}
+
+/* 16..1024 octets are taken whole; one more is refused, naming both. */
+static void
+test_key_size_limits(void)
+{
+	static const struct {
+		gsize len;
+		gboolean ok;
+	} cases[] = {
+	    {AM_ARCHIVE_KEY_MIN - 1, FALSE},
+	    {AM_ARCHIVE_KEY_MIN, TRUE},
+	    {AM_ARCHIVE_KEY_MAX, TRUE},
+	    {AM_ARCHIVE_KEY_MAX + 1, FALSE},
+	    {65536, FALSE},
+	};
+	g_autofree char *dir = g_dir_make_tmp("am-keysize-XXXXXX", NULL);
+	g_autofree char *path = g_build_filename(dir, "key", NULL);
+	gsize i;
+
+	g_assert_cmpint(AM_ARCHIVE_KEY_MAX, ==, 1024);
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autoptr(GError) error = NULL;
+		g_autoptr(AmArchiveKey) key = NULL;
+		g_autoptr(AmArchiveKey) same = NULL;
+		g_autofree char *id = NULL;
+		g_autofree char *data = g_strnfill(cases[i].len, 'k');
+
+		write_key_file(path, cases[i].len, 'k');
+		key = am_archive_key_load(path, &error);
+		if (!cases[i].ok) {
+			g_assert_null(key);
+			g_assert_error(error, AM_ARCHIVE_KEY_ERROR,
+			               AM_ARCHIVE_KEY_ERROR_BAD);
+			g_assert_nonnull(strstr(error->message, path));
+			g_assert_nonnull(strstr(
+			    error->message,
+			    cases[i].len < AM_ARCHIVE_KEY_MIN ? "16" : "1024"));
+			continue;
+		}
+
+		/* The whole file is the key: the same octets verify. */
+		g_assert_no_error(error);
+		same = am_archive_key_new((const guint8 *)data, cases[i].len);
+		id = am_archive_id_new(key);
+		g_assert_true(am_archive_id_verify(same, id));
+	}
+	g_unlink(path);
+	g_rmdir(dir);
+}
+
+static glong
+max_rss_kb(void)
+{
+	struct rusage ru;
+
+	g_assert_cmpint(getrusage(RUSAGE_SELF, &ru), ==, 0);
+	return ru.ru_maxrss;
+}
+
+/*
+ * A 300 MB file (sparse: no disk used) is refused at once, and never
+ * read whole: the process's peak memory does not grow by its size.
+ */
+static void
+test_key_huge_file(void)
+{
+	g_autofree char *dir = g_dir_make_tmp("am-keybig-XXXXXX", NULL);
+	g_autofree char *path = g_build_filename(dir, "key", NULL);
+	g_autoptr(GError) error = NULL;
+	glong before;
+	int fd;
+
+	fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0600);
+	g_assert_cmpint(fd, >=, 0);
+	g_assert_cmpint(ftruncate(fd, 300 * 1024 * 1024), ==, 0);
+	close(fd);
+
+	before = max_rss_kb();
+	g_assert_null(am_archive_key_load(path, &error));
+	g_assert_error(error, AM_ARCHIVE_KEY_ERROR, AM_ARCHIVE_KEY_ERROR_BAD);
+	g_assert_nonnull(strstr(error->message, path));
+	g_assert_nonnull(strstr(error->message, "at most 1024 octets"));
+	g_assert_cmpint(max_rss_kb() - before, <, 16 * 1024);
+	g_unlink(path);
+	g_rmdir(dir);
+}
+
+/* A path that is not a regular file (a directory, a device) is no key. */
+static void
+test_key_not_regular(void)
+{
+	g_autofree char *dir = g_dir_make_tmp("am-keyreg-XXXXXX", NULL);
+	g_autofree char *sub = g_build_filename(dir, "key", NULL);
+	g_autofree char *link = g_build_filename(dir, "zero", NULL);
+	const char *paths[] = {sub, link};
+	gsize i;
+
+	g_assert_cmpint(g_mkdir(sub, 0700), ==, 0);
+	g_assert_cmpint(symlink("/dev/zero", link), ==, 0);
+	for (i = 0; i < G_N_ELEMENTS(paths); i++) {
+		g_autoptr(GError) error = NULL;
+
+		g_assert_null(am_archive_key_load(paths[i], &error));
+		g_assert_error(error, AM_ARCHIVE_KEY_ERROR,
+		               AM_ARCHIVE_KEY_ERROR_BAD);
+		g_assert_nonnull(strstr(error->message, paths[i]));
+	}
+	g_unlink(link);
+	g_rmdir(sub);
+	g_rmdir(dir);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -157,5 +281,9 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/archive-id/modified", test_modified);
 	g_test_add_func("/plugin/archive-id/key-file", test_key_file);
 	g_test_add_func("/plugin/archive-id/key-dir", test_key_dir);
+	g_test_add_func("/plugin/archive-id/key-size", test_key_size_limits);
+	g_test_add_func("/plugin/archive-id/key-huge", test_key_huge_file);
+	g_test_add_func("/plugin/archive-id/key-not-regular",
+	                test_key_not_regular);
 	return g_test_run();
 }

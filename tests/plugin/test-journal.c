@@ -63,6 +63,80 @@ test_prefix_injection(void)
 	g_assert_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT);
 }
 
+/* "LOCAL@x.example" of exactly @len octets. */
+static char *
+address_of_length(gsize len)
+{
+	g_autofree char *local = g_strnfill(len - strlen("@x.example"), 'a');
+
+	return g_strconcat(local, "@x.example", NULL);
+}
+
+/* The longest line of @prefix, CRLF not counted. */
+static gsize
+longest_line(GBytes *prefix)
+{
+	gsize len, i, start = 0, longest = 0;
+	const char *data = g_bytes_get_data(prefix, &len);
+
+	for (i = 0; i + 1 < len; i++) {
+		if (data[i] == '\r' && data[i + 1] == '\n') {
+			longest = MAX(longest, i - start);
+			start = i + 2;
+		}
+	}
+	g_assert_cmpuint(start, ==, len); /* every line ends in CRLF */
+	return longest;
+}
+
+/*
+ * RFC 5322 section 2.1.1: 998 octets before CRLF at most.  An address
+ * is never cut or folded: a line of 998 goes out whole, one of 999 is
+ * refused, for the sender and for a recipient.
+ */
+static void
+test_prefix_line_limit(void)
+{
+	static const struct {
+		gboolean sender; /* the long address is the sender */
+		gsize addr_len;
+		gboolean fits;
+	} cases[] = {
+	    /* "X-Envelope-To: <" + 981 + ">" is 998 octets */
+	    {FALSE, 981, TRUE},
+	    {FALSE, 982, FALSE},
+	    {FALSE, 100000, FALSE},
+	    /* "X-Envelope-From: <" + 979 + ">" is 998 octets */
+	    {TRUE, 979, TRUE},
+	    {TRUE, 980, FALSE},
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autofree char *addr = address_of_length(cases[i].addr_len);
+		const char *rcpts[] = {"a@dest.example", NULL, NULL};
+		g_autoptr(AmEnvelope) env = NULL;
+		g_autoptr(GError) error = NULL;
+		g_autoptr(GBytes) prefix = NULL;
+
+		if (!cases[i].sender)
+			rcpts[1] = addr;
+		env = envelope_new(cases[i].sender ? addr : "s@ex.org", rcpts);
+		prefix = am_journal_prefix(env, "am1.z", &error);
+		if (!cases[i].fits) {
+			g_assert_null(prefix);
+			g_assert_error(error, AM_CAPTURE_ERROR,
+			               AM_CAPTURE_ERROR_INPUT);
+			g_assert_nonnull(strstr(error->message, "998"));
+			continue;
+		}
+		g_assert_no_error(error);
+		g_assert_cmpuint(longest_line(prefix), ==, 998);
+		g_assert_nonnull(g_strstr_len(g_bytes_get_data(prefix, NULL),
+		                              g_bytes_get_size(prefix), addr));
+	}
+}
+
 /* The copy is prefix + original, the original byte for byte. */
 static void
 test_build(gconstpointer data)
@@ -95,6 +169,8 @@ main(int argc, char **argv)
 	                test_prefix_null_sender);
 	g_test_add_func("/plugin/journal/prefix/injection",
 	                test_prefix_injection);
+	g_test_add_func("/plugin/journal/prefix/line-limit",
+	                test_prefix_line_limit);
 	g_test_add_data_func("/plugin/journal/build/memory",
 	                     GSIZE_TO_POINTER(1 << 20), test_build);
 	g_test_add_data_func("/plugin/journal/build/file", GSIZE_TO_POINTER(4),

@@ -928,7 +928,7 @@ test_io_split_reply(void)
 	guint16 port;
 	int lfd = listen_loopback(&port);
 
-	conn = smtp_conn_open("127.0.0.1", port, 2000, NULL, &error);
+	conn = smtp_conn_open("127.0.0.1", port, 2000, 0, NULL, &error);
 	g_assert_no_error(error);
 	w.fd = accept(lfd, NULL, NULL);
 	thread = g_thread_new("writer", writer_main, &w);
@@ -961,7 +961,7 @@ test_io_dribble(void)
 	int lfd = listen_loopback(&port);
 	gint64 start;
 
-	conn = smtp_conn_open("127.0.0.1", port, 2000, NULL, &error);
+	conn = smtp_conn_open("127.0.0.1", port, 2000, 0, NULL, &error);
 	w.fd = accept(lfd, NULL, NULL);
 	thread = g_thread_new("writer", writer_main, &w);
 	start = g_get_monotonic_time();
@@ -987,7 +987,7 @@ test_io_write_timeout(void)
 
 	/* Never accepted: the kernel completes the handshake and the
 	 * buffers fill up. */
-	conn = smtp_conn_open("127.0.0.1", port, 2000, NULL, &error);
+	conn = smtp_conn_open("127.0.0.1", port, 2000, 0, NULL, &error);
 	g_assert_no_error(error);
 	g_assert_false(smtp_conn_write(conn, big, len, 300, "message", &error));
 	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_TIMEOUT);

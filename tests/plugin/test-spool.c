@@ -1,0 +1,808 @@
+/*
+ * test-spool.c - the spool's files: layout, format, durability rules,
+ * damaged and foreign files, a full disk, hold and release, threads
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <glib/gstdio.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "spool.h"
+
+#define BODY "Subject: t\r\nX-Archive-Id: x\r\n\r\nbody\r\n.dot\r\n"
+
+typedef struct {
+	char *dir;   /* the test's own temporary directory */
+	char *spool; /* dir/spool */
+} Fixture;
+
+static void
+fixture_set_up(Fixture *f, gconstpointer data)
+{
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	f->dir = g_dir_make_tmp("test-spool-XXXXXX", &error);
+	g_assert_no_error(error);
+	f->spool = g_build_filename(f->dir, "spool", NULL);
+}
+
+static void
+rm_rf(const char *path)
+{
+	g_autofree char *cmd = NULL;
+
+	g_assert_true(g_str_has_prefix(path, g_get_tmp_dir()));
+	cmd = g_strdup_printf("rm -rf '%s'", path);
+	g_assert_cmpint(system(cmd), ==, 0);
+}
+
+static void
+fixture_tear_down(Fixture *f, gconstpointer data)
+{
+	(void)data;
+	rm_rf(f->dir);
+	g_free(f->spool);
+	g_free(f->dir);
+}
+
+static AmSpool *
+open_spool(Fixture *f, guint64 min_free)
+{
+	g_autoptr(GError) error = NULL;
+	AmSpool *spool = am_spool_open(f->spool, min_free, &error);
+
+	g_assert_no_error(error);
+	g_assert_nonnull(spool);
+	return spool;
+}
+
+/* An entry as the milter makes one; strings static, freed by nobody. */
+static AmSpoolEntry
+entry_for(const char *id, gint64 created)
+{
+	static const char *to[] = {"a@archive.example", "b@archive.example",
+	                           NULL};
+	AmSpoolEntry e = {
+	    .id = (char *)id,
+	    .queue_id = (char *)"3F2A81C0DE",
+	    .rule = (char *)"all",
+	    .relay = (char *)"archive",
+	    .from = (char *)"",
+	    .to = (char **)to,
+	    .smtputf8 = TRUE,
+	    .created = created,
+	};
+
+	return e;
+}
+
+static SmtpMessage *
+message_of(const char *text)
+{
+	SmtpMessage *msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+
+	smtp_message_append_data(msg, text, strlen(text));
+	return msg;
+}
+
+static void
+put(AmSpool *spool, const AmSpoolEntry *e, AmSpoolState state, const char *text)
+{
+	g_autoptr(SmtpMessage) msg = message_of(text);
+	g_autoptr(GError) error = NULL;
+
+	g_assert_true(am_spool_put(spool, e, msg, state, &error));
+	g_assert_no_error(error);
+}
+
+/* What @msg would send, as raw octets. */
+static GBytes *
+raw_of(SmtpMessage *msg)
+{
+	g_autoptr(GError) error = NULL;
+	char path[] = "/tmp/test-spool-raw-XXXXXX";
+	int fd = g_mkstemp(path);
+	g_autofree char *data = NULL;
+	gsize len;
+
+	g_assert_cmpint(fd, >=, 0);
+	g_assert_true(smtp_message_write_raw(msg, fd, &error));
+	close(fd);
+	g_assert_true(g_file_get_contents(path, &data, &len, NULL));
+	unlink(path);
+	return g_bytes_new(data, len);
+}
+
+/* Number of names in @sub of the spool. */
+static guint
+count_files(Fixture *f, const char *sub)
+{
+	g_autofree char *path = g_build_filename(f->spool, sub, NULL);
+	g_autoptr(GDir) d = g_dir_open(path, 0, NULL);
+	guint n = 0;
+
+	g_assert_nonnull(d);
+	while (g_dir_read_name(d) != NULL)
+		n++;
+	return n;
+}
+
+static void
+write_file(Fixture *f, const char *sub, const char *name, const char *text)
+{
+	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
+
+	g_assert_true(g_file_set_contents(path, text, -1, NULL));
+}
+
+static char *
+read_file(Fixture *f, const char *sub, const char *name)
+{
+	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
+	char *text = NULL;
+
+	g_assert_true(g_file_get_contents(path, &text, NULL, NULL));
+	return text;
+}
+
+static guint
+mode_of(Fixture *f, const char *sub, const char *name)
+{
+	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
+	struct stat st;
+
+	g_assert_cmpint(stat(path, &st), ==, 0);
+	return st.st_mode & 07777;
+}
+
+/* ------------------------------------------------------------------ */
+
+static void
+test_open_layout(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	const char *subs[] = {"tmp", "queue", "hold", "state"};
+
+	(void)data;
+	g_assert_cmpstr(am_spool_get_dir(spool), ==, f->spool);
+	g_assert_cmpuint(mode_of(f, "", ""), ==, 0700);
+	for (guint i = 0; i < G_N_ELEMENTS(subs); i++)
+		g_assert_cmpuint(mode_of(f, subs[i], ""), ==, 0700);
+}
+
+static void
+test_open_refuses(Fixture *f, gconstpointer data)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *file = g_build_filename(f->dir, "file", NULL);
+	AmSpool *spool;
+
+	(void)data;
+	/* Open to others: copies of mail must not be readable. */
+	g_assert_cmpint(mkdir(f->spool, 0755), ==, 0);
+	g_assert_cmpint(chmod(f->spool, 0755), ==, 0);
+	spool = am_spool_open(f->spool, 0, &error);
+	g_assert_null(spool);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+	g_assert_nonnull(strstr(error->message, f->spool));
+	g_assert_nonnull(strstr(error->message, "0700"));
+	g_clear_error(&error);
+
+	/* A subdirectory open to others is refused too. */
+	g_assert_cmpint(chmod(f->spool, 0700), ==, 0);
+	spool = open_spool(f, 0);
+	am_spool_close(spool);
+	g_assert_cmpint(chmod(f->spool, 0700), ==, 0);
+	{
+		g_autofree char *q = g_build_filename(f->spool, "hold", NULL);
+
+		g_assert_cmpint(chmod(q, 0750), ==, 0);
+	}
+	spool = am_spool_open(f->spool, 0, &error);
+	g_assert_null(spool);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+	g_assert_nonnull(strstr(error->message, "hold"));
+	g_clear_error(&error);
+
+	/* Not a directory. */
+	g_assert_true(g_file_set_contents(file, "x", -1, NULL));
+	spool = am_spool_open(file, 0, &error);
+	g_assert_null(spool);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+	g_assert_nonnull(strstr(error->message, "not a directory"));
+}
+
+static void
+test_put_format(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry e = entry_for("am1.aa", 1700000000);
+	g_autofree char *text = NULL;
+	g_autofree char *envelope = NULL;
+	const char *body;
+
+	(void)data;
+	e.eightbit = TRUE;
+	put(spool, &e, AM_SPOOL_QUEUED, BODY);
+	g_assert_cmpuint(count_files(f, "queue"), ==, 1);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	g_assert_cmpuint(count_files(f, "state"), ==, 0);
+	g_assert_cmpuint(mode_of(f, "queue", "am1.aa"), ==, 0600);
+
+	/* The envelope, line by line, then the copy's octets as given. */
+	text = read_file(f, "queue", "am1.aa");
+	envelope = g_strdup_printf("archive-milter-spool %d\n"
+	                           "id: am1.aa\n"
+	                           "queue_id: 3F2A81C0DE\n"
+	                           "rule: all\n"
+	                           "relay: archive\n"
+	                           "from: \n"
+	                           "to: a@archive.example\n"
+	                           "to: b@archive.example\n"
+	                           "flags: smtputf8 8bitmime\n"
+	                           "created: 1700000000\n\n",
+	                           AM_SPOOL_VERSION);
+	g_assert_true(g_str_has_prefix(text, envelope));
+	body = text + strlen(envelope);
+	g_assert_cmpstr(body, ==, BODY);
+}
+
+static void
+test_get_and_message(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry e = entry_for("am1.bb", 1700000001);
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(GBytes) raw = NULL;
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GString) big = g_string_new("Subject: big\r\n\r\n");
+
+	(void)data;
+	/* Bigger than the envelope read, so the offset matters. */
+	while (big->len < 300000)
+		g_string_append(big, "0123456789abcdef\r\n");
+	put(spool, &e, AM_SPOOL_QUEUED, big->str);
+
+	got = am_spool_get(spool, "am1.bb", &error);
+	g_assert_no_error(error);
+	g_assert_cmpstr(got->id, ==, "am1.bb");
+	g_assert_cmpstr(got->queue_id, ==, "3F2A81C0DE");
+	g_assert_cmpstr(got->rule, ==, "all");
+	g_assert_cmpstr(got->relay, ==, "archive");
+	g_assert_cmpstr(got->from, ==, "");
+	g_assert_cmpuint(g_strv_length(got->to), ==, 2);
+	g_assert_cmpstr(got->to[1], ==, "b@archive.example");
+	g_assert_true(got->smtputf8);
+	g_assert_false(got->eightbit);
+	g_assert_cmpint(got->created, ==, 1700000001);
+	g_assert_cmpuint(got->attempts, ==, 0);
+	g_assert_null(got->last_error);
+	g_assert_cmpint(got->state, ==, AM_SPOOL_QUEUED);
+	g_assert_cmpuint(got->size, ==, big->len);
+
+	msg = am_spool_message(spool, got, &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(smtp_message_get_size(msg), ==, big->len);
+	raw = raw_of(msg);
+	g_assert_cmpmem(g_bytes_get_data(raw, NULL), g_bytes_get_size(raw),
+	                big->str, big->len);
+
+	/* The message reads from its own descriptor: the file may move
+	 * or go while it is being sent. */
+	g_assert_true(am_spool_remove(spool, "am1.bb", &error));
+	g_clear_pointer(&raw, g_bytes_unref);
+	raw = raw_of(msg);
+	g_assert_cmpuint(g_bytes_get_size(raw), ==, big->len);
+}
+
+/* A value with a line end would forge a line of the envelope. */
+static void
+test_put_refuses_control(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	const char *bad_to[] = {"a@x\r\nrule: other", NULL};
+	const char *fields[] = {"from", "to", "queue_id", "rule"};
+
+	(void)data;
+	for (guint i = 0; i < G_N_ELEMENTS(fields); i++) {
+		AmSpoolEntry e = entry_for("am1.cc", 1);
+		g_autoptr(SmtpMessage) msg = message_of(BODY);
+		g_autoptr(GError) error = NULL;
+
+		if (i == 0)
+			e.from = (char *)"x@y\nto: evil@example";
+		else if (i == 1)
+			e.to = (char **)bad_to;
+		else if (i == 2)
+			e.queue_id = (char *)"Q\r";
+		else
+			e.rule = (char *)"r\001";
+		e.last_error = (char *)"held at once";
+		g_assert_false(
+		    am_spool_put(spool, &e, msg, AM_SPOOL_QUEUED, &error));
+		g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FORMAT);
+		g_assert_nonnull(strstr(error->message, fields[i]));
+	}
+	g_assert_cmpuint(count_files(f, "queue"), ==, 0);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	g_assert_cmpuint(count_files(f, "state"), ==, 0);
+}
+
+static void
+test_bad_ids(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	const char *ids[] = {"",    ".hidden", "../escape", "a/b",
+	                     "a b", "a\nb",    "all/.."};
+
+	(void)data;
+	for (guint i = 0; i < G_N_ELEMENTS(ids); i++) {
+		AmSpoolEntry e = entry_for(ids[i], 1);
+		g_autoptr(SmtpMessage) msg = message_of(BODY);
+		g_autoptr(GError) error = NULL;
+		guint n = 7;
+
+		g_assert_false(
+		    am_spool_put(spool, &e, msg, AM_SPOOL_QUEUED, &error));
+		g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+		g_clear_error(&error);
+		g_assert_null(am_spool_get(spool, ids[i], &error));
+		g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+		g_clear_error(&error);
+		g_assert_false(am_spool_release(spool, ids[i], &n, &error));
+		g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+		g_assert_cmpuint(n, ==, 0);
+		g_clear_error(&error);
+		g_assert_false(am_spool_remove(spool, ids[i], &error));
+		g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+	}
+	g_assert_cmpuint(count_files(f, "queue"), ==, 0);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	g_assert_false(g_file_test(f->dir, G_FILE_TEST_EXISTS) &&
+	               g_file_test("/tmp/escape", G_FILE_TEST_EXISTS));
+}
+
+static void
+test_list_order_and_state(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.a", 300);
+	AmSpoolEntry b = entry_for("am1.b", 100);
+	AmSpoolEntry c = entry_for("am1.c", 200);
+	const char *left[] = {"b@archive.example", NULL};
+	g_autoptr(GPtrArray) list = NULL;
+	g_autoptr(GError) error = NULL;
+	g_autoptr(AmSpoolEntry) got = NULL;
+	AmSpoolEntry *first;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	put(spool, &b, AM_SPOOL_QUEUED, BODY);
+	put(spool, &c, AM_SPOOL_HELD, BODY);
+
+	list = am_spool_list(spool, AM_SPOOL_QUEUED, &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(list->len, ==, 2);
+	first = list->pdata[0];
+	g_assert_cmpstr(first->id, ==, "am1.b");
+	g_assert_cmpstr(((AmSpoolEntry *)list->pdata[1])->id, ==, "am1.a");
+	g_clear_pointer(&list, g_ptr_array_unref);
+	list = am_spool_list(spool, AM_SPOOL_HELD, &error);
+	g_assert_cmpuint(list->len, ==, 1);
+	g_assert_cmpint(((AmSpoolEntry *)list->pdata[0])->state, ==,
+	                AM_SPOOL_HELD);
+
+	/* The retry state, with a partial success: one address left,
+	 * and a reply that tried to start a line of its own. */
+	a.attempts = 3;
+	a.next_attempt = 5000;
+	a.last_error = (char *)"451 4.3.0 later\r\nattempts: 0";
+	a.to = (char **)left;
+	g_assert_true(am_spool_update(spool, &a, &error));
+	got = am_spool_get(spool, "am1.a", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(got->attempts, ==, 3);
+	g_assert_cmpint(got->next_attempt, ==, 5000);
+	g_assert_cmpstr(got->last_error, ==, "451 4.3.0 later??attempts: 0");
+	g_assert_cmpuint(g_strv_length(got->to), ==, 1);
+	g_assert_cmpstr(got->to[0], ==, "b@archive.example");
+	/* The envelope itself is never rewritten. */
+	{
+		g_autofree char *text = read_file(f, "queue", "am1.a");
+
+		g_assert_nonnull(strstr(text, "to: a@archive.example\n"));
+	}
+
+	/* Confirmed: both files go. */
+	g_assert_true(am_spool_remove(spool, "am1.a", &error));
+	g_assert_cmpuint(count_files(f, "state"), ==, 0);
+	g_clear_pointer(&got, am_spool_entry_free);
+	got = am_spool_get(spool, "am1.a", &error);
+	g_assert_null(got);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+}
+
+/* A damaged state file costs a retry, never the copy. */
+static void
+test_bad_state_ignored(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.a", 300);
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	write_file(f, "state", "am1.a",
+	           "archive-milter-state 1\nattempts: x\n");
+	got = am_spool_get(spool, "am1.a", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(got->attempts, ==, 0);
+	g_assert_cmpuint(g_strv_length(got->to), ==, 2);
+}
+
+typedef struct {
+	const char *name;
+	const char *text;
+	const char *why;
+} BadFile;
+
+static const BadFile bad_files[] = {
+    {"future version",
+     "archive-milter-spool 2\nid: am1.bad\nrule: r\nrelay: r\nfrom: \n"
+     "to: a@b\ncreated: 1\nnew_key: x\n\nbody",
+     "version"},
+    {"not a spool file", "From: someone\n\nbody", "not a spool file"},
+    {"no end of envelope",
+     "archive-milter-spool 1\nid: am1.bad\nrule: r\nrelay: r\n", "no end"},
+    {"missing key",
+     "archive-milter-spool 1\nid: am1.bad\nrule: r\nfrom: \nto: a@b\n"
+     "created: 1\n\nbody",
+     "missing"},
+    {"id of another file",
+     "archive-milter-spool 1\nid: am1.other\nrule: r\nrelay: r\nfrom: \n"
+     "to: a@b\ncreated: 1\n\nbody",
+     "file name"},
+    {"unknown key",
+     "archive-milter-spool 1\nid: am1.bad\nrule: r\nrelay: r\nfrom: \n"
+     "to: a@b\ncreated: 1\ncolour: red\n\nbody",
+     "unknown key"},
+    {"bad time",
+     "archive-milter-spool 1\nid: am1.bad\nrule: r\nrelay: r\nfrom: \n"
+     "to: a@b\ncreated: -5\n\nbody",
+     "created"},
+    {"empty", "", "no end"},
+};
+
+/* Damaged or foreign files: listed as skipped, never deleted, never
+ * released, and the good copies beside them still work. */
+static void
+test_bad_file(Fixture *f, gconstpointer data)
+{
+	const BadFile *bad = data;
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry good = entry_for("am1.good", 1);
+	g_autoptr(GPtrArray) list = NULL;
+	g_autoptr(GError) error = NULL;
+	g_autofree char *after = NULL;
+	guint n = 9;
+
+	put(spool, &good, AM_SPOOL_QUEUED, BODY);
+	write_file(f, "queue", "am1.bad", bad->text);
+	write_file(f, "hold", "am1.bad", bad->text);
+
+	list = am_spool_list(spool, AM_SPOOL_QUEUED, &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(list->len, ==, 1);
+	g_assert_cmpstr(((AmSpoolEntry *)list->pdata[0])->id, ==, "am1.good");
+
+	g_assert_null(am_spool_get(spool, "am1.bad", &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FORMAT);
+	g_assert_nonnull(strstr(error->message, bad->why));
+	g_clear_error(&error);
+
+	/* Release of all moves nothing damaged, and says so by count. */
+	g_assert_true(am_spool_release(spool, "all", &n, &error));
+	g_assert_no_error(error);
+	g_assert_cmpuint(n, ==, 0);
+	g_assert_false(am_spool_release(spool, "am1.bad", &n, &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FORMAT);
+
+	after = read_file(f, "queue", "am1.bad");
+	g_assert_cmpstr(after, ==, bad->text);
+	g_free(g_steal_pointer(&after));
+	after = read_file(f, "hold", "am1.bad");
+	g_assert_cmpstr(after, ==, bad->text);
+}
+
+static void
+test_hold_release(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.a", 100);
+	AmSpoolEntry b = entry_for("am1.b", 200);
+	AmSpoolEntry c = entry_for("am1.c", 300);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(GPtrArray) list = NULL;
+	guint n = 0;
+	gint64 now = g_get_real_time() / G_USEC_PER_SEC;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	put(spool, &b, AM_SPOOL_QUEUED, BODY);
+	a.attempts = 4;
+	a.next_attempt = now + 1000;
+	g_assert_true(am_spool_update(spool, &a, &error));
+
+	g_assert_true(am_spool_hold(spool, "am1.a", "550 5.1.1 no", &error));
+	g_assert_true(am_spool_hold(spool, "am1.b", "too old", &error));
+	g_assert_false(am_spool_hold(spool, "am1.b", "again", &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+	g_clear_error(&error);
+	g_assert_cmpuint(count_files(f, "hold"), ==, 2);
+	g_assert_cmpuint(count_files(f, "queue"), ==, 0);
+	got = am_spool_get(spool, "am1.a", &error);
+	g_assert_cmpint(got->state, ==, AM_SPOOL_HELD);
+	g_assert_cmpstr(got->last_error, ==, "550 5.1.1 no");
+	g_assert_cmpuint(got->attempts, ==, 4);
+	g_clear_pointer(&got, am_spool_entry_free);
+
+	/* One: due at once, its age counted from now, the reason kept. */
+	g_assert_true(am_spool_release(spool, "am1.a", &n, &error));
+	g_assert_cmpuint(n, ==, 1);
+	got = am_spool_get(spool, "am1.a", &error);
+	g_assert_cmpint(got->state, ==, AM_SPOOL_QUEUED);
+	g_assert_cmpuint(got->attempts, ==, 0);
+	g_assert_cmpint(got->next_attempt, ==, 0);
+	g_assert_cmpint(got->released, >=, now);
+	g_assert_cmpstr(got->last_error, ==, "550 5.1.1 no");
+
+	/* Unknown, and already released. */
+	g_assert_false(am_spool_release(spool, "am1.zz", &n, &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+	g_clear_error(&error);
+	g_assert_false(am_spool_release(spool, "am1.a", &n, &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+	g_clear_error(&error);
+
+	/* All. */
+	c.last_error = (char *)"held at once";
+	put(spool, &c, AM_SPOOL_HELD, BODY);
+	g_assert_true(am_spool_release(spool, "all", &n, &error));
+	g_assert_no_error(error);
+	g_assert_cmpuint(n, ==, 2);
+	g_assert_cmpuint(count_files(f, "hold"), ==, 0);
+	list = am_spool_list(spool, AM_SPOOL_QUEUED, &error);
+	g_assert_cmpuint(list->len, ==, 3);
+	g_assert_true(am_spool_release(spool, "all", &n, &error));
+	g_assert_cmpuint(n, ==, 0);
+}
+
+static void
+test_put_held_with_reason(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.h", 100);
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	a.last_error = (char *)"554 5.7.1 refused";
+	a.attempts = 1;
+	put(spool, &a, AM_SPOOL_HELD, BODY);
+	got = am_spool_get(spool, "am1.h", &error);
+	g_assert_no_error(error);
+	g_assert_cmpint(got->state, ==, AM_SPOOL_HELD);
+	g_assert_cmpstr(got->last_error, ==, "554 5.7.1 refused");
+	g_assert_cmpuint(got->attempts, ==, 1);
+}
+
+static void
+test_full_floor(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, G_MAXUINT64 / 2);
+	AmSpoolEntry a = entry_for("am1.f", 100);
+	g_autoptr(SmtpMessage) msg = message_of(BODY);
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	g_assert_false(am_spool_put(spool, &a, msg, AM_SPOOL_QUEUED, &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FULL);
+	g_assert_nonnull(strstr(error->message, "spool_min_free"));
+	g_assert_cmpuint(count_files(f, "queue"), ==, 0);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	g_assert_cmpuint(count_files(f, "state"), ==, 0);
+}
+
+/* In a child of its own, with a mount namespace of its own, so that
+ * the small tmpfs never shows outside.  Exit 77: cannot mount. */
+static int
+enospc_child(void)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *dir = g_dir_make_tmp("test-spool-full-XXXXXX", NULL);
+	g_autofree char *spool_dir = g_build_filename(dir, "spool", NULL);
+	g_autoptr(GString) big = g_string_new("Subject: big\r\n\r\n");
+	AmSpoolEntry a = entry_for("am1.full", 100);
+	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(AmSpool) spool = NULL;
+	const char *subs[] = {"tmp", "queue", "state"};
+
+	if (unshare(CLONE_NEWNS) != 0 ||
+	    mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0 ||
+	    mount("tmpfs", dir, "tmpfs", 0, "size=256k,mode=0700") != 0) {
+		g_printerr("cannot mount a small tmpfs: %s\n",
+		           g_strerror(errno));
+		rmdir(dir);
+		return 77;
+	}
+	spool = am_spool_open(spool_dir, 0, &error);
+	g_assert_no_error(error);
+	while (big->len < 1024 * 1024)
+		g_string_append(big, "0123456789abcdef0123456789abcdef\r\n");
+	msg = message_of(big->str);
+	g_assert_false(am_spool_put(spool, &a, msg, AM_SPOOL_QUEUED, &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FULL);
+	g_clear_error(&error);
+	for (guint i = 0; i < G_N_ELEMENTS(subs); i++) {
+		g_autofree char *p = g_build_filename(spool_dir, subs[i], NULL);
+		g_autoptr(GDir) d = g_dir_open(p, 0, NULL);
+
+		g_assert_nonnull(d);
+		g_assert_null(g_dir_read_name(d));
+	}
+
+	/* And the disk has room again for a small copy. */
+	g_clear_pointer(&msg, smtp_message_free);
+	msg = message_of(BODY);
+	g_assert_true(am_spool_put(spool, &a, msg, AM_SPOOL_QUEUED, &error));
+	g_clear_pointer(&spool, am_spool_close);
+	umount(dir);
+	rmdir(dir);
+	return 0;
+}
+
+static void
+test_enospc(void)
+{
+	pid_t pid;
+	int status;
+
+	if (geteuid() != 0) {
+		g_test_skip("mounting a small tmpfs needs root");
+		return;
+	}
+	pid = fork();
+	g_assert_cmpint(pid, >=, 0);
+	if (pid == 0)
+		_exit(enospc_child());
+	g_assert_cmpint(waitpid(pid, &status, 0), ==, pid);
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 77) {
+		g_test_skip("cannot mount a small tmpfs (see stderr)");
+		return;
+	}
+	g_assert_true(WIFEXITED(status));
+	g_assert_cmpint(WEXITSTATUS(status), ==, 0);
+}
+
+/* Leftovers of a crash go, but only for the process that owns the
+ * spool: a --spool-list beside the daemon must not take its files. */
+static void
+test_leftovers(Fixture *f, gconstpointer data)
+{
+	AmSpool *first = open_spool(f, 0);
+	AmSpool *second;
+
+	(void)data;
+	write_file(f, "tmp", "am1.half", "archive-milter-spool 1\nid: am1");
+	write_file(f, "state", ".am1.x.AB12CD", "half");
+	second = open_spool(f, 0);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 1);
+	am_spool_close(second);
+	am_spool_close(first);
+	first = open_spool(f, 0);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	g_assert_cmpuint(count_files(f, "state"), ==, 0);
+	am_spool_close(first);
+}
+
+typedef struct {
+	AmSpool *spool;
+	guint thread;
+} PutJob;
+
+#define THREADS    8
+#define PER_THREAD 25
+
+static gpointer
+put_thread(gpointer data)
+{
+	PutJob *job = data;
+
+	for (guint i = 0; i < PER_THREAD; i++) {
+		g_autofree char *id =
+		    g_strdup_printf("am1.t%u.%u", job->thread, i);
+		g_autofree char *body =
+		    g_strdup_printf("Subject: %s\r\n\r\n%s\r\n", id, id);
+		AmSpoolEntry e = entry_for(id, 1000 + i);
+
+		put(job->spool, &e, AM_SPOOL_QUEUED, body);
+	}
+	return NULL;
+}
+
+static void
+test_threads(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 1);
+	GThread *threads[THREADS];
+	PutJob jobs[THREADS];
+	g_autoptr(GPtrArray) list = NULL;
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	for (guint i = 0; i < THREADS; i++) {
+		jobs[i] = (PutJob){spool, i};
+		threads[i] = g_thread_new("put", put_thread, &jobs[i]);
+	}
+	for (guint i = 0; i < THREADS; i++)
+		g_thread_join(threads[i]);
+	list = am_spool_list(spool, AM_SPOOL_QUEUED, &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(list->len, ==, THREADS * PER_THREAD);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+
+	/* Each copy holds its own message. */
+	for (guint i = 0; i < list->len; i++) {
+		AmSpoolEntry *e = list->pdata[i];
+		g_autoptr(SmtpMessage) msg = am_spool_message(spool, e, &error);
+		g_autoptr(GBytes) raw = NULL;
+		g_autofree char *want = NULL;
+
+		g_assert_no_error(error);
+		raw = raw_of(msg);
+		want =
+		    g_strdup_printf("Subject: %s\r\n\r\n%s\r\n", e->id, e->id);
+		g_assert_cmpmem(g_bytes_get_data(raw, NULL),
+		                g_bytes_get_size(raw), want, strlen(want));
+	}
+}
+
+int
+main(int argc, char **argv)
+{
+	g_test_init(&argc, &argv, NULL);
+#define ADD(path, fn)                                                          \
+	g_test_add(path, Fixture, NULL, fixture_set_up, fn, fixture_tear_down)
+	ADD("/spool/open/layout", test_open_layout);
+	ADD("/spool/open/refuses", test_open_refuses);
+	ADD("/spool/open/leftovers", test_leftovers);
+	ADD("/spool/put/format", test_put_format);
+	ADD("/spool/put/refuses-control", test_put_refuses_control);
+	ADD("/spool/put/held-with-reason", test_put_held_with_reason);
+	ADD("/spool/put/full-floor", test_full_floor);
+	ADD("/spool/put/threads", test_threads);
+	ADD("/spool/get/message", test_get_and_message);
+	ADD("/spool/ids/bad", test_bad_ids);
+	ADD("/spool/list/order-and-state", test_list_order_and_state);
+	ADD("/spool/state/damaged-ignored", test_bad_state_ignored);
+	ADD("/spool/hold-release", test_hold_release);
+#undef ADD
+	for (guint i = 0; i < G_N_ELEMENTS(bad_files); i++) {
+		g_autofree char *path =
+		    g_strdup_printf("/spool/bad-file/%s", bad_files[i].name);
+
+		g_test_add(path, Fixture, &bad_files[i], fixture_set_up,
+		           test_bad_file, fixture_tear_down);
+	}
+	g_test_add_func("/spool/put/enospc", test_enospc);
+	return g_test_run();
+}
