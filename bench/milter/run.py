@@ -330,6 +330,7 @@ class Setup:
         os.chmod(self.workdir, 0o755)
         self.main = self.archive = self.milter = self.postfix = None
         self.unavailable = None  # why it cannot run, or None
+        self.spool_mtime = None  # of SPOOL/queue at start
         self.note = None
         self.rss = []            # (label, KiB)
         self.events = {}         # null-milter's counts, after stop
@@ -389,13 +390,31 @@ class Setup:
             return False
         m.start()
         self.milter = m
-        if self.name == "spool" and not os.path.isdir(
-                os.path.join(m.spool_dir, "queue")):
-            self.unavailable = ("archive-milter accepted delivery = spool "
-                                "but opened no spool (no %s/queue)"
-                                % m.spool_dir)
-            return False
+        if self.name == "spool":
+            try:
+                self.spool_mtime = os.stat(os.path.join(
+                    m.spool_dir, "queue")).st_mtime_ns
+            except OSError:
+                self.unavailable = ("archive-milter accepted delivery = "
+                                    "spool but opened no spool (no "
+                                    "%s/queue)" % m.spool_dir)
+                return False
         return True
+
+    def check_spooled(self):
+        """After the warm-up: did copies pass through SPOOL/queue?  Its
+        mtime changes with every rename into it and every removal; a
+        milter that takes delivery = spool but sends at end of message
+        leaves it alone."""
+        if self.name != "spool" or self.unavailable:
+            return
+        now = os.stat(os.path.join(self.milter.spool_dir,
+                                   "queue")).st_mtime_ns
+        if now == self.spool_mtime:
+            self.unavailable = ("archive-milter takes delivery = spool, "
+                                "but no copy of the warm-up went through "
+                                "%s/queue: it sent them at end of message"
+                                % self.milter.spool_dir)
 
     def queue_files(self):
         """Files in Postfix's queue, and in the milter's spool queue."""
@@ -896,13 +915,20 @@ def main():
                        "; note: " + s.note if s.note else ""))
         run = [s for s in setups if not s.unavailable]
 
-        # Step 2: warm up each (processes forked, caches filled).
+        # Step 2: warm up each (processes forked, caches filled); the
+        # spool configuration must show that it spools.
         for s in run:
-            if args.warmup > 0:
-                r = run_round(s, files[:args.warmup], args, outdir)
+            n = max(args.warmup, 20 if s.name == "spool" else 0)
+            if n > 0:
+                r = run_round(s, files[:n], args, outdir)
                 if r["failure"]:
                     raise RuntimeError("%s: warm-up: %s"
                                        % (s.name, r["failure"]))
+            s.check_spooled()
+            if s.unavailable:
+                log("bench: %s mode: not available (%s)"
+                    % (s.name, s.unavailable))
+        run = [s for s in run if not s.unavailable]
 
         # Step 3: the rounds, the order rotating from round to round,
         # each with the load generator's own ceiling.
