@@ -605,52 +605,50 @@ def stop_perf(proc):
         proc.wait()
 
 
-def under_perf(setup, files, args, outdir, *argvs):
-    """One round with `perf ARGV -p PID` attached to the milter, for
-    each ARGV at the same time."""
-    perfs = [subprocess.Popen(["perf"] + argv
-                              + ["-p", str(setup.milter_pid)],
+def under_tools(setup, files, args, outdir, *argvs):
+    """One round with each ARGV + ["-p", PID] (perf, strace) attached to
+    the milter at the same time."""
+    tools = [subprocess.Popen(argv + ["-p", str(setup.milter_pid)],
                               stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for argv in argvs]
 
     def stopper():
-        for p in perfs:
+        for p in tools:
             stop_perf(p)
     harness.REGISTRY.add("perf", stopper)
-    time.sleep(1)  # perf attaches to every thread before we start
+    time.sleep(1)  # attached to every thread before we start
     try:
         r = run_round(setup, files, args, outdir)
     finally:
         stopper()
         harness.REGISTRY.remove(stopper)
-    log("profile: %s: %d messages under perf %s (%.1f accepted msg/s, "
-        "not a timed round)" % (setup.name, r["sent"],
-                                " and ".join(a[0] for a in argvs),
-                                r["accepted"]))
+    log("profile: %s: %d messages under %s (%.1f accepted msg/s, not a "
+        "timed round)" % (setup.name, r["sent"],
+                          " and ".join(" ".join(a[:2]) for a in argvs),
+                          r["accepted"]))
     return r
 
 
-# Syscalls that wait on the disk or the network: perf trace times them.
-PERF_TRACED = ("fsync", "fdatasync", "sync_file_range", "connect",
-               "rename", "renameat2", "openat")
+# Syscalls that wait on the disk or the network: strace times them,
+# following the threads that libmilter and the runner start (perf trace
+# -p sees only the threads that exist when it attaches).
+TIMED = ("fsync", "fdatasync", "sync_file_range", "connect", "rename",
+         "renameat2", "openat", "unlink", "statfs")
 
 
-def trace_summary(path):
-    """{syscall: (calls, total ms)} summed over the threads of a
-    `perf trace -s` summary."""
+def strace_summary(path):
+    """{syscall: (calls, seconds)} from `strace -c -w` output."""
     out = {}
     try:
         with open(path) as f:
             for line in f:
                 w = line.split()
-                if len(w) >= 4 and w[0] in PERF_TRACED:
+                if len(w) >= 5 and w[-1] in TIMED:
                     try:
-                        calls, total = int(w[1]), float(w[3])
+                        out[w[-1]] = (int(w[3]), float(w[1]))
                     except ValueError:
                         continue
-                    c, t = out.get(w[0], (0, 0.0))
-                    out[w[0]] = (c + calls, t + total)
     except OSError:
         pass
     return out
@@ -658,20 +656,22 @@ def trace_summary(path):
 
 def profile(setup, files, args, outdir):
     """Two more rounds: perf stat counts the milter's syscalls (fsync,
-    connect, ...), then perf record samples where its CPU goes.  Apart,
-    since the syscall tracepoints would show in the samples."""
+    connect, ...) while strace times the ones that wait; then perf
+    record samples where its CPU goes.  Apart, since the tracing would
+    show in the samples."""
     data = os.path.join(outdir, "perf-%s.data" % setup.name)
     stat_out = os.path.join(outdir, "perf-%s.stat" % setup.name)
 
     # Syscalls per message.
     events = perf_events()
     if events:
-        trace_out = os.path.join(outdir, "perf-%s.trace" % setup.name)
-        r = under_perf(setup, files, args, outdir,
-                       ["stat", "-x", ",", "-e", ",".join(events), "-o",
-                        stat_out],
-                       ["trace", "-s", "--no-syscalls", "-e",
-                        ",".join(PERF_TRACED), "-o", trace_out])
+        trace_out = os.path.join(outdir, "strace-%s.txt" % setup.name)
+        tools = [["perf", "stat", "-x", ",", "-e", ",".join(events), "-o",
+                  stat_out]]
+        if shutil.which("strace"):
+            tools.append(["strace", "-f", "-c", "-w", "-e",
+                          "trace=" + ",".join(TIMED), "-o", trace_out])
+        r = under_tools(setup, files, args, outdir, *tools)
         with open(stat_out) as f:
             for line in f:
                 parts = line.strip().split(",")
@@ -687,30 +687,36 @@ def profile(setup, files, args, outdir):
                 if name == "raw_syscalls:sys_enter":
                     name = "(all syscalls)"
                 if name == "task-clock":
-                    name, n = "task-clock (ms)", n
+                    name = "task-clock (ms)"
                 log("profile: %s: %-16s %10.0f  %8.2f per message"
                     % (setup.name, name, n, n / max(1, r["sent"])))
-        for name, (calls, total) in sorted(trace_summary(
+        for name, (calls, secs) in sorted(strace_summary(
                 trace_out).items()):
             log("profile: %s: %-16s %8d calls, %8.3f ms each, %6.3f ms "
-                "per message (time waited, from perf trace)"
-                % (setup.name, name, calls, total / max(1, calls),
-                   total / max(1, r["sent"])))
+                "per message (wall time in the call, strace -w)"
+                % (setup.name, name, calls, secs * 1e3 / max(1, calls),
+                   secs * 1e3 / max(1, r["sent"])))
         log("profile: %s: archive relay sessions %d for %d copies"
             % (setup.name, r["archive_sessions"], r["archive_copies"]))
 
     # The hottest symbols, self time, and the split per library.
-    r = under_perf(setup, files, args, outdir,
-                   ["record", "-q", "-F", "1999", "-g", "-o", data])
+    r = under_tools(setup, files, args, outdir,
+                    ["perf", "record", "-q", "-F", "1999", "-g", "-o", data])
     log("profile: %s: milter CPU %.0f us/msg under perf record"
         % (setup.name, r["milter_cpu_us"]))
-    for sort, limit in (("dso", 1.0), ("dso,symbol", 0.7)):
+    # Self time per library, per symbol; then time including callees
+    # (children), which names the call that leads into the kernel.
+    for how, sort, limit in (("self", "dso", 1.0),
+                             ("self", "dso,symbol", 0.7),
+                             ("with callees", "symbol", 4.0)):
         rep = subprocess.run(["perf", "report", "-i", data, "--stdio",
-                              "--no-children", "--sort", sort,
+                              "--children" if how != "self"
+                              else "--no-children", "--sort", sort,
                               "--percent-limit", str(limit), "-g", "none"],
                              capture_output=True, text=True, timeout=300)
         lines = [ln for ln in rep.stdout.splitlines()
                  if ln.strip() and not ln.startswith("#")]
+        log("profile: %s: CPU share, %s, by %s:" % (setup.name, how, sort))
         for ln in lines[:30]:
             log("profile: %s: %s" % (setup.name,
                                      re.sub(r"[\s-]+$", "", ln)))
