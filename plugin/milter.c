@@ -665,6 +665,7 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
 	const GPtrArray *headers = am_capture_get_headers(cap);
 	g_autoptr(GPtrArray) rules = NULL;
 	g_autoptr(GString) detail = g_string_new(NULL);
+	g_autoptr(GError) error = NULL;
 	AmVerdict *v = verdict_new();
 	RuleResult *results;
 	const char *own;
@@ -681,9 +682,18 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
 		return v;
 	}
 
-	/* Step 2: which rules want a copy. */
+	/* Step 2: which rules want a copy; undecidable: no accept. */
 	rules = am_rules_select(ctx->config, env, headers,
-	                        am_capture_get_size(cap));
+	                        am_capture_get_size(cap), &error);
+	if (rules == NULL) {
+		am_log_decision(env->queue_id, "tempfail", 0, 0,
+		                error->message);
+		v->action = AM_VERDICT_TEMPFAIL;
+		v->rcode = g_strdup("451");
+		v->xcode = g_strdup("4.3.0");
+		v->text = g_strdup("archive rules could not be applied");
+		return v;
+	}
 	if (rules->len == 0) {
 		am_log_decision(env->queue_id, "accept", 0, 0,
 		                "no rule matched");
@@ -1112,9 +1122,4 @@ am_milter_register(GError **error)
 		return TRUE;
 	g_set_error(error, AM_MILTER_ERROR, 0, "smfi_register failed");
 	return FALSE;
-}
-am_runner_kick(AmRunner *r, const char *id)
-{
-	(void)r;
-	(void)id;
 }

@@ -536,9 +536,14 @@ def run_round(setup, files, args, outdir):
 # Profiling (--profile): perf record and perf stat on the milter       #
 # ------------------------------------------------------------------ #
 
-PERF_SYSCALLS = ("fsync", "fdatasync", "sync_file_range", "rename",
-                 "renameat2", "openat", "connect", "write", "writev",
-                 "sendto", "read", "recvfrom", "futex")
+PERF_SYSCALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs",
+                 "rename", "renameat", "renameat2", "openat", "unlink",
+                 "unlinkat", "socket", "connect", "close", "clone",
+                 "clone3", "poll", "ppoll", "epoll_wait", "write",
+                 "writev", "sendto", "sendmsg", "read", "recvfrom",
+                 "recvmsg", "futex", "getrandom", "statfs", "fstatfs")
+# Besides the syscalls: all of them, and the scheduler's view.
+PERF_OTHER = ("raw_syscalls:sys_enter", "context-switches", "task-clock")
 
 
 def perf_events():
@@ -546,8 +551,8 @@ def perf_events():
     r = subprocess.run(["perf", "list", "syscalls:sys_enter_*"],
                        capture_output=True, text=True, timeout=60)
     known = set(re.findall(r"syscalls:sys_enter_(\w+)", r.stdout))
-    return ["syscalls:sys_enter_%s" % s for s in PERF_SYSCALLS
-            if s in known]
+    return list(PERF_OTHER) + ["syscalls:sys_enter_%s" % s
+                               for s in PERF_SYSCALLS if s in known]
 
 
 def stop_perf(proc):
@@ -597,15 +602,21 @@ def profile(setup, files, args, outdir):
         with open(stat_out) as f:
             for line in f:
                 parts = line.strip().split(",")
-                if len(parts) < 3 or not parts[2].startswith("syscalls:"):
+                if len(parts) < 3 or not parts[2]:
                     continue
                 try:
-                    n = int(parts[0])
+                    n = float(parts[0])
                 except ValueError:
                     continue
-                log("profile: %s: %-16s %8d  %6.2f per message"
-                    % (setup.name, parts[2].split("sys_enter_")[1], n,
-                       n / max(1, r["sent"])))
+                if n == 0:
+                    continue
+                name = parts[2].split("sys_enter_")[-1]
+                if name == "raw_syscalls:sys_enter":
+                    name = "(all syscalls)"
+                if name == "task-clock":
+                    name, n = "task-clock (ms)", n
+                log("profile: %s: %-16s %10.0f  %8.2f per message"
+                    % (setup.name, name, n, n / max(1, r["sent"])))
         log("profile: %s: archive relay sessions %d for %d copies"
             % (setup.name, r["archive_sessions"], r["archive_copies"]))
 

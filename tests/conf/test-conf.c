@@ -470,14 +470,38 @@ test_example(void)
 	g_assert_null(relay->auth_user);
 	g_assert_cmpuint(c->copy_deadline_ms, ==, 120000);
 
-	g_assert_cmpuint(c->rules->len, ==, 1);
+	assert_spool_defaults(c);
+
+	/* The spool rule first: large mail, a policy of its own. */
+	g_assert_cmpuint(c->rules->len, ==, 2);
 	rule = rule_at(c, 0);
+	g_assert_cmpstr(rule->name, ==, "large");
+	g_assert_true(rule->relay == relay);
+	g_assert_cmpint(rule->delivery, ==, AM_DELIVERY_SPOOL);
+	g_assert_cmpuint(rule->min_size, ==, 10 * 1024 * 1024);
+	g_assert_cmpint(rule->on_failure, ==, 0);
+	g_assert_cmpuint(rule->actions[AM_OUTCOME_ALL_REFUSED], ==,
+	                 AM_ACTION_SPOOL);
+	g_assert_cmpuint(rule->actions[AM_OUTCOME_TLS_ERROR], ==,
+	                 AM_ACTION_ACCEPT);
+	g_assert_cmpuint(am_rule_action(rule, AM_OUTCOME_ALL_REFUSED, FALSE),
+	                 ==, AM_ACTION_SPOOL);
+	g_assert_cmpuint(am_rule_action(rule, AM_OUTCOME_TIMEOUT, TRUE), ==,
+	                 AM_ACTION_SPOOL);
+	g_assert_cmpuint(am_rule_action(rule, AM_OUTCOME_DATA_ERROR, FALSE), ==,
+	                 AM_ACTION_ACCEPT);
+
+	rule = rule_at(c, 1);
+	g_assert_cmpstr(rule->name, ==, "everything");
 	g_assert_true(rule->relay == relay);
 	g_assert_cmpstrv(
 	    rule->archive_to,
 	    ((const char *const[]){"journal@archive.example", NULL}));
 	g_assert_cmpstr(rule->archive_from, ==, "");
+	g_assert_cmpint(rule->delivery, ==, AM_DELIVERY_SYNC);
 	g_assert_cmpint(rule->on_failure, ==, AM_ACTION_TEMPFAIL);
+	assert_no_actions(rule);
+	g_assert_null(rule->reject_text);
 	g_assert_null(rule->match_sender);
 	g_assert_cmpuint(rule->min_size, ==, 0);
 }
@@ -508,7 +532,24 @@ test_example_uncommented(void)
 	c = am_config_load(tmp, &errors);
 	dump_errors(errors);
 	g_assert_cmpuint(errors->len, ==, 0);
-	rule = rule_at(c, 0);
+	rule = rule_at(c, 1);
+	g_assert_cmpstr(c->pid_file, ==,
+	                "/run/archive-milter/archive-milter.pid");
+	/* The samples show the defaults. */
+	g_assert_cmpstr(c->spool_dir, ==, "/var/spool/archive-milter");
+	g_assert_cmpuint(c->workers, ==, 4);
+	g_assert_cmpuint(c->spool_min_free, ==, 100 * 1024 * 1024);
+	g_assert_cmpuint(c->spool_max_age_s, ==, 5 * 86400);
+	g_assert_cmpuint(c->spool_retry_min_s, ==, 60);
+	g_assert_cmpuint(c->spool_retry_max_s, ==, 3600);
+	g_assert_cmpint(rule->delivery, ==, AM_DELIVERY_SYNC);
+	g_assert_cmpuint(rule->actions[AM_OUTCOME_SENT], ==, AM_ACTION_ACCEPT);
+	g_assert_cmpuint(rule->actions[AM_OUTCOME_ALL_REFUSED], ==,
+	                 AM_ACTION_REJECT);
+	g_assert_cmpuint(rule->actions[AM_OUTCOME_UNREACHABLE], ==,
+	                 AM_ACTION_SPOOL | AM_ACTION_HEADER);
+	g_assert_cmpstr(rule->reject_text, ==,
+	                "Message not accepted: it could not be archived");
 	g_assert_cmpstr(relay_at(c, 0)->helo_name, ==, "milter.example");
 	assert_timeouts(relay_at(c, 0), 30000, 30000, 30000, 60000);
 	g_assert_cmpint(relay_at(c, 0)->tls, ==, SMTP_TLS_NONE);
@@ -521,6 +562,38 @@ test_example_uncommented(void)
 	assert_matches(rule->match_header, "Subject: x [ARCHIVE]",
 	               "Subject: archive");
 	g_assert_cmpuint(rule->min_size, ==, 0);
+}
+
+/* Every key of issue 4 is in the example, set or as a sample line. */
+static void
+test_example_documents_keys(void)
+{
+	static const char *const keys[] = {
+	    "pid_file",        "spool_dir",     "workers",
+	    "spool_min_free",  "spool_max_age", "spool_retry_min",
+	    "spool_retry_max", "delivery",      "on_failure",
+	    "reject_text",
+	};
+	g_autofree char *path = example_path();
+	g_autofree char *text = NULL;
+	g_autoptr(GError) error = NULL;
+	guint i;
+
+	g_file_get_contents(path, &text, NULL, &error);
+	g_assert_no_error(error);
+	for (i = 0; i < G_N_ELEMENTS(keys) + AM_OUTCOME_COUNT; i++) {
+		g_autofree char *key =
+		    i < G_N_ELEMENTS(keys)
+		        ? g_strdup(keys[i])
+		        : g_strconcat("on_",
+		                      am_outcome_name(i - G_N_ELEMENTS(keys)),
+		                      NULL);
+		g_autofree char *set = g_strdup_printf("\n%s = ", key);
+		g_autofree char *sample = g_strdup_printf("\n#%s = ", key);
+
+		if (strstr(text, set) == NULL && strstr(text, sample) == NULL)
+			g_error("%s is not in the example", key);
+	}
 }
 
 /* ---- tables of single values ----------------------------------------- */
@@ -2299,6 +2372,8 @@ main(int argc, char **argv)
 	g_test_add_func("/conf/good/full", test_good_full);
 	g_test_add_func("/conf/example/loads", test_example);
 	g_test_add_func("/conf/example/uncommented", test_example_uncommented);
+	g_test_add_func("/conf/example/documents-keys",
+	                test_example_documents_keys);
 	g_test_add_func("/conf/value/port", test_ports);
 	g_test_add_func("/conf/value/timeout", test_timeouts);
 	g_test_add_func("/conf/value/stage-timeouts", test_stage_timeouts);

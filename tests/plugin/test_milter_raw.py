@@ -17,7 +17,10 @@ process) as its archive, and the test asserts what the relay received:
     strings): what follows it is in no header of the copy;
   * a recipient too long for a 998-octet X-Envelope-To line is refused
     with 451 for that RCPT alone; the message and its copy go on with
-    the other recipients.
+    the other recipients;
+  * a header on which a rule's regular expression hits PCRE's
+    backtracking limit tempfails the message at its end (a second
+    milter, match = all, with such a rule), and no copy is sent.
 
 No root, no Postfix.  Exit status: 0 all passed, 1 a check failed, 77
 (meson: skipped) without $ARCHIVE_MILTER, 99 harness error.
@@ -296,6 +299,34 @@ def check_long_rcpt(c, port, relay):
          copy.content if copy else "no copy")
 
 
+EVIL_RULE = """
+[rule:evil]
+mode = journal
+relay = archive
+archive_to = %s
+match_header = ^Subject: (a+)+$
+""" % ARCHIVE_TO
+
+
+def check_match_limit(c, workdir, relay):
+    milter = h.Milter(os.environ["ARCHIVE_MILTER"],
+                      os.path.join(workdir, "milter-limit"), relay.port,
+                      ARCHIVE_TO, relay_timeout=5,
+                      milter_keys={"match": "all"}, extra_conf=EVIL_RULE)
+    milter.start()
+    try:
+        before = relay.count()
+        got = message(milter.port, "RAWLIM",
+                      [(b"Subject", b" " + b"a" * 40 + b"!")])
+        c.ok(got[0] == "eom" and is_tempfail(got[1], "rules"),
+             "regex limit on a header: 451 at end of message", got)
+        c.ok(relay.count() == before and "rule evil" in milter.log(),
+             "regex limit: no copy, the log names the rule",
+             milter.log())
+    finally:
+        milter.stop()
+
+
 def print_log(milter):
     if milter is not None:
         print("# milter log:\n" + "".join(
@@ -318,6 +349,7 @@ def main():
         check_folds(c, milter.port, relay)
         check_nul(c, milter.port, relay)
         check_long_rcpt(c, milter.port, relay)
+        check_match_limit(c, workdir, relay)
         print("1..%d" % c.n)
         status = 1 if c.failed else 0
     except Exception:
