@@ -22,6 +22,10 @@
  * XXX: archive_to is split at commas and whitespace, so a quoted local
  *      part containing either ("a b"@example.com) cannot be written.
  *      Such addresses are very rare on archive mailboxes.
+ * Addresses in archive_to and archive_from must be ASCII: a copy goes
+ * with SMTPUTF8 only when its original did, so a non-ASCII archive
+ * address would fail the copy of every plain message.
+ *
  * XXX: host names are checked for form only (RFC 1123 labels, or an IP
  *      literal); whether they resolve is found out when connecting.
  *
@@ -46,6 +50,15 @@
 #define MAX_TIMEOUT_S               86400
 #define DEFAULT_CAPTURE_MEMORY_MAX  (1024 * 1024)
 #define DEFAULT_ARCHIVE_ID_KEY_FILE "/var/lib/archive-milter/archive-id.key"
+#define DEFAULT_SPOOL_DIR           "/var/spool/archive-milter"
+#define DEFAULT_WORKERS             4
+#define MAX_WORKERS                 64
+#define DEFAULT_SPOOL_MIN_FREE      (100 * 1024 * 1024)
+#define DEFAULT_SPOOL_MAX_AGE_S     (5 * 86400)
+#define DEFAULT_SPOOL_RETRY_MIN_S   60
+#define DEFAULT_SPOOL_RETRY_MAX_S   3600
+#define MAX_DURATION_S              (365 * 86400)
+#define MAX_REJECT_TEXT             200
 
 /* One error; kept with its line so --check can print them in file order. */
 typedef struct {
@@ -72,8 +85,19 @@ typedef struct {
 
 /* The keys each kind of group may hold; any other is an error. */
 static const char *const milter_keys[] = {
-    "socket", "archive_id_key_file", "capture_memory_max",
-    "match",  "copy_deadline",       NULL,
+    "socket",
+    "archive_id_key_file",
+    "capture_memory_max",
+    "match",
+    "copy_deadline",
+    "pid_file",
+    "spool_dir",
+    "workers",
+    "spool_min_free",
+    "spool_max_age",
+    "spool_retry_min",
+    "spool_retry_max",
+    NULL,
 };
 
 static const char *const relay_keys[] = {
@@ -98,7 +122,17 @@ static const char *const rule_keys[] = {
     "relay",
     "archive_to",
     "archive_from",
+    "delivery",
     "on_failure",
+    "on_sent",
+    "on_some_refused",
+    "on_all_refused",
+    "on_sender_refused",
+    "on_data_error",
+    "on_unreachable",
+    "on_timeout",
+    "on_tls_error",
+    "reject_text",
     "match_sender",
     "match_recipient",
     "match_client",
@@ -431,6 +465,47 @@ parse_timeout(const char *s, guint *out_ms)
 	return TRUE;
 }
 
+/*
+ * Spool durations: whole seconds, or a number with one unit, s, m, h
+ * or d, as Postfix writes its queue lifetimes ("5d").  Copies wait for
+ * days, not milliseconds, so no fraction.
+ */
+static gboolean
+parse_duration(const char *s, guint *out_s)
+{
+	g_autofree char *digits = g_strdup(s);
+	gsize len = strlen(digits);
+	guint64 unit = 1, v;
+
+	if (len > 0) {
+		switch (digits[len - 1]) {
+		case 's':
+			unit = 1;
+			break;
+		case 'm':
+			unit = 60;
+			break;
+		case 'h':
+			unit = 3600;
+			break;
+		case 'd':
+			unit = 86400;
+			break;
+		default:
+			unit = 0;
+			break;
+		}
+		if (unit > 0)
+			digits[len - 1] = '\0';
+		else
+			unit = 1;
+	}
+	if (!parse_uint(digits, MAX_DURATION_S / unit, &v) || v == 0)
+		return FALSE;
+	*out_s = (guint)(v * unit);
+	return TRUE;
+}
+
 /* RFC 1123 host name: labels of letters, digits and inner hyphens. */
 static gboolean
 is_host_name(const char *s)
@@ -630,6 +705,102 @@ is_socket_spec(const char *s, const char **why)
 	return TRUE;
 }
 
+static gboolean absolute_path(Loader *l, const char *g, const char *key,
+                              const char *v);
+
+static void
+load_duration(Loader *l, const char *g, const char *key, guint *out_s)
+{
+	g_autofree char *v = get(l, g, key);
+
+	if (v != NULL && !parse_duration(v, out_s))
+		add_error(l, key_line(l, g, key), g, key,
+		          "\"%s\": must be a whole number of seconds, or a "
+		          "number with a unit s, m, h or d (90s, 10m, 1h, 5d), "
+		          "from 1s to 365d",
+		          v);
+}
+
+/*
+ * The delay doubles from spool_retry_min up to spool_retry_max, so the
+ * first cannot be the longer.  The error goes to whichever key the file
+ * set (spool_retry_max when both), with the other value and its origin.
+ */
+static void
+check_retry_range(Loader *l, const char *g)
+{
+	const AmConfig *c = l->config;
+	guint min_line = key_line(l, g, "spool_retry_min");
+	guint max_line = key_line(l, g, "spool_retry_max");
+
+	if (c->spool_retry_min_s <= c->spool_retry_max_s)
+		return;
+	if (max_line > 0)
+		add_error(l, max_line, g, "spool_retry_max",
+		          "%us is shorter than spool_retry_min (%us%s): the "
+		          "longest retry delay cannot be below the first",
+		          c->spool_retry_max_s, c->spool_retry_min_s,
+		          min_line > 0 ? "" : ", the default");
+	else
+		add_error(l, min_line, g, "spool_retry_min",
+		          "%us is longer than spool_retry_max (%us, the "
+		          "default): the first retry delay cannot be above the "
+		          "longest",
+		          c->spool_retry_min_s, c->spool_retry_max_s);
+}
+
+/* An absolute path replacing *@field, or the default kept. */
+static void
+load_path(Loader *l, const char *g, const char *key, char **field)
+{
+	g_autofree char *v = get(l, g, key);
+
+	if (absolute_path(l, g, key, v)) {
+		g_free(*field);
+		*field = g_steal_pointer(&v);
+	}
+}
+
+/*
+ * The spool's keys.  The directory is only named here: whether it
+ * exists with the right mode is checked by --check and by the spool
+ * when it opens it, since a configuration may well be checked on
+ * another machine.
+ */
+static void
+load_spool(Loader *l, const char *g)
+{
+	AmConfig *c = l->config;
+	g_autofree char *workers = get(l, g, "workers");
+	g_autofree char *min_free = get(l, g, "spool_min_free");
+	guint64 v;
+
+	load_path(l, g, "spool_dir", &c->spool_dir);
+	load_path(l, g, "pid_file", &c->pid_file);
+
+	if (workers != NULL) {
+		if (parse_uint(workers, MAX_WORKERS, &v) && v > 0)
+			c->workers = (guint)v;
+		else
+			add_error(l, key_line(l, g, "workers"), g, "workers",
+			          "\"%s\": must be a number from 1 to %d",
+			          workers, MAX_WORKERS);
+	}
+
+	if (min_free != NULL &&
+	    !parse_size(min_free, G_MAXUINT64, &c->spool_min_free))
+		add_error(l, key_line(l, g, "spool_min_free"), g,
+		          "spool_min_free",
+		          "\"%s\": must be a size in octets, with an optional "
+		          "K, M or G suffix",
+		          min_free);
+
+	load_duration(l, g, "spool_max_age", &c->spool_max_age_s);
+	load_duration(l, g, "spool_retry_min", &c->spool_retry_min_s);
+	load_duration(l, g, "spool_retry_max", &c->spool_retry_max_s);
+	check_retry_range(l, g);
+}
+
 static void
 load_milter(Loader *l)
 {
@@ -690,6 +861,8 @@ load_milter(Loader *l)
 		          "\"%s\": must be a positive number of seconds, at "
 		          "most %d",
 		          deadline, MAX_TIMEOUT_S);
+
+	load_spool(l, g);
 }
 
 /* [relay:NAME] and [rule:NAME] names are used in logs and references. */
@@ -928,6 +1101,7 @@ rule_free(gpointer data)
 	g_free(r->name);
 	g_strfreev(r->archive_to);
 	g_free(r->archive_from);
+	g_free(r->reject_text);
 	g_clear_pointer(&r->match_sender, g_regex_unref);
 	g_clear_pointer(&r->match_recipient, g_regex_unref);
 	g_clear_pointer(&r->match_client, g_regex_unref);
@@ -935,11 +1109,58 @@ rule_free(gpointer data)
 	g_free(r);
 }
 
+/*
+ * Split @v at runs of commas and blanks, in one pass: a list of tens of
+ * thousands of addresses costs time in proportion to its length (a
+ * regular expression split copied the rest of the string per piece).
+ */
+static GPtrArray *
+split_list(const char *v)
+{
+	GPtrArray *parts = g_ptr_array_new_with_free_func(g_free);
+	const char *p = v;
+
+	for (;;) {
+		const char *start;
+
+		while (*p == ',' || g_ascii_isspace(*p))
+			p++;
+		if (*p == '\0')
+			break;
+		start = p;
+		while (*p != '\0' && *p != ',' && !g_ascii_isspace(*p))
+			p++;
+		g_ptr_array_add(parts, g_strndup(start, p - start));
+	}
+	return parts;
+}
+
+/*
+ * A copy is sent with SMTPUTF8 only when the original came with it
+ * (deliver.c), and the library refuses a non-ASCII address without
+ * it: such an archive or sender address would fail the copy of every
+ * plain message.  Refused here, where the administrator sees why.
+ */
+static gboolean
+is_ascii(const char *s)
+{
+	for (; *s != '\0'; s++) {
+		if ((guchar)*s >= 0x80)
+			return FALSE;
+	}
+	return TRUE;
+}
+
+#define NON_ASCII_WHY                                                          \
+	"non-ASCII address: copies of plain mail are sent without "            \
+	"SMTPUTF8, and no relay takes such an address then; use an ASCII "     \
+	"address (a domain in its xn-- form)"
+
 static void
 load_archive_to(Loader *l, const char *g, AmRule *r)
 {
 	g_autofree char *v = require(l, g, "archive_to");
-	g_auto(GStrv) parts = NULL;
+	g_autoptr(GPtrArray) parts = NULL;
 	g_autoptr(GPtrArray) list = NULL;
 	guint line = key_line(l, g, "archive_to");
 	const char *why;
@@ -948,20 +1169,22 @@ load_archive_to(Loader *l, const char *g, AmRule *r)
 	if (v == NULL)
 		return;
 	list = g_ptr_array_new_with_free_func(g_free);
-	parts = g_regex_split_simple("[\\s,]+", v, 0, 0);
-	for (i = 0; parts[i] != NULL; i++) {
-		char *addr;
+	parts = split_list(v);
+	for (i = 0; i < parts->len; i++) {
+		const char *part = parts->pdata[i];
+		char *addr = bare_address(part, &why);
 
-		if (*parts[i] == '\0')
-			continue;
-		addr = bare_address(parts[i], &why);
 		if (addr != NULL && *addr == '\0') {
 			why = "the null address <> cannot receive mail";
 			g_clear_pointer(&addr, g_free);
 		}
+		if (addr != NULL && !is_ascii(addr)) {
+			why = NON_ASCII_WHY;
+			g_clear_pointer(&addr, g_free);
+		}
 		if (addr == NULL) {
-			add_error(l, line, g, "archive_to", "\"%s\": %s",
-			          parts[i], why);
+			add_error(l, line, g, "archive_to", "\"%s\": %s", part,
+			          why);
 			return;
 		}
 		g_ptr_array_add(list, addr);
@@ -991,6 +1214,10 @@ load_archive_from(Loader *l, const char *g, AmRule *r)
 		return;
 	}
 	addr = bare_address(v, &why);
+	if (addr != NULL && !is_ascii(addr)) {
+		why = NON_ASCII_WHY;
+		g_clear_pointer(&addr, g_free);
+	}
 	if (addr == NULL) {
 		add_error(l, key_line(l, g, "archive_from"), g, "archive_from",
 		          "\"%s\": %s", v, why);
@@ -1017,12 +1244,96 @@ load_regex(Loader *l, const char *g, const char *key)
 }
 
 static void
+load_delivery(Loader *l, const char *g, AmRule *r)
+{
+	g_autofree char *v = get(l, g, "delivery");
+
+	if (v == NULL)
+		return;
+	if (strcmp(v, "sync") == 0)
+		r->delivery = AM_DELIVERY_SYNC;
+	else if (strcmp(v, "spool") == 0)
+		r->delivery = AM_DELIVERY_SPOOL;
+	else
+		add_error(l, key_line(l, g, "delivery"), g, "delivery",
+		          "\"%s\": must be sync or spool", v);
+}
+
+/* One on_OUTCOME key (@outcome AM_OUTCOME_COUNT: on_failure) into @out. */
+static void
+load_action(Loader *l, const char *g, const char *key, AmOutcome outcome,
+            AmDeliveryMode delivery, guint *out)
+{
+	g_autofree char *v = get(l, g, key);
+	g_autofree char *why = NULL;
+
+	if (v != NULL && !am_action_parse(v, outcome, delivery, out, &why))
+		add_error(l, key_line(l, g, key), g, key, "\"%s\": %s", v, why);
+}
+
+/* on_failure and every on_OUTCOME, checked against the rule's delivery
+ * (load_delivery comes first; a bad delivery counts as sync). */
+static void
+load_policy(Loader *l, const char *g, AmRule *r)
+{
+	guint i;
+
+	load_action(l, g, "on_failure", AM_OUTCOME_COUNT, r->delivery,
+	            &r->on_failure);
+	for (i = 0; i < AM_OUTCOME_COUNT; i++) {
+		g_autofree char *key =
+		    g_strconcat("on_", am_outcome_name(i), NULL);
+
+		load_action(l, g, key, i, r->delivery, &r->actions[i]);
+	}
+}
+
+/*
+ * The text of a configured 550.  It goes into an SMTP reply through
+ * smfi_setreply(), which takes printable ASCII only and treats '%' as
+ * a format character; 200 characters keep the reply line well inside
+ * SMTP's 512.
+ */
+static void
+load_reject_text(Loader *l, const char *g, AmRule *r)
+{
+	g_autofree char *v = get(l, g, "reject_text");
+	guint line = key_line(l, g, "reject_text");
+	const char *p;
+
+	if (!non_empty(l, g, "reject_text", v))
+		return;
+	if (strlen(v) > MAX_REJECT_TEXT) {
+		add_error(l, line, g, "reject_text",
+		          "%zu characters: an SMTP reply text here may have at "
+		          "most %d",
+		          strlen(v), MAX_REJECT_TEXT);
+		return;
+	}
+	for (p = v; *p != '\0'; p++) {
+		if ((guchar)*p < 0x20 || (guchar)*p > 0x7e) {
+			add_error(l, line, g, "reject_text",
+			          "must be printable ASCII: an SMTP reply "
+			          "carries no other characters");
+			return;
+		}
+		if (*p == '%') {
+			add_error(
+			    l, line, g, "reject_text",
+			    "'%%' is not allowed: libmilter reads it as a "
+			    "format character and would drop the text");
+			return;
+		}
+	}
+	r->reject_text = g_steal_pointer(&v);
+}
+
+static void
 load_rule(Loader *l, const char *g)
 {
 	AmRule *r = g_new0(AmRule, 1);
 	g_autofree char *mode = get(l, g, "mode");
 	g_autofree char *relay = require(l, g, "relay");
-	g_autofree char *fail = get(l, g, "on_failure");
 	g_autofree char *min_size = get(l, g, "min_size");
 
 	r->name = g_strdup(strchr(g, ':') + 1);
@@ -1046,16 +1357,9 @@ load_rule(Loader *l, const char *g)
 	load_archive_to(l, g, r);
 	load_archive_from(l, g, r);
 
-	if (fail != NULL) {
-		if (strcmp(fail, "tempfail") == 0)
-			r->on_failure = AM_ACTION_TEMPFAIL;
-		else if (strcmp(fail, "accept") == 0)
-			r->on_failure = AM_ACTION_ACCEPT;
-		else
-			add_error(l, key_line(l, g, "on_failure"), g,
-			          "on_failure",
-			          "\"%s\": must be tempfail or accept", fail);
-	}
+	load_delivery(l, g, r);
+	load_policy(l, g, r);
+	load_reject_text(l, g, r);
 
 	r->match_sender = load_regex(l, g, "match_sender");
 	r->match_recipient = load_regex(l, g, "match_recipient");
@@ -1136,6 +1440,12 @@ config_new(const char *path)
 	c->archive_id_key_file = g_strdup(DEFAULT_ARCHIVE_ID_KEY_FILE);
 	c->capture_memory_max = DEFAULT_CAPTURE_MEMORY_MAX;
 	c->copy_deadline_ms = DEFAULT_COPY_DEADLINE_MS;
+	c->spool_dir = g_strdup(DEFAULT_SPOOL_DIR);
+	c->workers = DEFAULT_WORKERS;
+	c->spool_min_free = DEFAULT_SPOOL_MIN_FREE;
+	c->spool_max_age_s = DEFAULT_SPOOL_MAX_AGE_S;
+	c->spool_retry_min_s = DEFAULT_SPOOL_RETRY_MIN_S;
+	c->spool_retry_max_s = DEFAULT_SPOOL_RETRY_MAX_S;
 	c->relays = g_ptr_array_new_with_free_func(relay_free);
 	c->rules = g_ptr_array_new_with_free_func(rule_free);
 	return c;
@@ -1214,6 +1524,8 @@ am_config_free(AmConfig *config)
 	g_free(config->path);
 	g_free(config->socket);
 	g_free(config->archive_id_key_file);
+	g_free(config->pid_file);
+	g_free(config->spool_dir);
 	g_free(config);
 }
 
@@ -1244,20 +1556,231 @@ am_mode_name(AmMode mode)
 	return "unknown";
 }
 
+const char *
+am_delivery_mode_name(AmDeliveryMode delivery)
+{
+	switch (delivery) {
+	case AM_DELIVERY_SYNC:
+		return "sync";
+	case AM_DELIVERY_SPOOL:
+		return "spool";
+	}
+	return "unknown";
+}
+
+/* In AmOutcome order; the keys are "on_" and these. */
+static const char *const outcome_names[AM_OUTCOME_COUNT] = {
+    "sent",       "some_refused", "all_refused", "sender_refused",
+    "data_error", "unreachable",  "timeout",     "tls_error",
+};
+
+const char *
+am_outcome_name(AmOutcome outcome)
+{
+	if ((guint)outcome >= AM_OUTCOME_COUNT)
+		return "unknown";
+	return outcome_names[outcome];
+}
+
+/* In bit order of AmAction: names[i] is 1 << i. */
+static const char *const action_names[] = {
+    "accept", "tempfail", "reject", "quarantine", "spool", "header",
+};
+
+#define ACTION_LIST "accept, tempfail, reject, quarantine, spool and header"
+
+static gboolean fail_why(char **why, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+
+/* Set *@why (when asked for) and return FALSE. */
+static gboolean
+fail_why(char **why, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (why == NULL)
+		return FALSE;
+	va_start(ap, fmt);
+	*why = g_strdup_vprintf(fmt, ap);
+	va_end(ap);
+	return FALSE;
+}
+
+/* The bit named @name exactly, or 0. */
+static guint
+action_bit(const char *name)
+{
+	guint i;
+
+	for (i = 0; i < G_N_ELEMENTS(action_names); i++) {
+		if (strcmp(name, action_names[i]) == 0)
+			return 1u << i;
+	}
+	return 0;
+}
+
+/* "accept+header" into bits; each name once, blanks around '+' allowed. */
+static gboolean
+action_names_parse(const char *text, guint *out, char **why)
+{
+	g_auto(GStrv) names = g_strsplit(text, "+", -1);
+	guint set = 0;
+	guint i;
+
+	for (i = 0; names[i] != NULL; i++) {
+		const char *name = g_strstrip(names[i]);
+		g_autofree char *lower = NULL;
+		guint bit;
+
+		if (*name == '\0')
+			return fail_why(
+			    why, "an action name is missing (a '+' "
+			         "at the start, at the end or twice "
+			         "in a row); the actions are " ACTION_LIST);
+		bit = action_bit(name);
+		if (bit == 0) {
+			lower = g_ascii_strdown(name, -1);
+			if (action_bit(lower) != 0)
+				return fail_why(
+				    why,
+				    "action names are written in lower "
+				    "case: %s",
+				    lower);
+			return fail_why(why,
+			                "unknown action \"%s\"; the actions "
+			                "are " ACTION_LIST,
+			                name);
+		}
+		if (set & bit)
+			return fail_why(why, "\"%s\" is named twice", name);
+		set |= bit;
+	}
+	*out = set;
+	return TRUE;
+}
+
+/*
+ * Whether @set is one of the combinations that mean something.  Only
+ * one thing can happen to the original (accept, tempfail, reject), and
+ * a copy not confirmed either waits in the queue (spool) or is given up
+ * on into hold/ (accept).
+ */
+static gboolean
+action_set_check(guint set, char **why)
+{
+	if ((set & AM_ACTION_REJECT) && set != AM_ACTION_REJECT)
+		return fail_why(why, "reject refuses the original, so it "
+		                     "cannot be combined with another action");
+	if ((set & AM_ACTION_TEMPFAIL) && set != AM_ACTION_TEMPFAIL)
+		return fail_why(why, "tempfail asks the sender to try again "
+		                     "later, so it cannot be combined with "
+		                     "another action");
+	if ((set & AM_ACTION_ACCEPT) && (set & AM_ACTION_SPOOL))
+		return fail_why(why, "accept and spool cannot be combined: "
+		                     "both accept the original, but spool "
+		                     "keeps the copy queued for retry while "
+		                     "accept gives up on it (hold/); choose "
+		                     "one");
+	if ((set & AM_ACTION_QUARANTINE) && !(set & AM_ACTION_SPOOL))
+		return fail_why(why,
+		                "quarantine needs spool as well "
+		                "(spool+quarantine): Postfix does not pass a "
+		                "held message through the milters again when "
+		                "it is released, so only the spool can still "
+		                "deliver its archive copy");
+	return TRUE;
+}
+
+/* The first of @set's actions that delivery = spool cannot carry out. */
+static const char *
+spool_refuses(guint set)
+{
+	if (set & AM_ACTION_REJECT)
+		return "reject";
+	if (set & AM_ACTION_QUARANTINE)
+		return "quarantine";
+	if (set & AM_ACTION_HEADER)
+		return "header";
+	return NULL;
+}
+
+gboolean
+am_action_parse(const char *text, AmOutcome outcome, AmDeliveryMode delivery,
+                guint *actions, char **why)
+{
+	const char *refused;
+	guint set = 0;
+
+	g_return_val_if_fail(text != NULL, FALSE);
+	g_return_val_if_fail(actions != NULL, FALSE);
+	g_return_val_if_fail((guint)outcome <= AM_OUTCOME_COUNT, FALSE);
+
+	/* Step 1: the names, then whether they go together. */
+	if (*text == '\0')
+		return fail_why(why, "no action; the actions are " ACTION_LIST
+		                     ", several joined with '+' "
+		                     "(spool+header)");
+	if (!action_names_parse(text, &set, why) || !action_set_check(set, why))
+		return FALSE;
+	if (set == AM_ACTION_HEADER)
+		set |= AM_ACTION_ACCEPT;
+
+	/* Step 2: what the outcome and the delivery mode leave possible. */
+	if (outcome == AM_OUTCOME_SENT &&
+	    (set & ~(guint)AM_ACTION_HEADER) != AM_ACTION_ACCEPT)
+		return fail_why(why, "the copy was confirmed, so there is "
+		                     "nothing to retry, hold or refuse: use "
+		                     "accept or accept+header");
+	if (delivery == AM_DELIVERY_SPOOL &&
+	    (refused = spool_refuses(set)) != NULL)
+		return fail_why(
+		    why,
+		    "with delivery = spool the original is already accepted "
+		    "when the copy's outcome is known, so %s cannot apply; "
+		    "use tempfail or spool (retry later) or accept (stop "
+		    "retrying, the copy is kept in hold/)",
+		    refused);
+
+	*actions = set;
+	return TRUE;
+}
+
+guint
+am_rule_action(const AmRule *rule, AmOutcome outcome, gboolean temporary)
+{
+	g_return_val_if_fail(rule != NULL, AM_ACTION_TEMPFAIL);
+	g_return_val_if_fail((guint)outcome < AM_OUTCOME_COUNT,
+	                     AM_ACTION_TEMPFAIL);
+
+	if (rule->actions[outcome] != 0)
+		return rule->actions[outcome];
+	if (outcome == AM_OUTCOME_SENT)
+		return AM_ACTION_ACCEPT;
+	if (rule->on_failure != 0)
+		return rule->on_failure;
+	if (!temporary)
+		return AM_ACTION_ACCEPT;
+	return rule->delivery == AM_DELIVERY_SPOOL ? AM_ACTION_SPOOL
+	                                           : AM_ACTION_TEMPFAIL;
+}
+
 char *
 am_action_format(guint actions)
 {
-	static const char *const names[] = {"accept",     "tempfail", "reject",
-	                                    "quarantine", "spool",    "header"};
+	/* What happens to the original first, then to the copy, then the
+	 * header: "spool+quarantine+header". */
+	static const AmAction order[] = {
+	    AM_ACTION_ACCEPT, AM_ACTION_TEMPFAIL,   AM_ACTION_REJECT,
+	    AM_ACTION_SPOOL,  AM_ACTION_QUARANTINE, AM_ACTION_HEADER,
+	};
 	GString *out = g_string_new(NULL);
 	guint i;
 
-	for (i = 0; i < G_N_ELEMENTS(names); i++) {
-		if ((actions & (1u << i)) == 0)
+	for (i = 0; i < G_N_ELEMENTS(order); i++) {
+		if ((actions & order[i]) == 0)
 			continue;
 		if (out->len > 0)
 			g_string_append_c(out, '+');
-		g_string_append(out, names[i]);
+		g_string_append(out, action_names[g_bit_nth_lsf(order[i], -1)]);
 	}
 	if (out->len == 0)
 		g_string_append(out, "default");

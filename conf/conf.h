@@ -131,7 +131,9 @@ typedef struct {
 	AmDeliveryMode delivery;
 	guint on_failure;                /* AmAction set; 0: not set */
 	guint actions[AM_OUTCOME_COUNT]; /* on_OUTCOME; 0: not set */
-	char *reject_text;               /* NULL: the relay's reply */
+	char *reject_text;               /* NULL: the relay's reply; else
+					  * printable ASCII, no '%', at
+					  * most 200 characters */
 
 	/* Selection: every criterion set must match; none set: all mail.
 	 * Each GRegex is case-insensitive and NULL when not configured. */
@@ -159,7 +161,9 @@ typedef struct {
 	guint64 spool_min_free;    /* octets that must stay free on the
 				 * spool's file system; default 100 MiB */
 	guint spool_max_age_s;     /* a queued copy older moves to hold/;
-				 * default 5 days */
+				 * default 5 days.  The three durations
+				 * are written as seconds or with one
+				 * unit s, m, h, d ("5d"), 1 s to 365 d */
 	guint spool_retry_min_s;   /* first retry delay; default 60 s,
 				 * doubling per attempt */
 	guint spool_retry_max_s;   /* longest retry delay; default 1 h */
@@ -193,13 +197,21 @@ const char *am_outcome_name(AmOutcome outcome);
 /*
  * am_action_parse: @text ("spool+header") as an AmAction set, checked
  * against the valid sets above for @outcome (AM_OUTCOME_COUNT: the
- * on_failure key) and @delivery.  FALSE with @why (transfer full) the
- * reason, to be prefixed with file, line and key by the caller.
+ * on_failure key) and @delivery.  Names are lower case, each at most
+ * once, joined by '+' (blanks around '+' allowed); "header" alone is
+ * stored as ACCEPT|HEADER.  FALSE with @why (nullable; transfer full)
+ * the reason, to be prefixed with file, line and key by the caller;
+ * *@actions is then left as it was.
  */
 gboolean am_action_parse(const char *text, AmOutcome outcome,
                          AmDeliveryMode delivery, guint *actions, char **why);
 
-/* am_action_format: "spool+quarantine+header". (transfer full) */
+/*
+ * am_action_format: "spool+quarantine+header": the original's fate
+ * first, then the copy's, then the header; "default" for 0, bits
+ * without a name left out.  am_action_parse reads it back.
+ * (transfer full) free with g_free()
+ */
 char *am_action_format(guint actions);
 
 /*
@@ -212,6 +224,9 @@ char *am_action_format(guint actions);
  *   temporary, spool          spool (retry)
  *   permanent                 accept (the copy kept in hold/, and an
  *                             error line in the log)
+ * The set is returned as configured: with delivery = spool, tempfail
+ * and spool both mean "retry" and the caller treats them alike.
+ * @temporary matters only where neither key is set.
  */
 guint am_rule_action(const AmRule *rule, AmOutcome outcome, gboolean temporary);
 

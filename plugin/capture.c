@@ -41,6 +41,7 @@ struct AmCapture {
 	char *tmpdir;           /* where the spill file goes */
 	gboolean leading_space; /* values keep their leading space */
 	GPtrArray *headers;     /* AmHeader * */
+	gsize header_octets;    /* names and values in headers */
 	gboolean headers_done;  /* the blank line is written */
 	GByteArray *mem;        /* the message while in memory */
 	GBytes *frozen;         /* mem, frozen for sending */
@@ -416,6 +417,27 @@ header_rebuild(const char *name, const char *value, gboolean leading_space,
 	return g_steal_pointer(&out);
 }
 
+/* The headers kept in memory stay within the limits of capture.h. */
+static gboolean
+header_fits(const AmCapture *cap, const char *name, const char *value,
+            GError **error)
+{
+	gsize octets = strlen(name) + strlen(value);
+
+	if (cap->headers->len >= AM_CAPTURE_HEADERS_MAX) {
+		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
+		            "more than %d headers", AM_CAPTURE_HEADERS_MAX);
+		return FALSE;
+	}
+	if (octets > AM_CAPTURE_HEADER_OCTETS_MAX - cap->header_octets) {
+		g_set_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT,
+		            "headers of more than %d octets in all",
+		            AM_CAPTURE_HEADER_OCTETS_MAX);
+		return FALSE;
+	}
+	return TRUE;
+}
+
 gboolean
 am_capture_add_header(AmCapture *cap, const char *name, const char *value,
                       GError **error)
@@ -429,11 +451,14 @@ am_capture_add_header(AmCapture *cap, const char *name, const char *value,
 		            "malformed header from the MTA");
 		return FALSE;
 	}
+	if (!header_fits(cap, name, value, error))
+		return FALSE;
 	line = header_rebuild(name, value, cap->leading_space, error);
 	if (line == NULL)
 		return FALSE;
 	if (!capture_write(cap, line->str, line->len, error))
 		return FALSE;
+	cap->header_octets += strlen(name) + strlen(value);
 	h = g_new(AmHeader, 1);
 	h->name = g_strdup(name);
 	h->value = g_strdup(value);

@@ -104,9 +104,21 @@ void am_capture_free(AmCapture *cap);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmCapture, am_capture_free)
 
 /*
+ * The headers are also kept apart, in memory, for the rules and the
+ * X-Archive-Id check, whatever memory_max says: so their number and
+ * their octets (names and values) are capped.  Tiny headers cost far
+ * more memory than their size (about 100 octets each), and the MTA
+ * does not cap their number (Postfix: only message_size_limit).  Real
+ * mail stays far below both.
+ */
+#define AM_CAPTURE_HEADERS_MAX       10000
+#define AM_CAPTURE_HEADER_OCTETS_MAX (4 * 1024 * 1024)
+
+/*
  * Events in MTA order: each header, the end of headers, body chunks.
  * Each fails with @error (IO) when the temporary file cannot be written,
- * or (INPUT) on a header that cannot be rebuilt; the capture is then
+ * or (INPUT) on a header that cannot be rebuilt (a bad name, a CR or LF
+ * that is not a fold) or that passes a limit above; the capture is then
  * unusable and the message should be tempfailed.
  */
 gboolean am_capture_add_header(AmCapture *cap, const char *name,

@@ -1,38 +1,53 @@
 /*
- * deliver.c - synchronous delivery of one copy
+ * deliver.c - delivery of one copy, its outcome, and the relay pool
  *
- * One SmtpClient per copy, closed with QUIT when done: simple, and at
- * archive volumes the connect costs less than the Postfix round trip
- * around it.  Status follows Postfix: "sent", "deferred" for anything a
+ * Status per address follows Postfix: "sent", "deferred" for anything a
  * retry may fix (4xx, no connection, time-out, lost connection),
  * "bounced" for a permanent refusal.  The dsn is the relay's enhanced
  * code, else one derived from the reply class, else from the failure.
  *
+ * The outcome of the copy as a whole (AmOutcome, for the policy table)
+ * is classified from the library's result or error exactly as conf.h
+ * documents it; "temporary" is smtp_error_is_temporary() for an error,
+ * and for a result with refused addresses whether any refusal was 4xx.
+ * The reply that decided the outcome is kept for a reject.  Where the
+ * library calls an error temporary although the relay's reply was 5xx
+ * (a 554 greeting is SMTP_ERROR_CONNECT), the library's word stands:
+ * the relay refused service, and retrying it later is the safe side.
+ *
  * Each SmtpClient gets the relay's TLS level, CA file, credentials and
  * stage time limits as the configuration resolved them.
  *
+ * The pool keeps connections open between copies, as Postfix's
+ * connection cache does: at most max_idle idle ones per relay, keyed on
+ * everything that shapes a session (host, port, TLS level, CA file,
+ * user, a digest of the password, plaintext permission, HELO name), so
+ * a changed configuration never reuses a session set up under the old
+ * one.  A connection taken from the pool is checked with RSET first
+ * (what Postfix's smtp_rset_timeout is for): a relay that closed it
+ * while idle shows there, and the copy goes over a new connection
+ * instead, once.  After a refusal the library has already sent RSET; a
+ * connection the library closed (time-out, lost connection, protocol
+ * error) is not returned.  A janitor thread closes (QUIT) connections
+ * idle longer than idle_ms.
+ *
  * copy_deadline bounds a whole copy, because the MTA is waiting: Postfix
  * gives a milter 300 s (milter_content_timeout) before it gives up on
- * it.  The library is synchronous and has only per-stage limits, so the
- * deadline is enforced from outside, at the two points we control:
- * before the connection (connect, greeting, EHLO, STARTTLS, AUTH) and
- * before the transaction (MAIL to the final reply), every stage limit
- * is cut to the time left; a deadline used up by the connection ends
- * the copy as a time-out without starting the transaction.
+ * it.  It is the library's hard deadline (smtp_client_set_deadline) on
+ * every wait of the copy, from the RSET of a pooled connection or the
+ * connect to the final reply, so a relay that answers each command just
+ * inside its stage limit still cannot hold a copy past it; the copy is
+ * then a time-out.  A connection closed at the end of a copy without a
+ * pool says QUIT under the same deadline; one kept in the pool has it
+ * removed, so that the janitor's QUIT is not cut.
  *
- * Known limits: XXX: inside smtp_client_sendmail() each stage may use
- * all of the time left when the transaction began, so a relay that
- * answers every command just inside its limit can stretch a copy to a
- * few times the deadline; an exact bound needs a deadline inside the
- * library (a smtp_client_set_deadline(), say).  The QUIT sent when the
- * client is freed has the library's own 5 s limit, outside the
- * deadline.  `archive-milter --check` warns when the stage limits add up
- * past Postfix's 300 s.
- * XXX: no connection reuse or pool per relay yet (DESIGN.md section 2,
- * step 4); each copy pays a TCP connect and EHLO.  A permanent refusal
- * of the copy also fails the original under on_failure = tempfail,
- * until the policy table of issue 4 can say otherwise.
+ * Known limits: XXX: name resolution (getaddrinfo) is outside the
+ * deadline, as the library documents; a relay configured by a name
+ * whose resolver hangs can hold a copy past it.  `archive-milter
+ * --check` warns when the stage limits add up past Postfix's 300 s.
  */
+#include <pthread.h>
+#include <signal.h>
 #include <string.h>
 
 #include "deliver.h"
@@ -56,6 +71,7 @@ am_delivery_free(AmDelivery *d)
 	g_free(d->relay);
 	g_ptr_array_unref(d->rcpts);
 	g_free(d->reason);
+	smtp_reply_clear(&d->reply);
 	g_free(d);
 }
 
@@ -212,21 +228,371 @@ delivery_summarize(AmDelivery *d)
 	}
 }
 
+static void
+reply_copy(SmtpReply *dst, const SmtpReply *src)
+{
+	dst->code = src->code;
+	dst->enhanced = g_strdup(src->enhanced);
+	dst->text = g_strdup(src->text ? src->text : "");
+}
+
+/* The outcome of an error, as conf.h defines AmOutcome. */
+static AmOutcome
+error_outcome(const GError *error)
+{
+	if (error->domain != SMTP_ERROR)
+		return AM_OUTCOME_DATA_ERROR; /* not the relay's doing */
+	switch ((SmtpErrorCode)error->code) {
+	case SMTP_ERROR_RECIPIENTS_REFUSED:
+		return AM_OUTCOME_ALL_REFUSED;
+	case SMTP_ERROR_SENDER_REFUSED:
+		return AM_OUTCOME_SENDER_REFUSED;
+	case SMTP_ERROR_DATA:
+	case SMTP_ERROR_NOT_SUPPORTED:
+	case SMTP_ERROR_INPUT:
+		/* The relay cannot take this copy (SMTPUTF8), or we could
+		 * not read it: a problem of the message, not the relay. */
+		return AM_OUTCOME_DATA_ERROR;
+	case SMTP_ERROR_TIMEOUT:
+		return AM_OUTCOME_TIMEOUT;
+	case SMTP_ERROR_TLS:
+		return AM_OUTCOME_TLS_ERROR;
+	case SMTP_ERROR_CONNECT:
+	case SMTP_ERROR_DISCONNECTED:
+	case SMTP_ERROR_HELO:
+	case SMTP_ERROR_AUTH:
+	case SMTP_ERROR_PROTOCOL:
+	default:
+		return AM_OUTCOME_UNREACHABLE;
+	}
+}
+
+/*
+ * The refusal that speaks for the copy: the first one of the class the
+ * copy's "temporary" names, so that a reject quotes a 5xx when there is
+ * one and a tempfail a 4xx.
+ */
+static const SmtpRefusal *
+deciding_refusal(const GPtrArray *refused, gboolean temporary)
+{
+	guint i;
+
+	for (i = 0; refused != NULL && i < refused->len; i++) {
+		const SmtpRefusal *r = refused->pdata[i];
+
+		if ((r->reply.code / 100 == 4) == temporary)
+			return r;
+	}
+	return refused != NULL && refused->len > 0 ? refused->pdata[0] : NULL;
+}
+
+static gboolean
+any_temporary(const GPtrArray *refused)
+{
+	guint i;
+
+	for (i = 0; refused != NULL && i < refused->len; i++) {
+		const SmtpRefusal *r = refused->pdata[i];
+
+		if (r->reply.code / 100 == 4)
+			return TRUE;
+	}
+	return FALSE;
+}
+
+/* Outcome, temporary and the deciding reply of a finished send. */
+static void
+delivery_classify(AmDelivery *d, const SmtpResult *result, const GError *error)
+{
+	const SmtpRefusal *r;
+	const SmtpReply *reply;
+
+	if (result != NULL && result->refused->len == 0) {
+		d->outcome = AM_OUTCOME_SENT;
+		d->temporary = FALSE;
+		reply_copy(&d->reply, &result->reply);
+		return;
+	}
+	if (result != NULL) {
+		d->outcome = AM_OUTCOME_SOME_REFUSED;
+		d->temporary = any_temporary(result->refused);
+		r = deciding_refusal(result->refused, d->temporary);
+		reply_copy(&d->reply, &r->reply);
+		return;
+	}
+	d->outcome = error_outcome(error);
+	d->temporary = smtp_error_is_temporary(error);
+	r = deciding_refusal(smtp_error_get_refused(error), d->temporary);
+	reply = r != NULL ? &r->reply : smtp_error_get_reply(error);
+	if (reply != NULL && reply->code != 0)
+		reply_copy(&d->reply, reply);
+}
+
 AmDelivery *
 am_delivery_from_result(const char *const *to, const char *relay, double delay,
                         const SmtpResult *result, const GError *error)
 {
 	AmDelivery *d = g_new0(AmDelivery, 1);
 
-	g_return_val_if_fail(result != NULL || error != NULL, d);
 	d->relay = g_strdup(relay ? relay : "none");
 	d->delay = delay;
 	d->rcpts = g_ptr_array_new_with_free_func(rcpt_outcome_free);
+	if (result == NULL && error == NULL) {
+		/* Misuse: count it as a failure, never as sent. */
+		g_critical("am_delivery_from_result: no result, no error");
+		d->status = AM_STATUS_DEFERRED;
+		d->outcome = AM_OUTCOME_DATA_ERROR;
+		d->temporary = TRUE;
+		d->reason = g_strdup("internal error: no result");
+		return d;
+	}
 	for (; *to != NULL; to++)
 		g_ptr_array_add(d->rcpts, outcome_for(*to, result, error));
 	delivery_summarize(d);
+	delivery_classify(d, result, error);
 	return d;
 }
+
+/* ------------------------------------------------------------------ */
+/* Time limits                                                          */
+/* ------------------------------------------------------------------ */
+
+/* The relay's stage limits, and copy_deadline as the library's hard
+ * limit on every wait (0: none). */
+static void
+client_set_limits(SmtpClient *client, const AmRelay *relay, gint64 deadline)
+{
+	smtp_client_set_timeouts(client, &relay->timeouts);
+	smtp_client_set_deadline(client,
+	                         relay->copy_deadline_ms > 0 ? deadline : 0);
+}
+
+/* ------------------------------------------------------------------ */
+/* The pool                                                             */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+	SmtpClient *client;
+	char *key;
+	gint64 idle_since; /* monotonic, microseconds */
+} PoolConn;
+
+struct AmPool {
+	GMutex lock;
+	GCond wake;       /* janitor: a connection came back, or stop */
+	GHashTable *idle; /* key -> GQueue of PoolConn *, newest at head */
+	guint max_idle;   /* per key */
+	gint64 idle_us;   /* idle time before the janitor closes one */
+	gboolean stopping;
+	GThread *janitor;
+};
+
+static void
+pool_conn_close(PoolConn *pc)
+{
+	if (pc == NULL)
+		return;
+	smtp_client_free(pc->client); /* QUIT when still connected */
+	g_free(pc->key);
+	g_free(pc);
+}
+
+/*
+ * Everything that shapes a session, as one string.  The password is in
+ * only as a digest, so the key can sit in memory without the secret.
+ */
+static char *
+pool_key(const AmRelay *relay)
+{
+	g_autofree char *pw = NULL;
+
+	if (relay->auth_password != NULL)
+		pw = g_compute_checksum_for_string(G_CHECKSUM_SHA256,
+		                                   relay->auth_password, -1);
+	return g_strdup_printf("%s\n%u\n%d\n%s\n%s\n%s\n%d\n%s", relay->host,
+	                       relay->port, (int)relay->tls,
+	                       relay->ca_file ? relay->ca_file : "",
+	                       relay->auth_user ? relay->auth_user : "",
+	                       pw ? pw : "", relay->auth_plaintext ? 1 : 0,
+	                       relay->helo_name ? relay->helo_name : "");
+}
+
+/* Under the lock: move every connection idle too long to @out. */
+static void
+pool_collect_expired(AmPool *pool, gint64 now, GPtrArray *out,
+                     gint64 *next_expiry)
+{
+	GHashTableIter iter;
+	gpointer value;
+
+	*next_expiry = G_MAXINT64;
+	g_hash_table_iter_init(&iter, pool->idle);
+	while (g_hash_table_iter_next(&iter, NULL, &value)) {
+		GQueue *q = value;
+		PoolConn *pc;
+
+		/* Oldest at the tail. */
+		while ((pc = g_queue_peek_tail(q)) != NULL &&
+		       pc->idle_since + pool->idle_us <= now)
+			g_ptr_array_add(out, g_queue_pop_tail(q));
+		if (pc != NULL)
+			*next_expiry =
+			    MIN(*next_expiry, pc->idle_since + pool->idle_us);
+		if (g_queue_is_empty(q))
+			g_hash_table_iter_remove(&iter);
+	}
+}
+
+/* The janitor: QUIT outside the lock, since it waits on the relay. */
+static gpointer
+pool_janitor(gpointer data)
+{
+	AmPool *pool = data;
+
+	g_mutex_lock(&pool->lock);
+	while (!pool->stopping) {
+		g_autoptr(GPtrArray) expired = g_ptr_array_new_with_free_func(
+		    (GDestroyNotify)pool_conn_close);
+		gint64 next;
+
+		pool_collect_expired(pool, g_get_monotonic_time(), expired,
+		                     &next);
+		if (expired->len > 0) {
+			g_mutex_unlock(&pool->lock);
+			am_log_debug("pool: closing %u idle connection(s)",
+			             expired->len);
+			g_clear_pointer(&expired, g_ptr_array_unref);
+			g_mutex_lock(&pool->lock);
+			continue;
+		}
+		if (next == G_MAXINT64)
+			g_cond_wait(&pool->wake, &pool->lock);
+		else
+			g_cond_wait_until(&pool->wake, &pool->lock, next);
+	}
+	g_mutex_unlock(&pool->lock);
+	return NULL;
+}
+
+static void
+pool_queue_free(gpointer data)
+{
+	g_queue_free_full(data, (GDestroyNotify)pool_conn_close);
+}
+
+/*
+ * libmilter takes SIGTERM, SIGHUP and SIGINT with sigwait() in a thread
+ * of its own, having blocked them in the thread that calls smfi_main();
+ * a thread of ours started before that would inherit an open mask and
+ * receive SIGTERM itself, which kills the process.  So ours start with
+ * every signal blocked, whenever they start.
+ */
+static GThread *
+thread_new_without_signals(const char *name, GThreadFunc func, gpointer data)
+{
+	sigset_t all, old;
+	GThread *thread;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	thread = g_thread_new(name, func, data);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return thread;
+}
+
+AmPool *
+am_pool_new(guint max_idle, guint idle_ms)
+{
+	AmPool *pool = g_new0(AmPool, 1);
+
+	g_mutex_init(&pool->lock);
+	g_cond_init(&pool->wake);
+	pool->idle = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
+	                                   pool_queue_free);
+	pool->max_idle = max_idle;
+	pool->idle_us = (gint64)MAX(idle_ms, 1) * 1000;
+	if (max_idle > 0)
+		pool->janitor = thread_new_without_signals("am-pool-janitor",
+		                                           pool_janitor, pool);
+	return pool;
+}
+
+void
+am_pool_free(AmPool *pool)
+{
+	if (pool == NULL)
+		return;
+	g_mutex_lock(&pool->lock);
+	pool->stopping = TRUE;
+	g_cond_signal(&pool->wake);
+	g_mutex_unlock(&pool->lock);
+	if (pool->janitor != NULL)
+		g_thread_join(pool->janitor);
+	g_hash_table_destroy(pool->idle);
+	g_cond_clear(&pool->wake);
+	g_mutex_clear(&pool->lock);
+	g_free(pool);
+}
+
+/* The newest idle connection for @key, or NULL; expired ones are left
+ * to the janitor, which may not have run yet: skip those. */
+static PoolConn *
+pool_take(AmPool *pool, const char *key)
+{
+	gint64 now = g_get_monotonic_time();
+	g_autoptr(GPtrArray) stale =
+	    g_ptr_array_new_with_free_func((GDestroyNotify)pool_conn_close);
+	PoolConn *pc = NULL;
+	GQueue *q;
+
+	if (pool == NULL || pool->max_idle == 0)
+		return NULL;
+	g_mutex_lock(&pool->lock);
+	q = g_hash_table_lookup(pool->idle, key);
+	while (q != NULL && (pc = g_queue_pop_head(q)) != NULL &&
+	       pc->idle_since + pool->idle_us <= now) {
+		g_ptr_array_add(stale, pc);
+		pc = NULL;
+	}
+	if (q != NULL && g_queue_is_empty(q))
+		g_hash_table_remove(pool->idle, key);
+	g_mutex_unlock(&pool->lock);
+	return pc;
+}
+
+/* Keep @pc for the next copy, or close it when the pool is full or the
+ * library closed it. */
+static void
+pool_give(AmPool *pool, PoolConn *pc)
+{
+	GQueue *q;
+
+	if (pool == NULL || pool->max_idle == 0 ||
+	    !smtp_client_is_connected(pc->client)) {
+		pool_conn_close(pc);
+		return;
+	}
+	g_mutex_lock(&pool->lock);
+	q = g_hash_table_lookup(pool->idle, pc->key);
+	if (q == NULL) {
+		q = g_queue_new();
+		g_hash_table_insert(pool->idle, g_strdup(pc->key), q);
+	}
+	if (q->length < pool->max_idle) {
+		/* The copy's deadline must not cut the janitor's QUIT. */
+		smtp_client_set_deadline(pc->client, 0);
+		pc->idle_since = g_get_monotonic_time();
+		g_queue_push_head(q, pc);
+		pc = NULL;
+		g_cond_signal(&pool->wake);
+	}
+	g_mutex_unlock(&pool->lock);
+	pool_conn_close(pc); /* full: NULL when kept */
+}
+
+/* ------------------------------------------------------------------ */
+/* One copy                                                             */
+/* ------------------------------------------------------------------ */
 
 /* No TCP connection means "relay=none", as Postfix logs it. */
 static const char *
@@ -236,48 +602,17 @@ relay_name(SmtpClient *client, const GError *error)
 
 	if (error != NULL && g_strcmp0(stage, "connect") == 0)
 		return "none";
+	/* Our own deadline error has no stage: was there a session? */
+	if (error != NULL && stage == NULL && !smtp_client_is_connected(client))
+		return "none";
 	return smtp_client_get_peer(client);
 }
 
-SmtpTimeouts
-am_deliver_clamp_timeouts(const SmtpTimeouts *t, gint64 remaining_ms)
+static SmtpClient *
+client_new(const AmRelay *relay)
 {
-	SmtpTimeouts out = *t;
-	guint *fields[] = {&out.connect_ms, &out.command_ms, &out.data_ms,
-	                   &out.final_ms};
-	guint cap;
-	guint i;
+	SmtpClient *client = smtp_client_new(relay->host, relay->port);
 
-	/* 0 would mean the library's default of minutes: never pass it. */
-	cap = (guint)CLAMP(remaining_ms, 1, (gint64)G_MAXUINT);
-	for (i = 0; i < G_N_ELEMENTS(fields); i++) {
-		if (*fields[i] == 0 || *fields[i] > cap)
-			*fields[i] = cap;
-	}
-	return out;
-}
-
-/* Milliseconds left before @deadline (monotonic, in microseconds). */
-static gint64
-remaining_ms(gint64 deadline)
-{
-	return (deadline - g_get_monotonic_time()) / 1000;
-}
-
-static void
-client_set_timeouts(SmtpClient *client, const AmRelay *relay, gint64 deadline)
-{
-	SmtpTimeouts t = relay->timeouts;
-
-	if (relay->copy_deadline_ms > 0)
-		t = am_deliver_clamp_timeouts(&t, remaining_ms(deadline));
-	smtp_client_set_timeouts(client, &t);
-}
-
-static void
-client_configure(SmtpClient *client, const AmRelay *relay, gint64 deadline)
-{
-	client_set_timeouts(client, relay, deadline);
 	if (relay->helo_name != NULL)
 		smtp_client_set_helo_name(client, relay->helo_name);
 	smtp_client_set_tls(client, relay->tls, relay->ca_file);
@@ -285,28 +620,39 @@ client_configure(SmtpClient *client, const AmRelay *relay, gint64 deadline)
 		smtp_client_set_auth(client, relay->auth_user,
 		                     relay->auth_password,
 		                     relay->auth_plaintext);
+	return client;
 }
 
 /*
- * Connect under the deadline; then, with the stage limits cut to what
- * is left, check that there is time for the transaction at all.
+ * A connection ready for MAIL: a pooled one that answers RSET, else a
+ * new one.  A pooled connection that fails RSET (the relay closed it
+ * while idle, or said 421) is closed and replaced, once: that failure
+ * is the pool's, not the relay's, and costs the copy nothing.
  */
-static gboolean
-connect_in_time(SmtpClient *client, const AmRelay *relay, gint64 deadline,
-                GError **error)
+static PoolConn *
+connection_get(AmPool *pool, const AmRelay *relay, gint64 deadline,
+               GError **error)
 {
-	if (!smtp_client_connect(client, error))
-		return FALSE;
-	if (relay->copy_deadline_ms == 0)
-		return TRUE;
-	if (remaining_ms(deadline) <= 0) {
-		g_set_error(error, SMTP_ERROR, SMTP_ERROR_TIMEOUT,
-		            "copy_deadline of %.3g s used up before MAIL",
-		            relay->copy_deadline_ms / 1000.0);
-		return FALSE;
+	g_autofree char *key = pool_key(relay);
+	g_autoptr(GError) stale = NULL;
+	PoolConn *pc = pool_take(pool, key);
+
+	if (pc != NULL) {
+		client_set_limits(pc->client, relay, deadline);
+		if (smtp_client_rset(pc->client, &stale))
+			return pc;
+		am_log_debug("pool: %s: idle connection unusable (%s); "
+		             "connecting again",
+		             relay->name, stale->message);
+		pool_conn_close(pc);
 	}
-	client_set_timeouts(client, relay, deadline);
-	return TRUE;
+	pc = g_new0(PoolConn, 1);
+	pc->client = client_new(relay);
+	pc->key = g_steal_pointer(&key);
+	client_set_limits(pc->client, relay, deadline);
+	/* On failure @error says so; @pc stays for the peer's name. */
+	smtp_client_connect(pc->client, error);
+	return pc;
 }
 
 static void
@@ -323,33 +669,39 @@ warn_dropped(const AmRelay *relay, const GPtrArray *dropped)
 AmDelivery *
 am_deliver(AmPool *pool, const AmCopyRequest *req)
 {
-	g_autoptr(SmtpClient) client = NULL;
 	g_autoptr(SmtpResult) result = NULL;
 	g_autoptr(GError) error = NULL;
 	const char *options[3];
 	gint64 start = g_get_monotonic_time();
 	gint64 deadline = start + (gint64)req->relay->copy_deadline_ms * 1000;
+	PoolConn *pc;
+	AmDelivery *d;
 	double delay;
 	int n = 0;
 
-	(void)pool; /* XXX: the pool is issue 4's, not written yet */
-	/* The copy keeps the original's needs; the library drops BODY
-	 * when unadvertised and refuses an unadvertised SMTPUTF8. */
+	/* Step 1: the copy keeps the original's needs; the library drops
+	 * BODY when unadvertised and refuses an unadvertised SMTPUTF8. */
 	if (req->smtputf8)
 		options[n++] = "SMTPUTF8";
 	if (req->eightbit)
 		options[n++] = "BODY=8BITMIME";
 	options[n] = NULL;
 
-	client = smtp_client_new(req->relay->host, req->relay->port);
-	client_configure(client, req->relay, deadline);
-	if (connect_in_time(client, req->relay, deadline, &error))
-		result = smtp_client_sendmail(client, req->from, req->to,
+	/* Step 2: a connection, then the transaction under what is left
+	 * of the deadline. */
+	pc = connection_get(pool, req->relay, deadline, &error);
+	if (error == NULL)
+		result = smtp_client_sendmail(pc->client, req->from, req->to,
 		                              req->msg, options, NULL, &error);
 	delay = (g_get_monotonic_time() - start) / (double)G_USEC_PER_SEC;
+
+	/* Step 3: the outcome; the connection back to the pool when the
+	 * library kept it open (after a refusal it has sent RSET). */
 	warn_dropped(req->relay, result
 	                             ? result->dropped_options
 	                             : smtp_error_get_dropped_options(error));
-	return am_delivery_from_result(req->to, relay_name(client, error),
-	                               delay, result, error);
+	d = am_delivery_from_result(req->to, relay_name(pc->client, error),
+	                            delay, result, error);
+	pool_give(pool, pc);
+	return d;
 }

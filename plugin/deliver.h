@@ -73,20 +73,11 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmPool, am_pool_free)
  * one; a pooled connection that turns out dead is replaced once
  * before the copy counts as failed.
  * The relay's TLS level, CA file, credentials and stage limits apply;
- * its copy_deadline_ms (0: none) bounds the copy as deliver.c explains.
+ * its copy_deadline_ms (0: none) is a hard limit on the whole copy
+ * (smtp_client_set_deadline), after which it is a TIMEOUT.
  * Never fails: every error becomes a status per address.
  */
 AmDelivery *am_deliver(AmPool *pool, const AmCopyRequest *req);
-
-/*
- * am_deliver_clamp_timeouts: @t with every stage limit cut to
- * @remaining_ms, and a 0 field (the library's default) set to it; never
- * a 0 field, even when @remaining_ms is 0 or less.  What am_deliver
- * applies before the connection and before the transaction.  Exposed
- * for tests.
- */
-SmtpTimeouts am_deliver_clamp_timeouts(const SmtpTimeouts *t,
-                                       gint64 remaining_ms);
 
 /*
  * am_delivery_from_result: classify a finished send (@result, or NULL

@@ -20,6 +20,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <sysexits.h>
 #include <unistd.h>
@@ -137,7 +138,33 @@ print_relay(const AmRelay *r)
 	printf("\n");
 }
 
-/* The most archive addresses any rule sends through @relay (at least 1). */
+/*
+ * The rules that send through @relay (NULL: any relay) with delivery =
+ * sync, joined as "rule a" or "rules a, b"; NULL when there are none.
+ * Only those keep Postfix waiting: a spool rule answers once the copy
+ * is on disk.
+ */
+static char *
+sync_rules(const AmConfig *config, const AmRelay *relay)
+{
+	g_autoptr(GString) names = g_string_new(NULL);
+	guint i, n = 0;
+
+	for (i = 0; i < config->rules->len; i++) {
+		const AmRule *rule = config->rules->pdata[i];
+
+		if (rule->delivery != AM_DELIVERY_SYNC ||
+		    (relay != NULL && rule->relay != relay))
+			continue;
+		g_string_append_printf(names, "%s%s", n++ > 0 ? ", " : "",
+		                       rule->name);
+	}
+	if (n == 0)
+		return NULL;
+	return g_strdup_printf("rule%s %s", n > 1 ? "s" : "", names->str);
+}
+
+/* The most archive addresses a sync rule sends through @relay (>= 1). */
 static guint
 max_recipients(const AmConfig *config, const AmRelay *relay)
 {
@@ -146,7 +173,7 @@ max_recipients(const AmConfig *config, const AmRelay *relay)
 	for (i = 0; i < config->rules->len; i++) {
 		const AmRule *rule = config->rules->pdata[i];
 
-		if (rule->relay == relay)
+		if (rule->relay == relay && rule->delivery == AM_DELIVERY_SYNC)
 			n = MAX(n, g_strv_length(rule->archive_to));
 	}
 	return n;
@@ -158,13 +185,16 @@ max_recipients(const AmConfig *config, const AmRelay *relay)
  * default) Postfix gives up on the milter and applies its
  * milter_default_action, whatever the copy's outcome.  The worst case
  * counts EHLO, MAIL, one RCPT per archive address and DATA at the
- * command limit.  XXX: STARTTLS and AUTH add a few more round trips that
- * the estimate leaves out; copy_deadline still bounds them.
+ * command limit.  Each warning names the rules that wait (delivery =
+ * sync); a relay only spool rules use gets none.  XXX: STARTTLS and
+ * AUTH add a few more round trips that the estimate leaves out;
+ * copy_deadline still bounds them.
  */
 static void
 print_timeout_warnings(const AmConfig *config)
 {
 	const guint64 postfix_ms = AM_POSTFIX_CONTENT_TIMEOUT_MS;
+	g_autofree char *all = sync_rules(config, NULL);
 	guint i;
 
 	for (i = 0; i < config->relays->len; i++) {
@@ -174,23 +204,198 @@ print_timeout_warnings(const AmConfig *config)
 		guint64 worst = (guint64)t->connect_ms +
 		                (guint64)t->command_ms * (3 + n) + t->data_ms +
 		                t->final_ms;
+		g_autofree char *rules = NULL;
 		g_autofree char *w = NULL;
 
-		if (worst <= postfix_ms)
+		if (worst <= postfix_ms ||
+		    (rules = sync_rules(config, r)) == NULL)
 			continue;
 		w = seconds((guint)MIN(worst, G_MAXUINT));
 		printf("WARNING: relay %s: its timeouts allow a copy to take "
 		       "%s (timeout_connect + timeout_command * %u + "
 		       "timeout_data + timeout_final), more than Postfix's "
-		       "milter_content_timeout of 300s\n",
-		       r->name, w, 3 + n);
+		       "milter_content_timeout of 300s; Postfix waits for it "
+		       "in %s (delivery = sync)\n",
+		       r->name, w, 3 + n, rules);
 	}
-	if (config->copy_deadline_ms >= postfix_ms) {
+	if (config->copy_deadline_ms >= postfix_ms && all != NULL) {
 		g_autofree char *d = seconds(config->copy_deadline_ms);
 
 		printf("WARNING: copy_deadline %s is not below Postfix's "
-		       "milter_content_timeout of 300s\n",
-		       d);
+		       "milter_content_timeout of 300s; Postfix waits for it "
+		       "in %s (delivery = sync)\n",
+		       d, all);
+	}
+}
+
+/* A size as the file would write it: "100M", "512K", "1000". */
+static char *
+size_text(guint64 n)
+{
+	static const char units[] = "GMK";
+	guint i;
+
+	for (i = 0; i < 3 && n > 0; i++) {
+		guint shift = 30 - 10 * i;
+
+		if (n % (G_GUINT64_CONSTANT(1) << shift) == 0)
+			return g_strdup_printf("%" G_GUINT64_FORMAT "%c",
+			                       n >> shift, units[i]);
+	}
+	return g_strdup_printf("%" G_GUINT64_FORMAT, n);
+}
+
+/* A duration as the file would write it: "5d", "1h", "90s". */
+static char *
+duration_text(guint s)
+{
+	if (s > 0 && s % 86400 == 0)
+		return g_strdup_printf("%ud", s / 86400);
+	if (s > 0 && s % 3600 == 0)
+		return g_strdup_printf("%uh", s / 3600);
+	if (s > 0 && s % 60 == 0)
+		return g_strdup_printf("%um", s / 60);
+	return g_strdup_printf("%us", s);
+}
+
+static void
+print_spool(const AmConfig *config)
+{
+	g_autofree char *min_free = size_text(config->spool_min_free);
+	g_autofree char *max_age = duration_text(config->spool_max_age_s);
+	g_autofree char *rmin = duration_text(config->spool_retry_min_s);
+	g_autofree char *rmax = duration_text(config->spool_retry_max_s);
+
+	printf("spool: spool_dir=%s, workers=%u, spool_min_free=%s, "
+	       "spool_max_age=%s, spool_retry_min=%s, spool_retry_max=%s, "
+	       "pid_file=%s\n",
+	       config->spool_dir, config->workers, min_free, max_age, rmin,
+	       rmax, config->pid_file != NULL ? config->pid_file : "none");
+}
+
+/*
+ * The spool directory as am_spool_open() will want it: a directory
+ * closed to group and others that we can write, or a missing one whose
+ * parent lets us create it (one mkdir, no parents).  --check creates
+ * nothing.  Only warnings: the daemon may run as another user, or the
+ * file be checked on another machine.
+ */
+static void
+check_spool_dir(const char *dir)
+{
+	g_autofree char *parent = NULL;
+	struct stat st;
+
+	if (stat(dir, &st) == 0) {
+		if (!S_ISDIR(st.st_mode))
+			printf("WARNING: spool_dir %s: not a directory\n", dir);
+		else if ((st.st_mode & 0077) != 0)
+			printf("WARNING: spool_dir %s: mode %04o is open to "
+			       "group or others; the daemon refuses it unless "
+			       "it is 0700 (chmod 0700 %s)\n",
+			       dir, (unsigned)(st.st_mode & 07777), dir);
+		else if (access(dir, W_OK | X_OK) != 0)
+			printf("WARNING: spool_dir %s: not writable by this "
+			       "user (uid %u): %s\n",
+			       dir, (unsigned)getuid(), g_strerror(errno));
+		return;
+	}
+	if (errno != ENOENT) {
+		printf("WARNING: spool_dir %s: %s\n", dir, g_strerror(errno));
+		return;
+	}
+	parent = g_path_get_dirname(dir);
+	if (stat(parent, &st) != 0 || !S_ISDIR(st.st_mode))
+		printf("WARNING: spool_dir %s: does not exist, and cannot be "
+		       "created: its parent %s is not a directory\n",
+		       dir, parent);
+	else if (access(parent, W_OK | X_OK) != 0)
+		printf("WARNING: spool_dir %s: does not exist, and this user "
+		       "(uid %u) cannot create it in %s: %s\n",
+		       dir, (unsigned)getuid(), parent, g_strerror(errno));
+}
+
+/* Where a rule's action for @o comes from. */
+static const char *
+action_origin(const AmRule *r, AmOutcome o)
+{
+	if (r->actions[o] != 0)
+		return "on_";
+	if (o != AM_OUTCOME_SENT && r->on_failure != 0)
+		return "on_failure";
+	return "default";
+}
+
+/*
+ * The effective policy of a rule, one line per outcome, for a temporary
+ * and a permanent failure, and which key decided it.
+ */
+static void
+print_policy(const AmRule *r)
+{
+	guint o;
+
+	printf("  %-16s %-24s %-24s %s\n", "outcome", "temporary", "permanent",
+	       "set by");
+	for (o = 0; o < AM_OUTCOME_COUNT; o++) {
+		g_autofree char *temp =
+		    am_action_format(am_rule_action(r, o, TRUE));
+		g_autofree char *perm =
+		    am_action_format(am_rule_action(r, o, FALSE));
+		const char *origin = action_origin(r, o);
+
+		printf("  %-16s %-24s %-24s %s%s\n", am_outcome_name(o), temp,
+		       perm, origin,
+		       strcmp(origin, "on_") == 0 ? am_outcome_name(o) : "");
+	}
+}
+
+/* reject_text is used only by a reject, which only a sync rule has. */
+static gboolean
+rule_rejects(const AmRule *r)
+{
+	guint o;
+
+	for (o = 0; o < AM_OUTCOME_COUNT; o++) {
+		if ((am_rule_action(r, o, TRUE) | am_rule_action(r, o, FALSE)) &
+		    AM_ACTION_REJECT)
+			return TRUE;
+	}
+	return FALSE;
+}
+
+static void
+print_rule(const AmRule *r)
+{
+	g_autofree char *to = g_strjoinv(">, <", r->archive_to);
+
+	printf("rule %s: mode=%s, delivery=%s, relay=%s, archive_to=<%s>, "
+	       "archive_from=<%s>",
+	       r->name, am_mode_name(r->mode),
+	       am_delivery_mode_name(r->delivery), r->relay->name, to,
+	       r->archive_from ? r->archive_from : "");
+	if (r->reject_text != NULL)
+		printf(", reject_text=\"%s\"", r->reject_text);
+	printf("\n");
+	print_policy(r);
+	if (r->delivery == AM_DELIVERY_SPOOL)
+		printf("  (delivery = spool: the original is accepted once "
+		       "the copy is spooled; tempfail and spool retry, accept "
+		       "moves the copy to hold/)\n");
+}
+
+static void
+print_rule_warnings(const AmConfig *config)
+{
+	guint i;
+
+	for (i = 0; i < config->rules->len; i++) {
+		const AmRule *r = config->rules->pdata[i];
+
+		if (r->reject_text != NULL && !rule_rejects(r))
+			printf("WARNING: rule %s: reject_text is set but no "
+			       "outcome rejects, so it is never used\n",
+			       r->name);
 	}
 }
 
@@ -204,19 +409,14 @@ print_summary(const AmConfig *config)
 	       "copy_deadline=%s\n",
 	       config->path, config->relays->len, config->rules->len,
 	       config->match_all ? "all" : "first", deadline);
+	print_spool(config);
 	for (i = 0; i < config->relays->len; i++)
 		print_relay(config->relays->pdata[i]);
-	for (i = 0; i < config->rules->len; i++) {
-		const AmRule *r = config->rules->pdata[i];
-		g_autofree char *to = g_strjoinv(">, <", r->archive_to);
-		g_autofree char *fail = am_action_format(r->on_failure);
-
-		printf("rule %s: mode=%s, relay=%s, archive_to=<%s>, "
-		       "archive_from=<%s>, on_failure=%s\n",
-		       r->name, am_mode_name(r->mode), r->relay->name, to,
-		       r->archive_from ? r->archive_from : "", fail);
-	}
+	for (i = 0; i < config->rules->len; i++)
+		print_rule(config->rules->pdata[i]);
 	print_timeout_warnings(config);
+	print_rule_warnings(config);
+	check_spool_dir(config->spool_dir);
 }
 
 static AmConfig *

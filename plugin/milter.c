@@ -32,6 +32,15 @@
 /* Longest relay text put into our reply to the MTA's client. */
 #define REPLY_REASON_MAX 200
 
+/*
+ * The relay pool of a context: idle connections per relay, and how
+ * long one may stay idle.  Enough for the spool workers and a burst of
+ * synchronous copies; short-lived, since each idle connection holds a
+ * server process on the relay (Postfix's own cache keeps 2 s).
+ */
+#define POOL_MAX_IDLE 32
+#define POOL_IDLE_MS  5000
+
 typedef struct {
 	gboolean leading_space; /* SMFIP_HDR_LEADSPC was negotiated */
 	char *client_addr;      /* from xxfi_connect, or {client_addr} */
@@ -58,6 +67,7 @@ am_context_new(AmConfig *config, AmArchiveKey *key)
 	ctx->ref = 1;
 	ctx->config = config;
 	ctx->key = key;
+	ctx->pool = am_pool_new(POOL_MAX_IDLE, POOL_IDLE_MS);
 	return ctx;
 }
 
@@ -73,6 +83,7 @@ am_context_unref(AmContext *ctx)
 {
 	if (ctx == NULL || !g_atomic_int_dec_and_test(&ctx->ref))
 		return;
+	am_pool_free(ctx->pool);
 	am_config_free(ctx->config);
 	am_archive_key_free(ctx->key);
 	g_free(ctx);
@@ -221,6 +232,7 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
 {
 	const GPtrArray *headers = am_capture_get_headers(cap);
 	g_autoptr(GPtrArray) rules = NULL;
+	g_autoptr(GError) error = NULL;
 	g_autofree char *detail = NULL;
 	const char *own;
 	gboolean tempfail = FALSE;
@@ -239,9 +251,15 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
 		return AM_VERDICT_ACCEPT;
 	}
 
-	/* Step 2: which rules want a copy. */
+	/* Step 2: which rules want a copy; undecidable: no accept. */
 	rules = am_rules_select(ctx->config, env, headers,
-	                        am_capture_get_size(cap));
+	                        am_capture_get_size(cap), &error);
+	if (rules == NULL) {
+		am_log_decision(env->queue_id, "tempfail", 0, 0,
+		                error->message);
+		*reason = g_strdup("archive rules could not be applied");
+		return AM_VERDICT_TEMPFAIL;
+	}
 	if (rules->len == 0) {
 		am_log_decision(env->queue_id, "accept", 0, 0,
 		                "no rule matched");

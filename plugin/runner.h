@@ -13,8 +13,10 @@
  * outcome goes through the rule's policy (am_rule_action): a retry
  * (tempfail or spool) sets the next attempt with exponential backoff
  * between spool_retry_min and spool_retry_max; accept, or a copy older
- * than spool_max_age, moves it to hold/ with an error line; a confirmed
- * copy is removed.  Addresses that a relay took are dropped from the
+ * than spool_max_age (counted from its creation or its last release)
+ * whose attempt failed, moves it to hold/ with an error-level line
+ * "ID: held (REASON)"; a confirmed copy is removed.  Each attempt logs
+ * one delivery line per address with the original's queue id.  Addresses that a relay took are dropped from the
  * copy's state, so a retry goes only to those still due.
  */
 #ifndef AM_RUNNER_H
@@ -31,10 +33,18 @@ typedef struct AmRunner AmRunner;
 
 /*
  * am_runner_start: start @workers threads delivering from @spool with
- * the context current at each attempt (am_milter_set_context).  @spool
- * is borrowed and must outlive the runner.  (transfer full)
+ * the context current at each attempt (am_milter_set_context): its
+ * configuration (rules, relays, spool_retry_*, spool_max_age) and its
+ * pool.  With no context set, copies wait.  @spool is borrowed and must
+ * outlive the runner.  Does not fail today; @error is for later
+ * (threads that cannot start abort in GLib).  (transfer full)
  */
 AmRunner *am_runner_start(AmSpool *spool, guint workers, GError **error);
+
+/* am_runner_start_full: the same, scanning queue/ every @scan_ms
+ * milliseconds instead of every 5 s (tests). */
+AmRunner *am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
+                               GError **error);
 
 /* am_runner_kick: copy @id was just queued: deliver it soon. */
 void am_runner_kick(AmRunner *runner, const char *id);

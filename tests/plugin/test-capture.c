@@ -175,6 +175,50 @@ test_bad_names(void)
 	}
 }
 
+/* At most AM_CAPTURE_HEADERS_MAX headers; the next is refused. */
+static void
+test_header_count_limit(void)
+{
+	g_autoptr(AmCapture) cap = am_capture_new(1 << 20, NULL, TRUE);
+	g_autoptr(GError) error = NULL;
+	guint64 size;
+	guint i;
+
+	for (i = 0; i < AM_CAPTURE_HEADERS_MAX; i++)
+		g_assert_true(am_capture_add_header(cap, "A", "b", &error));
+	size = am_capture_get_size(cap);
+	g_assert_false(am_capture_add_header(cap, "A", "b", &error));
+	g_assert_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT);
+	g_assert_nonnull(strstr(error->message, "10000 headers"));
+	g_assert_cmpuint(am_capture_get_headers(cap)->len, ==,
+	                 AM_CAPTURE_HEADERS_MAX);
+	g_assert_cmpuint(am_capture_get_size(cap), ==, size);
+}
+
+/* Names and values: AM_CAPTURE_HEADER_OCTETS_MAX in all, exactly. */
+static void
+test_header_octets_limit(void)
+{
+	g_autoptr(AmCapture) cap = am_capture_new(1 << 16, NULL, TRUE);
+	g_autoptr(GError) error = NULL;
+	const gsize chunk = 1024 * 1024;
+	g_autofree char *big = g_strnfill(chunk - 1, 'v'); /* + "X" = 1 MiB */
+	g_autofree char *rest = NULL;
+	guint i;
+
+	for (i = 0; i < 3; i++)
+		g_assert_true(am_capture_add_header(cap, "X", big, &error));
+	/* The fourth MiB exactly fills the limit; one more octet does not
+	 * fit. */
+	rest = g_strnfill(chunk - 2, 'w');
+	g_assert_true(am_capture_add_header(cap, "YY", rest, &error));
+	g_assert_no_error(error);
+	g_assert_false(am_capture_add_header(cap, "Z", "", &error));
+	g_assert_error(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT);
+	g_assert_nonnull(strstr(error->message, "4194304 octets"));
+	g_assert_cmpuint(am_capture_get_headers(cap)->len, ==, 4);
+}
+
 /* Spill happens exactly when the next write would pass the limit. */
 static void
 test_spill_threshold(void)
@@ -344,6 +388,10 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/capture/rebuild/forged-lines",
 	                test_forged_lines);
 	g_test_add_func("/plugin/capture/rebuild/nul", test_nul_cuts_value);
+	g_test_add_func("/plugin/capture/limits/count",
+	                test_header_count_limit);
+	g_test_add_func("/plugin/capture/limits/octets",
+	                test_header_octets_limit);
 	g_test_add_func("/plugin/capture/spill/threshold",
 	                test_spill_threshold);
 	g_test_add_data_func("/plugin/capture/append/memory",

@@ -46,14 +46,39 @@ run_check(Run *r, const char *conf)
 	               r->err);
 }
 
+/*
+ * check/NAME with every "@TMP@" replaced by a fresh private directory
+ * (0700), so that spool_dir can name a place that exists on any
+ * machine.  The directory is removed with its content afterwards.
+ */
 static void
 run_fixture(Run *r, const char *name)
 {
-	g_autofree char *conf =
+	g_autofree char *src =
 	    g_test_build_filename(G_TEST_DIST, "check", name, NULL);
+	g_autoptr(GError) error = NULL;
+	g_autofree char *dir = g_dir_make_tmp("am-check-XXXXXX", &error);
+	g_autofree char *conf = NULL;
+	g_autofree char *text = NULL;
+	g_auto(GStrv) parts = NULL;
+	g_autofree char *joined = NULL;
+	g_autofree char *spool = NULL;
+
+	g_assert_no_error(error);
+	g_file_get_contents(src, &text, NULL, &error);
+	g_assert_no_error(error);
+	parts = g_strsplit(text, "@TMP@", -1);
+	joined = g_strjoinv(dir, parts);
+	conf = g_build_filename(dir, name, NULL);
+	g_assert_true(g_file_set_contents(conf, joined, -1, NULL));
 
 	run_check(r, conf);
 	g_assert_cmpint(r->status, ==, 0);
+
+	spool = g_build_filename(dir, "spool", NULL);
+	g_rmdir(spool);
+	g_unlink(conf);
+	g_assert_cmpint(g_rmdir(dir), ==, 0);
 }
 
 /* The one line of @out starting with @prefix (which must exist). */
@@ -136,20 +161,41 @@ test_warnings(void)
 	                "WARNING: relay slow: its timeouts allow a copy to "
 	                "take 420s (timeout_connect + timeout_command * 4 + "
 	                "timeout_data + timeout_final), more than Postfix's "
-	                "milter_content_timeout of 300s");
+	                "milter_content_timeout of 300s; Postfix waits for it "
+	                "in rules slow, slow2 (delivery = sync)");
+	/* The spool rule on "many" has more addresses: not counted. */
 	many = line_starting(r.out, "WARNING: relay many:");
 	g_assert_nonnull(strstr(many, " take 330s ("));
 	g_assert_nonnull(strstr(many, " timeout_command * 8 "));
+	g_assert_true(g_str_has_suffix(
+	    many, "; Postfix waits for it in rule many (delivery = sync)"));
 	deadline = line_starting(r.out, "WARNING: copy_deadline");
 	g_assert_cmpstr(deadline, ==,
 	                "WARNING: copy_deadline 300s is not below Postfix's "
-	                "milter_content_timeout of 300s");
-	/* fine (210 s) and edge (exactly 300 s) get none. */
+	                "milter_content_timeout of 300s; Postfix waits for it "
+	                "in rules slow, slow2, many, fine, edge (delivery = "
+	                "sync)");
+	/* fine (210 s), edge (exactly 300 s) and spooled (420 s, but only
+	 * a spool rule uses it) get none. */
 	g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==, 3);
 	g_assert_cmpuint(count_lines_with(r.out, "milter_content_timeout"), ==,
 	                 3);
+	g_assert_cmpuint(count_lines_with(r.out, "WARNING: relay spooled"), ==,
+	                 0);
 	g_assert_nonnull(strstr(r.out, "timeouts connect=10s command=10s "
 	                               "data=10s final=240s"));
+}
+
+/* Only spool rules: Postfix never waits for a copy, so no warning at all,
+ * however long the relay's limits and copy_deadline. */
+static void
+test_warnings_spool_only(void)
+{
+	g_auto(Run) r = {0};
+
+	run_fixture(&r, "spool-only.conf");
+	g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==, 0);
+	g_assert_nonnull(strstr(r.out, "copy_deadline=600s"));
 }
 
 static void
@@ -161,6 +207,210 @@ test_quiet(void)
 	g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==, 0);
 	g_assert_cmpuint(count_lines_with(r.out, "copy_deadline=299.999s"), ==,
 	                 1);
+}
+
+/*
+ * The policy row of @outcome under "rule @rule:", split at blanks:
+ * outcome, temporary, permanent, set by.
+ */
+static GStrv
+policy_row(const char *out, const char *rule, const char *outcome)
+{
+	g_autofree char *head = g_strdup_printf("rule %s: ", rule);
+	g_autofree char *prefix = g_strdup_printf("  %s ", outcome);
+	g_auto(GStrv) lines = g_strsplit(out, "\n", -1);
+	guint i;
+
+	for (i = 0; lines[i] != NULL; i++) {
+		if (g_str_has_prefix(lines[i], head))
+			break;
+	}
+	g_assert_nonnull(lines[i]);
+	for (i++; lines[i] != NULL && g_str_has_prefix(lines[i], "  "); i++) {
+		if (g_str_has_prefix(lines[i], prefix)) {
+			g_autoptr(GRegex) blanks =
+			    g_regex_new(" +", 0, 0, NULL);
+			g_autofree char *line = g_strstrip(g_strdup(lines[i]));
+
+			return g_regex_split(blanks, line, 0);
+		}
+	}
+	g_error("no row %s under rule %s in:\n%s", outcome, rule, out);
+	return NULL;
+}
+
+static void
+assert_row(const char *out, const char *rule, const char *outcome,
+           const char *temporary, const char *permanent, const char *by)
+{
+	g_auto(GStrv) row = policy_row(out, rule, outcome);
+
+	g_assert_cmpuint(g_strv_length(row), ==, 4);
+	g_assert_cmpstr(row[1], ==, temporary);
+	g_assert_cmpstr(row[2], ==, permanent);
+	g_assert_cmpstr(row[3], ==, by);
+}
+
+static const char *const outcomes[] = {
+    "sent",       "some_refused", "all_refused", "sender_refused",
+    "data_error", "unreachable",  "timeout",     "tls_error",
+};
+
+static void
+test_policy(void)
+{
+	g_auto(Run) r = {0};
+	g_autofree char *line = NULL;
+	guint i;
+
+	run_fixture(&r, "policy.conf");
+
+	/* Defaults: never lose a copy. */
+	line = line_starting(r.out, "rule sync-defaults: ");
+	g_assert_true(g_str_has_prefix(line, "rule sync-defaults: "
+	                                     "mode=journal, delivery=sync, "
+	                                     "relay=r, "));
+	assert_row(r.out, "sync-defaults", "sent", "accept", "accept",
+	           "default");
+	for (i = 1; i < G_N_ELEMENTS(outcomes); i++) {
+		assert_row(r.out, "sync-defaults", outcomes[i], "tempfail",
+		           "accept", "default");
+		assert_row(r.out, "spool-defaults", outcomes[i], "spool",
+		           "accept", "default");
+	}
+	g_clear_pointer(&line, g_free);
+	line = line_starting(r.out, "rule spool-defaults: ");
+	g_assert_nonnull(strstr(line, ", delivery=spool, "));
+
+	/* on_OUTCOME wins over on_failure, which wins over the default. */
+	g_clear_pointer(&line, g_free);
+	line = line_starting(r.out, "rule mixed: ");
+	g_assert_true(g_str_has_suffix(
+	    line, ", reject_text=\"Archive refused the copy\""));
+	assert_row(r.out, "mixed", "sent", "accept+header", "accept+header",
+	           "on_sent");
+	assert_row(r.out, "mixed", "all_refused", "reject", "reject",
+	           "on_all_refused");
+	assert_row(r.out, "mixed", "timeout", "spool+header", "spool+header",
+	           "on_failure");
+	assert_row(r.out, "mixed", "tls_error", "spool+header", "spool+header",
+	           "on_failure");
+
+	assert_row(r.out, "spool-policy", "sent", "accept", "accept",
+	           "default");
+	assert_row(r.out, "spool-policy", "timeout", "tempfail", "tempfail",
+	           "on_timeout");
+	assert_row(r.out, "spool-policy", "unreachable", "accept", "accept",
+	           "on_failure");
+
+	/* Spool rules say what their actions mean, sync rules do not. */
+	g_assert_cmpuint(count_lines_with(r.out, "  (delivery = spool: "), ==,
+	                 2);
+
+	/* The spool's settings, as the file would write them. */
+	g_clear_pointer(&line, g_free);
+	line = line_starting(r.out, "spool: ");
+	g_assert_true(g_str_has_suffix(
+	    line, "/spool, workers=8, spool_min_free=1G, spool_max_age=2d, "
+	          "spool_retry_min=30s, spool_retry_max=90m, "
+	          "pid_file=/run/archive-milter-test.pid"));
+
+	/* reject_text where nothing rejects is dead configuration. */
+	g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==, 1);
+	g_clear_pointer(&line, g_free);
+	line = line_starting(r.out, "WARNING: rule");
+	g_assert_cmpstr(line, ==,
+	                "WARNING: rule unused-text: reject_text is set but "
+	                "no outcome rejects, so it is never used");
+}
+
+/* The defaults of the spool, printed as they would be written. */
+static void
+test_spool_defaults(void)
+{
+	g_auto(Run) r = {0};
+	g_autofree char *line = NULL;
+
+	run_fixture(&r, "quiet.conf");
+	line = line_starting(r.out, "spool: ");
+	g_assert_true(g_str_has_suffix(
+	    line, "/spool, workers=4, spool_min_free=100M, "
+	          "spool_max_age=5d, spool_retry_min=1m, spool_retry_max=1h, "
+	          "pid_file=none"));
+}
+
+/*
+ * spool_dir: a private directory, or a missing one its parent lets us
+ * create, is fine; anything else is a WARNING (--check still succeeds,
+ * as the daemon may run elsewhere), and --check creates nothing.
+ */
+static void
+test_spool_dir(void)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *dir = g_dir_make_tmp("am-spool-XXXXXX", &error);
+	g_autofree char *conf = g_build_filename(dir, "am.conf", NULL);
+	g_autofree char *open_dir = g_build_filename(dir, "open", NULL);
+	g_autofree char *ok_dir = g_build_filename(dir, "ok", NULL);
+	g_autofree char *file = g_build_filename(dir, "file", NULL);
+	g_autofree char *missing = g_build_filename(dir, "new", NULL);
+	g_autofree char *deep = g_build_filename(dir, "no", "such", NULL);
+	g_autofree char *under_file = g_build_filename(file, "spool", NULL);
+	const struct {
+		const char *spool_dir;
+		const char *warning; /* NULL: none */
+	} cases[] = {
+	    {ok_dir, NULL},
+	    {missing, NULL},
+	    {open_dir, "mode 0755 is open to group or others; the daemon "
+	               "refuses it unless it is 0700"},
+	    {file, "not a directory"},
+	    {deep, "does not exist, and cannot be created: its parent "},
+	    /* ENOTDIR, in strerror's words. */
+	    {under_file, "Not a directory"},
+	};
+	gsize i;
+
+	g_assert_no_error(error);
+	g_assert_cmpint(g_mkdir(ok_dir, 0700), ==, 0);
+	g_assert_cmpint(g_mkdir(open_dir, 0700), ==, 0);
+	g_assert_cmpint(g_chmod(open_dir, 0755), ==, 0);
+	g_assert_true(g_file_set_contents(file, "x", -1, NULL));
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autofree char *text = g_strdup_printf(
+		    "[milter]\nsocket = unix:/run/am.sock\n"
+		    "archive_id_key_file = %s/key\nspool_dir = %s\n"
+		    "[relay:r]\nhost = 127.0.0.1\n"
+		    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
+		    dir, cases[i].spool_dir);
+		g_auto(Run) r = {0};
+
+		g_assert_true(g_file_set_contents(conf, text, -1, NULL));
+		run_check(&r, conf);
+		g_assert_cmpint(r.status, ==, 0);
+		if (cases[i].warning == NULL) {
+			g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==,
+			                 0);
+		} else {
+			g_autofree char *prefix = g_strdup_printf(
+			    "WARNING: spool_dir %s: ", cases[i].spool_dir);
+			g_autofree char *line = line_starting(r.out, prefix);
+
+			g_assert_nonnull(strstr(line, cases[i].warning));
+			g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==,
+			                 1);
+		}
+	}
+	/* Nothing was created. */
+	g_assert_false(g_file_test(missing, G_FILE_TEST_EXISTS));
+	g_assert_false(g_file_test(deep, G_FILE_TEST_EXISTS));
+
+	g_rmdir(ok_dir);
+	g_rmdir(open_dir);
+	g_unlink(file);
+	g_unlink(conf);
+	g_assert_cmpint(g_rmdir(dir), ==, 0);
 }
 
 #define SECRET "never-print-me-42"
@@ -281,6 +531,11 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/check/tls-levels", test_tls_levels);
 	g_test_add_func("/plugin/check/timeout-warnings", test_warnings);
 	g_test_add_func("/plugin/check/quiet", test_quiet);
+	g_test_add_func("/plugin/check/timeout-warnings-spool-only",
+	                test_warnings_spool_only);
+	g_test_add_func("/plugin/check/policy", test_policy);
+	g_test_add_func("/plugin/check/spool-defaults", test_spool_defaults);
+	g_test_add_func("/plugin/check/spool-dir", test_spool_dir);
 	g_test_add_func("/plugin/check/no-password", test_no_password);
 	g_test_add_func("/plugin/daemon/sigusr1", test_sigusr1);
 	return g_test_run();

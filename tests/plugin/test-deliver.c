@@ -156,6 +156,127 @@ test_partial(void)
 	fixture_stop(&f);
 }
 
+/*
+ * The outcome of the copy as a whole, for the policy table: every fault
+ * the library can report, classified as conf.h documents AmOutcome,
+ * with "temporary" and the reply that decided it.
+ */
+typedef struct {
+	const char *name;
+	const char *script; /* NULL: nothing listens */
+	guint n_to;         /* 1 or 2 archive addresses */
+	gboolean utf8;
+	SmtpTlsLevel tls;
+	gboolean auth; /* credentials, plaintext allowed */
+	AmOutcome outcome;
+	gboolean temporary;
+	int code; /* of d->reply; 0: none */
+	AmStatus status;
+} OutcomeCase;
+
+static const OutcomeCase outcome_cases[] = {
+    {"sent", NULL, 1, FALSE, SMTP_TLS_NONE, FALSE, AM_OUTCOME_SENT, FALSE, 250,
+     AM_STATUS_SENT},
+    {"connect-refused", NULL, 1, FALSE, SMTP_TLS_NONE, FALSE,
+     AM_OUTCOME_UNREACHABLE, TRUE, 0, AM_STATUS_DEFERRED},
+    /* The library calls a refused session temporary, whatever its
+     * class: the relay is not serving, not refusing this copy. */
+    {"greeting-554", "greeting 554 5.3.2 no service", 1, FALSE, SMTP_TLS_NONE,
+     FALSE, AM_OUTCOME_UNREACHABLE, TRUE, 554, AM_STATUS_DEFERRED},
+    {"greeting-421", "greeting 421 4.3.2 busy", 1, FALSE, SMTP_TLS_NONE, FALSE,
+     AM_OUTCOME_UNREACHABLE, TRUE, 421, AM_STATUS_DEFERRED},
+    {"ehlo-refused", "on EHLO reply 550 5.7.1 no\non HELO reply 550 5.7.1 no",
+     1, FALSE, SMTP_TLS_NONE, FALSE, AM_OUTCOME_UNREACHABLE, FALSE, 550,
+     AM_STATUS_BOUNCED},
+    {"ehlo-tempfail", "on EHLO reply 451 4.3.0 later\non HELO reply 451 later",
+     1, FALSE, SMTP_TLS_NONE, FALSE, AM_OUTCOME_UNREACHABLE, TRUE, 451,
+     AM_STATUS_DEFERRED},
+    {"tls-not-offered", "", 1, FALSE, SMTP_TLS_ENCRYPT, FALSE,
+     AM_OUTCOME_TLS_ERROR, FALSE, 0, AM_STATUS_BOUNCED},
+    {"auth-535",
+     "ehlo-keywords 8BITMIME AUTH PLAIN\non AUTH reply 535 5.7.8 bad", 1, FALSE,
+     SMTP_TLS_NONE, TRUE, AM_OUTCOME_UNREACHABLE, FALSE, 535,
+     AM_STATUS_BOUNCED},
+    {"auth-454",
+     "ehlo-keywords 8BITMIME AUTH PLAIN\non AUTH reply 454 4.7.0 later", 1,
+     FALSE, SMTP_TLS_NONE, TRUE, AM_OUTCOME_UNREACHABLE, TRUE, 454,
+     AM_STATUS_DEFERRED},
+    {"mail-451", "on MAIL reply 451 4.3.0 later", 1, FALSE, SMTP_TLS_NONE,
+     FALSE, AM_OUTCOME_SENDER_REFUSED, TRUE, 451, AM_STATUS_DEFERRED},
+    {"mail-550", "on MAIL reply 550 5.7.1 go away", 1, FALSE, SMTP_TLS_NONE,
+     FALSE, AM_OUTCOME_SENDER_REFUSED, FALSE, 550, AM_STATUS_BOUNCED},
+    {"some-rcpt-450", "on RCPT /gone/ reply 450 4.2.1 busy", 2, FALSE,
+     SMTP_TLS_NONE, FALSE, AM_OUTCOME_SOME_REFUSED, TRUE, 450,
+     AM_STATUS_DEFERRED},
+    {"some-rcpt-550", "on RCPT /gone/ reply 550 5.1.1 gone", 2, FALSE,
+     SMTP_TLS_NONE, FALSE, AM_OUTCOME_SOME_REFUSED, FALSE, 550,
+     AM_STATUS_BOUNCED},
+    {"all-rcpt-450", "on RCPT reply 450 4.2.1 busy", 2, FALSE, SMTP_TLS_NONE,
+     FALSE, AM_OUTCOME_ALL_REFUSED, TRUE, 450, AM_STATUS_DEFERRED},
+    {"all-rcpt-550", "on RCPT reply 550 5.1.1 gone", 2, FALSE, SMTP_TLS_NONE,
+     FALSE, AM_OUTCOME_ALL_REFUSED, FALSE, 550, AM_STATUS_BOUNCED},
+    /* One 4xx among 5xx refusals: a retry may still save it, and the
+     * 4xx is the reply that says so. */
+    {"all-rcpt-mixed",
+     "on RCPT /gone/ reply 550 5.1.1 gone\non RCPT reply 452 4.5.3 later", 2,
+     FALSE, SMTP_TLS_NONE, FALSE, AM_OUTCOME_ALL_REFUSED, TRUE, 452,
+     AM_STATUS_DEFERRED},
+    {"data-451", "on DATA reply 451 4.3.0 later", 1, FALSE, SMTP_TLS_NONE,
+     FALSE, AM_OUTCOME_DATA_ERROR, TRUE, 451, AM_STATUS_DEFERRED},
+    {"data-554", "on DATA reply 554 5.3.4 no", 1, FALSE, SMTP_TLS_NONE, FALSE,
+     AM_OUTCOME_DATA_ERROR, FALSE, 554, AM_STATUS_BOUNCED},
+    {"dot-452", "on DOT reply 452 4.3.1 full", 1, FALSE, SMTP_TLS_NONE, FALSE,
+     AM_OUTCOME_DATA_ERROR, TRUE, 452, AM_STATUS_DEFERRED},
+    {"dot-554", "on DOT reply 554 5.6.0 bad", 1, FALSE, SMTP_TLS_NONE, FALSE,
+     AM_OUTCOME_DATA_ERROR, FALSE, 554, AM_STATUS_BOUNCED},
+    {"dot-421", "on DOT reply 421 4.3.2 bye", 1, FALSE, SMTP_TLS_NONE, FALSE,
+     AM_OUTCOME_UNREACHABLE, TRUE, 421, AM_STATUS_DEFERRED},
+    {"close-mid-data", "on DATA close-in-data", 1, FALSE, SMTP_TLS_NONE, FALSE,
+     AM_OUTCOME_UNREACHABLE, TRUE, 0, AM_STATUS_DEFERRED},
+    {"stall-after-dot", "on DOT stall", 1, FALSE, SMTP_TLS_NONE, FALSE,
+     AM_OUTCOME_TIMEOUT, TRUE, 0, AM_STATUS_DEFERRED},
+    {"smtputf8-not-offered", "ehlo-keywords 8BITMIME SIZE 10485760", 1, TRUE,
+     SMTP_TLS_NONE, FALSE, AM_OUTCOME_DATA_ERROR, FALSE, 0, AM_STATUS_BOUNCED},
+};
+
+static void
+test_outcome(gconstpointer data)
+{
+	const OutcomeCase *c = data;
+	const char *to[] = {"journal@archive.example", "gone@archive.example",
+	                    NULL};
+	Fixture f = {0};
+	g_autoptr(AmDelivery) d = NULL;
+
+	fixture_start(&f, c->script);
+	if (c->script == NULL && c->outcome != AM_OUTCOME_SENT)
+		fake_smtp_stop(f.fake);
+	f.relay.timeouts = (SmtpTimeouts){500, 500, 500, 500};
+	f.relay.tls = c->tls;
+	if (c->auth) {
+		f.relay.auth_user = (char *)"u@example.org";
+		f.relay.auth_password = (char *)"pw";
+		f.relay.auth_plaintext = TRUE;
+	}
+	if (c->n_to == 1)
+		to[1] = NULL;
+	d = send_copy(&f, to, c->utf8);
+	g_test_message("%s: outcome %d, %s, %d (%s)", c->name, d->outcome,
+	               d->temporary ? "temporary" : "permanent", d->reply.code,
+	               d->reason ? d->reason : "");
+	g_assert_cmpint(d->outcome, ==, c->outcome);
+	g_assert_cmpint(d->temporary, ==, c->temporary);
+	g_assert_cmpint(d->reply.code, ==, c->code);
+	g_assert_cmpint(d->status, ==, c->status);
+	if (c->code != 0)
+		g_assert_nonnull(d->reply.text);
+	if (c->outcome == AM_OUTCOME_SOME_REFUSED) {
+		g_assert_cmpint(rcpt(d, 0)->status, ==, AM_STATUS_SENT);
+		g_assert_cmpint(rcpt(d, 1)->status, !=, AM_STATUS_SENT);
+	}
+	fixture_stop(&f);
+}
+
 /* Whether the server received a command starting with @verb. */
 static gboolean
 got_command(FakeSmtp *fake, const char *verb)
@@ -320,6 +441,18 @@ static const TimeCase time_cases[] = {
      FALSE,
      0.6,
      3},
+    /* Each reply inside its stage limit, four of them past the
+     * deadline: the deadline still ends the copy. */
+    {"deadline-slow-relay",
+     "on MAIL delay 300 250 2.1.0 ok\n"
+     "on RCPT delay 300 250 2.1.5 ok\n"
+     "on DATA delay 300 354 go on\n"
+     "on DOT delay 300 250 2.0.0 ok",
+     {10000, 400, 10000, 400},
+     700,
+     FALSE,
+     0.65,
+     0.95},
     {"deadline-not-reached",
      "on DOT delay 300 250 2.0.0 ok",
      {10000, 10000, 10000, 10000},
@@ -344,47 +477,14 @@ test_time(gconstpointer data)
 	g_test_message("%s: %s after %.3f s", c->name, rcpt(d, 0)->reply,
 	               d->delay);
 	g_assert_cmpint(d->status == AM_STATUS_SENT, ==, c->sent);
-	if (!c->sent)
+	if (!c->sent) {
 		g_assert_cmpint(d->status, ==, AM_STATUS_DEFERRED);
+		g_assert_cmpint(d->outcome, ==, AM_OUTCOME_TIMEOUT);
+		g_assert_true(d->temporary);
+	}
 	g_assert_cmpfloat(d->delay, >=, c->min_delay);
 	g_assert_cmpfloat(d->delay, <, c->max_delay);
 	fixture_stop(&f);
-}
-
-/* What am_deliver hands the library before each phase. */
-static void
-test_clamp(void)
-{
-	static const struct {
-		SmtpTimeouts in;
-		gint64 remaining;
-		SmtpTimeouts want;
-	} cases[] = {
-	    {{30000, 30000, 30000, 30000},
-	     120000,
-	     {30000, 30000, 30000, 30000}},
-	    {{30000, 30000, 30000, 60000}, 45000, {30000, 30000, 30000, 45000}},
-	    {{30000, 1000, 30000, 60000}, 2500, {2500, 1000, 2500, 2500}},
-	    /* 0 is the library's default of minutes: cut it too. */
-	    {{0, 0, 0, 0}, 7000, {7000, 7000, 7000, 7000}},
-	    /* Never 0 out, even with no time left. */
-	    {{30000, 30000, 30000, 30000}, 0, {1, 1, 1, 1}},
-	    {{30000, 30000, 30000, 30000}, -5000, {1, 1, 1, 1}},
-	    {{5, 6, 7, 8}, G_MAXINT64, {5, 6, 7, 8}},
-	    {{0, 6, 7, 8}, G_MAXINT64, {G_MAXUINT, 6, 7, 8}},
-	};
-	gsize i;
-
-	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
-		SmtpTimeouts got =
-		    am_deliver_clamp_timeouts(&cases[i].in, cases[i].remaining);
-
-		g_test_message("case %zu", i);
-		g_assert_cmpuint(got.connect_ms, ==, cases[i].want.connect_ms);
-		g_assert_cmpuint(got.command_ms, ==, cases[i].want.command_ms);
-		g_assert_cmpuint(got.data_ms, ==, cases[i].want.data_ms);
-		g_assert_cmpuint(got.final_ms, ==, cases[i].want.final_ms);
-	}
 }
 
 int
@@ -395,6 +495,12 @@ main(int argc, char **argv)
 	g_test_init(&argc, &argv, NULL);
 	g_test_add_func("/plugin/deliver/sent", test_sent);
 	g_test_add_func("/plugin/deliver/partial", test_partial);
+	for (i = 0; i < G_N_ELEMENTS(outcome_cases); i++) {
+		g_autofree char *path = g_strdup_printf(
+		    "/plugin/deliver/outcome/%s", outcome_cases[i].name);
+
+		g_test_add_data_func(path, &outcome_cases[i], test_outcome);
+	}
 	for (i = 0; i < G_N_ELEMENTS(fail_cases); i++) {
 		g_autofree char *path =
 		    g_strdup_printf("/plugin/deliver/fail/%zu", i);
@@ -417,6 +523,5 @@ main(int argc, char **argv)
 
 		g_test_add_data_func(path, &time_cases[i], test_time);
 	}
-	g_test_add_func("/plugin/deliver/time/clamp", test_clamp);
 	return g_test_run();
 }

@@ -1,0 +1,525 @@
+/*
+ * runner.c - the worker threads that deliver spooled copies
+ *
+ * One table of jobs (a copy id each) sorted by when it is due, behind
+ * one mutex: the workers take the earliest due job, deliver it without
+ * the lock, and put it back with its next due time or forget it.  A
+ * scanner thread lists queue/ at start and every scan interval and
+ * adds the ids it does not know, so that copies of an earlier run,
+ * copies released by `--spool-retry` in another process and copies of
+ * a kick that was lost are all found; only names are listed, the files
+ * are read by the worker that takes the job.
+ *
+ * The spool's files hold the truth (next attempt, attempts, addresses
+ * still due); the table only says when to look again.  A job whose
+ * file has gone (confirmed, held or removed by someone else) is
+ * forgotten when a worker finds it gone, or by the next scan.
+ *
+ * Known limits: XXX: due times follow the wall clock (next_attempt is
+ * stored as unix seconds so that it survives a restart); a clock set
+ * back delays retries by as much, a clock set forward makes them early.
+ * XXX: a file that cannot be parsed is parked until the next start,
+ * logged once, and left where it is for an administrator.
+ */
+#include <string.h>
+
+#include "deliver.h"
+#include "log.h"
+#include "runner.h"
+
+#define AM_RUNNER_SCAN_MS 5000 /* default scan interval */
+#define AM_RUNNER_WAIT_MS                                                      \
+	1000 /* longest sleep, so a clock change or
+				* a stop is seen soon */
+
+typedef struct {
+	char *id;
+	gint64 due;          /* real time, µs */
+	gint64 added;        /* monotonic µs when the job was made */
+	GSequenceIter *iter; /* in runner->due; NULL while busy */
+	gboolean busy;       /* a worker has it */
+	gboolean kicked;     /* kicked while busy: due again at once */
+} Job;
+
+struct AmRunner {
+	AmSpool *spool;   /* borrowed */
+	guint scan_ms;    /* scan interval */
+	GMutex lock;      /* guards everything below */
+	GCond cond;       /* a job came due, or stop */
+	GSequence *due;   /* Job *, by due then id; not busy ones */
+	GHashTable *jobs; /* id -> Job * (owned) */
+	gboolean stopping;
+	GThread *scanner;
+	GPtrArray *workers; /* GThread * */
+};
+
+/* What an attempt decided for its job. */
+#define JOB_FORGET (-1)
+
+static void
+job_free(gpointer data)
+{
+	Job *job = data;
+
+	g_free(job->id);
+	g_free(job);
+}
+
+static gint
+job_compare(gconstpointer a, gconstpointer b, gpointer user_data)
+{
+	const Job *x = a, *y = b;
+
+	(void)user_data;
+	if (x->due != y->due)
+		return x->due < y->due ? -1 : 1;
+	return strcmp(x->id, y->id);
+}
+
+/* Called with the lock held. */
+static void
+job_schedule(AmRunner *r, Job *job, gint64 due)
+{
+	if (job->iter != NULL)
+		g_sequence_remove(job->iter);
+	job->due = due;
+	job->iter = g_sequence_insert_sorted(r->due, job, job_compare, NULL);
+	g_cond_broadcast(&r->cond);
+}
+
+/* Called with the lock held. */
+static Job *
+job_add(AmRunner *r, const char *id, gint64 due)
+{
+	Job *job = g_new0(Job, 1);
+
+	job->id = g_strdup(id);
+	job->added = g_get_monotonic_time();
+	g_hash_table_insert(r->jobs, job->id, job);
+	job_schedule(r, job, due);
+	return job;
+}
+
+/* Called with the lock held. */
+static void
+job_forget(AmRunner *r, Job *job)
+{
+	if (job->iter != NULL)
+		g_sequence_remove(job->iter);
+	g_hash_table_remove(r->jobs, job->id);
+}
+
+/* ------------------------------------------------------------------ */
+/* One attempt                                                          */
+/* ------------------------------------------------------------------ */
+
+static gint64
+now_s(void)
+{
+	return g_get_real_time() / G_USEC_PER_SEC;
+}
+
+static const AmRule *
+find_rule(const AmConfig *config, const char *name)
+{
+	for (guint i = 0; i < config->rules->len; i++) {
+		const AmRule *rule = config->rules->pdata[i];
+
+		if (strcmp(rule->name, name) == 0)
+			return rule;
+	}
+	return NULL;
+}
+
+/* Seconds until the retry after @attempts failed attempts. */
+static gint64
+backoff(const AmConfig *config, guint attempts)
+{
+	gint64 min = MAX(config->spool_retry_min_s, 1);
+	gint64 max = MAX(config->spool_retry_max_s, min);
+	guint shift = attempts > 0 ? attempts - 1 : 0;
+
+	if (shift >= 31 || (min << shift) > max)
+		return max;
+	return min << shift;
+}
+
+/* Move the copy to hold/, with the line an administrator looks for. */
+static void
+hold(AmRunner *r, const AmSpoolEntry *e, const char *reason)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *clean = am_log_sanitize(reason, 512);
+
+	if (!am_spool_hold(r->spool, e->id, reason, &error)) {
+		/* Gone meanwhile, or the disk refuses: the copy stays
+		 * where it is, and the next scan sees it again. */
+		am_log_error("%s: cannot move to hold (%s): %s", e->id, clean,
+		             error->message);
+		return;
+	}
+	am_log_error("%s: held (%s)", e->id, clean);
+}
+
+static void
+log_outcome(const AmSpoolEntry *e, const AmDelivery *d)
+{
+	for (guint i = 0; i < d->rcpts->len; i++) {
+		const AmRcptOutcome *o = d->rcpts->pdata[i];
+		AmLogDelivery line = {
+		    .queue_id = e->queue_id,
+		    .address = o->address,
+		    .relay = d->relay,
+		    .delay = d->delay,
+		    .dsn = o->dsn,
+		    .status = o->status,
+		    .reply = o->reply,
+		};
+
+		am_log_delivery(&line);
+	}
+}
+
+/* The addresses not taken this time; all of them if none is known. */
+static char **
+still_due(const AmSpoolEntry *e, const AmDelivery *d)
+{
+	g_autoptr(GPtrArray) left = g_ptr_array_new_with_free_func(g_free);
+
+	for (guint i = 0; i < d->rcpts->len; i++) {
+		const AmRcptOutcome *o = d->rcpts->pdata[i];
+
+		if (o->status != AM_STATUS_SENT)
+			g_ptr_array_add(left, g_strdup(o->address));
+	}
+	if (left->len == 0)
+		return g_strdupv(e->to);
+	g_ptr_array_add(left, NULL);
+	return (char **)g_ptr_array_free(g_steal_pointer(&left), FALSE);
+}
+
+/* Save the copy's retry state. */
+static void
+save_state(AmRunner *r, const AmSpoolEntry *e)
+{
+	g_autoptr(GError) error = NULL;
+
+	if (!am_spool_update(r->spool, e, &error))
+		/* Only the backoff and the addresses already taken are
+		 * lost: the copy itself is safe. */
+		am_log_warning("%s: cannot save retry state: %s", e->id,
+		               error->message);
+}
+
+/* What the rule's policy says after a failure; the next due time. */
+static gint64
+after_failure(AmRunner *r, const AmContext *ctx, const AmRule *rule,
+              AmSpoolEntry *e, const AmDelivery *d)
+{
+	const AmConfig *config = ctx->config;
+	guint action = am_rule_action(rule, d->outcome, d->temporary);
+	gint64 age = now_s() - MAX(e->created, e->released);
+	g_autofree char *reason = NULL;
+
+	/* Step 1: the attempt, and the addresses still due. */
+	e->attempts++;
+	g_free(e->last_error);
+	e->last_error = g_strdup(
+	    d->reason != NULL ? d->reason : am_outcome_name(d->outcome));
+	g_strfreev(e->to);
+	e->to = still_due(e, d);
+
+	/* Step 2: hold, when the policy stops or the copy is too old. */
+	if ((action & (AM_ACTION_TEMPFAIL | AM_ACTION_SPOOL)) == 0) {
+		/* accept: the policy gives up on this copy, but a copy
+		 * is never dropped; an administrator decides. */
+		reason = g_strdup_printf("%s: %s", am_outcome_name(d->outcome),
+		                         e->last_error);
+		save_state(r, e);
+		hold(r, e, reason);
+		return JOB_FORGET;
+	}
+	if (age >= (gint64)config->spool_max_age_s) {
+		reason = g_strdup_printf(
+		    "queued %" G_GINT64_FORMAT "s, more than spool_max_age "
+		    "%us; last error: %s",
+		    age, config->spool_max_age_s, e->last_error);
+		save_state(r, e);
+		hold(r, e, reason);
+		return JOB_FORGET;
+	}
+	/* Step 3: retry later, longer after each attempt. */
+	e->next_attempt = now_s() + backoff(config, e->attempts);
+	save_state(r, e);
+	return e->next_attempt * G_USEC_PER_SEC;
+}
+
+/* Send @e through its relay under its rule; the next due time. */
+static gint64
+deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e)
+{
+	const AmRule *rule = find_rule(ctx->config, e->rule);
+	const AmRelay *relay = am_config_find_relay(ctx->config, e->relay);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(AmDelivery) d = NULL;
+	g_autofree char *reason = NULL;
+	AmCopyRequest req;
+
+	/* Step 1: the configuration may have changed since the copy was
+	 * made; without its rule or relay nobody can say where it goes. */
+	if (rule == NULL || relay == NULL) {
+		reason =
+		    g_strdup_printf("%s %s is no longer in the configuration",
+		                    rule == NULL ? "rule" : "relay",
+		                    rule == NULL ? e->rule : e->relay);
+		hold(r, e, reason);
+		return JOB_FORGET;
+	}
+
+	/* Step 2: the copy, read from its file as it is sent. */
+	msg = am_spool_message(r->spool, e, &error);
+	if (msg == NULL) {
+		am_log_warning("%s: %s", e->id, error->message);
+		if (g_error_matches(error, AM_SPOOL_ERROR,
+		                    AM_SPOOL_ERROR_NOT_FOUND))
+			return JOB_FORGET;
+		return (now_s() + backoff(ctx->config, e->attempts + 1)) *
+		       G_USEC_PER_SEC;
+	}
+
+	/* Step 3: send, log a line per address, act on the outcome. */
+	req = (AmCopyRequest){
+	    .relay = relay,
+	    .from = e->from,
+	    .to = (const char *const *)e->to,
+	    .msg = msg,
+	    .smtputf8 = e->smtputf8,
+	    .eightbit = e->eightbit,
+	};
+	d = am_deliver(ctx->pool, &req);
+	log_outcome(e, d);
+	if (d->status != AM_STATUS_SENT)
+		return after_failure(r, ctx, rule, e, d);
+	if (!am_spool_remove(r->spool, e->id, &error))
+		/* It will go again: its X-Archive-Id lets the archive
+		 * drop the duplicate. */
+		am_log_error("%s: sent, but cannot remove it from the "
+		             "spool: %s",
+		             e->id, error->message);
+	return JOB_FORGET;
+}
+
+/* One look at job @id: deliver it if it is due.  The next due time,
+ * or JOB_FORGET. */
+static gint64
+attempt(AmRunner *r, const char *id)
+{
+	g_autoptr(AmContext) ctx = am_milter_get_context();
+	g_autoptr(AmSpoolEntry) e = NULL;
+	g_autoptr(GError) error = NULL;
+
+	if (ctx == NULL)
+		return g_get_real_time() + r->scan_ms * (gint64)1000;
+	e = am_spool_get(r->spool, id, &error);
+	if (e == NULL) {
+		if (g_error_matches(error, AM_SPOOL_ERROR,
+		                    AM_SPOOL_ERROR_NOT_FOUND))
+			return JOB_FORGET;
+		am_log_error("%s: %s; left in the spool", id, error->message);
+		/* Parked: a damaged file is not read again until the
+		 * next start, so the log does not fill with it. */
+		if (g_error_matches(error, AM_SPOOL_ERROR,
+		                    AM_SPOOL_ERROR_FORMAT))
+			return G_MAXINT64;
+		return (now_s() + backoff(ctx->config, 1)) * G_USEC_PER_SEC;
+	}
+	if (e->state == AM_SPOOL_HELD)
+		return JOB_FORGET;
+	if (e->next_attempt > now_s())
+		return e->next_attempt * G_USEC_PER_SEC;
+	return deliver(r, ctx, e);
+}
+
+/* ------------------------------------------------------------------ */
+/* Threads                                                              */
+/* ------------------------------------------------------------------ */
+
+/* The earliest job if it is due; else sleep until it is (lock held). */
+static Job *
+take_due(AmRunner *r)
+{
+	GSequenceIter *first = g_sequence_get_begin_iter(r->due);
+	gint64 wait_us = AM_RUNNER_WAIT_MS * (gint64)1000;
+	Job *job;
+
+	if (!g_sequence_iter_is_end(first)) {
+		job = g_sequence_get(first);
+		if (job->due <= g_get_real_time()) {
+			g_sequence_remove(first);
+			job->iter = NULL;
+			job->busy = TRUE;
+			return job;
+		}
+		wait_us = MIN(wait_us, job->due - g_get_real_time());
+	}
+	g_cond_wait_until(&r->cond, &r->lock,
+	                  g_get_monotonic_time() + MAX(wait_us, 1));
+	return NULL;
+}
+
+static gpointer
+worker_main(gpointer data)
+{
+	AmRunner *r = data;
+
+	g_mutex_lock(&r->lock);
+	while (!r->stopping) {
+		Job *job = take_due(r);
+		gint64 due;
+
+		if (job == NULL)
+			continue;
+		g_mutex_unlock(&r->lock);
+		due = attempt(r, job->id);
+		g_mutex_lock(&r->lock);
+		job->busy = FALSE;
+		if (job->kicked)
+			due = g_get_real_time();
+		job->kicked = FALSE;
+		if (due == JOB_FORGET)
+			job_forget(r, job);
+		else
+			job_schedule(r, job, due);
+	}
+	g_mutex_unlock(&r->lock);
+	return NULL;
+}
+
+/* Add the ids of queue/ we do not know; drop idle jobs whose file has
+ * gone (made before the listing, so a fresh kick is never dropped). */
+static void
+scan(AmRunner *r)
+{
+	gint64 started = g_get_monotonic_time();
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GPtrArray) ids = NULL;
+	g_autoptr(GHashTable) seen = NULL;
+	GHashTableIter it;
+	gpointer value;
+
+	ids = am_spool_list_ids(r->spool, AM_SPOOL_QUEUED, &error);
+	if (ids == NULL) {
+		am_log_error("spool scan: %s", error->message);
+		return;
+	}
+	seen = g_hash_table_new(g_str_hash, g_str_equal);
+	g_mutex_lock(&r->lock);
+	for (guint i = 0; i < ids->len; i++) {
+		g_hash_table_add(seen, ids->pdata[i]);
+		if (!g_hash_table_contains(r->jobs, ids->pdata[i]))
+			job_add(r, ids->pdata[i], g_get_real_time());
+	}
+	g_hash_table_iter_init(&it, r->jobs);
+	while (g_hash_table_iter_next(&it, NULL, &value)) {
+		Job *job = value;
+
+		if (job->busy || job->added >= started ||
+		    g_hash_table_contains(seen, job->id))
+			continue;
+		if (job->iter != NULL)
+			g_sequence_remove(job->iter);
+		g_hash_table_iter_remove(&it);
+	}
+	g_mutex_unlock(&r->lock);
+}
+
+static gpointer
+scanner_main(gpointer data)
+{
+	AmRunner *r = data;
+
+	for (;;) {
+		gint64 until;
+
+		scan(r);
+		g_mutex_lock(&r->lock);
+		until = g_get_monotonic_time() + r->scan_ms * (gint64)1000;
+		while (!r->stopping && g_get_monotonic_time() < until)
+			g_cond_wait_until(&r->cond, &r->lock, until);
+		if (r->stopping) {
+			g_mutex_unlock(&r->lock);
+			return NULL;
+		}
+		g_mutex_unlock(&r->lock);
+	}
+}
+
+AmRunner *
+am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
+                     GError **error)
+{
+	AmRunner *r = g_new0(AmRunner, 1);
+
+	(void)error;
+	g_return_val_if_fail(spool != NULL, NULL);
+	r->spool = spool;
+	r->scan_ms = MAX(scan_ms, 10);
+	g_mutex_init(&r->lock);
+	g_cond_init(&r->cond);
+	r->due = g_sequence_new(NULL);
+	r->jobs =
+	    g_hash_table_new_full(g_str_hash, g_str_equal, NULL, job_free);
+	r->workers = g_ptr_array_new();
+	for (guint i = 0; i < MAX(workers, 1); i++)
+		g_ptr_array_add(r->workers,
+		                g_thread_new("am-worker", worker_main, r));
+	r->scanner = g_thread_new("am-scanner", scanner_main, r);
+	am_log_info("spool %s: %u worker(s)", am_spool_get_dir(spool),
+	            r->workers->len);
+	return r;
+}
+
+AmRunner *
+am_runner_start(AmSpool *spool, guint workers, GError **error)
+{
+	return am_runner_start_full(spool, workers, AM_RUNNER_SCAN_MS, error);
+}
+
+void
+am_runner_kick(AmRunner *runner, const char *id)
+{
+	Job *job;
+
+	g_return_if_fail(runner != NULL && id != NULL);
+	g_mutex_lock(&runner->lock);
+	job = g_hash_table_lookup(runner->jobs, id);
+	if (job == NULL)
+		job_add(runner, id, g_get_real_time());
+	else if (job->busy)
+		job->kicked = TRUE;
+	else if (job->due > g_get_real_time())
+		job_schedule(runner, job, g_get_real_time());
+	g_mutex_unlock(&runner->lock);
+}
+
+void
+am_runner_stop(AmRunner *runner)
+{
+	if (runner == NULL)
+		return;
+	g_mutex_lock(&runner->lock);
+	runner->stopping = TRUE;
+	g_cond_broadcast(&runner->cond);
+	g_mutex_unlock(&runner->lock);
+
+	g_thread_join(runner->scanner);
+	for (guint i = 0; i < runner->workers->len; i++)
+		g_thread_join(runner->workers->pdata[i]);
+	g_ptr_array_unref(runner->workers);
+	g_sequence_free(runner->due);
+	g_hash_table_unref(runner->jobs);
+	g_mutex_clear(&runner->lock);
+	g_cond_clear(&runner->cond);
+	g_free(runner);
+}
