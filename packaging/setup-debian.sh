@@ -12,6 +12,7 @@ PKGS="
 	build-essential meson ninja-build pkg-config
 	libglib2.0-dev libglib2.0-bin libssl-dev libmilter-dev
 	postfix openssl python3 clang libclang-rt-14-dev
+	sasl2-bin libsasl2-modules libsasl2-modules-db
 	clang-format procps iproute2 util-linux time
 "
 

@@ -469,6 +469,8 @@ class SinkRelay:
         self.sock = None
         self.conns = set()
         self.thread = None
+        self.faults = {}
+        self.n_conns = self.n_mails = self.n_dots = 0
 
     def start(self):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -537,13 +539,45 @@ class SinkRelay:
         os.rename(base + ".eml.tmp", base + ".eml")
         return n
 
+    # Faults: set_faults() replaces the whole plan at once, so that a
+    # connection sees one plan or the next, never half of each.  Keys:
+    #   "greet": "none"      accept the connection, never greet
+    #   "MAIL", "DATA": REPLY    the reply to every MAIL / DATA
+    #   "RCPT": REPLY or {REGEX: REPLY}  every RCPT, or those whose
+    #                        argument matches REGEX (others: 250)
+    #   "DATA": "close-in-data"  354, then close after the first chunk
+    #   "DOT": REPLY, "stall" (never answer the final dot, keep the
+    #          connection until the client gives up) or "close"
+    # REPLY is "CODE TEXT".  A 2xx final-dot reply stores the message,
+    # any other reply or action stores nothing.
+
+    def set_faults(self, faults=None):
+        self.faults = dict(faults or {})
+
+    def stats(self):
+        """(connections accepted, MAIL commands, final dots seen)."""
+        with self.lock:
+            return (self.n_conns, self.n_mails, self.n_dots)
+
     def _serve(self, conn):
+        faults = self.faults
         try:
             conn.settimeout(120)
             f = conn.makefile("rb")
 
             def reply(text):
                 conn.sendall(text.encode() + b"\r\n")
+
+            def hold():
+                # Keep the connection, answer nothing, until the client
+                # closes it or stop() shuts it down.
+                while conn.recv(65536):
+                    pass
+            with self.lock:
+                self.n_conns += 1
+            if faults.get("greet") == "none":
+                hold()
+                return
             reply("220 %s ESMTP sink" % self.name)
             mail_from, rcpts = None, []
             while True:
@@ -560,20 +594,46 @@ class SinkRelay:
                 elif verb == "HELO":
                     reply("250 %s" % self.name)
                 elif verb == "MAIL":
+                    with self.lock:
+                        self.n_mails += 1
+                    if "MAIL" in faults:
+                        mail_from, rcpts = None, []
+                        reply(faults["MAIL"])
+                        if faults["MAIL"][:1] == "2":
+                            mail_from = cmd[5:]
+                        continue
                     mail_from, rcpts = cmd[5:], []
                     reply("250 2.1.0 Ok")
                 elif verb == "RCPT":
                     if mail_from is None:
                         reply("503 5.5.1 need MAIL")
                         continue
-                    rcpts.append(cmd[5:][3:] if cmd[5:8].upper() == "TO:"
-                                 else cmd[5:])
-                    reply("250 2.1.5 Ok")
+                    arg = cmd[5:]
+                    answer = "250 2.1.5 Ok"
+                    rule = faults.get("RCPT")
+                    if isinstance(rule, str):
+                        answer = rule
+                    elif isinstance(rule, dict):
+                        for rx, text in rule.items():
+                            if re.search(rx, arg):
+                                answer = text
+                                break
+                    if answer[:1] == "2":
+                        rcpts.append(arg[3:] if arg[:3].upper() == "TO:"
+                                     else arg)
+                    reply(answer)
                 elif verb == "DATA":
                     if not rcpts:
                         reply("554 5.5.1 no valid recipients")
                         continue
+                    data_fault = faults.get("DATA")
+                    if data_fault and data_fault != "close-in-data":
+                        reply(data_fault)
+                        continue
                     reply("354 go ahead")
+                    if data_fault == "close-in-data":
+                        f.readline()
+                        return
                     content = bytearray()
                     while True:
                         dl = f.readline()
@@ -584,8 +644,19 @@ class SinkRelay:
                         if dl.startswith(b"."):
                             dl = dl[1:]
                         content += dl
-                    n = self._store(mail_from, rcpts, bytes(content))
-                    reply("250 2.0.0 Ok: queued as S%d" % n)
+                    with self.lock:
+                        self.n_dots += 1
+                    dot = faults.get("DOT")
+                    if dot == "stall":
+                        hold()
+                        return
+                    if dot == "close":
+                        return
+                    if dot and dot[:1] != "2":
+                        reply(dot)
+                    else:
+                        n = self._store(mail_from, rcpts, bytes(content))
+                        reply("250 2.0.0 Ok: queued as S%d" % n)
                     mail_from, rcpts = None, []
                 elif verb == "RSET":
                     mail_from, rcpts = None, []
@@ -1172,12 +1243,14 @@ class World:
         if self.loop:
             transports[self.ARCHIVE_TO.split("@")[1]] = self.archive.port
         if self.milter_exe:
+            opts = dict(self.milter_opts)
+            archive_to = opts.pop("archive_to", self.ARCHIVE_TO)
             self.milter = Milter(self.milter_exe,
                                  os.path.join(self.workdir, "milter"),
                                  postfix_port if self.loop
-                                 else self.archive.port, self.ARCHIVE_TO,
+                                 else self.archive.port, archive_to,
                                  extra_conf=self.milter_extra_conf,
-                                 **self.milter_opts)
+                                 **opts)
             self.milter.start()
         self.postfix = Postfix(os.path.join(self.workdir, "postfix"),
                                self.main.port,
