@@ -296,7 +296,9 @@ print_spool(const AmConfig *config)
  * closed to group and others that we can write, or a missing one whose
  * parent lets us create it (one mkdir, no parents).  --check creates
  * nothing.  Only warnings: the daemon may run as another user, or the
- * file be checked on another machine.
+ * file be checked on another machine.  XXX: access() answers for the
+ * user running --check; run as root it always says writable, while the
+ * daemon may run as another user (there is no user key yet).
  */
 static void
 check_spool_dir(const char *dir)
