@@ -26,6 +26,10 @@
  * with SMTPUTF8 only when its original did, so a non-ASCII archive
  * address would fail the copy of every plain message.
  *
+ * XXX: an on_OUTCOME key sets one action for both a temporary and a
+ *      permanent failure of that outcome; only the defaults tell them
+ *      apart.  "Retry a 4xx refusal, hold a 5xx one" for a single
+ *      outcome cannot be written except by leaving the key unset.
  * XXX: host names are checked for form only (RFC 1123 labels, or an IP
  *      literal); whether they resolve is found out when connecting.
  *

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 BUILD=$ROOT/build-fuzz
 SECONDS_EACH=${1:-30}
-TARGETS="fuzz-reply fuzz-encoder"
+TARGETS="fuzz-reply fuzz-encoder fuzz-capture"
 
 # Step 1: configure once; a stale directory is set up again.
 if [ ! -f "$BUILD/meson-private/coredata.dat" ]; then

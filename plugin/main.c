@@ -2,6 +2,14 @@
  * main.c - archive-milter: options, start-up, --check
  *
  *   archive-milter -c FILE [-f] [-v] [--check]
+ *   archive-milter -c FILE --spool-list
+ *   archive-milter -c FILE --spool-retry ID|all
+ *
+ * The --spool-* commands work on the spool directory whether or not the
+ * daemon runs: every change of state there is one rename (spool.h).
+ * --spool-list prints counts for monitoring, then a line per copy;
+ * --spool-retry moves held copies back to the queue, where the daemon's
+ * next scan (every few seconds) finds them.
  *
  * Start-up opens the milter socket before anything else can go wrong
  * quietly: a socket that cannot be bound is a fatal error at once, and
@@ -29,6 +37,8 @@
 #include "conf.h"
 #include "log.h"
 #include "milter.h"
+#include "runner.h"
+#include "spool.h"
 
 /* Postfix's default milter_content_timeout: how long it waits for the
  * milter's answer to the end of a message. */
@@ -39,6 +49,8 @@ typedef struct {
 	gboolean foreground;
 	gboolean check;
 	gboolean verbose;
+	gboolean spool_list;
+	char *spool_retry; /* ID or "all"; NULL: not asked */
 } AmOptions;
 
 static int
@@ -53,6 +65,10 @@ parse_options(int argc, char **argv, AmOptions *opt)
 	     "check the configuration and exit", NULL},
 	    {"verbose", 'v', 0, G_OPTION_ARG_NONE, &opt->verbose,
 	     "log debug detail", NULL},
+	    {"spool-list", 0, 0, G_OPTION_ARG_NONE, &opt->spool_list,
+	     "list the copies in the spool and exit", NULL},
+	    {"spool-retry", 0, 0, G_OPTION_ARG_STRING, &opt->spool_retry,
+	     "move held copy ID (or all) back to the queue and exit", "ID|all"},
 	    {NULL, 0, 0, 0, NULL, NULL, NULL},
 	};
 	g_autoptr(GOptionContext) octx =
@@ -64,9 +80,14 @@ parse_options(int argc, char **argv, AmOptions *opt)
 		fprintf(stderr, "archive-milter: %s\n", error->message);
 		return EX_USAGE;
 	}
-	if (opt->config_path == NULL || argc > 1) {
+	if (opt->config_path == NULL || argc > 1 ||
+	    opt->check + opt->spool_list + (opt->spool_retry != NULL) > 1) {
 		fprintf(stderr, "usage: archive-milter -c FILE [-f] [-v] "
-		                "[--check]\n");
+		                "[--check | --spool-list | --spool-retry "
+		                "ID|all]\n");
+		/* Freed here: the tests run us under LeakSanitizer. */
+		g_clear_pointer(&opt->config_path, g_free);
+		g_clear_pointer(&opt->spool_retry, g_free);
 		return EX_USAGE;
 	}
 	return EX_OK;
@@ -278,7 +299,9 @@ print_spool(const AmConfig *config)
  * closed to group and others that we can write, or a missing one whose
  * parent lets us create it (one mkdir, no parents).  --check creates
  * nothing.  Only warnings: the daemon may run as another user, or the
- * file be checked on another machine.
+ * file be checked on another machine.  XXX: access() answers for the
+ * user running --check; run as root it always says writable, while the
+ * daemon may run as another user (there is no user key yet).
  */
 static void
 check_spool_dir(const char *dir)
@@ -468,23 +491,202 @@ open_socket(const char *spec)
 	return EX_OK;
 }
 
-static int
-run(AmConfig *config, const AmOptions *opt)
+/* ------------------------------------------------------------------ */
+/* --spool-list and --spool-retry                                       */
+/* ------------------------------------------------------------------ */
+
+/* The spool of @config, which the commands never create: a directory
+ * that is missing means a wrong spool_dir as often as an empty one. */
+static AmSpool *
+open_spool_for_command(const AmConfig *config, int *rc)
 {
 	g_autoptr(GError) error = NULL;
-	g_autoptr(AmContext) ctx = NULL;
-	AmArchiveKey *key;
+	AmSpool *spool;
+
+	if (!g_file_test(config->spool_dir, G_FILE_TEST_IS_DIR)) {
+		fprintf(stderr,
+		        "archive-milter: spool directory %s does not exist\n",
+		        config->spool_dir);
+		*rc = EX_NOINPUT;
+		return NULL;
+	}
+	spool = am_spool_open(config->spool_dir, 0, &error);
+	if (spool == NULL) {
+		fprintf(stderr, "archive-milter: %s\n", error->message);
+		*rc = EX_IOERR;
+	}
+	return spool;
+}
+
+/* Seconds since @t, never negative (a clock set back). */
+static gint64
+age_of(gint64 now, gint64 t)
+{
+	return now > t ? now - t : 0;
+}
+
+/* One line per copy; every field sanitized, so a hostile relay reply
+ * kept as last_error cannot add a line of its own. */
+static void
+print_entry(const AmSpoolEntry *e, gint64 now)
+{
+	g_autofree char *to = g_strjoinv(">,<", e->to);
+	const char *fields[] = {e->id,    e->rule,
+	                        e->relay, e->queue_id ? e->queue_id : "NOQUEUE",
+	                        to,       e->last_error ? e->last_error : ""};
+	char *c[G_N_ELEMENTS(fields)];
+
+	for (guint i = 0; i < G_N_ELEMENTS(fields); i++)
+		c[i] = am_log_sanitize(fields[i], 1000);
+	printf("%s %s age=%" G_GINT64_FORMAT
+	       " attempts=%u next=%" G_GINT64_FORMAT
+	       " rule=%s relay=%s queue_id=%s size=%" G_GUINT64_FORMAT
+	       " to=<%s> error=(%s)\n",
+	       c[0], e->state == AM_SPOOL_HELD ? "held" : "queued",
+	       age_of(now, e->created), e->attempts,
+	       e->next_attempt > now ? e->next_attempt - now : 0, c[1], c[2],
+	       c[3], e->size, c[4], c[5]);
+	for (guint i = 0; i < G_N_ELEMENTS(fields); i++)
+		g_free(c[i]);
+}
+
+/*
+ * The counts come first, one "key: value" each, so that a monitoring
+ * script reads them with one grep: queued, held, damaged (files that
+ * cannot be parsed: left for an administrator, never sent), and the
+ * age in seconds of the oldest queued and held copy (0: none).
+ */
+static int
+spool_list(const AmConfig *config)
+{
+	AmSpoolState states[] = {AM_SPOOL_QUEUED, AM_SPOOL_HELD};
+	GPtrArray *lists[2] = {NULL, NULL};
+	gint64 now = g_get_real_time() / G_USEC_PER_SEC;
+	gint64 oldest[2] = {0, 0};
+	guint damaged = 0;
+	g_autoptr(AmSpool) spool = NULL;
+	int rc = EX_OK;
+
+	if ((spool = open_spool_for_command(config, &rc)) == NULL)
+		return rc;
+	for (guint i = 0; i < 2 && rc == EX_OK; i++) {
+		g_autoptr(GError) error = NULL;
+		g_autoptr(GPtrArray) ids = NULL;
+
+		ids = am_spool_list_ids(spool, states[i], &error);
+		if (ids != NULL)
+			lists[i] = am_spool_list(spool, states[i], &error);
+		if (lists[i] == NULL) {
+			fprintf(stderr, "archive-milter: %s\n", error->message);
+			rc = EX_IOERR;
+			break;
+		}
+		/* A copy that moved between the two looks is not damaged;
+		 * the count may be off by such a copy, never more. */
+		if (ids->len > lists[i]->len)
+			damaged += ids->len - lists[i]->len;
+		if (lists[i]->len > 0)
+			oldest[i] = age_of(
+			    now, ((AmSpoolEntry *)lists[i]->pdata[0])->created);
+	}
+	if (rc == EX_OK) {
+		printf("queued: %u\nheld: %u\ndamaged: %u\n"
+		       "oldest_queued_age: %" G_GINT64_FORMAT "\n"
+		       "oldest_held_age: %" G_GINT64_FORMAT "\n",
+		       lists[0]->len, lists[1]->len, damaged, oldest[0],
+		       oldest[1]);
+		for (guint i = 0; i < 2; i++)
+			for (guint j = 0; j < lists[i]->len; j++)
+				print_entry(lists[i]->pdata[j], now);
+	}
+	for (guint i = 0; i < 2; i++)
+		if (lists[i] != NULL)
+			g_ptr_array_unref(lists[i]);
+	return rc;
+}
+
+static int
+spool_retry(const AmConfig *config, const char *id)
+{
+	g_autoptr(AmSpool) spool = NULL;
+	g_autoptr(GError) error = NULL;
+	guint count = 0;
+	int rc = EX_OK;
+
+	if ((spool = open_spool_for_command(config, &rc)) == NULL)
+		return rc;
+	if (am_spool_release(spool, id, &count, &error)) {
+		if (strcmp(id, "all") == 0)
+			printf("released %u held cop%s\n", count,
+			       count == 1 ? "y" : "ies");
+		else
+			printf("released %s\n", id);
+		return EX_OK;
+	}
+	if (count > 0)
+		printf("released %u held cop%s before the error\n", count,
+		       count == 1 ? "y" : "ies");
+	if (g_error_matches(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND)) {
+		g_autofree char *clean = am_log_sanitize(id, 200);
+
+		fprintf(stderr, "archive-milter: no held copy %s in %s\n",
+		        clean, config->spool_dir);
+		return EX_NOINPUT;
+	}
+	fprintf(stderr, "archive-milter: %s\n", error->message);
+	if (g_error_matches(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FORMAT))
+		return EX_DATAERR;
+	if (g_error_matches(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FULL))
+		return EX_TEMPFAIL;
+	return EX_IOERR;
+}
+
+/* ------------------------------------------------------------------ */
+/* The daemon                                                           */
+/* ------------------------------------------------------------------ */
+
+/* The pid file, written after detaching, so that it names the daemon. */
+static gboolean
+write_pid_file(const char *path)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *text = NULL;
+
+	if (path == NULL)
+		return TRUE;
+	text = g_strdup_printf("%ld\n", (long)getpid());
+	if (g_file_set_contents_full(
+	        path, text, -1, G_FILE_SET_CONTENTS_CONSISTENT, 0644, &error))
+		return TRUE;
+	am_log_error("cannot write pid_file: %s", error->message);
+	return FALSE;
+}
+
+/* The steps of start-up that can fail before we serve: the key, the
+ * spool, the socket, detaching, the pid file.  The runner starts after
+ * daemon(), since threads do not survive its fork. */
+static int
+start(AmContext *ctx, AmSpool **spool, const AmOptions *opt)
+{
+	const AmConfig *config = ctx->config;
+	g_autoptr(GError) error = NULL;
 	int rc;
 
-	/* Step 1: the secret behind X-Archive-Id. */
-	key = am_archive_key_load(config->archive_id_key_file, &error);
-	if (key == NULL) {
-		am_log_error("%s", error->message);
-		am_config_free(config);
-		return EX_CONFIG;
+	/* Step 1: the spool, which every copy that is not confirmed at
+	 * once needs; without it no promise to the MTA can be kept. */
+	*spool =
+	    am_spool_open(config->spool_dir, config->spool_min_free, &error);
+	if (*spool == NULL) {
+		am_log_error("cannot open spool_dir %s: %s", config->spool_dir,
+		             error->message);
+		return EX_CANTCREAT;
 	}
-	ctx = am_context_new(config, key);
-	am_milter_set_context(ctx);
+	ctx->spool = *spool;
+	if (!am_spool_is_exclusive(*spool))
+		am_log_warning("spool_dir %s is open in another process; a "
+		               "second archive-milter on it would send copies "
+		               "twice",
+		               config->spool_dir);
 
 	/* Step 2: the socket, so a bind error ends us now. */
 	if (!am_milter_register(&error)) {
@@ -497,13 +699,60 @@ run(AmConfig *config, const AmOptions *opt)
 		am_log_error("cannot detach: %s", g_strerror(errno));
 		return EX_OSERR;
 	}
-	am_log_info("ready: listening on %s, %u rule(s)", config->socket,
-	            config->rules->len);
+	if (!write_pid_file(config->pid_file))
+		return EX_CANTCREAT;
+	return EX_OK;
+}
 
-	/* Step 3: serve until libmilter's signal thread says stop. */
+static int
+run(AmConfig *config, const AmOptions *opt)
+{
+	g_autoptr(GError) error = NULL;
+	g_autoptr(AmSpool) spool = NULL;
+	g_autoptr(AmContext) ctx = NULL;
+	AmRunner *runner;
+	AmArchiveKey *key;
+	char *pid_file;
+	int rc;
+
+	/* Step 1: the secret behind X-Archive-Id. */
+	key = am_archive_key_load(config->archive_id_key_file, &error);
+	if (key == NULL) {
+		am_log_error("%s", error->message);
+		am_config_free(config);
+		return EX_CONFIG;
+	}
+	ctx = am_context_new(config, key);
+	am_milter_set_context(ctx);
+
+	/* Step 2: spool, socket, pid file; then the workers. */
+	if ((rc = start(ctx, &spool, opt)) != EX_OK) {
+		am_milter_set_context(NULL);
+		return rc;
+	}
+	pid_file = g_strdup(config->pid_file);
+	runner = am_runner_start(spool, config->workers, &error);
+	if (runner == NULL) {
+		am_log_error("cannot start the spool workers: %s",
+		             error->message);
+		rc = EX_OSERR;
+		goto out;
+	}
+	ctx->runner = runner;
+	am_log_info("ready: listening on %s, %u rule(s), spool %s",
+	            config->socket, config->rules->len, config->spool_dir);
+
+	/* Step 3: serve until libmilter's signal thread says stop; copies
+	 * being sent finish, the rest wait in the spool for next time. */
 	rc = smfi_main() == MI_SUCCESS ? EX_OK : EX_SOFTWARE;
+	ctx->runner = NULL;
+	am_runner_stop(runner);
 	am_log_info("stopped");
+out:
 	am_milter_set_context(NULL);
+	if (pid_file != NULL)
+		unlink(pid_file);
+	g_free(pid_file);
 	return rc;
 }
 
@@ -527,6 +776,14 @@ main(int argc, char **argv)
 	/* --check ends here; the path is freed on every way out, as the
 	 * tests run the daemon under LeakSanitizer. */
 	config = load_config(opt.config_path, opt.check);
+	if (config != NULL && (opt.spool_list || opt.spool_retry != NULL)) {
+		rc = opt.spool_list ? spool_list(config)
+		                    : spool_retry(config, opt.spool_retry);
+		am_config_free(config);
+		g_free(opt.spool_retry);
+		g_free(opt.config_path);
+		return rc;
+	}
 	if (config == NULL || opt.check) {
 		rc = config != NULL ? EX_OK : EX_CONFIG;
 		if (config != NULL)

@@ -10,6 +10,11 @@
  * a kick that was lost are all found; only names are listed, the files
  * are read by the worker that takes the job.
  *
+ * The policy of the copy's rule decides after a failure: tempfail or
+ * spool mean retry; anything else (accept, and reject for a sync rule
+ * whose copy reached the spool: the original was accepted long ago)
+ * means hold, since a copy is never dropped.
+ *
  * The spool's files hold the truth (next attempt, attempts, addresses
  * still due); the table only says when to look again.  A job whose
  * file has gone (confirmed, held or removed by someone else) is
@@ -21,6 +26,8 @@
  * XXX: a file that cannot be parsed is parked until the next start,
  * logged once, and left where it is for an administrator.
  */
+#include <pthread.h>
+#include <signal.h>
 #include <string.h>
 
 #include "deliver.h"
@@ -460,6 +467,7 @@ am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
                      GError **error)
 {
 	AmRunner *r = g_new0(AmRunner, 1);
+	sigset_t all, old;
 
 	(void)error;
 	g_return_val_if_fail(spool != NULL, NULL);
@@ -471,10 +479,18 @@ am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
 	r->jobs =
 	    g_hash_table_new_full(g_str_hash, g_str_equal, NULL, job_free);
 	r->workers = g_ptr_array_new();
+
+	/* libmilter waits for SIGTERM, SIGHUP and SIGINT in a thread of
+	 * its own with sigwait(), which works only when every other
+	 * thread blocks them: a worker that took SIGTERM would end the
+	 * process at once.  Threads inherit the mask they are made with. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
 	for (guint i = 0; i < MAX(workers, 1); i++)
 		g_ptr_array_add(r->workers,
 		                g_thread_new("am-worker", worker_main, r));
 	r->scanner = g_thread_new("am-scanner", scanner_main, r);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	am_log_info("spool %s: %u worker(s)", am_spool_get_dir(spool),
 	            r->workers->len);
 	return r;
