@@ -10,6 +10,11 @@
  * a kick that was lost are all found; only names are listed, the files
  * are read by the worker that takes the job.
  *
+ * The policy of the copy's rule decides after a failure: tempfail or
+ * spool mean retry; anything else (accept, and reject for a sync rule
+ * whose copy reached the spool: the original was accepted long ago)
+ * means hold, since a copy is never dropped.
+ *
  * The spool's files hold the truth (next attempt, attempts, addresses
  * still due); the table only says when to look again.  A job whose
  * file has gone (confirmed, held or removed by someone else) is

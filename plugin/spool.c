@@ -299,6 +299,12 @@ am_spool_get_dir(const AmSpool *spool)
 	return spool->dir;
 }
 
+gboolean
+am_spool_is_exclusive(const AmSpool *spool)
+{
+	return spool->owner;
+}
+
 /* ------------------------------------------------------------------ */
 /* Writing a copy                                                       */
 /* ------------------------------------------------------------------ */

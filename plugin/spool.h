@@ -100,6 +100,14 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmSpool, am_spool_close)
 const char *am_spool_get_dir(const AmSpool *spool);
 
 /*
+ * am_spool_is_exclusive: whether no other process had the spool open
+ * when @spool was opened (a lock file, DIR/lock, says so).  Only then
+ * were leftovers in tmp/ removed.  The daemon warns when it is not:
+ * two daemons on one spool would send copies twice.
+ */
+gboolean am_spool_is_exclusive(const AmSpool *spool);
+
+/*
  * am_spool_put: write @entry and the raw bytes of @msg (its segments
  * as they are, not SMTP-encoded) durably into queue/ or hold/ as
  * @state says.  FULL when the free space is below the floor or the

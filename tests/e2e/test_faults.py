@@ -622,14 +622,14 @@ def relay_case(env, c, name, faults, temporary, partial):
         # kept in hold/, not retried, not dropped.
         def held():
             hd = spool_copies(env.milter, "hold")
-            return all(m.mid in hd for m in msgs if m.accepted)
+            return all(m.mid in hd for m in msgs)
         try:
             h.wait_for(held, bound(WAIT), "copies in hold/")
         except h.Timeout:
             pass
         hd = spool_copies(env.milter, "hold")
         q = spool_copies(env.milter, "queue")
-        c.ok(all(m.mid in hd for m in msgs if m.accepted), name,
+        c.ok(all(m.mid in hd for m in msgs), name,
              "permanent refusal: the copy is kept in hold/",
              "not in hold/: %s; in queue/: %s\nmilter log tail:\n%s"
              % ([m.mid for m in msgs if m.mid not in hd], sorted(q),

@@ -704,7 +704,9 @@ test_leftovers(Fixture *f, gconstpointer data)
 	(void)data;
 	write_file(f, "tmp", "am1.half", "archive-milter-spool 1\nid: am1");
 	write_file(f, "state", ".am1.x.AB12CD", "half");
+	g_assert_true(am_spool_is_exclusive(first));
 	second = open_spool(f, 0);
+	g_assert_false(am_spool_is_exclusive(second));
 	g_assert_cmpuint(count_files(f, "tmp"), ==, 1);
 	am_spool_close(second);
 	am_spool_close(first);
