@@ -786,6 +786,8 @@ def report(setups, results, rounds, args):
         log("%-12s RSS start %s, after round 1 %s, middle %s, end %s, "
             "peak %s" % (s.name, rss.get("start"), rows[0]["rss_end"],
                          mid, rows[-1]["rss_end"], peak))
+        log("%-12s RSS after each round: %s KiB" % (
+            s.name, " ".join(str(x["rss_end"]) for x in rows)))
         log("%-12s CPU %s us/msg" % (
             s.name, spread([x["milter_cpu_us"] for x in rows], "%.0f")))
         if s.name in ("sync", "spool"):
