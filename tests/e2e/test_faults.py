@@ -834,6 +834,11 @@ def full_case(env, c):
             c.ok(400 <= (big.code or 0) < 500, name,
                  "a copy larger than the free space (%d octets) "
                  "tempfails the original" % free, repr(big))
+            try:
+                h.wait_for(lambda: not env.milter.spool_files("tmp"),
+                           bound(5), "tmp/ to be empty")
+            except h.Timeout:
+                pass
             tmp = env.milter.spool_files("tmp")
             c.ok(not tmp, name, "the failed write leaves nothing in tmp/",
                  "tmp/: %s" % tmp)
