@@ -521,11 +521,13 @@ rule_sync(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	} else {
 		apply_accept(ctx, rule, env, msg, d, actions, r);
 	}
-	r->detail = g_strdup_printf(
-	    "%s: %s -> %s%s", rule->name, am_outcome_name(d->outcome), names,
-	    r->action == AM_VERDICT_TEMPFAIL && !(actions & AM_ACTION_TEMPFAIL)
-	        ? " (spool failed: tempfail)"
-	        : "");
+	r->detail = g_strdup_printf("%s: %s -> %s%s, id=%s", rule->name,
+	                            am_outcome_name(d->outcome), names,
+	                            r->action == AM_VERDICT_TEMPFAIL &&
+	                                    !(actions & AM_ACTION_TEMPFAIL)
+	                                ? " (spool failed: tempfail)"
+	                                : "",
+	                            r->id);
 }
 
 /* Build the copy of @rule and deal with it as the rule says. */
@@ -844,8 +846,12 @@ cb_negotiate(SMFICTX *mctx, unsigned long f0, unsigned long f1,
 	(void)f2;
 	(void)f3;
 
+	/* The actions we use: X-Archive-Status, the hold queue, and our
+	 * own macro lists.  Asking for none (0) makes libmilter refuse
+	 * smfi_addheader and smfi_quarantine at end of message. */
+	*pf0 = f0 & (SMFIF_ADDHDRS | SMFIF_QUARANTINE | SMFIF_SETSYMLIST);
+
 	/* Values with their own leading space keep headers byte-exact. */
-	*pf0 = 0;
 	*pf1 = (f1 & SMFIP_HDR_LEADSPC) | (f1 & skip);
 	*pf2 = 0;
 	*pf3 = 0;

@@ -151,7 +151,9 @@ SmtpMessage *am_spool_message(AmSpool *spool, const AmSpoolEntry *entry,
 gboolean am_spool_update(AmSpool *spool, const AmSpoolEntry *entry,
                          GError **error);
 
-/* am_spool_remove: the copy was confirmed: delete it and its state. */
+/* am_spool_remove: the copy was confirmed (or withdrawn): delete it,
+ * from queue/ or hold/, and its state.  An id already gone is no
+ * error: a second process may have removed it. */
 gboolean am_spool_remove(AmSpool *spool, const char *id, GError **error);
 
 /* am_spool_hold: move a queued copy to hold/, recording @reason. */
