@@ -325,7 +325,8 @@ class Env:
         import tempfile
         workdir = tempfile.mkdtemp(prefix="archive-faults-")
         os.chmod(workdir, 0o755)
-        h.WATCHDOG.tell("rmtree", workdir)
+        if not self.args.keep:
+            h.WATCHDOG.tell("rmtree", workdir)
         self.workdir = workdir
         spool = self.try_mount(workdir)
         milter_keys = {}
