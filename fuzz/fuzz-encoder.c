@@ -18,7 +18,9 @@
  *    lone CR and lone LF made CRLF, and a CRLF added after an open last
  *    line;
  * 5. the same input fed to a fresh encoder in one piece gives the same
- *    bytes: the encoder's state must carry across every cut.
+ *    bytes: the encoder's state must carry across every cut;
+ * 6. smtp_message_get_wire_size() (what SIZE= announces) is exactly the
+ *    octets before the final ".CRLF".
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -185,7 +187,16 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	    memcmp(body->data, expect->data, body->len) != 0)
 		abort();
 
-	/* Step 4: invariant 5, the cuts change nothing. */
+	/* Step 4: invariant 6, the counted size. */
+	{
+		guint64 wire_size = 0;
+
+		if (!smtp_message_get_wire_size(msg, &wire_size, &error) ||
+		    wire_size != sink.out->len - 3)
+			abort();
+	}
+
+	/* Step 5: invariant 5, the cuts change nothing. */
 	whole.out = g_byte_array_new();
 	smtp_encoder_init(&whole.enc);
 	smtp_encoder_feed(&whole.enc, data, size, whole.out);

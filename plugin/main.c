@@ -85,6 +85,9 @@ parse_options(int argc, char **argv, AmOptions *opt)
 		fprintf(stderr, "usage: archive-milter -c FILE [-f] [-v] "
 		                "[--check | --spool-list | --spool-retry "
 		                "ID|all]\n");
+		/* Freed here: the tests run us under LeakSanitizer. */
+		g_clear_pointer(&opt->config_path, g_free);
+		g_clear_pointer(&opt->spool_retry, g_free);
 		return EX_USAGE;
 	}
 	return EX_OK;
@@ -679,6 +682,11 @@ start(AmContext *ctx, AmSpool **spool, const AmOptions *opt)
 		return EX_CANTCREAT;
 	}
 	ctx->spool = *spool;
+	if (!am_spool_is_exclusive(*spool))
+		am_log_warning("spool_dir %s is open in another process; a "
+		               "second archive-milter on it would send copies "
+		               "twice",
+		               config->spool_dir);
 
 	/* Step 2: the socket, so a bind error ends us now. */
 	if (!am_milter_register(&error)) {

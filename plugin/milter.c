@@ -5,18 +5,67 @@
  * order; the state of a connection lives in its private data (AmSession)
  * and that of a message is reset at MAIL, at abort and after EOM.  All
  * archive work happens at end of message, when the envelope and the
- * whole message are known: copies go out synchronously there, so the
- * original is accepted only after the relay took every copy (or the
- * rule says to accept anyway).
+ * whole message are known (am_milter_archive), and its result, an
+ * AmVerdict, is applied by cb_eom.
+ *
+ * The policy table, per rule that selected the message; each copy gets
+ * its X-Archive-Id once, which is also its spool file name:
+ *   delivery = spool   the copy goes into the spool's queue/ (fsynced)
+ *                      before we answer; if the spool cannot take it,
+ *                      451 4.3.0 "archive spool full" (or "archive
+ *                      spool unavailable: WHY").
+ *   delivery = sync    the copy is sent now; am_rule_action() maps its
+ *                      outcome to actions:
+ *     accept[+header]  the original is accepted; a copy the relay did
+ *                      not confirm goes to hold/ (only the addresses it
+ *                      refused), logged at error level per address; if
+ *                      hold/ cannot take it, 451 instead.
+ *     spool[+quarantine][+header]
+ *                      the same into queue/ for the runner, its first
+ *                      attempt counted so that the backoff starts from
+ *                      it; +quarantine puts the original on Postfix's
+ *                      hold queue, reason "archive copy OUTCOME;
+ *                      spooled; X-Archive-Id=ID".
+ *     header           X-Archive-Status on the original: "OUTCOME;
+ *                      id=ID" when sent, "OUTCOME; spooled; id=ID" or
+ *                      "OUTCOME; held; id=ID" otherwise (OUTCOME as in
+ *                      the on_OUTCOME keys: sent, unreachable...).
+ *     tempfail         451 4.3.0 "archive copy failed: REPLY".
+ *     reject           550 with the copy's dsn made permanent (the
+ *                      relay's enhanced code, 4.X.Y becoming 5.X.Y;
+ *                      else the class's X.0.0 or the failure's, as in
+ *                      the log line), and reject_text or "archive copy
+ *                      refused: REPLY".
+ * Several rules: reject beats tempfail beats accept, and the client
+ * gets the reply of the first rule with the winning action; headers
+ * add up; quarantine when any rule asks.  When the original is not
+ * accepted, copies this message put in the spool are withdrawn (the
+ * client sends it again, with new copies), and each copy a relay
+ * already took is logged with its X-Archive-Id.  When it is accepted,
+ * queued copies are handed to the runner.  The decision line names
+ * every copy's id, so that it can be matched with the archive.
  *
  * Bad input from the MTA is never an assertion: it tempfails the
  * message with a 451 that says why.
  *
- * Known limits: XXX: no spool yet (issue 4): a copy that fails is
- * either tempfailed with the original or lost, as on_failure says.  A
- * recipient that a later milter removes is still in the journal.
- * Memory allocation failures abort the process (GLib's g_malloc); the
- * MTA then applies milter_default_action, which should be tempfail.
+ * After EOM we cannot tell whether the MTA kept the original: seen with
+ * Postfix 3.7 and a second milter that rejects at end of message,
+ * Postfix sends SMFIC_ABORT to every milter after every end of message,
+ * accepted or not, and libmilter does not call xxfi_abort after
+ * xxfi_eom anyway; our milter then sees only the close (or the next
+ * MAIL), exactly as for an accepted message.  So "copy confirmed, the
+ * original then rejected by another milter" cannot be logged here; the
+ * Postfix line "QUEUEID: milter-reject: END-OF-MESSAGE" and our
+ * decision line for the same QUEUEID (with each X-Archive-Id) match it
+ * up.  A client that disconnects after its final dot does not make a
+ * mismatch: Postfix queues the message before it replies.
+ *
+ * Known limits: XXX: a copy confirmed for an original that a later
+ * milter or Postfix itself then refuses stays in the archive, and is
+ * logged as such only through the queue id, as above.  A recipient
+ * that a later milter removes is still in the journal.  Memory
+ * allocation failures abort the process (GLib's g_malloc); the MTA then
+ * applies milter_default_action, which should be tempfail.
  */
 #include <arpa/inet.h>
 #include <libmilter/mfapi.h>
@@ -28,6 +77,8 @@
 #include "log.h"
 #include "milter.h"
 #include "rules.h"
+#include "runner.h"
+#include "spool.h"
 
 /* Longest relay text put into our reply to the MTA's client. */
 #define REPLY_REASON_MAX 200
@@ -188,29 +239,259 @@ log_delivery(const AmEnvelope *env, const AmDelivery *d)
 	}
 }
 
-/* Build, send and log one copy; FALSE (and @reason) when it failed. */
-static gboolean
-copy_one(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
-         AmCapture *cap, char **reason)
+static const char *
+qid(const AmEnvelope *env)
 {
-	g_autofree char *id = am_archive_id_new(ctx->key);
-	g_autoptr(GError) error = NULL;
-	g_autoptr(SmtpMessage) msg = NULL;
-	g_autoptr(AmDelivery) d = NULL;
-	AmCopyRequest req;
+	return env->queue_id ? env->queue_id : "NOQUEUE";
+}
 
-	msg = am_journal_build(env, id, cap, &error);
-	if (msg == NULL) {
-		am_log_error("%s: rule %s: cannot build copy: %s",
-		             env->queue_id ? env->queue_id : "NOQUEUE",
-		             rule->name, error->message);
-		*reason = g_strdup(error->message);
+/*
+ * What one rule did with its copy, before the rules are combined.
+ * @spooled: the copy is in the spool (@state says where), to be
+ * withdrawn if the original is not accepted after all.
+ */
+typedef struct {
+	AmVerdictAction action;
+	char *rcode, *xcode, *text; /* for tempfail and reject */
+	char *header;               /* X-Archive-Status value, or NULL */
+	char *quarantine;           /* reason, or NULL */
+	char *id;                   /* X-Archive-Id of the copy */
+	gboolean sent;   /* the relay holds the copy, for some address */
+	gboolean failed; /* not every address confirmed or queued */
+	gboolean spooled;
+	AmSpoolState state;
+	char *detail; /* for the decision line */
+} RuleResult;
+
+static void
+rule_result_clear(RuleResult *r)
+{
+	g_free(r->rcode);
+	g_free(r->xcode);
+	g_free(r->text);
+	g_free(r->header);
+	g_free(r->quarantine);
+	g_free(r->id);
+	g_free(r->detail);
+}
+
+static void
+result_tempfail(RuleResult *r, const char *text)
+{
+	r->action = AM_VERDICT_TEMPFAIL;
+	r->rcode = g_strdup("451");
+	r->xcode = g_strdup("4.3.0");
+	r->text = g_strdup(text);
+}
+
+/* The 451 text for a copy the spool could not take. */
+static char *
+spool_failure_text(const GError *error)
+{
+	if (g_error_matches(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FULL))
+		return g_strdup("archive spool full");
+	return g_strdup_printf("archive spool unavailable: %s", error->message);
+}
+
+/*
+ * Write the copy @id of @msg into the spool for @to, in @state.  A
+ * copy that already failed once (@d) carries that attempt, so the
+ * runner's backoff starts from it rather than trying again at once.
+ */
+static gboolean
+spool_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
+           const char *id, SmtpMessage *msg, const char *const *to,
+           AmSpoolState state, const AmDelivery *d, GError **error)
+{
+	gint64 now = g_get_real_time() / G_USEC_PER_SEC;
+	AmSpoolEntry entry = {
+	    .id = (char *)id,
+	    .queue_id = env->queue_id,
+	    .rule = rule->name,
+	    .relay = rule->relay->name,
+	    .from = rule->archive_from ? rule->archive_from : (char *)"",
+	    .to = (char **)to,
+	    .smtputf8 = env->smtputf8,
+	    .eightbit = env->eightbit,
+	    .created = now,
+	    .state = state,
+	};
+
+	if (ctx->spool == NULL) {
+		g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO,
+		            "no spool configured");
 		return FALSE;
 	}
-	am_log_debug("milter: %s: rule %s: X-Archive-Id %s",
-	             env->queue_id ? env->queue_id : "NOQUEUE", rule->name, id);
+	if (d != NULL) {
+		entry.attempts = 1;
+		entry.last_error = d->reason;
+		if (state == AM_SPOOL_QUEUED)
+			entry.next_attempt =
+			    now + MAX(ctx->config->spool_retry_min_s, 1);
+	}
+	return am_spool_put(ctx->spool, &entry, msg, state, error);
+}
 
-	req = (AmCopyRequest){
+/* delivery = spool: the copy into queue/, fsynced before we answer. */
+static void
+rule_spool(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
+           SmtpMessage *msg, RuleResult *r)
+{
+	g_autoptr(GError) error = NULL;
+
+	if (!spool_copy(ctx, rule, env, r->id, msg,
+	                (const char *const *)rule->archive_to, AM_SPOOL_QUEUED,
+	                NULL, &error)) {
+		g_autofree char *text = spool_failure_text(error);
+
+		am_log_error("%s: rule %s: cannot spool copy %s: %s", qid(env),
+		             rule->name, r->id, error->message);
+		result_tempfail(r, text);
+		r->failed = TRUE;
+		r->detail = g_strdup_printf("%s: %s", rule->name, text);
+		return;
+	}
+	r->action = AM_VERDICT_ACCEPT;
+	r->spooled = TRUE;
+	r->state = AM_SPOOL_QUEUED;
+	am_log_info("%s: rule=%s, X-Archive-Id=%s, status=queued", qid(env),
+	            rule->name, r->id);
+	r->detail = g_strdup_printf("%s: queued, id=%s", rule->name, r->id);
+}
+
+/* The enhanced code of a reject: the copy's dsn, made permanent, since
+ * a 4xx from the relay that the policy rejects on is final for us. */
+static char *
+reject_xcode(const AmDelivery *d)
+{
+	guint i;
+
+	for (i = 0; i < d->rcpts->len; i++) {
+		const AmRcptOutcome *o = d->rcpts->pdata[i];
+
+		if (o->status != AM_STATUS_SENT && o->dsn != NULL &&
+		    o->dsn[0] != '\0' && o->dsn[1] == '.')
+			return g_strdup_printf("5%s", o->dsn + 1);
+	}
+	return g_strdup("5.0.0");
+}
+
+static void
+result_reject(RuleResult *r, const AmRule *rule, const AmDelivery *d)
+{
+	r->action = AM_VERDICT_REJECT;
+	r->rcode = g_strdup("550");
+	r->xcode = reject_xcode(d);
+	if (rule->reject_text != NULL)
+		r->text = g_strdup(rule->reject_text);
+	else
+		r->text = g_strdup_printf("archive copy refused: %s",
+		                          d->reason ? d->reason : "failed");
+}
+
+/* The addresses a copy still owes: those the relay did not take. */
+static GPtrArray *
+unconfirmed(const AmDelivery *d)
+{
+	GPtrArray *to = g_ptr_array_new();
+	guint i;
+
+	for (i = 0; i < d->rcpts->len; i++) {
+		const AmRcptOutcome *o = d->rcpts->pdata[i];
+
+		if (o->status != AM_STATUS_SENT)
+			g_ptr_array_add(to, o->address);
+	}
+	g_ptr_array_add(to, NULL);
+	return to;
+}
+
+/* One line per address the spool keeps; hold/ needs a human: error. */
+static void
+log_kept(const AmEnvelope *env, const AmRule *rule, const AmDelivery *d,
+         const char *id, AmSpoolState state)
+{
+	guint i;
+
+	for (i = 0; i < d->rcpts->len; i++) {
+		const AmRcptOutcome *o = d->rcpts->pdata[i];
+		g_autofree char *addr = NULL;
+		g_autofree char *reply = NULL;
+
+		if (o->status == AM_STATUS_SENT)
+			continue;
+		addr = am_log_sanitize(o->address, 256);
+		reply = am_log_sanitize(o->reply, 256);
+		if (state == AM_SPOOL_HELD)
+			am_log_error("%s: archive=<%s>, rule=%s, "
+			             "X-Archive-Id=%s, status=held (%s)",
+			             qid(env), addr, rule->name, id, reply);
+		else
+			am_log_warning("%s: archive=<%s>, rule=%s, "
+			               "X-Archive-Id=%s, status=queued (%s)",
+			               qid(env), addr, rule->name, id, reply);
+	}
+}
+
+/*
+ * The accepting actions (accept, spool, each maybe with quarantine and
+ * header): a copy the relay did not confirm must be in the spool before
+ * the original is accepted, in queue/ for spool, in hold/ for accept;
+ * only the addresses the relay did not take.  If the spool cannot take
+ * it, the original is tempfailed instead: nothing is lost.
+ */
+static void
+apply_accept(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
+             SmtpMessage *msg, const AmDelivery *d, guint actions,
+             RuleResult *r)
+{
+	const char *outcome = am_outcome_name(d->outcome);
+	const char *kept = NULL;
+
+	if (d->outcome != AM_OUTCOME_SENT) {
+		g_autoptr(GPtrArray) to = unconfirmed(d);
+		g_autoptr(GError) error = NULL;
+		AmSpoolState state = (actions & AM_ACTION_SPOOL)
+		                         ? AM_SPOOL_QUEUED
+		                         : AM_SPOOL_HELD;
+
+		if (!spool_copy(ctx, rule, env, r->id, msg,
+		                (const char *const *)to->pdata, state, d,
+		                &error)) {
+			g_autofree char *text = spool_failure_text(error);
+
+			am_log_error("%s: rule %s: copy %s not confirmed "
+			             "(%s) and cannot be spooled: %s",
+			             qid(env), rule->name, r->id, outcome,
+			             error->message);
+			result_tempfail(r, text);
+			return;
+		}
+		r->spooled = TRUE;
+		r->state = state;
+		kept = state == AM_SPOOL_QUEUED ? "spooled" : "held";
+		log_kept(env, rule, d, r->id, state);
+	}
+
+	r->action = AM_VERDICT_ACCEPT;
+	if (actions & AM_ACTION_HEADER)
+		r->header = kept ? g_strdup_printf("%s; %s; id=%s", outcome,
+		                                   kept, r->id)
+		                 : g_strdup_printf("%s; id=%s", outcome, r->id);
+	if ((actions & AM_ACTION_QUARANTINE) && kept != NULL)
+		r->quarantine =
+		    g_strdup_printf("archive copy %s; %s; X-Archive-Id=%s",
+		                    outcome, kept, r->id);
+}
+
+/* delivery = sync: send now; the rule's policy acts on the outcome. */
+static void
+rule_sync(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
+          SmtpMessage *msg, RuleResult *r)
+{
+	g_autoptr(AmDelivery) d = NULL;
+	g_autofree char *names = NULL;
+	AmCopyRequest req = {
 	    .relay = rule->relay,
 	    .from = rule->archive_from ? rule->archive_from : "",
 	    .to = (const char *const *)rule->archive_to,
@@ -218,27 +499,179 @@ copy_one(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	    .smtputf8 = env->smtputf8,
 	    .eightbit = env->eightbit,
 	};
+	guint actions;
+
+	/* Step 1: the copy, one log line per archive address. */
 	d = am_deliver(ctx->pool, &req);
 	log_delivery(env, d);
-	if (d->status == AM_STATUS_SENT)
-		return TRUE;
-	*reason = g_strdup(d->reason);
-	return FALSE;
+	r->sent = d->outcome == AM_OUTCOME_SENT ||
+	          d->outcome == AM_OUTCOME_SOME_REFUSED;
+	r->failed = d->outcome != AM_OUTCOME_SENT;
+
+	/* Step 2: the policy. */
+	actions = am_rule_action(rule, d->outcome, d->temporary);
+	names = am_action_format(actions);
+	if (actions & AM_ACTION_REJECT) {
+		result_reject(r, rule, d);
+	} else if (actions & AM_ACTION_TEMPFAIL) {
+		g_autofree char *text = g_strdup_printf(
+		    "archive copy failed: %s", d->reason ? d->reason : "");
+
+		result_tempfail(r, text);
+	} else {
+		apply_accept(ctx, rule, env, msg, d, actions, r);
+	}
+	r->detail = g_strdup_printf("%s: %s -> %s%s, id=%s", rule->name,
+	                            am_outcome_name(d->outcome), names,
+	                            r->action == AM_VERDICT_TEMPFAIL &&
+	                                    !(actions & AM_ACTION_TEMPFAIL)
+	                                ? " (spool failed: tempfail)"
+	                                : "",
+	                            r->id);
 }
 
-AmVerdict
-am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
-                  char **reason)
+/* Build the copy of @rule and deal with it as the rule says. */
+static void
+rule_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
+          AmCapture *cap, RuleResult *r)
+{
+	g_autoptr(GError) error = NULL;
+	g_autoptr(SmtpMessage) msg = NULL;
+
+	/* The id is made once: it is the spool's file name too, and stays
+	 * the copy's on every retry. */
+	r->id = am_archive_id_new(ctx->key);
+	msg = am_journal_build(env, r->id, cap, &error);
+	if (msg == NULL) {
+		/* Nothing to spool either: only a tempfail keeps it. */
+		am_log_error("%s: rule %s: cannot build copy: %s", qid(env),
+		             rule->name, error->message);
+		result_tempfail(r, "archive copy failed: cannot build copy");
+		r->failed = TRUE;
+		r->detail = g_strdup_printf("%s: cannot build copy: %s",
+		                            rule->name, error->message);
+		return;
+	}
+	am_log_debug("milter: %s: rule %s: X-Archive-Id %s", qid(env),
+	             rule->name, r->id);
+	if (rule->delivery == AM_DELIVERY_SPOOL)
+		rule_spool(ctx, rule, env, msg, r);
+	else
+		rule_sync(ctx, rule, env, msg, r);
+}
+
+void
+am_verdict_free(AmVerdict *v)
+{
+	if (v == NULL)
+		return;
+	g_free(v->rcode);
+	g_free(v->xcode);
+	g_free(v->text);
+	g_ptr_array_unref(v->headers);
+	g_free(v->quarantine);
+	g_ptr_array_unref(v->ids);
+	g_free(v);
+}
+
+static AmVerdict *
+verdict_new(void)
+{
+	AmVerdict *v = g_new0(AmVerdict, 1);
+
+	v->action = AM_VERDICT_ACCEPT;
+	v->headers = g_ptr_array_new_with_free_func(g_free);
+	v->ids = g_ptr_array_new_with_free_func(g_free);
+	return v;
+}
+
+/* Reject beats tempfail beats accept; the first rule's reply of the
+ * winning kind is the one the client sees. */
+static void
+verdict_add(AmVerdict *v, RuleResult *r)
+{
+	if (r->action > v->action) {
+		v->action = r->action;
+		g_free(v->rcode);
+		g_free(v->xcode);
+		g_free(v->text);
+		v->rcode = g_steal_pointer(&r->rcode);
+		v->xcode = g_steal_pointer(&r->xcode);
+		v->text = g_steal_pointer(&r->text);
+	}
+	if (r->header != NULL)
+		g_ptr_array_add(v->headers, g_steal_pointer(&r->header));
+	if (r->quarantine != NULL && v->quarantine == NULL)
+		v->quarantine = g_steal_pointer(&r->quarantine);
+}
+
+/*
+ * The original is accepted: queued copies go to the runner now.  It is
+ * not: copies in the spool are withdrawn (the client will send the
+ * message again, and a new copy comes with it), and copies the relay
+ * already took are named, so the archive entry can be matched.
+ */
+static void
+verdict_settle(AmContext *ctx, const AmEnvelope *env, AmVerdict *v,
+               RuleResult *results, guint n)
+{
+	g_autoptr(GError) error = NULL;
+	guint i;
+
+	for (i = 0; i < n; i++) {
+		RuleResult *r = &results[i];
+
+		if (v->action == AM_VERDICT_ACCEPT) {
+			if (r->sent || r->spooled)
+				g_ptr_array_add(v->ids, g_strdup(r->id));
+			if (r->spooled && r->state == AM_SPOOL_QUEUED &&
+			    ctx->runner != NULL)
+				am_runner_kick(ctx->runner, r->id);
+			continue;
+		}
+		if (r->spooled && !am_spool_remove(ctx->spool, r->id, &error)) {
+			am_log_warning("%s: cannot withdraw spooled copy %s "
+			               "of a message not accepted: %s",
+			               qid(env), r->id, error->message);
+			g_clear_error(&error);
+		}
+		if (r->sent)
+			am_log_warning("%s: original not accepted (%s) but "
+			               "its archive copy was sent, "
+			               "X-Archive-Id=%s",
+			               qid(env),
+			               v->action == AM_VERDICT_REJECT
+			                   ? "reject"
+			                   : "tempfail",
+			               r->id);
+	}
+}
+
+static const char *
+verdict_name(AmVerdictAction action)
+{
+	switch (action) {
+	case AM_VERDICT_TEMPFAIL:
+		return "tempfail";
+	case AM_VERDICT_REJECT:
+		return "reject";
+	case AM_VERDICT_ACCEPT:
+	default:
+		return "accept";
+	}
+}
+
+AmVerdict *
+am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
 {
 	const GPtrArray *headers = am_capture_get_headers(cap);
 	g_autoptr(GPtrArray) rules = NULL;
+	g_autoptr(GString) detail = g_string_new(NULL);
 	g_autoptr(GError) error = NULL;
-	g_autofree char *detail = NULL;
+	AmVerdict *v = verdict_new();
+	RuleResult *results;
 	const char *own;
-	gboolean tempfail = FALSE;
 	guint i, failed = 0;
-
-	*reason = NULL;
 
 	/* Step 1: our own copy, back through the MTA: never copy again. */
 	own = returning_copy_id(ctx, env, headers);
@@ -248,7 +681,7 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
 		    "returning archive copy, X-Archive-Id=%s", id);
 
 		am_log_decision(env->queue_id, "accept", 0, 0, why);
-		return AM_VERDICT_ACCEPT;
+		return v;
 	}
 
 	/* Step 2: which rules want a copy; undecidable: no accept. */
@@ -257,39 +690,45 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
 	if (rules == NULL) {
 		am_log_decision(env->queue_id, "tempfail", 0, 0,
 		                error->message);
-		*reason = g_strdup("archive rules could not be applied");
-		return AM_VERDICT_TEMPFAIL;
+		v->action = AM_VERDICT_TEMPFAIL;
+		v->rcode = g_strdup("451");
+		v->xcode = g_strdup("4.3.0");
+		v->text = g_strdup("archive rules could not be applied");
+		return v;
 	}
 	if (rules->len == 0) {
 		am_log_decision(env->queue_id, "accept", 0, 0,
 		                "no rule matched");
-		return AM_VERDICT_ACCEPT;
+		return v;
 	}
 
-	/* Step 3: one copy per rule; each failure applies its rule. */
+	/* Step 3: one copy per rule, each under its rule's policy. */
+	results = g_new0(RuleResult, rules->len);
 	for (i = 0; i < rules->len; i++) {
-		const AmRule *rule = rules->pdata[i];
-		g_autofree char *why = NULL;
-
-		if (copy_one(ctx, rule, env, cap, &why))
-			continue;
-		failed++;
-		if (!(rule->on_failure & AM_ACTION_ACCEPT) && !tempfail) {
-			tempfail = TRUE;
-			*reason = g_steal_pointer(&why);
-		}
+		rule_copy(ctx, rules->pdata[i], env, cap, &results[i]);
+		if (results[i].failed)
+			failed++;
+		verdict_add(v, &results[i]);
 	}
 
-	/* Step 4: one line says what the MTA was told. */
-	if (tempfail)
-		detail = g_strdup_printf("archive copy failed: %s", *reason);
-	else if (failed > 0)
-		detail = g_strdup("archive copy failed, on_failure=accept");
-	else
-		detail = g_strdup("all copies sent");
-	am_log_decision(env->queue_id, tempfail ? "tempfail" : "accept",
-	                rules->len, failed, detail);
-	return tempfail ? AM_VERDICT_TEMPFAIL : AM_VERDICT_ACCEPT;
+	/* Step 4: the spool and the runner follow the combined verdict. */
+	verdict_settle(ctx, env, v, results, rules->len);
+
+	/* Step 5: one line says what the MTA was told, and why. */
+	if (v->action != AM_VERDICT_ACCEPT)
+		g_string_append_printf(detail, "%s %s %s; ", v->rcode, v->xcode,
+		                       v->text);
+	for (i = 0; i < rules->len; i++) {
+		g_string_append_printf(detail, "%s%s", i > 0 ? "; " : "",
+		                       results[i].detail);
+		rule_result_clear(&results[i]);
+	}
+	if (v->quarantine != NULL)
+		g_string_append(detail, "; quarantined");
+	am_log_decision(env->queue_id, verdict_name(v->action), rules->len,
+	                failed, detail->str);
+	g_free(results);
+	return v;
 }
 
 /* ------------------------------------------------------------------ */
@@ -347,15 +786,23 @@ reply_text(const char *prefix, const char *reason)
 	return g_string_free(out, FALSE);
 }
 
+/* Set the reply the MTA gives its client, and return @ret. */
 static sfsistat
-reply_tempfail(SMFICTX *mctx, const char *prefix, const char *reason)
+reply_set(SMFICTX *mctx, const char *rcode, const char *xcode,
+          const char *prefix, const char *reason, sfsistat ret)
 {
 	g_autofree char *text = reply_text(prefix, reason);
 
-	if (smfi_setreply(mctx, (char *)"451", (char *)"4.3.0", text) !=
+	if (smfi_setreply(mctx, (char *)rcode, (char *)xcode, text) !=
 	    MI_SUCCESS)
 		am_log_warning("cannot set the reply text");
-	return SMFIS_TEMPFAIL;
+	return ret;
+}
+
+static sfsistat
+reply_tempfail(SMFICTX *mctx, const char *prefix, const char *reason)
+{
+	return reply_set(mctx, "451", "4.3.0", prefix, reason, SMFIS_TEMPFAIL);
 }
 
 /* Bad input or a local failure: log, tempfail and forget the message. */
@@ -398,14 +845,30 @@ cb_negotiate(SMFICTX *mctx, unsigned long f0, unsigned long f1,
 
 	(void)f2;
 	(void)f3;
-	if (s == NULL)
-		return SMFIS_REJECT;
+
+	/* The actions we use: X-Archive-Status, the hold queue, and our
+	 * own macro lists.  Asking for none (0) makes libmilter refuse
+	 * smfi_addheader and smfi_quarantine at end of message. */
+	*pf0 = f0 & (SMFIF_ADDHDRS | SMFIF_QUARANTINE | SMFIF_SETSYMLIST);
 
 	/* Values with their own leading space keep headers byte-exact. */
-	*pf0 = 0;
 	*pf1 = (f1 & SMFIP_HDR_LEADSPC) | (f1 & skip);
 	*pf2 = 0;
 	*pf3 = 0;
+
+	/*
+	 * No session: SMFIS_REJECT here would make libmilter close the
+	 * connection unanswered, and Postfix would then apply
+	 * milter_default_action, which accepts mail without a copy when
+	 * set to accept (seen with Postfix 3.7: "can't read SMFIC_OPTNEG
+	 * reply packet header").  Go on instead: cb_connect finds no
+	 * session either and tempfails the whole SMTP session.
+	 */
+	if (s == NULL) {
+		am_log_error("milter: cannot keep session state; the "
+		             "session will be tempfailed");
+		return SMFIS_CONTINUE;
+	}
 	s->leading_space = (f1 & SMFIP_HDR_LEADSPC) != 0;
 	if (!s->leading_space)
 		am_log_debug("milter: MTA offers no SMFIP_HDR_LEADSPC; one "
@@ -555,12 +1018,56 @@ cb_body(SMFICTX *mctx, unsigned char *data, size_t len)
 	return SMFIS_CONTINUE;
 }
 
+/* Tell the MTA: headers, quarantine, then the reply. */
+static sfsistat
+verdict_apply(SMFICTX *mctx, AmSession *s, const AmVerdict *v)
+{
+	guint i;
+
+	/* Step 1: X-Archive-Status on the original, one per copy asking;
+	 * with SMFIP_HDR_LEADSPC the value goes in as given. */
+	for (i = 0; v->action == AM_VERDICT_ACCEPT && i < v->headers->len;
+	     i++) {
+		g_autofree char *value =
+		    g_strconcat(s->leading_space ? " " : "",
+		                (const char *)v->headers->pdata[i], NULL);
+
+		if (smfi_addheader(mctx, (char *)"X-Archive-Status", value) !=
+		    MI_SUCCESS)
+			am_log_warning("cannot add X-Archive-Status: %s",
+			               value);
+	}
+
+	/* Step 2: the hold queue; a rule asked for it, so a message that
+	 * cannot be held is not let through unheld. */
+	if (v->action == AM_VERDICT_ACCEPT && v->quarantine != NULL &&
+	    smfi_quarantine(mctx, v->quarantine) != MI_SUCCESS) {
+		am_log_error("cannot quarantine the original (%s); "
+		             "tempfail instead",
+		             v->quarantine);
+		return reply_set(mctx, "451", "4.3.0", "archive-milter: ",
+		                 "cannot quarantine message", SMFIS_TEMPFAIL);
+	}
+
+	/* Step 3: the reply. */
+	switch (v->action) {
+	case AM_VERDICT_TEMPFAIL:
+		return reply_set(mctx, v->rcode, v->xcode, "", v->text,
+		                 SMFIS_TEMPFAIL);
+	case AM_VERDICT_REJECT:
+		return reply_set(mctx, v->rcode, v->xcode, "", v->text,
+		                 SMFIS_REJECT);
+	case AM_VERDICT_ACCEPT:
+	default:
+		return SMFIS_CONTINUE;
+	}
+}
+
 static sfsistat
 cb_eom(SMFICTX *mctx)
 {
 	AmSession *s = smfi_getpriv(mctx);
-	g_autofree char *reason = NULL;
-	AmVerdict verdict;
+	g_autoptr(AmVerdict) v = NULL;
 
 	if (s == NULL || s->cap == NULL || s->env == NULL)
 		return session_tempfail(mctx, s, "message before MAIL");
@@ -568,11 +1075,9 @@ cb_eom(SMFICTX *mctx)
 	if (s->env->recipients->len == 0)
 		return session_tempfail(mctx, s, "message without RCPT");
 
-	verdict = am_milter_archive(s->ctx, s->env, s->cap, &reason);
+	v = am_milter_archive(s->ctx, s->env, s->cap);
 	session_reset_message(s);
-	if (verdict == AM_VERDICT_TEMPFAIL)
-		return reply_tempfail(mctx, "archive copy failed: ", reason);
-	return SMFIS_CONTINUE;
+	return verdict_apply(mctx, s, v);
 }
 
 static sfsistat
@@ -580,6 +1085,7 @@ cb_abort(SMFICTX *mctx)
 {
 	AmSession *s = smfi_getpriv(mctx);
 
+	am_log_debug("milter: abort");
 	if (s != NULL)
 		session_reset_message(s);
 	return SMFIS_CONTINUE;
@@ -590,6 +1096,7 @@ cb_close(SMFICTX *mctx)
 {
 	AmSession *s = smfi_getpriv(mctx);
 
+	am_log_debug("milter: close");
 	if (s != NULL) {
 		smfi_setpriv(mctx, NULL);
 		session_free(s);
@@ -603,7 +1110,8 @@ am_milter_register(GError **error)
 	struct smfiDesc desc = {
 	    .xxfi_name = (char *)"archive-milter",
 	    .xxfi_version = SMFI_VERSION,
-	    .xxfi_flags = 0,
+	    /* X-Archive-Status, and the hold queue for +quarantine. */
+	    .xxfi_flags = SMFIF_ADDHDRS | SMFIF_QUARANTINE,
 	    .xxfi_connect = cb_connect,
 	    .xxfi_envfrom = cb_envfrom,
 	    .xxfi_envrcpt = cb_envrcpt,

@@ -54,18 +54,46 @@ gboolean am_milter_register(GError **error);
 
 /* What to tell the MTA about the original message. */
 typedef enum {
-	AM_VERDICT_ACCEPT,   /* continue: the copies are done */
-	AM_VERDICT_TEMPFAIL, /* 451: a copy failed under tempfail */
+	AM_VERDICT_ACCEPT,   /* continue: every copy sent or spooled */
+	AM_VERDICT_TEMPFAIL, /* 4xx: a copy could not be made safe */
+	AM_VERDICT_REJECT,   /* 5xx: a rule says so */
+} AmVerdictAction;
+
+/*
+ * AmVerdict: the end-of-message decision for the original, combined
+ * over every rule that made a copy: reject beats tempfail beats accept;
+ * the reply is that of the first rule with the winning action; headers
+ * accumulate; quarantine when any rule asks.  Every string owned.
+ */
+typedef struct {
+	AmVerdictAction action;
+	char *rcode;        /* "451", "550"; NULL for accept */
+	char *xcode;        /* "4.3.0", "5.1.1"; NULL for accept */
+	char *text;         /* reply text, raw (cb_eom escapes it); NULL
+			     * for accept */
+	GPtrArray *headers; /* char *: X-Archive-Status values to add,
+			     * one per copy whose rule has +header */
+	char *quarantine;   /* smfi_quarantine reason; NULL: none */
+	GPtrArray *ids;     /* char *: X-Archive-Id of every copy that
+			     * was sent or is in the spool, for the log
+			     * when the MTA does not accept the original
+			     * after all; empty unless accepted */
 } AmVerdict;
+
+void am_verdict_free(AmVerdict *v);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmVerdict, am_verdict_free)
 
 /*
  * am_milter_archive: the end-of-message work, apart from libmilter so
- * tests can drive it: recognise a returning copy, select rules, build,
- * send and log each copy, decide.  @reason receives (transfer full) the
- * text for a tempfail reply, NULL otherwise.
+ * tests can drive it: recognise a returning copy, select rules, build
+ * each copy and send it (delivery = sync) or spool it (delivery =
+ * spool), apply each rule's policy to the outcome, log, and decide.
+ * Copies spooled for an original that is then not accepted are
+ * withdrawn from the spool; those queued for an accepted one are handed
+ * to the runner (when the context has one).  (transfer full)
  */
-AmVerdict am_milter_archive(AmContext *ctx, const AmEnvelope *env,
-                            AmCapture *cap, char **reason);
+AmVerdict *am_milter_archive(AmContext *ctx, const AmEnvelope *env,
+                             AmCapture *cap);
 
 G_END_DECLS
 

@@ -10,10 +10,22 @@
  * a kick that was lost are all found; only names are listed, the files
  * are read by the worker that takes the job.
  *
+ * The policy of the copy's rule decides after a failure: tempfail or
+ * spool mean retry; anything else (accept, and reject for a sync rule
+ * whose copy reached the spool: the original was accepted long ago)
+ * means hold, since a copy is never dropped.
+ *
  * The spool's files hold the truth (next attempt, attempts, addresses
  * still due); the table only says when to look again.  A job whose
  * file has gone (confirmed, held or removed by someone else) is
  * forgotten when a worker finds it gone, or by the next scan.
+ *
+ * A copy that a scan finds while the daemon runs, and that no kick
+ * announced, may belong to a message the milter has not answered yet
+ * (another rule is still sending its copy, and the original may yet be
+ * refused, which withdraws this copy): it waits AM_RUNNER_SETTLE_S from
+ * its creation unless released by an administrator.  Copies there at
+ * start are due at once: the run that made them is over.
  *
  * Known limits: XXX: due times follow the wall clock (next_attempt is
  * stored as unix seconds so that it survives a restart); a clock set
@@ -30,9 +42,12 @@
 #include "runner.h"
 
 #define AM_RUNNER_SCAN_MS 5000 /* default scan interval */
-#define AM_RUNNER_WAIT_MS                                                      \
-	1000 /* longest sleep, so a clock change or
-				* a stop is seen soon */
+/* The longest sleep, so that a clock change or a stop is seen soon. */
+#define AM_RUNNER_WAIT_MS 1000
+/* How long a copy found by a scan, not kicked, may belong to a message
+ * whose milter has not answered yet: Postfix's default
+ * milter_content_timeout, after which Postfix has given up anyway. */
+#define AM_RUNNER_SETTLE_S 300
 
 typedef struct {
 	char *id;
@@ -41,11 +56,14 @@ typedef struct {
 	GSequenceIter *iter; /* in runner->due; NULL while busy */
 	gboolean busy;       /* a worker has it */
 	gboolean kicked;     /* kicked while busy: due again at once */
+	gboolean settled;    /* kicked, or there before we started: its
+			      * original's fate is known */
 } Job;
 
 struct AmRunner {
 	AmSpool *spool;   /* borrowed */
 	guint scan_ms;    /* scan interval */
+	gboolean scanned; /* the first scan is done */
 	GMutex lock;      /* guards everything below */
 	GCond cond;       /* a job came due, or stop */
 	GSequence *due;   /* Job *, by due then id; not busy ones */
@@ -315,7 +333,7 @@ deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e)
 /* One look at job @id: deliver it if it is due.  The next due time,
  * or JOB_FORGET. */
 static gint64
-attempt(AmRunner *r, const char *id)
+attempt(AmRunner *r, const char *id, gboolean settled)
 {
 	g_autoptr(AmContext) ctx = am_milter_get_context();
 	g_autoptr(AmSpoolEntry) e = NULL;
@@ -340,6 +358,9 @@ attempt(AmRunner *r, const char *id)
 		return JOB_FORGET;
 	if (e->next_attempt > now_s())
 		return e->next_attempt * G_USEC_PER_SEC;
+	if (!settled && e->released == 0 &&
+	    e->created + AM_RUNNER_SETTLE_S > now_s())
+		return (e->created + AM_RUNNER_SETTLE_S) * G_USEC_PER_SEC;
 	return deliver(r, ctx, e);
 }
 
@@ -383,7 +404,7 @@ worker_main(gpointer data)
 		if (job == NULL)
 			continue;
 		g_mutex_unlock(&r->lock);
-		due = attempt(r, job->id);
+		due = attempt(r, job->id, job->settled);
 		g_mutex_lock(&r->lock);
 		job->busy = FALSE;
 		if (job->kicked)
@@ -418,10 +439,15 @@ scan(AmRunner *r)
 	seen = g_hash_table_new(g_str_hash, g_str_equal);
 	g_mutex_lock(&r->lock);
 	for (guint i = 0; i < ids->len; i++) {
+		Job *job;
+
 		g_hash_table_add(seen, ids->pdata[i]);
-		if (!g_hash_table_contains(r->jobs, ids->pdata[i]))
-			job_add(r, ids->pdata[i], g_get_real_time());
+		if (g_hash_table_contains(r->jobs, ids->pdata[i]))
+			continue;
+		job = job_add(r, ids->pdata[i], g_get_real_time());
+		job->settled = !r->scanned;
 	}
+	r->scanned = TRUE;
 	g_hash_table_iter_init(&it, r->jobs);
 	while (g_hash_table_iter_next(&it, NULL, &value)) {
 		Job *job = value;
@@ -506,8 +532,9 @@ am_runner_kick(AmRunner *runner, const char *id)
 	g_mutex_lock(&runner->lock);
 	job = g_hash_table_lookup(runner->jobs, id);
 	if (job == NULL)
-		job_add(runner, id, g_get_real_time());
-	else if (job->busy)
+		job = job_add(runner, id, g_get_real_time());
+	job->settled = TRUE;
+	if (job->busy)
 		job->kicked = TRUE;
 	else if (job->due > g_get_real_time())
 		job_schedule(runner, job, g_get_real_time());

@@ -299,6 +299,12 @@ am_spool_get_dir(const AmSpool *spool)
 	return spool->dir;
 }
 
+gboolean
+am_spool_is_exclusive(const AmSpool *spool)
+{
+	return spool->owner;
+}
+
 /* ------------------------------------------------------------------ */
 /* Writing a copy                                                       */
 /* ------------------------------------------------------------------ */
@@ -968,20 +974,26 @@ am_spool_update(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
 gboolean
 am_spool_remove(AmSpool *spool, const char *id, GError **error)
 {
-	g_autofree char *path = NULL;
+	int subs[] = {SUB_QUEUE, SUB_HOLD};
 	g_autofree char *state = NULL;
 
 	if (!check_id(id, error))
 		return FALSE;
-	path = path_of(spool, SUB_QUEUE, id);
-	state = path_of(spool, SUB_STATE, id);
 
 	/* The copy first: a state file alone is harmless, a copy that
-	 * lost its state would be sent again to every address. */
-	if (unlink(path) != 0 && errno != ENOENT) {
-		set_errno_error(error, errno, "cannot remove", path);
-		return FALSE;
+	 * lost its state would be sent again to every address.  A copy
+	 * withdrawn by the milter may have been held at once. */
+	for (guint i = 0; i < G_N_ELEMENTS(subs); i++) {
+		g_autofree char *path = path_of(spool, subs[i], id);
+
+		if (unlink(path) == 0)
+			break;
+		if (errno != ENOENT) {
+			set_errno_error(error, errno, "cannot remove", path);
+			return FALSE;
+		}
 	}
+	state = path_of(spool, SUB_STATE, id);
 	if (unlink(state) != 0 && errno != ENOENT)
 		am_log_warning("spool: cannot remove %s: %s", state,
 		               g_strerror(errno));

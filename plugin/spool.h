@@ -100,6 +100,14 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmSpool, am_spool_close)
 const char *am_spool_get_dir(const AmSpool *spool);
 
 /*
+ * am_spool_is_exclusive: whether no other process had the spool open
+ * when @spool was opened (a lock file, DIR/lock, says so).  Only then
+ * were leftovers in tmp/ removed.  The daemon warns when it is not:
+ * two daemons on one spool would send copies twice.
+ */
+gboolean am_spool_is_exclusive(const AmSpool *spool);
+
+/*
  * am_spool_put: write @entry and the raw bytes of @msg (its segments
  * as they are, not SMTP-encoded) durably into queue/ or hold/ as
  * @state says.  FULL when the free space is below the floor or the
@@ -143,7 +151,9 @@ SmtpMessage *am_spool_message(AmSpool *spool, const AmSpoolEntry *entry,
 gboolean am_spool_update(AmSpool *spool, const AmSpoolEntry *entry,
                          GError **error);
 
-/* am_spool_remove: the copy was confirmed: delete it and its state. */
+/* am_spool_remove: the copy was confirmed (or withdrawn): delete it,
+ * from queue/ or hold/, and its state.  An id already gone is no
+ * error: a second process may have removed it. */
 gboolean am_spool_remove(AmSpool *spool, const char *id, GError **error);
 
 /* am_spool_hold: move a queued copy to hold/, recording @reason. */

@@ -386,13 +386,25 @@ parse_ehlo(SmtpClient *client, const SmtpReply *reply)
 	}
 }
 
+/* A reply the session cannot go on after (greeting, HELO, STARTTLS,
+ * RSET refused): raise @code with it, then QUIT and close, so the next
+ * call starts over on a fresh connection. */
+static gboolean
+refuse_and_quit(SmtpClient *client, SmtpErrorCode code, const char *stage,
+                SmtpReply *reply, const char *what, GError **error)
+{
+	smtp_set_error(error, code, stage, reply, "%s", what);
+	smtp_reply_clear(reply);
+	smtp_client_quit(client);
+	return FALSE;
+}
+
 /* EHLO, then HELO when EHLO is refused (RFC 5321 section 4.1.4). */
 static gboolean
 say_hello(SmtpClient *client, GError **error)
 {
 	g_autofree char *ehlo = NULL, *helo = NULL;
 	SmtpReply reply = {0};
-	gboolean ok;
 
 	ehlo = g_strconcat("EHLO ", helo_name(client), NULL);
 	if (!smtp_client_command(client, "ehlo", ehlo, &reply, error))
@@ -408,17 +420,15 @@ say_hello(SmtpClient *client, GError **error)
 	helo = g_strconcat("HELO ", helo_name(client), NULL);
 	if (!smtp_client_command(client, "helo", helo, &reply, error))
 		return FALSE;
-	ok = reply.code / 100 == 2;
-	if (!ok) {
-		/* The server will not talk to us under this name; keeping
-		 * the connection would only repeat the refusal. */
-		smtp_set_error(error, SMTP_ERROR_HELO, "helo", &reply,
-		               "EHLO and HELO refused");
-		smtp_client_quit(client);
-	}
+
+	/* The server will not talk to us under this name; keeping the
+	 * connection would only repeat the refusal. */
+	if (reply.code / 100 != 2)
+		return refuse_and_quit(client, SMTP_ERROR_HELO, "helo", &reply,
+		                       "EHLO and HELO refused", error);
 	client->esmtp = FALSE;
 	smtp_reply_clear(&reply);
-	return ok;
+	return TRUE;
 }
 
 /* Refuse what this version cannot do before any byte is sent. */
@@ -470,12 +480,11 @@ starttls(SmtpClient *client, GError **error)
 		return TRUE;
 	}
 	if (reply.code != 220) {
-		smtp_set_error(error, SMTP_ERROR_TLS, "starttls", &reply,
-		               "STARTTLS refused by %s",
-		               smtp_client_get_peer(client));
-		smtp_reply_clear(&reply);
-		smtp_client_quit(client);
-		return FALSE;
+		g_autofree char *what = g_strdup_printf(
+		    "STARTTLS refused by %s", smtp_client_get_peer(client));
+
+		return refuse_and_quit(client, SMTP_ERROR_TLS, "starttls",
+		                       &reply, what, error);
 	}
 	smtp_reply_clear(&reply);
 
@@ -550,15 +559,12 @@ smtp_client_connect(SmtpClient *client, GError **error)
 	/* Step 2: the greeting, under the connect limit. */
 	if (!read_reply(client, t.connect_ms, "greeting", &reply, error))
 		return FALSE;
-	if (reply.code != 220) {
-		/* RFC 5321 section 3.1: a 554 greeting means no service
-		 * here; QUIT and go, as the RFC asks. */
-		smtp_set_error(error, SMTP_ERROR_CONNECT, "greeting", &reply,
-		               "server refused the session");
-		smtp_reply_clear(&reply);
-		smtp_client_quit(client);
-		return FALSE;
-	}
+	/* RFC 5321 section 3.1: a 554 greeting means no service here;
+	 * QUIT and go, as the RFC asks. */
+	if (reply.code != 220)
+		return refuse_and_quit(client, SMTP_ERROR_CONNECT, "greeting",
+		                       &reply, "server refused the session",
+		                       error);
 	smtp_reply_clear(&reply);
 
 	/* Step 3: EHLO or HELO. */
@@ -576,15 +582,11 @@ smtp_client_rset(SmtpClient *client, GError **error)
 
 	if (!smtp_client_command(client, "rset", "RSET", &reply, error))
 		return FALSE;
-	if (reply.code / 100 != 2) {
-		/* A server that refuses RSET is in a state we cannot
-		 * know; starting over is the only safe next step. */
-		smtp_set_error(error, SMTP_ERROR_PROTOCOL, "rset", &reply,
-		               "RSET refused");
-		smtp_reply_clear(&reply);
-		smtp_client_quit(client);
-		return FALSE;
-	}
+	/* A server that refuses RSET is in a state we cannot know;
+	 * starting over is the only safe next step. */
+	if (reply.code / 100 != 2)
+		return refuse_and_quit(client, SMTP_ERROR_PROTOCOL, "rset",
+		                       &reply, "RSET refused", error);
 	smtp_reply_clear(&reply);
 	return TRUE;
 }

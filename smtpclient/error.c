@@ -226,6 +226,10 @@ smtp_error_is_temporary(const GError *error)
 		return FALSE;
 	switch ((SmtpErrorCode)error->code) {
 	case SMTP_ERROR_CONNECT:
+		/* Unreachable is temporary; a 554 greeting (RFC 5321
+		 * section 3.1: "no SMTP service here") is the server's
+		 * lasting answer. */
+		return priv->reply.code / 100 != 5;
 	case SMTP_ERROR_TIMEOUT:
 	case SMTP_ERROR_DISCONNECTED:
 	case SMTP_ERROR_IO:

@@ -31,6 +31,7 @@
 typedef struct {
 	GBytes *bytes;  /* memory segment, or NULL */
 	int fd;         /* file segment (dup()ed), or -1 */
+	char *name;     /* the file's path, for errors; NULL in memory */
 	goffset offset; /* first octet of the file range */
 	guint64 len;    /* octets */
 } Segment;
@@ -47,6 +48,7 @@ segment_clear(gpointer data)
 	Segment *seg = data;
 
 	g_clear_pointer(&seg->bytes, g_bytes_unref);
+	g_clear_pointer(&seg->name, g_free);
 	if (seg->fd >= 0)
 		close(seg->fd);
 	seg->fd = -1;
@@ -102,6 +104,18 @@ smtp_message_append_data(SmtpMessage *msg, const void *data, gsize len)
 	smtp_message_append_bytes(msg, bytes);
 }
 
+/* The path of @fd, as the kernel knows it, for error messages: a file
+ * that changes under us must be named.  "file descriptor N" where
+ * /proc is not mounted. */
+static char *
+fd_name(int fd)
+{
+	g_autofree char *link = g_strdup_printf("/proc/self/fd/%d", fd);
+	char *name = g_file_read_link(link, NULL);
+
+	return name != NULL ? name : g_strdup_printf("file descriptor %d", fd);
+}
+
 gboolean
 smtp_message_append_fd(SmtpMessage *msg, int fd, goffset offset, gint64 len,
                        GError **error)
@@ -133,6 +147,7 @@ smtp_message_append_fd(SmtpMessage *msg, int fd, goffset offset, gint64 len,
 		return FALSE;
 	}
 	seg.len = len;
+	seg.name = fd_name(fd);
 	g_array_append_val(msg->segments, seg);
 	msg->size += seg.len;
 	return TRUE;
@@ -142,6 +157,23 @@ guint64
 smtp_message_get_size(const SmtpMessage *msg)
 {
 	return msg->size;
+}
+
+char *
+smtp_message_describe_files(const SmtpMessage *msg)
+{
+	GString *names = g_string_new(NULL);
+
+	for (guint i = 0; i < msg->segments->len; i++) {
+		const Segment *seg = &g_array_index(msg->segments, Segment, i);
+
+		if (seg->name == NULL)
+			continue;
+		if (names->len > 0)
+			g_string_append(names, ", ");
+		g_string_append(names, seg->name);
+	}
+	return g_string_free(names, names->len == 0);
 }
 
 /* Walk one file segment in blocks read with pread(). */
@@ -159,16 +191,17 @@ foreach_file_block(const Segment *seg, guint8 *buf, SmtpBlockFunc func,
 			continue;
 		if (n < 0) {
 			smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
-			               "cannot read message file: %s",
-			               g_strerror(errno));
+			               "cannot read message file %s: %s",
+			               seg->name, g_strerror(errno));
 			return FALSE;
 		}
 		if (n == 0) {
 			smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
-			               "message file changed while being read: "
-			               "it ends after %" G_GUINT64_FORMAT
+			               "message file %s changed while being "
+			               "read: it ends after %" G_GUINT64_FORMAT
 			               " of %" G_GUINT64_FORMAT " octets",
-			               done, seg->len);
+			               seg->name, seg->offset + done,
+			               seg->offset + seg->len);
 			return FALSE;
 		}
 		if (!func(buf, n, user_data, error))
@@ -250,8 +283,6 @@ smtp_message_write_raw(SmtpMessage *msg, int fd, GError **error)
 /* The encoder                                                          */
 /* ------------------------------------------------------------------ */
 
-static const guint8 crlf[2] = {'\r', '\n'};
-
 void
 smtp_encoder_init(SmtpEncoder *enc)
 {
@@ -260,58 +291,142 @@ smtp_encoder_init(SmtpEncoder *enc)
 	enc->pending_cr = FALSE;
 }
 
+/* Copy @n octets to *@out (when writing) and count them. */
+static inline gsize
+put(guint8 **out, const void *src, gsize n)
+{
+	if (*out != NULL) {
+		memcpy(*out, src, n);
+		*out += n;
+	}
+	return n;
+}
+
+/*
+ * The encoder proper, run either to write (@out: room for at most
+ * 2 * @len + 2 octets) or only to count (@out NULL), so the size we
+ * announce and the octets we send come from one piece of code.
+ *
+ * It works a line at a time: memchr() finds the next LF and, before
+ * it, the next CR; the octets in between are copied in one piece.  The
+ * LF found is kept until the scan passes it, and once there is no LF
+ * left none is searched for again, so a message of lone CRs (or one
+ * without any line end) is still read once, not once per line.
+ */
+static gsize
+encode(SmtpEncoder *enc, const guint8 *data, gsize len, guint8 *out)
+{
+	const guint8 *p = data, *end = data + len, *lf;
+	guint8 *o = out;
+	gsize n = 0;
+
+	if (len == 0)
+		return 0;
+
+	/* A CR that ended the last block is one line end, with or
+	 * without the LF that may open this one. */
+	if (enc->pending_cr) {
+		enc->pending_cr = FALSE;
+		enc->line_start = TRUE;
+		n += put(&o, "\r\n", 2);
+		if (*p == '\n')
+			p++;
+	}
+
+	lf = p < end ? memchr(p, '\n', end - p) : NULL;
+	while (p < end) {
+		const guint8 *limit, *cr, *eol;
+
+		/* RFC 5321 section 4.5.2: a leading dot is doubled. */
+		if (enc->line_start && *p == '.')
+			n += put(&o, ".", 1);
+
+		/* The line's end: the first CR, or else the LF. */
+		if (lf != NULL && lf < p)
+			lf = memchr(p, '\n', end - p);
+		limit = lf != NULL ? lf : end;
+		cr = memchr(p, '\r', limit - p);
+		eol = cr != NULL ? cr : lf;
+		if (eol == NULL) {
+			n += put(&o, p, end - p);
+			enc->line_start = FALSE;
+			break;
+		}
+		n += put(&o, p, eol - p);
+
+		/* A CR as the block's last octet waits for the next. */
+		if (*eol == '\r' && eol + 1 == end) {
+			enc->pending_cr = TRUE;
+			enc->line_start = FALSE;
+			break;
+		}
+
+		/* CRLF, lone CR and lone LF: all one CRLF. */
+		n += put(&o, "\r\n", 2);
+		enc->line_start = TRUE;
+		p = eol + 1;
+		if (*eol == '\r' && *p == '\n')
+			p++;
+	}
+	return n;
+}
+
 void
 smtp_encoder_feed(SmtpEncoder *enc, const guint8 *data, gsize len,
                   GByteArray *out)
 {
-	gsize run = 0; /* start of bytes copied as they are */
+	guint old = out->len;
+	gsize n;
 
-	for (gsize i = 0; i < len; i++) {
-		guint8 c = data[i];
+	/* Worst case: each octet doubled (a lone LF, a leading dot), plus
+	 * the CRLF of a CR left from the block before. */
+	g_byte_array_set_size(out, old + 2 * len + 2);
+	n = encode(enc, data, len, out->data + old);
+	g_byte_array_set_size(out, old + n);
+}
 
-		/* A CR from before decides now: with this LF it was a
-		 * CRLF, otherwise a lone CR; either way one line end. */
-		if (enc->pending_cr) {
-			enc->pending_cr = FALSE;
-			g_byte_array_append(out, crlf, 2);
-			enc->line_start = TRUE;
-			run = i;
-			if (c == '\n') {
-				run = i + 1;
-				continue;
-			}
-		}
-		if (c == '\r' || c == '\n') {
-			g_byte_array_append(out, data + run, i - run);
-			run = i + 1;
-			if (c == '\r') {
-				enc->pending_cr = TRUE;
-			} else {
-				g_byte_array_append(out, crlf, 2);
-				enc->line_start = TRUE;
-			}
-			continue;
-		}
-		if (enc->line_start && c == '.') {
-			/* RFC 5321 section 4.5.2: double it. */
-			g_byte_array_append(out, data + run, i - run);
-			g_byte_array_append(out, (const guint8 *)".", 1);
-			run = i;
-		}
-		enc->line_start = FALSE;
-	}
-	/* A CR at the very end set run past itself: it waits in
-	 * pending_cr for the next block or for finish. */
-	g_byte_array_append(out, data + run, len - run);
+gsize
+smtp_encoder_count(SmtpEncoder *enc, const guint8 *data, gsize len)
+{
+	return encode(enc, data, len, NULL);
+}
+
+guint
+smtp_encoder_finish_count(const SmtpEncoder *enc)
+{
+	return enc->pending_cr || !enc->line_start ? 2 : 0;
 }
 
 void
 smtp_encoder_finish(SmtpEncoder *enc, GByteArray *out)
 {
-	if (enc->pending_cr || !enc->line_start)
-		g_byte_array_append(out, crlf, 2);
+	if (smtp_encoder_finish_count(enc) > 0)
+		g_byte_array_append(out, (const guint8 *)"\r\n", 2);
 	g_byte_array_append(out, (const guint8 *)".\r\n", 3);
 	smtp_encoder_init(enc);
+}
+
+static gboolean
+count_block(const guint8 *data, gsize len, gpointer user_data, GError **error)
+{
+	SmtpWireCount *wc = user_data;
+
+	(void)error;
+	wc->octets += smtp_encoder_count(&wc->enc, data, len);
+	return TRUE;
+}
+
+gboolean
+smtp_message_get_wire_size(const SmtpMessage *msg, guint64 *size,
+                           GError **error)
+{
+	SmtpWireCount wc = {0};
+
+	smtp_encoder_init(&wc.enc);
+	if (!smtp_message_foreach_block(msg, count_block, &wc, error))
+		return FALSE;
+	*size = wc.octets + smtp_encoder_finish_count(&wc.enc);
+	return TRUE;
 }
 
 /* ------------------------------------------------------------------ */

@@ -6,7 +6,7 @@
  * reads (or several replies in one read, as PIPELINING will bring) is
  * handled in one place.  RFC 5321 section 4.2: "CODE-text" lines go on,
  * "CODE text" or a bare "CODE" ends the reply; every line must carry
- * the same code.  Lines ending in a bare LF are accepted (some servers
+ * the same code, except a 421, which replaces the reply it cuts.  Lines ending in a bare LF are accepted (some servers
  * send them; refusing them gains nothing on the reply side).
  *
  * Enhanced status codes (RFC 3463, RFC 2034) are taken from the first
@@ -133,7 +133,16 @@ parse_line(SmtpReplyParser *p, const char *l, gsize len, GError **error)
 	rest = len > 3 ? l + 4 : l + 3;
 	rest_len = len > 3 ? len - 4 : 0;
 
-	/* Step 2: every line of one reply carries the same code. */
+	/* Step 2: every line of one reply carries the same code, but a
+	 * server shutting down may cut a reply short with 421 (RFC 5321
+	 * section 3.8): that is a new reply, the only one that counts,
+	 * so the caller sees the 421 and closes, instead of a protocol
+	 * error that would read as a permanent failure. */
+	if (p->lines > 0 && code != p->code && code == 421) {
+		g_string_truncate(p->text, 0);
+		g_clear_pointer(&p->enhanced, g_free);
+		p->lines = 0;
+	}
 	if (p->lines > 0 && code != p->code)
 		return parse_fail(p, error, "code changes within a reply");
 	if (++p->lines > SMTP_REPLY_MAX_LINES)

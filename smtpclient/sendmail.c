@@ -118,9 +118,34 @@ scan_mail_options(const char *const *opts, InputNeeds *needs, GError **error)
 	return TRUE;
 }
 
+/*
+ * Whether the spaces in @addr are all inside a quoted local part
+ * (RFC 5321 section 4.1.2: Quoted-string, with backslash pairs).  A
+ * space anywhere else ends the path for the server: "a b@c" would be
+ * read as <a> followed by junk, or refused in a way that looks like the
+ * relay's fault.  A quote left open is refused too.
+ */
+static gboolean
+spaces_quoted(const char *addr)
+{
+	const char *p = addr;
+
+	if (*p == '"') {
+		for (p++; *p != '\0' && *p != '"'; p++) {
+			if (*p == '\\' && p[1] != '\0')
+				p++;
+		}
+		if (*p != '"')
+			return FALSE;
+		p++;
+	}
+	return strchr(p, ' ') == NULL;
+}
+
 /* An address goes between angle brackets: no control (CR, LF end the
  * command), no bracket (it would end the path and let the rest pass as
- * parameters), ASCII unless SMTPUTF8 is asked for (RFC 6531). */
+ * parameters), no space outside a quoted local part, ASCII unless
+ * SMTPUTF8 is asked for (RFC 6531). */
 static gboolean
 check_address(const char *addr, const InputNeeds *needs, GError **error)
 {
@@ -128,6 +153,13 @@ check_address(const char *addr, const InputNeeds *needs, GError **error)
 	    strpbrk(addr, "<>") != NULL) {
 		smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
 		               "bad character in address");
+		return FALSE;
+	}
+	if (!spaces_quoted(addr)) {
+		smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
+		               "space in address <%s> outside a quoted local "
+		               "part (write \"a b\"@domain)",
+		               g_utf8_validate(addr, -1, NULL) ? addr : "?");
 		return FALSE;
 	}
 	if (is_ascii(addr))
@@ -256,6 +288,7 @@ typedef struct {
 	SmtpClient *client;
 	const SmtpRecipient *rcpts;
 	gsize n_rcpts;
+	guint64 wire_size;  /* SIZE= announced; G_MAXUINT64: none */
 	GPtrArray *lines;   /* char *: MAIL, RCPT..., DATA; no CRLF */
 	GPtrArray *refused; /* SmtpRefusal *, in recipient order; given
 	                     * to the error when all are refused */
@@ -285,9 +318,17 @@ build_mail(Envelope *env, const char *from, const char *const *mail_options,
 	g_autoptr(GString) line = g_string_new(NULL);
 
 	g_string_printf(line, "MAIL FROM:<%s>", from);
-	if (smtp_client_has_extension(env->client, "SIZE", NULL))
+
+	/* RFC 1870: SIZE is what goes out after the 354, line ends made
+	 * CRLF; the raw size would be short by one octet per lone LF and
+	 * let a server's limit be passed.  Counting reads the message
+	 * once more, before anything is sent. */
+	if (smtp_client_has_extension(env->client, "SIZE", NULL)) {
+		if (!smtp_message_get_wire_size(msg, &env->wire_size, error))
+			return FALSE;
 		g_string_append_printf(line, " SIZE=%" G_GUINT64_FORMAT,
-		                       smtp_message_get_size(msg));
+		                       env->wire_size);
+	}
 	if (!add_options(env->client, line, mail_options, TRUE, dropped, error))
 		return FALSE;
 	g_ptr_array_add(env->lines,
@@ -519,14 +560,17 @@ typedef struct {
 	SmtpClient *client;
 	SmtpEncoder enc;
 	GByteArray *out; /* encoded, not yet written */
+	guint64 encoded; /* octets the encoder gave so far */
 } DataWriter;
 
 static gboolean
 write_block(const guint8 *data, gsize len, gpointer user_data, GError **error)
 {
 	DataWriter *w = user_data;
+	guint old = w->out->len;
 
 	smtp_encoder_feed(&w->enc, data, len, w->out);
+	w->encoded += w->out->len - old;
 	if (w->out->len < SMTP_MESSAGE_BLOCK)
 		return TRUE;
 	if (!smtp_client_write_data(w->client, w->out->data, w->out->len,
@@ -536,20 +580,46 @@ write_block(const guint8 *data, gsize len, gpointer user_data, GError **error)
 	return TRUE;
 }
 
-/* The message, encoded, then the end marker and its reply. */
+/* The message came out at a size other than the one counted for SIZE=:
+ * a file segment changed between the count and the send.  What went
+ * out is not what was meant; the caller learns which file. */
+static void
+set_changed_error(SmtpMessage *msg, guint64 counted, guint64 sent,
+                  GError **error)
+{
+	g_autofree char *files = smtp_message_describe_files(msg);
+
+	smtp_set_error(
+	    error, SMTP_ERROR_INPUT, "message", NULL,
+	    "message file %s changed while being sent: %" G_GUINT64_FORMAT
+	    " octets announced, %" G_GUINT64_FORMAT " read",
+	    files != NULL ? files : "(none)", counted, sent);
+}
+
+/*
+ * The message, encoded, then the end marker and its reply.  Any failure
+ * before the end marker drops the connection without it: half a message
+ * is on the wire and DATA cannot be taken back, and a "." after a
+ * truncated or changed message would have it delivered as if whole.
+ */
 static gboolean
-send_data(SmtpClient *client, SmtpMessage *msg, SmtpReply *final,
-          GError **error)
+send_data(SmtpClient *client, SmtpMessage *msg, guint64 wire_size,
+          SmtpReply *final, GError **error)
 {
 	g_autoptr(GByteArray) out = NULL;
 	DataWriter w = {.client = client};
+	guint64 total;
 
 	out = g_byte_array_sized_new(2 * SMTP_MESSAGE_BLOCK + 8);
 	w.out = out;
 	smtp_encoder_init(&w.enc);
 	if (!smtp_message_foreach_block(msg, write_block, &w, error)) {
-		/* Half a message is on the wire and DATA cannot be taken
-		 * back: only closing keeps it from being delivered. */
+		smtp_client_drop(client);
+		return FALSE;
+	}
+	total = w.encoded + smtp_encoder_finish_count(&w.enc);
+	if (wire_size != G_MAXUINT64 && total != wire_size) {
+		set_changed_error(msg, wire_size, total, error);
 		smtp_client_drop(client);
 		return FALSE;
 	}
@@ -582,7 +652,8 @@ transaction(SmtpClient *client, const char *from,
             const char *const *mail_options, const SmtpRecipient *rcpts,
             gsize n_rcpts, SmtpMessage *msg, GPtrArray *dropped, GError **error)
 {
-	g_auto(Envelope) env = {client, rcpts, n_rcpts, NULL, NULL};
+	g_auto(Envelope)
+	    env = {client, rcpts, n_rcpts, G_MAXUINT64, NULL, NULL};
 	g_autoptr(SmtpResult) result = NULL;
 	gboolean ok;
 
@@ -604,7 +675,7 @@ transaction(SmtpClient *client, const char *from,
 
 	/* Step 3: the message and the reply to its end. */
 	result = g_new0(SmtpResult, 1);
-	if (!send_data(client, msg, &result->reply, error))
+	if (!send_data(client, msg, env.wire_size, &result->reply, error))
 		return NULL;
 	result->refused = g_steal_pointer(&env.refused);
 	return g_steal_pointer(&result);

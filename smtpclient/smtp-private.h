@@ -186,6 +186,32 @@ void smtp_encoder_feed(SmtpEncoder *enc, const guint8 *data, gsize len,
 /* Append the end of the data: CRLF when a line is open, then ".CRLF". */
 void smtp_encoder_finish(SmtpEncoder *enc, GByteArray *out);
 
+/* What smtp_encoder_feed would append, counted, not written; the state
+ * moves on the same way. */
+gsize smtp_encoder_count(SmtpEncoder *enc, const guint8 *data, gsize len);
+
+/* The octets smtp_encoder_finish would add before ".CRLF": 0 or 2. */
+guint smtp_encoder_finish_count(const SmtpEncoder *enc);
+
+/* An encoder that only counts, for smtp_message_get_wire_size() and
+ * for checking while sending that the message did not change. */
+typedef struct {
+	SmtpEncoder enc;
+	guint64 octets; /* counted so far */
+} SmtpWireCount;
+
+/*
+ * smtp_message_get_wire_size: into *@size, the octets the message takes
+ * on the wire between the 354 and the end marker: every line end made
+ * CRLF, leading dots doubled, the closing CRLF, but not the final
+ * ".CRLF".  RFC 1870's SIZE leaves the doubled dots out; counting them
+ * makes what we announce an upper bound of what we send, never less.
+ * Reads every segment once (files with pread()).
+ * Errors: SMTP_ERROR_INPUT (stage "message") as in foreach_block.
+ */
+gboolean smtp_message_get_wire_size(const SmtpMessage *msg, guint64 *size,
+                                    GError **error);
+
 /*
  * SmtpUtf8Check: a UTF-8 validator that keeps its state across calls.
  * RFC 3629 rules: no overlong forms, no surrogates, nothing past
@@ -217,6 +243,10 @@ gboolean smtp_message_foreach_block(const SmtpMessage *msg, SmtpBlockFunc func,
                                     gpointer user_data, GError **error);
 
 SmtpMessageKind smtp_message_get_kind(const SmtpMessage *msg);
+
+/* The paths of the file segments of @msg, ", "-separated, or NULL when
+ * it has none.  (transfer full) */
+char *smtp_message_describe_files(const SmtpMessage *msg);
 
 /*
  * smtp_message_check_text: for TEXT messages, check the charset:

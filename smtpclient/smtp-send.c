@@ -19,8 +19,9 @@
  * standard output, then "refused <ADDR>: CODE X.Y.Z TEXT" per refused
  * recipient and "dropped option OPT: ..." per option the server does not
  * advertise; the error itself goes to standard error as key=value pairs.
- * Server text is escaped there (\n, \xHH), as a server could otherwise
- * write terminal control sequences to the operator's screen.  --json:
+ * Server text is escaped there (\n, \xHH, \uXXXX for the Unicode
+ * direction controls), as a server could otherwise write terminal
+ * control sequences to the operator's screen or reorder its text.  --json:
  * exactly one object per message and line:
  *
  *   {"file": "-", "status": "sent" | "error",
@@ -210,17 +211,30 @@ bad:
 	return FALSE;
 }
 
-/* Seconds, fractions allowed (tests use short limits), to milliseconds. */
+/*
+ * Seconds, fractions allowed (tests use short limits), to milliseconds:
+ * decimal digits with at most one ".", nothing else.  strtod() would
+ * also take hex ("0x10"), exponents, "inf", "nan" and leading blanks,
+ * which an operator typing a time limit never means.
+ */
 static gboolean
 parse_timeout(const char *arg, guint *ms, GError **error)
 {
-	char *end = NULL;
-	double v = g_ascii_strtod(arg, &end);
+	gsize int_digits = strspn(arg, "0123456789");
+	const char *frac = arg + int_digits;
+	gsize frac_digits = 0;
+	double v = 0;
 
-	if (end == arg || *end != '\0' || !(v > 0) || v > G_MAXUINT / 1000.0) {
+	if (*frac == '.')
+		frac_digits = strspn(frac + 1, "0123456789");
+	if (int_digits + frac_digits > 0 &&
+	    frac[*frac == '.' ? 1 + frac_digits : 0] == '\0')
+		v = g_ascii_strtod(arg, NULL);
+	if (!(v > 0) || v > G_MAXUINT / 1000.0) {
 		g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
 		            "--timeout: expected a positive number of "
-		            "seconds, got \"%s\"",
+		            "seconds (digits, optionally with a decimal "
+		            "point), got \"%s\"",
 		            arg);
 		return FALSE;
 	}
@@ -453,6 +467,7 @@ error_kind(const GError *error)
 	    [SMTP_ERROR_AUTH] = "auth",
 	    [SMTP_ERROR_PROTOCOL] = "protocol",
 	    [SMTP_ERROR_INPUT] = "input",
+	    [SMTP_ERROR_IO] = "io",
 	};
 
 	/* An unreadable file is bad input, with a status of its own */
@@ -539,9 +554,26 @@ common_escape(gunichar c)
 }
 
 /*
+ * Unicode's invisible direction and format controls: LRE, RLE, PDF,
+ * LRO, RLO (U+202A-202E), the isolates LRI, RLI, FSI, PDI
+ * (U+2066-2069), LRM, RLM (U+200E, U+200F) and the Arabic letter mark
+ * (U+061C), plus the line and paragraph separators.  Shown raw, a
+ * server's text could reorder what the operator reads ("Trojan
+ * Source"), so both outputs escape them.
+ */
+static gboolean
+is_invisible_control(gunichar c)
+{
+	return (c >= 0x202a && c <= 0x202e) || (c >= 0x2066 && c <= 0x2069) ||
+	       c == 0x200e || c == 0x200f || c == 0x061c || c == 0x2028 ||
+	       c == 0x2029;
+}
+
+/*
  * Append @s as a JSON string.  Bytes that are not valid UTF-8 become
  * U+FFFD so that the line stays valid JSON whatever the server sent;
- * U+2028 and U+2029 are escaped for JavaScript consumers.
+ * U+2028 and U+2029 are escaped for JavaScript consumers, and the
+ * direction controls for whoever reads the JSON on a terminal.
  */
 static void
 json_append_string(GString *out, const char *s)
@@ -567,7 +599,7 @@ json_append_string(GString *out, const char *s)
 		esc = c == '"' ? "\\\"" : common_escape(c);
 		if (esc != NULL)
 			g_string_append(out, esc);
-		else if (c < 0x20 || c == 0x7f || c == 0x2028 || c == 0x2029)
+		else if (c < 0x20 || c == 0x7f || is_invisible_control(c))
 			g_string_append_printf(out, "\\u%04x", c);
 		else
 			g_string_append_len(out, s, next - s);
@@ -675,8 +707,10 @@ print_json(const Outcome *o)
 
 /*
  * Append @s for a terminal: control characters (C0, DEL, C1), bytes
- * that are not UTF-8 and the backslash are escaped, so a server cannot
- * move the cursor or hide text, and each item stays on one line.
+ * that are not UTF-8, the backslash, and the direction and format
+ * controls of is_invisible_control() (as \uXXXX) are escaped, so a
+ * server cannot move the cursor, hide or reorder text, and each item
+ * stays on one line.
  */
 static void
 plain_append(GString *out, const char *s)
@@ -699,6 +733,8 @@ plain_append(GString *out, const char *s)
 			g_string_append(out, esc);
 		else if (c < 0x20 || (c >= 0x7f && c <= 0x9f))
 			g_string_append_printf(out, "\\x%02x", c);
+		else if (is_invisible_control(c))
+			g_string_append_printf(out, "\\u%04x", c);
 		else
 			g_string_append_len(out, s, next - s);
 		s = next;

@@ -121,9 +121,11 @@ const GPtrArray *smtp_error_get_dropped_options(const GError *error);
 
 /*
  * smtp_error_is_temporary: TRUE when retrying later may succeed: a 4xx
- * reply, CONNECT, TIMEOUT, DISCONNECTED, IO (a full disk may be freed);
- * for RECIPIENTS_REFUSED, TRUE when any refusal was 4xx.  FALSE for 5xx, PROTOCOL, INPUT, TLS, AUTH
- * (with a 5xx) and NOT_SUPPORTED.
+ * reply, CONNECT (except a 5xx greeting such as 554, which is
+ * permanent), TIMEOUT, DISCONNECTED (a 421 at any stage, even inside a
+ * multi-line reply), IO (a full disk may be freed); for
+ * RECIPIENTS_REFUSED, TRUE when any refusal was 4xx.  FALSE for 5xx,
+ * PROTOCOL, INPUT, TLS, AUTH (without a 4xx reply) and NOT_SUPPORTED.
  */
 gboolean smtp_error_is_temporary(const GError *error);
 

@@ -586,6 +586,9 @@ class SinkRelay:
                     return
                 cmd = line.rstrip(b"\r\n").decode("utf-8", "replace")
                 verb = cmd[:4].upper()
+                # The plan now, not the one at connect: a client that
+                # keeps its connections open (a pool) meets the new one.
+                faults = self.faults
                 if verb == "EHLO":
                     reply("250-%s|250-PIPELINING|250-8BITMIME|"
                           "250-SMTPUTF8|250-SIZE 104857600|"

@@ -22,8 +22,10 @@ Cases (each in both modes):
   one is in flight, then started again on the same spool),
   spool-unwritable and spool-full (a private size-limited tmpfs under the
   spool, remounted read-only or filled; skipped with the reason when
-  mount is not permitted), flood (200 concurrent SMTP sessions into
-  Postfix while the relay flaps).
+  mount is not permitted), policy-key (one on_OUTCOME key instead of
+  the default: sync on_data_error = reject, spool on_data_error =
+  tempfail), flood (200 concurrent SMTP sessions into Postfix while the
+  relay flaps).
 
 The invariant checked in every case, per message (identified by its
 Message-ID, which the journal copy carries; copies by X-Archive-Id):
@@ -622,14 +624,14 @@ def relay_case(env, c, name, faults, temporary, partial):
         # kept in hold/, not retried, not dropped.
         def held():
             hd = spool_copies(env.milter, "hold")
-            return all(m.mid in hd for m in msgs if m.accepted)
+            return all(m.mid in hd for m in msgs)
         try:
             h.wait_for(held, bound(WAIT), "copies in hold/")
         except h.Timeout:
             pass
         hd = spool_copies(env.milter, "hold")
         q = spool_copies(env.milter, "queue")
-        c.ok(all(m.mid in hd for m in msgs if m.accepted), name,
+        c.ok(all(m.mid in hd for m in msgs), name,
              "permanent refusal: the copy is kept in hold/",
              "not in hold/: %s; in queue/: %s\nmilter log tail:\n%s"
              % ([m.mid for m in msgs if m.mid not in hd], sorted(q),
@@ -863,6 +865,63 @@ def full_case(env, c):
 
 
 # ------------------------------------------------------------------ #
+# A policy key instead of the defaults                                 #
+# ------------------------------------------------------------------ #
+
+
+def restart_milter(env, policy):
+    """The milter again with another policy, on the same spool (SIGKILL:
+    libmilter takes seconds to stop on SIGTERM)."""
+    env.milter.policy = dict(policy)
+    env.milter.kill()
+    env.milter.start()
+
+
+def policy_case(env, c):
+    """sync: on_data_error = reject refuses the original with a 5xx and
+    accepts nothing; spool: on_data_error = tempfail keeps a copy
+    refused with 5xx in queue/ for retry instead of hold/."""
+    name, mode = "policy-key", env.mode
+    if mode == "sync":
+        policy = {"on_data_error": "reject"}
+    else:
+        policy = {"on_data_error": "tempfail"}
+    restart_milter(env, policy)
+    msgs = []
+    try:
+        env.relay.set_faults({"DOT": "554 5.6.0 content refused"})
+        before = env.relay.stats()
+        msgs = send_all(env.postfix.port,
+                        [Msg(name, mode, i) for i in range(N)])
+        if mode == "sync":
+            c.ok(all(500 <= (m.code or 0) < 600 for m in msgs), name,
+                 "on_data_error = reject: every original refused (5xx)",
+                 replies(msgs))
+        else:
+            c.ok(all(m.accepted for m in msgs), name,
+                 "spooled: every original accepted", replies(msgs))
+            seen = wait_attempts(env, "dot-5xx", before, N)
+            c.ok(seen, name, "the relay saw the workers' attempts",
+                 "stats before %s, now %s" % (before, env.relay.stats()))
+            hd = spool_copies(env.milter, "hold")
+            q = spool_copies(env.milter, "queue")
+            c.ok(all(m.mid in q and m.mid not in hd for m in msgs), name,
+                 "on_data_error = tempfail: a 5xx copy stays in queue/ "
+                 "for retry, not in hold/",
+                 "in queue/: %s\nin hold/: %s"
+                 % ([m.mid for m in msgs if m.mid in q],
+                    [m.mid for m in msgs if m.mid in hd]))
+        check_postfix_agrees(env, c, name, msgs)
+        check_covered(env, c, name, msgs, "during the fault")
+        env.heal()
+        wait_drained(env, c, name, msgs)
+    finally:
+        env.heal()
+        restart_milter(env, {})
+    check_recovered(env, c, name)
+
+
+# ------------------------------------------------------------------ #
 # 200 sessions while the relay flaps                                   #
 # ------------------------------------------------------------------ #
 
@@ -963,6 +1022,7 @@ def main():
         cases += [("milter-sigkill", lambda: sigkill_case(env, c)),
                   ("spool-unwritable", lambda: unwritable_case(env, c)),
                   ("spool-full", lambda: full_case(env, c)),
+                  ("policy-key", lambda: policy_case(env, c)),
                   ("flood", lambda: flood_case(env, c))]
         for cname, fn in cases:
             if only and cname not in only:

@@ -179,10 +179,11 @@ static const OutcomeCase outcome_cases[] = {
      AM_STATUS_SENT},
     {"connect-refused", NULL, 1, FALSE, SMTP_TLS_NONE, FALSE,
      AM_OUTCOME_UNREACHABLE, TRUE, 0, AM_STATUS_DEFERRED},
-    /* The library calls a refused session temporary, whatever its
-     * class: the relay is not serving, not refusing this copy. */
+    /* A 554 greeting is the relay's lasting "no SMTP service here"
+     * (RFC 5321 section 3.1): the library calls it permanent (issue
+     * 3); a 421 greeting stays temporary. */
     {"greeting-554", "greeting 554 5.3.2 no service", 1, FALSE, SMTP_TLS_NONE,
-     FALSE, AM_OUTCOME_UNREACHABLE, TRUE, 554, AM_STATUS_DEFERRED},
+     FALSE, AM_OUTCOME_UNREACHABLE, FALSE, 554, AM_STATUS_BOUNCED},
     {"greeting-421", "greeting 421 4.3.2 busy", 1, FALSE, SMTP_TLS_NONE, FALSE,
      AM_OUTCOME_UNREACHABLE, TRUE, 421, AM_STATUS_DEFERRED},
     {"ehlo-refused", "on EHLO reply 550 5.7.1 no\non HELO reply 550 5.7.1 no",

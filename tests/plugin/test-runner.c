@@ -445,23 +445,32 @@ test_rule_gone(void)
 	fixture_tear_down(&f);
 }
 
-/* Released from hold by another process: the scan finds it. */
+/*
+ * A copy the scan finds while the runner runs, not kicked, may belong
+ * to a message the milter has not answered yet: it waits, and goes on
+ * the kick.  A copy released from hold by another process goes at
+ * once, found by the scan.
+ */
 static void
-test_release_found_by_scan(void)
+test_scan_while_running(void)
 {
 	Fixture f = {0};
 	guint n = 0;
 
 	fixture_set_up(&f, NULL);
 	set_context(&f, "5d");
-	start_runner(&f, 100);
-	put_copy(&f, "am1.rel", "all", "archive", now_s());
-	/* Not kicked: only the scan can find it. */
+	start_runner(&f, 50);
+	g_usleep(100000); /* the first scan is over */
+	put_copy(&f, "am1.unsettled", "all", "archive", now_s());
+	g_usleep(500000);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 0);
+	g_assert_cmpuint(count(&f, AM_SPOOL_QUEUED), ==, 1);
+	am_runner_kick(f.runner, "am1.unsettled");
 	g_assert_true(fake_smtp_wait_messages(f.fake, 1, WAIT_MS));
 	g_assert_true(wait_counts(&f, 0, 0));
 	{
 		const char *to[] = {ADDR_A, NULL};
-		AmSpoolEntry e = {.id = (char *)"am1.rel2",
+		AmSpoolEntry e = {.id = (char *)"am1.rel",
 		                  .queue_id = (char *)QUEUE_ID,
 		                  .rule = (char *)"all",
 		                  .relay = (char *)"archive",
@@ -478,7 +487,7 @@ test_release_found_by_scan(void)
 	}
 	g_usleep(300000);
 	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 1);
-	g_assert_true(am_spool_release(f.spool, "am1.rel2", &n, NULL));
+	g_assert_true(am_spool_release(f.spool, "am1.rel", &n, NULL));
 	g_assert_true(fake_smtp_wait_messages(f.fake, 2, WAIT_MS));
 	g_assert_true(wait_counts(&f, 0, 0));
 	fixture_tear_down(&f);
@@ -496,7 +505,6 @@ main(int argc, char **argv)
 	g_test_add_func("/runner/partial", test_partial);
 	g_test_add_func("/runner/max-age", test_max_age);
 	g_test_add_func("/runner/rule-gone", test_rule_gone);
-	g_test_add_func("/runner/release-found-by-scan",
-	                test_release_found_by_scan);
+	g_test_add_func("/runner/scan-while-running", test_scan_while_running);
 	return g_test_run();
 }

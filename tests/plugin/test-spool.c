@@ -603,6 +603,13 @@ test_put_held_with_reason(Fixture *f, gconstpointer data)
 	g_assert_cmpint(got->state, ==, AM_SPOOL_HELD);
 	g_assert_cmpstr(got->last_error, ==, "554 5.7.1 refused");
 	g_assert_cmpuint(got->attempts, ==, 1);
+
+	/* Withdrawn from hold/ too, with its state; twice is no error. */
+	g_assert_true(am_spool_remove(spool, "am1.h", &error));
+	g_assert_cmpuint(count_files(f, "hold"), ==, 0);
+	g_assert_cmpuint(count_files(f, "state"), ==, 0);
+	g_assert_true(am_spool_remove(spool, "am1.h", &error));
+	g_assert_no_error(error);
 }
 
 static void
@@ -704,7 +711,9 @@ test_leftovers(Fixture *f, gconstpointer data)
 	(void)data;
 	write_file(f, "tmp", "am1.half", "archive-milter-spool 1\nid: am1");
 	write_file(f, "state", ".am1.x.AB12CD", "half");
+	g_assert_true(am_spool_is_exclusive(first));
 	second = open_spool(f, 0);
+	g_assert_false(am_spool_is_exclusive(second));
 	g_assert_cmpuint(count_files(f, "tmp"), ==, 1);
 	am_spool_close(second);
 	am_spool_close(first);

@@ -493,6 +493,42 @@ static const ErrorCase error_cases[] = {
     {"text-non-ascii", NULL, {TO}, {"--text"}, 65, NULL, 0},
     {"bytes-non-ascii", NULL, {TO}, {NULL}, 0, NULL, 1},
     {"timeout", "on DATA stall\n", {TO}, {"--timeout", "0.5"}, 75, NULL, 0},
+    /* RFC 5321 section 3.1: "no SMTP service here" is permanent. */
+    {"greeting-554",
+     "greeting 554 5.7.1 No SMTP service here\n",
+     {TO},
+     {NULL},
+     69,
+     "{\"file\":\"-\",\"status\":\"error\",\"refused\":{},"
+     "\"error\":{\"kind\":\"connect\",\"code\":554,"
+     "\"text\":\"No SMTP service here\",\"enhanced\":\"5.7.1\","
+     "\"stage\":\"greeting\"},\"dropped_options\":[]}",
+     0},
+    /* A 421 cutting a multi-line reply short: the server is going. */
+    {"421-inside-multiline",
+     "on MAIL raw 250-ok\\r\\n421 4.3.2 Shutting down\\r\\n\n",
+     {TO},
+     {NULL},
+     75,
+     "{\"file\":\"-\",\"status\":\"error\",\"refused\":{},"
+     "\"error\":{\"kind\":\"disconnected\",\"code\":421,"
+     "\"text\":\"Shutting down\",\"enhanced\":\"4.3.2\","
+     "\"stage\":\"mail\"},\"dropped_options\":[]}",
+     0},
+    {"space-in-local-part",
+     NULL,
+     {"bob smith@example.net"},
+     {NULL},
+     65,
+     NULL,
+     0},
+    {"quoted-space-in-local-part",
+     NULL,
+     {"\"bob smith\"@example.net"},
+     {NULL},
+     0,
+     NULL,
+     1},
 };
 
 /* The kind each case without a full expected line must report. */
@@ -562,9 +598,12 @@ test_error_case(gconstpointer data)
 		}
 	}
 
-	/* Errors found before sending leave nothing on the server */
+	/* Errors found before sending leave nothing on the server; bad
+	 * addresses are found before connecting at all */
 	if (c->status == 65)
 		g_assert_false(got_command(&f, "MAIL"));
+	if (strcmp(c->name, "space-in-local-part") == 0)
+		g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 0);
 	if (c->n_messages > 0)
 		message(&f, c->n_messages - 1);
 	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==,
@@ -627,6 +666,39 @@ test_hostile_text(Fixture *f, gconstpointer data)
 	                               "Bad \\x1b[31m"));
 	g_assert_nonnull(strstr(p.err, "kind=recipients_refused, code=550, "
 	                               "enhanced=5.1.1, stage=rcpt"));
+}
+
+/*
+ * Unicode direction and format controls in a server's text (RLO, LRI,
+ * PDI, LRM, RLM, ALM, LRE, PDF): never raw in plain output, where they
+ * would reorder what the operator reads, nor in JSON.
+ */
+static void
+test_bidi_text(Fixture *f, gconstpointer data)
+{
+	static const char *const raw[] = {
+	    "\xe2\x80\xae", "\xe2\x81\xa6", "\xe2\x81\xa9", "\xe2\x80\x8e",
+	    "\xe2\x80\x8f", "\xd8\x9c",     "\xe2\x80\xaa", "\xe2\x80\xac",
+	};
+	g_auto(Run) p = {0};
+	g_auto(Run) j = {0};
+
+	(void)data;
+	run(&p, MSG, "--server", f->server, "--from", FROM, "--to", TO, NULL);
+	g_assert_cmpint(p.status, ==, 69);
+	run(&j, MSG, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--json", NULL);
+	g_assert_cmpint(j.status, ==, 69);
+	for (guint i = 0; i < G_N_ELEMENTS(raw); i++) {
+		g_assert_null(strstr(p.out, raw[i]));
+		g_assert_null(strstr(p.err, raw[i]));
+		g_assert_null(strstr(j.out, raw[i]));
+	}
+	g_assert_nonnull(strstr(p.out, "refused <" TO ">: 550 5.1.1 a\\u202e"
+	                               "b \\u2066c\\u2069 \\u200ed\\u200f "
+	                               "\\u061ce \\u202af\\u202c \xc3\xa9"));
+	g_assert_nonnull(strstr(p.err, "\\u202e"));
+	g_assert_nonnull(strstr(j.out, "a\\u202eb \\u2066c\\u2069"));
 }
 
 /* ------------------------------------------------------------------ */
@@ -794,6 +866,25 @@ test_usage(Fixture *f, gconstpointer data)
 	      "0"}},
 	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
 	      "-3"}},
+	    /* strtod() would take all of these */
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "0x10"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "1e3"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "inf"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "nan"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      " 5"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "5s"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "1.5.2"}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      "."}},
+	    {{"--server", f->server, "--from", FROM, "--to", TO, "--timeout",
+	      ""}},
 	    {{"--server", f->server, "--from", FROM, "--to", TO,
 	      "--no-such-option"}},
 	    {{"--server", f->server, "--from", FROM, "--to", TO, "--to"}},
@@ -1063,6 +1154,12 @@ main(int argc, char **argv)
 	    "on RCPT raw 550-5.1.1 first\\r\\n550 5.1.1 Bad \\x1b[31m \"q\" "
 	    "\\\\ \\xff\\xc3( \\xc3\\xa9 \\x7f\\r\\n\n",
 	    test_hostile_text);
+	ADD("plain/bidi-server-text",
+	    "on RCPT raw 550 5.1.1 a\\xe2\\x80\\xaeb "
+	    "\\xe2\\x81\\xa6c\\xe2\\x81\\xa9 "
+	    "\\xe2\\x80\\x8ed\\xe2\\x80\\x8f \\xd8\\x9ce "
+	    "\\xe2\\x80\\xaaf\\xe2\\x80\\xac \\xc3\\xa9\\r\\n\n",
+	    test_bidi_text);
 	ADD("files/unreadable", NULL, test_unreadable);
 	ADD("files/exit-status-mix", "on RCPT /later@/ reply 450 4.2.1 Busy\n",
 	    test_exit_status_mix);

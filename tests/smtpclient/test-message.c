@@ -79,16 +79,28 @@ static const EncodeCase encode_cases[] = {
     {"empty-segments", {B(""), B("a"), B(""), END}, B("a\r\n.\r\n")},
 };
 
+static int temp_file(const void *data, gsize len);
+
+/* Encode @chunks into @out, and count them with a second encoder: the
+ * count (what SIZE= announces) must be the octets before ".CRLF". */
 static void
 encode_chunks(const Bytes *chunks, guint n, GByteArray *out)
 {
-	SmtpEncoder enc;
+	SmtpEncoder enc, counter;
+	guint start = out->len;
+	guint64 counted = 0;
 
 	smtp_encoder_init(&enc);
-	for (guint i = 0; i < n; i++)
+	smtp_encoder_init(&counter);
+	for (guint i = 0; i < n; i++) {
 		smtp_encoder_feed(&enc, (const guint8 *)chunks[i].data,
 		                  chunks[i].len, out);
+		counted += smtp_encoder_count(
+		    &counter, (const guint8 *)chunks[i].data, chunks[i].len);
+	}
+	counted += smtp_encoder_finish_count(&counter);
 	smtp_encoder_finish(&enc, out);
+	g_assert_cmpuint(counted, ==, out->len - start - 3);
 }
 
 static void
@@ -113,6 +125,31 @@ test_encode_case(gconstpointer data)
 
 		encode_chunks(c->segments, n, out);
 		assert_bytes(out, &c->expected);
+	}
+
+	/* As a message, half its segments files: the wire size. */
+	{
+		g_autoptr(SmtpMessage) msg =
+		    smtp_message_new(SMTP_MESSAGE_BYTES);
+		g_autoptr(GError) error = NULL;
+		guint64 size = 0;
+
+		for (guint i = 0; i < n; i++) {
+			const Bytes *b = &c->segments[i];
+			int fd;
+
+			if (i % 2 == 0) {
+				smtp_message_append_data(msg, b->data, b->len);
+				continue;
+			}
+			fd = temp_file(b->data, b->len);
+			g_assert_true(
+			    smtp_message_append_fd(msg, fd, 0, -1, &error));
+			close(fd);
+		}
+		g_assert_true(smtp_message_get_wire_size(msg, &size, &error));
+		g_assert_no_error(error);
+		g_assert_cmpuint(size, ==, c->expected.len - 3);
 	}
 
 	/* Cut at every position of the whole input. */

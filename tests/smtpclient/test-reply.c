@@ -65,6 +65,15 @@ static const ReplyCase reply_cases[] = {
     {"code-6xx", "600 OK\r\n", SMTP_PARSE_ERROR, 0, NULL, NULL},
     {"code-x6x", "260 OK\r\n", SMTP_PARSE_ERROR, 0, NULL, NULL},
     {"code-changes", "250-a\r\n251 b\r\n", SMTP_PARSE_ERROR, 0, NULL, NULL},
+    /* A server shutting down cuts a reply short with 421: that reply
+     * replaces the one it cut, enhanced code and all. */
+    {"421-cuts-multiline", "250-mx.example\r\n250-SIZE 1\r\n421 4.3.2 bye\r\n",
+     SMTP_PARSE_DONE, 421, "4.3.2", "bye"},
+    {"421-multiline-cuts-multiline",
+     "550-5.1.1 a\r\n421-4.4.2 shutting\r\n421 4.4.2 down\r\n", SMTP_PARSE_DONE,
+     421, "4.4.2", "shutting\ndown"},
+    {"421-then-other-code", "250-a\r\n421-b\r\n250 c\r\n", SMTP_PARSE_ERROR, 0,
+     NULL, NULL},
     {"garbage-continuation", "250-a\r\nxyz\r\n", SMTP_PARSE_ERROR, 0, NULL,
      NULL},
 };

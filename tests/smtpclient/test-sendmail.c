@@ -105,7 +105,9 @@ test_all_accepted(Fixture *f, gconstpointer data)
 
 	g_assert_true(fake_smtp_wait_messages(f->fake, 1, 2000));
 	m = fake_smtp_get_message(f->fake, 0);
-	mail = g_strdup_printf("FROM:<" FROM "> SIZE=%zu", strlen(body));
+	/* SIZE is what went out before the end marker: CRLF line
+	 * ends, the doubled dot, the closing CRLF. */
+	mail = g_strdup_printf("FROM:<" FROM "> SIZE=%zu", sizeof(wire) - 4);
 	g_assert_cmpstr(m->mail_from, ==, mail);
 	g_assert_cmpuint(m->rcpt_to->len, ==, 2);
 	g_assert_cmpstr(g_ptr_array_index(m->rcpt_to, 0), ==,
@@ -236,8 +238,11 @@ static const FailCase fail_cases[] = {
     {"helo-error",
      "on EHLO reply 502 5.5.2 no\non HELO reply 504 5.5.2 bad name",
      SMTP_ERROR_HELO, "helo", 504, FALSE, FALSE, FALSE},
+    /* RFC 5321 section 3.1: no service here, and no use retrying. */
     {"greeting-554", "greeting 554 5.7.1 go away", SMTP_ERROR_CONNECT,
-     "greeting", 554, TRUE, FALSE, FALSE},
+     "greeting", 554, FALSE, FALSE, FALSE},
+    {"greeting-450", "greeting 450 4.3.2 busy", SMTP_ERROR_CONNECT, "greeting",
+     450, TRUE, FALSE, FALSE},
     {"421-greeting", "greeting 421 4.3.2 not now", SMTP_ERROR_DISCONNECTED,
      "greeting", 421, TRUE, FALSE, FALSE},
     {"421-ehlo", "on EHLO reply 421 4.3.2 bye", SMTP_ERROR_DISCONNECTED, "ehlo",
@@ -250,6 +255,12 @@ static const FailCase fail_cases[] = {
      421, TRUE, FALSE, FALSE},
     {"421-dot", "on DOT reply 421 4.3.2 bye", SMTP_ERROR_DISCONNECTED,
      "end-of-data", 421, TRUE, FALSE, FALSE},
+    /* A 421 that cuts a multi-line reply short is still a 421. */
+    {"421-inside-ehlo-reply",
+     "on EHLO raw 250-fakesmtp\\r\\n250-SIZE 1000\\r\\n421 4.4.2 closing\\r\\n",
+     SMTP_ERROR_DISCONNECTED, "ehlo", 421, TRUE, FALSE, FALSE},
+    {"421-inside-rcpt-reply", "on RCPT raw 250-ok\\r\\n421 4.3.2 bye\\r\\n",
+     SMTP_ERROR_DISCONNECTED, "rcpt", 421, TRUE, FALSE, FALSE},
     {"close-at-ehlo", "on EHLO close", SMTP_ERROR_DISCONNECTED, "ehlo", 0, TRUE,
      FALSE, FALSE},
     {"close-after-rcpt", "on DATA close", SMTP_ERROR_DISCONNECTED, "data", 0,
@@ -298,6 +309,8 @@ test_fail_case(Fixture *f, gconstpointer data)
 		                c->reply_code);
 	g_assert_cmpint(smtp_error_is_temporary(error), ==, c->temporary);
 	g_assert_cmpint(smtp_client_is_connected(f->client), ==, c->connected);
+	if (c->code == SMTP_ERROR_DISCONNECTED && c->reply_code == 421)
+		g_assert_nonnull(strstr(error->message, c->stage));
 	g_assert_cmpuint(count_commands(f, "RSET"), ==, c->rset ? 1 : 0);
 	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 0);
 	g_assert_nonnull(smtp_error_get_dropped_options(error));
@@ -587,6 +600,14 @@ static const InputCase input_cases[] = {
     {"text-not-utf8", NULL, "a@x", "b@x", "BODY=8BITMIME", NULL, NULL,
      SMTP_MESSAGE_TEXT, "caf\xe9"},
     {"no-recipient", NULL, "a@x", NULL, NULL, NULL, NULL, 0, "hi"},
+    {"rcpt-space", NULL, "a@x", "a b@x", NULL, NULL, NULL, 0, "hi"},
+    {"from-space", NULL, "a b@x", "b@x", NULL, NULL, NULL, 0, "hi"},
+    {"rcpt-space-in-domain", NULL, "a@x", "a@x y", NULL, NULL, NULL, 0, "hi"},
+    {"rcpt-space-after-quote", NULL, "a@x", "\"a\" b@x", NULL, NULL, NULL, 0,
+     "hi"},
+    {"rcpt-quote-open", NULL, "a@x", "\"a b@x", NULL, NULL, NULL, 0, "hi"},
+    {"rcpt-quote-escaped-end", NULL, "a@x", "\"a b\\\"@x", NULL, NULL, NULL, 0,
+     "hi"},
 };
 
 static void
@@ -612,6 +633,31 @@ test_input_case(Fixture *f, gconstpointer data)
 	g_assert_false(smtp_error_is_temporary(error));
 	g_assert_false(smtp_client_is_connected(f->client));
 	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 0);
+}
+
+/* A quoted local part may hold spaces (and an escaped quote): sent as
+ * given. */
+static void
+test_quoted_local_part(Fixture *f, gconstpointer data)
+{
+	static const char *const rcpts[] = {"\"a b\"@x.example",
+	                                    "\"c \\\" d\"@x.example", NULL};
+	g_autoptr(GError) error = NULL;
+	g_autoptr(SmtpResult) res = NULL;
+	const FakeSmtpMessage *m;
+
+	(void)data;
+	res = send_body(f, "\"s p\"@example.org", rcpts, "hi\r\n", NULL, NULL,
+	                &error);
+	g_assert_no_error(error);
+	g_assert_true(fake_smtp_wait_messages(f->fake, 1, 2000));
+	m = fake_smtp_get_message(f->fake, 0);
+	g_assert_true(
+	    g_str_has_prefix(m->mail_from, "FROM:<\"s p\"@example.org>"));
+	g_assert_cmpstr(g_ptr_array_index(m->rcpt_to, 0), ==,
+	                "TO:<\"a b\"@x.example>");
+	g_assert_cmpstr(g_ptr_array_index(m->rcpt_to, 1), ==,
+	                "TO:<\"c \\\" d\"@x.example>");
 }
 
 /* TEXT that is UTF-8 passes with BODY=8BITMIME and goes out as is. */
@@ -803,7 +849,9 @@ test_long_reply_line(Fixture *f, gconstpointer data)
 /* ------------------------------------------------------------------ */
 
 /* Several MB from a file, with bare LFs and leading dots: what arrives
- * is the normalised message, and SIZE is the file's size. */
+ * is the normalised message, and SIZE is what went out before the end
+ * marker, lone LFs made CRLF and dots doubled: never less than sent
+ * (the file's own size would be short by a third of its lines). */
 static void
 test_big_file(Fixture *f, gconstpointer data)
 {
@@ -842,10 +890,106 @@ test_big_file(Fixture *f, gconstpointer data)
 	g_assert_no_error(error);
 	g_assert_true(fake_smtp_wait_messages(f->fake, 1, 5000));
 	m = fake_smtp_get_message(f->fake, 0);
-	mail = g_strdup_printf("FROM:<" FROM "> SIZE=%zu", file->len);
+	mail = g_strdup_printf("FROM:<" FROM "> SIZE=%zu",
+	                       g_bytes_get_size(m->wire) - 3);
 	g_assert_cmpstr(m->mail_from, ==, mail);
+	g_assert_cmpuint(g_bytes_get_size(m->wire) - 3, >, file->len);
 	g_assert_cmpmem(g_bytes_get_data(m->content, NULL),
 	                g_bytes_get_size(m->content), expect->str, expect->len);
+}
+
+/*
+ * A message file that changes after sendmail() has counted it for
+ * SIZE=: a thread changes it as soon as the server has MAIL, which the
+ * script answers late, so the change falls between the count and the
+ * data.  Whatever the change, no end marker may follow: the server
+ * must record nothing, the connection is closed, and the error is
+ * INPUT naming the file and saying that it changed.
+ */
+typedef struct {
+	Fixture *f;
+	int fd;
+	gboolean shrink; /* else: same size, lone LFs instead of text */
+} Mutator;
+
+static gpointer
+mutate_after_mail(gpointer data)
+{
+	Mutator *m = data;
+	gint64 give_up = g_get_monotonic_time() + 5 * G_USEC_PER_SEC;
+
+	while (count_commands(m->f, "MAIL") == 0 &&
+	       g_get_monotonic_time() < give_up)
+		g_usleep(1000);
+	if (m->shrink) {
+		g_assert_cmpint(ftruncate(m->fd, 1000), ==, 0);
+	} else {
+		g_autofree char *lf = g_strnfill(4096, '\n');
+
+		g_assert_cmpint(pwrite(m->fd, lf, 4096, 0), ==, 4096);
+	}
+	return NULL;
+}
+
+static void
+run_changed_file(Fixture *f, gboolean shrink)
+{
+	static const char *const rcpts[] = {"a@x.example", NULL};
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(SmtpResult) res = NULL;
+	g_autoptr(GBytes) received = NULL;
+	g_autofree char *path = NULL, *head = g_strnfill(200000, 'h');
+	g_autofree char *body = g_strnfill(300000, 'b');
+	Mutator m = {f, -1, shrink};
+	GThread *thread;
+	const char *wire;
+	gsize len;
+
+	/* 200 KB in memory go out before the file is read again. */
+	m.fd = g_file_open_tmp("smtpclient-changed-XXXXXX", &path, &error);
+	g_assert_no_error(error);
+	g_assert_cmpint(write(m.fd, body, 300000), ==, 300000);
+	smtp_message_append_data(msg, head, 200000);
+	g_assert_true(smtp_message_append_fd(msg, m.fd, 0, -1, &error));
+
+	thread = g_thread_new("mutator", mutate_after_mail, &m);
+	res = smtp_client_sendmail(f->client, FROM, rcpts, msg, NULL, NULL,
+	                           &error);
+	g_thread_join(thread);
+	close(m.fd);
+	g_unlink(path);
+
+	g_assert_null(res);
+	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_INPUT);
+	g_assert_cmpstr(smtp_error_get_stage(error), ==, "message");
+	g_assert_nonnull(strstr(error->message, path));
+	g_assert_nonnull(strstr(error->message, "changed"));
+	g_assert_false(smtp_error_is_temporary(error));
+	g_assert_false(smtp_client_is_connected(f->client));
+
+	/* Data went out (the 354 was answered) but no end marker. */
+	g_assert_cmpuint(count_commands(f, "DATA"), ==, 1);
+	g_usleep(100 * 1000);
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 0);
+	received = fake_smtp_get_received(f->fake);
+	wire = g_bytes_get_data(received, &len);
+	g_assert_nonnull(g_strstr_len(wire, len, "hhhh"));
+	g_assert_null(g_strstr_len(wire, len, "\r\n.\r\n"));
+}
+
+static void
+test_file_shrank_in_send(Fixture *f, gconstpointer data)
+{
+	(void)data;
+	run_changed_file(f, TRUE);
+}
+
+static void
+test_file_changed_in_send(Fixture *f, gconstpointer data)
+{
+	(void)data;
+	run_changed_file(f, FALSE);
 }
 
 /* The server closes in the middle of the data: never a success. */
@@ -1077,11 +1221,16 @@ main(int argc, char **argv)
 	    test_smtputf8_unadvertised);
 	ADD("smtputf8/address", NULL, test_smtputf8_address);
 	ADD("text-8bit", NULL, test_text_8bit);
+	ADD("quoted-local-part", NULL, test_quoted_local_part);
 	ADD("connect/localhost", NULL, test_connect_localhost);
 	ADD("connect/tls-auth-unavailable", NULL, test_tls_auth_unavailable);
 	ADD("rset-quit", NULL, test_rset_quit);
 	ADD("big-file", NULL, test_big_file);
 	ADD("close-in-data", "on DATA close-in-data", test_close_in_data);
+	ADD("file-shrank-in-send", "on MAIL delay 500 250 2.1.0 Ok",
+	    test_file_shrank_in_send);
+	ADD("file-changed-in-send", "on MAIL delay 500 250 2.1.0 Ok",
+	    test_file_changed_in_send);
 	g_test_add_func("/smtpclient/sendmail/connect/refused",
 	                test_connect_refused);
 	g_test_add_func("/smtpclient/sendmail/connect/unresolvable",

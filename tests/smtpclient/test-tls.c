@@ -5,29 +5,21 @@
  * private instance in a temporary directory (own configuration, queue
  * and log, loopback only, ports chosen at run time, mail discarded),
  * one smtpd per certificate made by tests/tls/make-certs.sh (good,
- * expired, wrong host name, self-signed) and one without STARTTLS.  A
- * watchdog process stops Postfix by its pid and removes the directory
- * when this program ends, also when an assertion aborts it.  Without
- * Postfix (or root, which "postfix start" needs) those cases skip.
+ * expired, wrong host name, self-signed) and one without STARTTLS,
+ * started by postfix-instance.c, whose watchdog stops Postfix by its
+ * pid and removes the directory when this program ends, also when an
+ * assertion aborts it.  Without Postfix (or root, which "postfix
+ * start" needs) those cases skip.
  *
  * What needs a misbehaving server (response injection, refusals) and
- * AUTH run against the scripted fake server: this Postfix has no SASL
- * back end configured, and the fake server shows the exact bytes of the
- * PLAIN and LOGIN exchanges.
+ * the exact bytes of the PLAIN and LOGIN exchanges run against the
+ * scripted fake server; AUTH against Postfix with Cyrus SASL is in
+ * test-postfix.c.
  */
-#include <errno.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <signal.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <glib/gstdio.h>
 
 #include "fakesmtp.h"
+#include "postfix-instance.h"
 #include "smtp-private.h"
 
 #define FROM       "sender@example.org"
@@ -47,269 +39,52 @@ static const char *const service_cert[N_SERVICES] = {
 };
 
 static struct {
-	gboolean up;
-	const char *skip; /* why the Postfix cases skip */
-	char *dir;        /* everything lives under it */
-	char *conf, *certs, *maillog;
+	PostfixInstance *pf; /* NULL: the Postfix cases skip */
+	const char *skip;    /* why */
+	char *certs;
 	guint16 port[N_SERVICES];
-	pid_t master;
-	pid_t watchdog;
-	int watchdog_fd; /* write end; its closing wakes the watchdog */
-} pf = {.watchdog_fd = -1};
+} pf;
 
 /* ------------------------------------------------------------------ */
 /* The private Postfix                                                  */
 /* ------------------------------------------------------------------ */
 
-static gboolean
-run(const char *const *argv, GError **error)
-{
-	g_autofree char *out = NULL, *err = NULL;
-	int status;
-
-	if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-	                  NULL, &out, &err, &status, error))
-		return FALSE;
-	if (!g_spawn_check_wait_status(status, error)) {
-		g_prefix_error(error, "%s: %s%s: ", argv[0], out, err);
-		return FALSE;
-	}
-	return TRUE;
-}
-
-static gboolean
-postconf(const char *opt, const char *arg, GError **error)
-{
-	const char *argv[] = {"postconf", "-c", pf.conf, opt, arg, NULL};
-
-	return run(argv, error);
-}
-
-/* Free loopback ports, all held open at once so they differ. */
-static void
-free_ports(guint16 *ports, guint n)
-{
-	int fds[N_SERVICES];
-
-	for (guint i = 0; i < n; i++) {
-		struct sockaddr_in sa = {.sin_family = AF_INET};
-		socklen_t len = sizeof(sa);
-
-		sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-		fds[i] = socket(AF_INET, SOCK_STREAM, 0);
-		g_assert_cmpint(fds[i], >=, 0);
-		g_assert_cmpint(bind(fds[i], (void *)&sa, sizeof(sa)), ==, 0);
-		g_assert_cmpint(getsockname(fds[i], (void *)&sa, &len), ==, 0);
-		ports[i] = ntohs(sa.sin_port);
-	}
-	for (guint i = 0; i < n; i++)
-		close(fds[i]);
-}
-
-static gboolean
-port_open(guint16 port)
-{
-	struct sockaddr_in sa = {.sin_family = AF_INET};
-	int fd = socket(AF_INET, SOCK_STREAM, 0);
-	gboolean ok;
-
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	sa.sin_port = htons(port);
-	ok = connect(fd, (void *)&sa, sizeof(sa)) == 0;
-	close(fd);
-	return ok;
-}
-
-static gboolean
-pid_alive(pid_t pid)
-{
-	g_autofree char *path = g_strdup_printf("/proc/%d/stat", (int)pid);
-	g_autofree char *stat = NULL;
-	const char *paren;
-
-	if (!g_file_get_contents(path, &stat, NULL, NULL))
-		return FALSE;
-	/* A zombie nobody reaps (no init in a container) is gone too. */
-	paren = strrchr(stat, ')');
-	return paren == NULL || paren[1] == '\0' || paren[2] != 'Z';
-}
-
-/* main.cf, and master.cf with one smtpd per service, no chroot. */
-static gboolean
-configure(GError **error)
-{
-	g_autofree char *queue = g_build_filename(pf.dir, "queue", NULL);
-	g_autofree char *data = g_build_filename(pf.dir, "data", NULL);
-	g_autofree char *master = NULL;
-	g_autofree char *main_cf = g_build_filename(pf.conf, "main.cf", NULL);
-	g_autofree char *master_cf =
-	    g_build_filename(pf.conf, "master.cf", NULL);
-	g_autofree char *set = g_strdup_printf(
-	    "compatibility_level=3.6 queue_directory=%s data_directory=%s "
-	    "maillog_file=%s maillog_file_prefixes=%s "
-	    "myhostname=mta.tls.test mydomain=tls.test myorigin=tls.test "
-	    "inet_interfaces=loopback-only inet_protocols=ipv4 "
-	    "mynetworks=127.0.0.0/8 mydestination= alias_maps= "
-	    "alias_database= local_recipient_maps= "
-	    "default_transport=discard relay_transport=discard "
-	    "smtp_dns_support_level=disabled biff=no "
-	    "smtpd_tls_loglevel=1 smtpd_tls_security_level=none",
-	    queue, data, pf.maillog, pf.dir);
-	g_auto(GStrv) settings = g_strsplit(set, " ", -1);
-
-	g_assert_cmpint(g_mkdir(pf.conf, 0755), ==, 0);
-	g_assert_cmpint(g_mkdir(queue, 0755), ==, 0);
-	g_assert_cmpint(g_mkdir(data, 0755), ==, 0);
-
-	/* Postfix's own user writes master.lock there. */
-	if (!run((const char *const[]){"chown", "postfix", data, NULL}, error))
-		return FALSE;
-	if (!g_file_get_contents("/usr/share/postfix/master.cf.dist", &master,
-	                         NULL, error) ||
-	    !g_file_set_contents(master_cf, master, -1, error) ||
-	    !g_file_set_contents(main_cf, "", 0, error))
-		return FALSE;
-	for (guint i = 0; settings[i] != NULL; i++) {
-		if (!postconf("-e", settings[i], error))
-			return FALSE;
-	}
-
-	/* Never port 25: the default smtpd goes, ours come in. */
-	if (!postconf("-MX", "smtp/inet", error))
-		return FALSE;
-	free_ports(pf.port, N_SERVICES);
-	for (guint i = 0; i < N_SERVICES; i++) {
-		g_autofree char *line = NULL, *tls = NULL;
-
-		if (service_cert[i] != NULL)
-			tls =
-			    g_strdup_printf(" -o smtpd_tls_security_level=may"
-			                    " -o smtpd_tls_cert_file=%s/%s.crt"
-			                    " -o smtpd_tls_key_file=%s/%s.key",
-			                    pf.certs, service_cert[i], pf.certs,
-			                    service_cert[i]);
-		line = g_strdup_printf(
-		    "127.0.0.1:%u/inet=127.0.0.1:%u inet n - n - - smtpd"
-		    " -o debug_peer_list=127.0.0.1 -o debug_peer_level=1%s",
-		    pf.port[i], pf.port[i], tls ? tls : "");
-		if (!postconf("-M", line, error))
-			return FALSE;
-	}
-	return postconf("-F", "*/*/chroot=n", error);
-}
-
-static gboolean
-read_master_pid(void)
-{
-	g_autofree char *path =
-	    g_build_filename(pf.dir, "queue", "pid", "master.pid", NULL);
-	g_autofree char *text = NULL;
-
-	if (!g_file_get_contents(path, &text, NULL, NULL))
-		return FALSE;
-	pf.master = atoi(g_strstrip(text));
-	return pf.master > 0;
-}
-
-/* The watchdog: waits for this process to end (EOF on the pipe), then
- * stops Postfix by pid and removes the directory. */
-static void
-watchdog(int fd)
-{
-	char c;
-	int null = open("/dev/null", O_RDWR);
-
-	/* Hold no pipe of the test runner, or it waits for us. */
-	dup2(null, 0);
-	dup2(null, 1);
-	dup2(null, 2);
-	while (read(fd, &c, 1) != 0 && errno == EINTR)
-		;
-	/* The pid from the file: the parent learnt it after the fork. */
-	if (read_master_pid()) {
-		kill(pf.master, SIGTERM);
-		for (int i = 0; i < 150 && pid_alive(pf.master); i++)
-			g_usleep(100 * 1000);
-		if (pid_alive(pf.master))
-			kill(pf.master, SIGKILL);
-	}
-	execlp("rm", "rm", "-rf", pf.dir, (char *)NULL);
-	_exit(1);
-}
-
-static void
-start_watchdog(void)
-{
-	int fds[2];
-
-	g_assert_cmpint(pipe(fds), ==, 0);
-	pf.watchdog = fork();
-	g_assert_cmpint(pf.watchdog, >=, 0);
-	if (pf.watchdog == 0) {
-		close(fds[1]);
-		watchdog(fds[0]);
-	}
-	close(fds[0]);
-	pf.watchdog_fd = fds[1];
-}
-
+/* Certificates, one smtpd per service, start. */
 static void
 postfix_start(void)
 {
 	const char *script = g_getenv("MAKE_CERTS");
-	g_autoptr(GError) error = NULL;
-	gint64 deadline;
-	g_autofree char *postfix = g_find_program_in_path("postfix");
 
-	if (postfix == NULL &&
-	    !g_file_test("/usr/sbin/postfix", G_FILE_TEST_IS_EXECUTABLE)) {
-		pf.skip = "postfix is not installed";
+	pf.pf = postfix_instance_new(&pf.skip);
+	if (pf.pf == NULL)
 		return;
-	}
-	if (geteuid() != 0) {
-		pf.skip = "postfix start needs root";
-		return;
-	}
 	g_assert_nonnull(script);
+	pf.certs = g_build_filename(postfix_instance_dir(pf.pf), "certs", NULL);
+	postfix_instance_run(
+	    (const char *const[]){"sh", script, pf.certs, NULL});
 
-	/* Step 1: a directory Postfix's own user can walk into. */
-	pf.dir = g_dir_make_tmp("smtpclient-tls-XXXXXX", &error);
-	g_assert_no_error(error);
-	g_assert_cmpint(chmod(pf.dir, 0755), ==, 0);
-	pf.conf = g_build_filename(pf.dir, "conf", NULL);
-	pf.certs = g_build_filename(pf.dir, "certs", NULL);
-	pf.maillog = g_build_filename(pf.dir, "maillog", NULL);
-	start_watchdog();
-
-	/* Step 2: certificates, configuration, start. */
-	if (!run((const char *const[]){"sh", script, pf.certs, NULL}, &error) ||
-	    !configure(&error) ||
-	    !run((const char *const[]){"postfix", "-c", pf.conf, "start", NULL},
-	         &error))
-		g_error("private Postfix: %s", error->message);
-
-	/* Step 3: wait for the master and every smtpd port. */
-	deadline = g_get_monotonic_time() + 30 * G_USEC_PER_SEC;
-	while (!read_master_pid() && g_get_monotonic_time() < deadline)
-		g_usleep(50 * 1000);
 	for (guint i = 0; i < N_SERVICES; i++) {
-		while (!port_open(pf.port[i]) &&
-		       g_get_monotonic_time() < deadline)
-			g_usleep(50 * 1000);
+		g_autofree char *tls = NULL;
+
+		if (service_cert[i] != NULL)
+			tls =
+			    g_strdup_printf("-o smtpd_tls_security_level=may"
+			                    " -o smtpd_tls_cert_file=%s/%s.crt"
+			                    " -o smtpd_tls_key_file=%s/%s.key",
+			                    pf.certs, service_cert[i], pf.certs,
+			                    service_cert[i]);
+		pf.port[i] = postfix_instance_port(pf.pf);
+		postfix_instance_add_smtpd(pf.pf, pf.port[i], tls);
 	}
-	if (pf.master <= 0 || !port_open(pf.port[N_SERVICES - 1]))
-		g_error("private Postfix did not come up; see %s", pf.maillog);
-	pf.up = TRUE;
+	postfix_instance_start(pf.pf);
 }
 
-/* Wake the watchdog and wait for its cleanup. */
+/* Stop Postfix and wait for the watchdog's cleanup. */
 static void
 postfix_stop(void)
 {
-	if (pf.watchdog <= 0)
-		return;
-	close(pf.watchdog_fd);
-	waitpid(pf.watchdog, NULL, 0);
+	postfix_instance_stop(pf.pf);
+	g_free(pf.certs);
 }
 
 /* ------------------------------------------------------------------ */
@@ -346,7 +121,7 @@ send_one(SmtpClient *client, GError **error)
 static gboolean
 need_postfix(void)
 {
-	if (pf.up)
+	if (pf.pf != NULL)
 		return TRUE;
 	g_test_skip(pf.skip);
 	return FALSE;
@@ -437,35 +212,21 @@ test_postfix_case(gconstpointer data)
 	g_assert_cmpint(smtp_client_is_tls(client), ==, c->tls);
 }
 
-/* How many lines of the Postfix log hold @needle. */
-static guint
-log_count(const char *needle)
-{
-	g_autofree char *text = NULL;
-	guint n = 0;
-
-	if (!g_file_get_contents(pf.maillog, &text, NULL, NULL))
-		return 0;
-	for (const char *p = text; (p = strstr(p, needle)) != NULL; p++)
-		n++;
-	return n;
-}
+#define SENT_ONE "MAIL FROM:<" FROM "> SIZE=23|RCPT TO:<rcpt@example.com>|DATA"
 
 /* RFC 3207 section 4.2: EHLO again under TLS, and only its answer
  * counts (Postfix offers STARTTLS in clear text only). */
 static void
 test_postfix_ehlo_again(void)
 {
-	const char *needle = "EHLO ehlo-again.example";
 	g_autoptr(SmtpClient) client = NULL;
 	g_autoptr(SmtpResult) res = NULL;
 	g_autoptr(GError) error = NULL;
-	guint before;
-	gint64 deadline;
+	g_autoptr(GPtrArray) cmds = NULL;
+	g_autofree char *joined = NULL, *end = NULL;
 
 	if (!need_postfix())
 		return;
-	before = log_count(needle);
 	client =
 	    new_client("localhost", pf.port[SVC_GOOD], SMTP_TLS_VERIFY, TRUE);
 	smtp_client_set_helo_name(client, "ehlo-again.example");
@@ -484,11 +245,16 @@ test_postfix_ehlo_again(void)
 	smtp_client_quit(client);
 
 	/* Postfix logs each command it reads (debug_peer_list). */
-	deadline = g_get_monotonic_time() + 5 * G_USEC_PER_SEC;
-	while (log_count(needle) < before + 2 &&
-	       g_get_monotonic_time() < deadline)
-		g_usleep(50 * 1000);
-	g_assert_cmpuint(log_count(needle), ==, before + 2);
+	cmds = postfix_instance_session(pf.pf, "ehlo-again.example", &end);
+	g_ptr_array_add(cmds, NULL);
+	joined = g_strjoinv("|", (char **)cmds->pdata);
+	g_assert_cmpstr(
+	    joined, ==,
+	    "EHLO ehlo-again.example|STARTTLS|EHLO ehlo-again.example|" SENT_ONE
+	    "|" SENT_ONE "|QUIT");
+	g_assert_cmpstr(
+	    end, ==,
+	    "ehlo=2 starttls=1 mail=2 rcpt=2 data=2 quit=1 commands=10");
 }
 
 /* Credentials with a server that offers no AUTH: refused before MAIL,
