@@ -521,11 +521,13 @@ rule_sync(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	} else {
 		apply_accept(ctx, rule, env, msg, d, actions, r);
 	}
-	r->detail = g_strdup_printf(
-	    "%s: %s -> %s%s", rule->name, am_outcome_name(d->outcome), names,
-	    r->action == AM_VERDICT_TEMPFAIL && !(actions & AM_ACTION_TEMPFAIL)
-	        ? " (spool failed: tempfail)"
-	        : "");
+	r->detail = g_strdup_printf("%s: %s -> %s%s, id=%s", rule->name,
+	                            am_outcome_name(d->outcome), names,
+	                            r->action == AM_VERDICT_TEMPFAIL &&
+	                                    !(actions & AM_ACTION_TEMPFAIL)
+	                                ? " (spool failed: tempfail)"
+	                                : "",
+	                            r->id);
 }
 
 /* Build the copy of @rule and deal with it as the rule says. */
@@ -844,8 +846,12 @@ cb_negotiate(SMFICTX *mctx, unsigned long f0, unsigned long f1,
 	(void)f2;
 	(void)f3;
 
+	/* The actions we use: X-Archive-Status, the hold queue, and our
+	 * own macro lists.  Asking for none (0) makes libmilter refuse
+	 * smfi_addheader and smfi_quarantine at end of message. */
+	*pf0 = f0 & (SMFIF_ADDHDRS | SMFIF_QUARANTINE | SMFIF_SETSYMLIST);
+
 	/* Values with their own leading space keep headers byte-exact. */
-	*pf0 = 0;
 	*pf1 = (f1 & SMFIP_HDR_LEADSPC) | (f1 & skip);
 	*pf2 = 0;
 	*pf3 = 0;
@@ -1012,6 +1018,22 @@ cb_body(SMFICTX *mctx, unsigned char *data, size_t len)
 	return SMFIS_CONTINUE;
 }
 
+/* "ID, ID", or "none". (transfer full) */
+static char *
+join_ids(const GPtrArray *ids)
+{
+	GString *out = g_string_new(NULL);
+	guint i;
+
+	for (i = 0; i < ids->len; i++)
+		g_string_append_printf(out, "%sX-Archive-Id=%s",
+		                       i > 0 ? ", " : "",
+		                       (const char *)ids->pdata[i]);
+	if (ids->len == 0)
+		g_string_append(out, "none");
+	return g_string_free(out, FALSE);
+}
+
 /* Tell the MTA: headers, quarantine, then the reply. */
 static sfsistat
 verdict_apply(SMFICTX *mctx, AmSession *s, const AmVerdict *v)
@@ -1036,9 +1058,11 @@ verdict_apply(SMFICTX *mctx, AmSession *s, const AmVerdict *v)
 	 * cannot be held is not let through unheld. */
 	if (v->action == AM_VERDICT_ACCEPT && v->quarantine != NULL &&
 	    smfi_quarantine(mctx, v->quarantine) != MI_SUCCESS) {
+		g_autofree char *ids = join_ids(v->ids);
+
 		am_log_error("cannot quarantine the original (%s); "
-		             "tempfail instead",
-		             v->quarantine);
+		             "tempfail instead; copies already made: %s",
+		             v->quarantine, ids);
 		return reply_set(mctx, "451", "4.3.0", "archive-milter: ",
 		                 "cannot quarantine message", SMFIS_TEMPFAIL);
 	}

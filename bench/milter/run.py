@@ -330,6 +330,7 @@ class Setup:
         os.chmod(self.workdir, 0o755)
         self.main = self.archive = self.milter = self.postfix = None
         self.unavailable = None  # why it cannot run, or None
+        self.spool_mtime = None  # of SPOOL/queue at start
         self.note = None
         self.rss = []            # (label, KiB)
         self.events = {}         # null-milter's counts, after stop
@@ -389,13 +390,31 @@ class Setup:
             return False
         m.start()
         self.milter = m
-        if self.name == "spool" and not os.path.isdir(
-                os.path.join(m.spool_dir, "queue")):
-            self.unavailable = ("archive-milter accepted delivery = spool "
-                                "but opened no spool (no %s/queue)"
-                                % m.spool_dir)
-            return False
+        if self.name == "spool":
+            try:
+                self.spool_mtime = os.stat(os.path.join(
+                    m.spool_dir, "queue")).st_mtime_ns
+            except OSError:
+                self.unavailable = ("archive-milter accepted delivery = "
+                                    "spool but opened no spool (no "
+                                    "%s/queue)" % m.spool_dir)
+                return False
         return True
+
+    def check_spooled(self):
+        """After the warm-up: did copies pass through SPOOL/queue?  Its
+        mtime changes with every rename into it and every removal; a
+        milter that takes delivery = spool but sends at end of message
+        leaves it alone."""
+        if self.name != "spool" or self.unavailable:
+            return
+        now = os.stat(os.path.join(self.milter.spool_dir,
+                                   "queue")).st_mtime_ns
+        if now == self.spool_mtime:
+            self.unavailable = ("archive-milter takes delivery = spool, "
+                                "but no copy of the warm-up went through "
+                                "%s/queue: it sent them at end of message"
+                                % self.milter.spool_dir)
 
     def queue_files(self):
         """Files in Postfix's queue, and in the milter's spool queue."""
@@ -586,39 +605,73 @@ def stop_perf(proc):
         proc.wait()
 
 
-def under_perf(setup, files, args, outdir, argv):
-    """One round with `perf ARGV -p PID` attached to the milter."""
-    perf = subprocess.Popen(["perf"] + argv + ["-p", str(setup.milter_pid)],
-                            stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    stopper = lambda: stop_perf(perf)  # noqa: E731
+def under_tools(setup, files, args, outdir, *argvs):
+    """One round with each ARGV + ["-p", PID] (perf, strace) attached to
+    the milter at the same time."""
+    tools = [subprocess.Popen(argv + ["-p", str(setup.milter_pid)],
+                              stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for argv in argvs]
+
+    def stopper():
+        for p in tools:
+            stop_perf(p)
     harness.REGISTRY.add("perf", stopper)
-    time.sleep(1)  # perf attaches to every thread before we start
+    time.sleep(1)  # attached to every thread before we start
     try:
         r = run_round(setup, files, args, outdir)
     finally:
-        stop_perf(perf)
+        stopper()
         harness.REGISTRY.remove(stopper)
-    log("profile: %s: %d messages under perf %s (%.1f accepted msg/s, "
-        "not a timed round)" % (setup.name, r["sent"], argv[0],
-                                r["accepted"]))
+    log("profile: %s: %d messages under %s (%.1f accepted msg/s, not a "
+        "timed round)" % (setup.name, r["sent"],
+                          " and ".join(" ".join(a[:2]) for a in argvs),
+                          r["accepted"]))
     return r
+
+
+# Syscalls that wait on the disk or the network: strace times them,
+# following the threads that libmilter and the runner start (perf trace
+# -p sees only the threads that exist when it attaches).
+TIMED = ("fsync", "fdatasync", "sync_file_range", "connect", "rename",
+         "renameat2", "openat", "unlink", "statfs")
+
+
+def strace_summary(path):
+    """{syscall: (calls, seconds)} from `strace -c -w` output."""
+    out = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                w = line.split()
+                if len(w) >= 5 and w[-1] in TIMED:
+                    try:
+                        out[w[-1]] = (int(w[3]), float(w[1]))
+                    except ValueError:
+                        continue
+    except OSError:
+        pass
+    return out
 
 
 def profile(setup, files, args, outdir):
     """Two more rounds: perf stat counts the milter's syscalls (fsync,
-    connect, ...), then perf record samples where its CPU goes.  Apart,
-    since the syscall tracepoints would show in the samples."""
+    connect, ...) while strace times the ones that wait; then perf
+    record samples where its CPU goes.  Apart, since the tracing would
+    show in the samples."""
     data = os.path.join(outdir, "perf-%s.data" % setup.name)
     stat_out = os.path.join(outdir, "perf-%s.stat" % setup.name)
 
     # Syscalls per message.
     events = perf_events()
     if events:
-        r = under_perf(setup, files, args, outdir,
-                       ["stat", "-x", ",", "-e", ",".join(events), "-o",
-                        stat_out])
+        trace_out = os.path.join(outdir, "strace-%s.txt" % setup.name)
+        tools = [["perf", "stat", "-x", ",", "-e", ",".join(events), "-o",
+                  stat_out]]
+        if shutil.which("strace"):
+            tools.append(["strace", "-f", "-c", "-w", "-e",
+                          "trace=" + ",".join(TIMED), "-o", trace_out])
+        r = under_tools(setup, files, args, outdir, *tools)
         with open(stat_out) as f:
             for line in f:
                 parts = line.strip().split(",")
@@ -634,24 +687,36 @@ def profile(setup, files, args, outdir):
                 if name == "raw_syscalls:sys_enter":
                     name = "(all syscalls)"
                 if name == "task-clock":
-                    name, n = "task-clock (ms)", n
+                    name = "task-clock (ms)"
                 log("profile: %s: %-16s %10.0f  %8.2f per message"
                     % (setup.name, name, n, n / max(1, r["sent"])))
+        for name, (calls, secs) in sorted(strace_summary(
+                trace_out).items()):
+            log("profile: %s: %-16s %8d calls, %8.3f ms each, %6.3f ms "
+                "per message (wall time in the call, strace -w)"
+                % (setup.name, name, calls, secs * 1e3 / max(1, calls),
+                   secs * 1e3 / max(1, r["sent"])))
         log("profile: %s: archive relay sessions %d for %d copies"
             % (setup.name, r["archive_sessions"], r["archive_copies"]))
 
     # The hottest symbols, self time, and the split per library.
-    r = under_perf(setup, files, args, outdir,
-                   ["record", "-q", "-F", "999", "-g", "-o", data])
+    r = under_tools(setup, files, args, outdir,
+                    ["perf", "record", "-q", "-F", "1999", "-g", "-o", data])
     log("profile: %s: milter CPU %.0f us/msg under perf record"
         % (setup.name, r["milter_cpu_us"]))
-    for sort, limit in (("dso", 1.0), ("dso,symbol", 0.7)):
+    # Self time per library, per symbol; then time including callees
+    # (children), which names the call that leads into the kernel.
+    for how, sort, limit in (("self", "dso", 1.0),
+                             ("self", "dso,symbol", 0.7),
+                             ("with callees", "symbol", 4.0)):
         rep = subprocess.run(["perf", "report", "-i", data, "--stdio",
-                              "--no-children", "--sort", sort,
+                              "--children" if how != "self"
+                              else "--no-children", "--sort", sort,
                               "--percent-limit", str(limit), "-g", "none"],
                              capture_output=True, text=True, timeout=300)
         lines = [ln for ln in rep.stdout.splitlines()
                  if ln.strip() and not ln.startswith("#")]
+        log("profile: %s: CPU share, %s, by %s:" % (setup.name, how, sort))
         for ln in lines[:30]:
             log("profile: %s: %s" % (setup.name,
                                      re.sub(r"[\s-]+$", "", ln)))
@@ -856,13 +921,20 @@ def main():
                        "; note: " + s.note if s.note else ""))
         run = [s for s in setups if not s.unavailable]
 
-        # Step 2: warm up each (processes forked, caches filled).
+        # Step 2: warm up each (processes forked, caches filled); the
+        # spool configuration must show that it spools.
         for s in run:
-            if args.warmup > 0:
-                r = run_round(s, files[:args.warmup], args, outdir)
+            n = max(args.warmup, 20 if s.name == "spool" else 0)
+            if n > 0:
+                r = run_round(s, files[:n], args, outdir)
                 if r["failure"]:
                     raise RuntimeError("%s: warm-up: %s"
                                        % (s.name, r["failure"]))
+            s.check_spooled()
+            if s.unavailable:
+                log("bench: %s mode: not available (%s)"
+                    % (s.name, s.unavailable))
+        run = [s for s in run if not s.unavailable]
 
         # Step 3: the rounds, the order rotating from round to round,
         # each with the load generator's own ceiling.

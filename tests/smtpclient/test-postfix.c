@@ -19,7 +19,13 @@
  *             SASL with a private sasldb, AUTH only under TLS, relaying
  *             only for authenticated clients;
  *   LOGIN     the same offering only the LOGIN mechanism;
- *   CLEARAUTH SASL without TLS.
+ *   CLEARAUTH SASL without TLS;
+ *   NOPIPE    MAIN without PIPELINING in its EHLO reply (Postfix
+ *             3.7 does not complain when a client sends ahead anyway:
+ *             that the library waits is shown by test-pipelining.c
+ *             against the fake server; here, the same outcome);
+ *   ERRLIMIT  MAIN with smtpd_hard_error_limit=1: after one refusal
+ *             Postfix answers 421 and hangs up.
  *
  * Each test names itself with its own EHLO name, by which it finds
  * its session in Postfix's log (debug_peer_level 1 logs each command
@@ -49,14 +55,18 @@ typedef enum {
 	SVC_AUTH,
 	SVC_LOGIN,
 	SVC_CLEARAUTH,
+	SVC_NOPIPE,
+	SVC_ERRLIMIT,
 	N_SVC,
 } Service;
 
-/* How the AUTH services differ; all have SASL on and relay only for
- * authenticated clients (mynetworks is empty there). */
+/* What the AUTH services share: SASL on, and relaying only for
+ * authenticated clients (mynetworks is empty there), so that a sent
+ * message proves the authentication took. */
 #define SASL_ON                                                                \
 	" -o smtpd_sasl_auth_enable=yes -o mynetworks="                        \
 	" -o smtpd_relay_restrictions=permit_sasl_authenticated,reject"
+
 static struct {
 	PostfixInstance *pf;
 	const char *skip;
@@ -142,6 +152,8 @@ add_services(void)
 	    [SVC_AUTH] = auth,
 	    [SVC_LOGIN] = login,
 	    [SVC_CLEARAUTH] = SASL_ON,
+	    [SVC_NOPIPE] = "-o smtpd_discard_ehlo_keywords=pipelining",
+	    [SVC_ERRLIMIT] = "-o smtpd_hard_error_limit=1",
 	};
 
 	for (guint i = 0; i < N_SVC; i++) {
@@ -335,7 +347,7 @@ sink_message(const SmtpResult *res, const char *tag, char **rcpts)
 {
 	g_autofree char *subject = g_strdup_printf("Subject: %s\n", tag);
 	g_autofree char *removed =
-	    g_strdup_printf("%s: removed", queue_id(res));
+	    g_strdup_printf("]: %s: removed", queue_id(res));
 	GDir *dir;
 	const char *name;
 
@@ -411,10 +423,25 @@ assert_same_queue_id(const char *dump, const SmtpResult *res, const char *proto)
 }
 
 /* 450 and 550 among accepted recipients: sent, the refusals returned
- * with Postfix's codes, and only the others delivered. */
+ * with Postfix's codes, and only the others delivered; the same with
+ * and without PIPELINING. */
+typedef struct {
+	const char *path;
+	Service service;
+	const char *helo;
+	gboolean pipelining;
+} SomeRefusedCase;
+
+static const SomeRefusedCase some_refused_cases[] = {
+    {"/smtpclient/postfix/refused/some", SVC_MAIN, "some.refused.test", TRUE},
+    {"/smtpclient/postfix/refused/some-no-pipelining", SVC_NOPIPE,
+     "nopipe.refused.test", FALSE},
+};
+
 static void
-test_refused_some(void)
+test_refused_some(gconstpointer data)
 {
+	const SomeRefusedCase *c = data;
 	static const char *const rcpts[] = {
 	    "one@deliver.test", "busy@refuse.test", "two@deliver.test",
 	    "gone@refuse.test", NULL};
@@ -427,8 +454,12 @@ test_refused_some(void)
 
 	if (!need_postfix())
 		return;
-	client = new_client(SVC_MAIN, "some.refused.test");
-	msg = new_message(SMTP_MESSAGE_BYTES, "refused-some", "hello\r\n");
+	client = new_client(c->service, c->helo);
+	msg = new_message(SMTP_MESSAGE_BYTES, c->path, "hello\r\n");
+	g_assert_true(smtp_client_connect(client, &error));
+	g_assert_no_error(error);
+	g_assert_cmpint(smtp_client_has_extension(client, "PIPELINING", NULL),
+	                ==, c->pipelining);
 
 	/* Step 1: the result. */
 	res = smtp_client_sendmail(client, "sender@client.test", rcpts, msg,
@@ -453,13 +484,13 @@ test_refused_some(void)
 	                   "TO:<busy@refuse.test>|RCPT TO:<two@deliver.test>|"
 	                   "RCPT TO:<gone@refuse.test>|DATA|QUIT",
 	                   NULL);
-	cmds = session_after_ehlo("some.refused.test", &end);
+	cmds = session_after_ehlo(c->helo, &end);
 	g_assert_cmpstr(cmds, ==, want);
 	g_assert_cmpstr(end, ==,
 	                "ehlo=1 mail=1 rcpt=2/4 data=1 quit=1 commands=6/8");
 
 	/* Step 3: delivered, to the accepted recipients only. */
-	dump = sink_message(res, "refused-some", &got);
+	dump = sink_message(res, c->path, &got);
 	g_assert_cmpstr(got, ==,
 	                "<one@deliver.test> ORCPT=rfc822;one@deliver.test|"
 	                "<two@deliver.test> ORCPT=rfc822;two@deliver.test");
@@ -634,6 +665,52 @@ test_sender_refused_at_rcpt(void)
 	                "quit=1 commands=4/7");
 }
 
+/* A 421 in the middle of the RCPTs: DISCONNECTED with Postfix's code
+ * and text, naming the stage; the connection is closed, and the next
+ * call connects again. */
+static void
+test_421_too_many_errors(void)
+{
+	static const char *const rcpts[] = {"gone@refuse.test",
+	                                    "one@deliver.test", NULL};
+	static const char *const ok[] = {"one@deliver.test", NULL};
+	g_autoptr(SmtpClient) client = NULL;
+	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(SmtpResult) res = NULL;
+	g_autoptr(GError) error = NULL;
+	g_autofree char *cmds = NULL, *end = NULL, *mail = NULL, *want = NULL;
+
+	if (!need_postfix())
+		return;
+	client = new_client(SVC_ERRLIMIT, "errlimit.client.test");
+	msg = new_message(SMTP_MESSAGE_BYTES, "errlimit", "hello\r\n");
+
+	/* Step 1: the 550, then the 421. */
+	res = smtp_client_sendmail(client, "sender@client.test", rcpts, msg,
+	                           NULL, NULL, &error);
+	g_assert_null(res);
+	assert_error(error, SMTP_ERROR_DISCONNECTED, "rcpt", TRUE);
+	assert_reply(smtp_error_get_reply(error), 421, "4.7.0",
+	             "mta.postfix.test Error: too many errors");
+	g_assert_false(smtp_client_is_connected(client));
+	g_clear_error(&error);
+
+	cmds = session_after_ehlo("errlimit.client.test", &end);
+	mail = mail_cmd("sender@client.test", msg);
+	want = g_strconcat(mail, "|RCPT TO:<gone@refuse.test>", NULL);
+	g_assert_cmpstr(cmds, ==, want);
+	/* Postfix read no further: the second RCPT, DATA and QUIT were
+	 * never answered. */
+	g_assert_cmpstr(end, ==, "ehlo=1 mail=1 rcpt=0/1 commands=2/3");
+
+	/* Step 2: a new connection for the next message. */
+	res = smtp_client_sendmail(client, "sender@client.test", ok, msg, NULL,
+	                           NULL, &error);
+	g_assert_no_error(error);
+	g_assert_cmpint(res->reply.code, ==, 250);
+	smtp_client_quit(client);
+}
+
 /* ------------------------------------------------------------------ */
 /* SMTPUTF8 and 8BITMIME                                                */
 /* ------------------------------------------------------------------ */
@@ -680,7 +757,7 @@ test_smtputf8_on(void)
 	                "ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5");
 
 	/* utf8.test goes to discard(8), which logs the delivery. */
-	delivered = g_strdup_printf("%s: to=<" UTF8_RCPT ">, relay=none",
+	delivered = g_strdup_printf("]: %s: to=<" UTF8_RCPT ">, relay=none",
 	                            queue_id(res));
 	g_assert_true(postfix_instance_wait_log(env.pf, delivered));
 }
@@ -773,6 +850,51 @@ test_8bitmime(void)
 	g_assert_nonnull(strstr(dump, "\n\nGr\xc3\xbc\xc3\x9f"
 	                              "e aus "
 	                              "K\xc3\xb6ln\n"));
+	assert_same_queue_id(dump, res, "ESMTP");
+}
+
+/* DSN options (RFC 3461) go out when DSN is offered, and Postfix
+ * passes them on to the next hop. */
+static void
+test_dsn(void)
+{
+	static const char *const rcpts[] = {"one@deliver.test", NULL};
+	static const char *const mail_opts[] = {"RET=HDRS", "ENVID=archive-1",
+	                                        NULL};
+	static const char *const rcpt_opts[] = {
+	    "NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;orig@client.test", NULL};
+	g_autoptr(SmtpClient) client = NULL;
+	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(SmtpResult) res = NULL;
+	g_autoptr(GError) error = NULL;
+	g_autofree char *cmds = NULL, *end = NULL, *want = NULL, *mail = NULL;
+	g_autofree char *dump = NULL, *got = NULL;
+
+	if (!need_postfix())
+		return;
+	client = new_client(SVC_MAIN, "dsn.client.test");
+	msg = new_message(SMTP_MESSAGE_BYTES, "dsn", "hello\r\n");
+
+	res = smtp_client_sendmail(client, "sender@client.test", rcpts, msg,
+	                           mail_opts, rcpt_opts, &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(res->dropped_options->len, ==, 0);
+	smtp_client_quit(client);
+
+	mail = mail_cmd("sender@client.test", msg);
+	want = g_strdup_printf("%s RET=HDRS ENVID=archive-1|RCPT "
+	                       "TO:<one@deliver.test> NOTIFY=FAILURE,DELAY "
+	                       "ORCPT=rfc822;orig@client.test|DATA|QUIT",
+	                       mail);
+	cmds = session_after_ehlo("dsn.client.test", &end);
+	g_assert_cmpstr(cmds, ==, want);
+
+	dump = sink_message(res, "dsn", &got);
+	g_assert_cmpstr(got, ==,
+	                "<one@deliver.test> ORCPT=rfc822;orig@client.test "
+	                "NOTIFY=FAILURE,DELAY");
+	g_assert_nonnull(strstr(dump, "X-Mail-Args: <sender@client.test> "
+	                              "ENVID=archive-1 RET=HDRS\n"));
 	assert_same_queue_id(dump, res, "ESMTP");
 }
 
@@ -1089,10 +1211,14 @@ main(int argc, char **argv)
 	int rc;
 
 	g_test_init(&argc, &argv, NULL);
-	g_test_add_func("/smtpclient/postfix/refused/some", test_refused_some);
+	for (gsize i = 0; i < G_N_ELEMENTS(some_refused_cases); i++)
+		g_test_add_data_func(some_refused_cases[i].path,
+		                     &some_refused_cases[i], test_refused_some);
 	for (gsize i = 0; i < G_N_ELEMENTS(all_refused_cases); i++)
 		g_test_add_data_func(all_refused_cases[i].path,
 		                     &all_refused_cases[i], test_refused_all);
+	g_test_add_func("/smtpclient/postfix/refused/421-too-many-errors",
+	                test_421_too_many_errors);
 	g_test_add_func("/smtpclient/postfix/refused/sender-at-mail",
 	                test_sender_refused_at_mail);
 	g_test_add_func("/smtpclient/postfix/refused/sender-at-rcpt",
@@ -1100,6 +1226,7 @@ main(int argc, char **argv)
 	g_test_add_func("/smtpclient/postfix/smtputf8/on", test_smtputf8_on);
 	g_test_add_func("/smtpclient/postfix/smtputf8/off", test_smtputf8_off);
 	g_test_add_func("/smtpclient/postfix/8bitmime", test_8bitmime);
+	g_test_add_func("/smtpclient/postfix/dsn", test_dsn);
 	g_test_add_func("/smtpclient/postfix/size/advertised", test_size);
 	for (gsize i = 0; i < G_N_ELEMENTS(size_cases); i++)
 		g_test_add_data_func(size_cases[i].path, &size_cases[i],
