@@ -13,10 +13,11 @@
  * (smtp_client_send_batch), so that with PIPELINING each message costs
  * one round trip; what each one reports is the same as if sent alone.
  * With no FILE, or for a FILE "-", the message is read from standard
- * input, wholly into memory, so that SIZE= can be announced.  A regular file over 64 KiB is handed to the library
- * as a file descriptor and streamed; a smaller one, or anything else (a
- * pipe, a terminal), is read into memory first: the library reads with
- * pread(), and for a small file a read costs fewer system calls.
+ * input, wholly into memory, so that SIZE= can be announced.  A regular
+ * file over 64 KiB is handed to the library as a file descriptor and
+ * streamed; a smaller one, or anything else (a pipe, a terminal), is
+ * read into memory first: the library reads with pread(), and for a
+ * small file one read costs fewer system calls.
  *
  * Output, per message.  Plain: "FILE: sent (REPLY)" or "FILE: error" on
  * standard output, then "refused <ADDR>: CODE X.Y.Z TEXT" per refused

@@ -361,7 +361,13 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpResult, smtp_result_free)
  * Connects first when not connected.  Addresses are given bare, without
  * angle brackets; "" as @from is the null sender <>.
  *
- * SIZE= is added when advertised.  Other options are sent only when
+ * SIZE= is added when advertised, with the size the message takes on
+ * the wire (line ends made CRLF, leading dots doubled), so it is never
+ * less than what is sent; counting it reads the message once more
+ * before MAIL.  A file segment that changes after it was counted, or
+ * shrinks, is caught before the end marker goes out: the connection is
+ * closed without it and the error is INPUT (stage "message") naming the
+ * file.  Other options are sent only when
  * their keyword is advertised (BODY= needs 8BITMIME, SMTPUTF8 needs
  * SMTPUTF8, RET/ENVID/NOTIFY/ORCPT need DSN); SMTPUTF8 unadvertised is
  * SMTP_ERROR_NOT_SUPPORTED before MAIL, others are dropped and listed in
