@@ -109,7 +109,8 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmCapture, am_capture_free)
  * their octets (names and values) are capped.  Tiny headers cost far
  * more memory than their size (about 100 octets each), and the MTA
  * does not cap their number (Postfix: only message_size_limit).  Real
- * mail stays far below both.
+ * mail stays far below both.  XXX: both are constants, not
+ * configuration keys; a site that must take more has to rebuild.
  */
 #define AM_CAPTURE_HEADERS_MAX       10000
 #define AM_CAPTURE_HEADER_OCTETS_MAX (4 * 1024 * 1024)

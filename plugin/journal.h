@@ -4,6 +4,12 @@
  * The copy is the original message, unchanged, preceded by headers that
  * record its envelope, so that the archive knows who really received
  * it (BCC recipients included) and can drop duplicates by id.
+ *
+ * How an archive reads the envelope: it is the lines from the top of
+ * the copy down to and including the first X-Archive-Id line, nothing
+ * else.  The original below is the sender's and may carry its own
+ * X-Envelope-From, X-Envelope-To or X-Archive-Id lines (anyone can
+ * write them, and the MTA passes them on): those are not the envelope.
  */
 #ifndef AM_JOURNAL_H
 #define AM_JOURNAL_H

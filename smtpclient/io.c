@@ -7,15 +7,18 @@
  * its limit.  That deadline is the stage's limit or the connection's
  * hard deadline (smtp_client_set_deadline), whichever comes first: a
  * server that answers each command just inside the stage limit cannot
- * stretch a whole transaction past the caller's overall limit either.  Bytes move through an SmtpTransport: plain recv()/send()
- * here; after STARTTLS, tls.c swaps in an OpenSSL one through
+ * stretch a whole transaction past the caller's overall limit either.
+ * Bytes move through an SmtpTransport: plain recv()/send() here; after
+ * STARTTLS, tls.c swaps in an OpenSSL one through
  * smtp_conn_set_transport() without the callers changing.  send() uses
  * MSG_NOSIGNAL, so a peer that closes never raises SIGPIPE in the host
  * process.
  *
  * Known limits:
- * XXX: getaddrinfo() has no time limit of its own; a stalled resolver
- * holds the caller for the resolver's own timeouts (resolv.conf).
+ * XXX: getaddrinfo() has no time limit of its own, and the hard
+ * deadline of smtp_client_set_deadline() cannot cut it short either; a
+ * stalled resolver holds the caller for the resolver's own timeouts
+ * (resolv.conf).  A limit would need a resolver thread or c-ares.
  * Numeric addresses and names in /etc/hosts do not touch DNS.
  */
 #include <errno.h>

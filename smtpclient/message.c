@@ -31,7 +31,6 @@
 typedef struct {
 	GBytes *bytes;  /* memory segment, or NULL */
 	int fd;         /* file segment (dup()ed), or -1 */
-	char *name;     /* the file's path, for errors; NULL in memory */
 	goffset offset; /* first octet of the file range */
 	guint64 len;    /* octets */
 } Segment;
@@ -48,7 +47,6 @@ segment_clear(gpointer data)
 	Segment *seg = data;
 
 	g_clear_pointer(&seg->bytes, g_bytes_unref);
-	g_clear_pointer(&seg->name, g_free);
 	if (seg->fd >= 0)
 		close(seg->fd);
 	seg->fd = -1;
@@ -106,7 +104,8 @@ smtp_message_append_data(SmtpMessage *msg, const void *data, gsize len)
 
 /* The path of @fd, as the kernel knows it, for error messages: a file
  * that changes under us must be named.  "file descriptor N" where
- * /proc is not mounted. */
+ * /proc is not mounted.  Looked up only when needed: it is a system
+ * call, and the common case never fails.  (transfer full) */
 static char *
 fd_name(int fd)
 {
@@ -147,7 +146,6 @@ smtp_message_append_fd(SmtpMessage *msg, int fd, goffset offset, gint64 len,
 		return FALSE;
 	}
 	seg.len = len;
-	seg.name = fd_name(fd);
 	g_array_append_val(msg->segments, seg);
 	msg->size += seg.len;
 	return TRUE;
@@ -166,12 +164,14 @@ smtp_message_describe_files(const SmtpMessage *msg)
 
 	for (guint i = 0; i < msg->segments->len; i++) {
 		const Segment *seg = &g_array_index(msg->segments, Segment, i);
+		g_autofree char *name = NULL;
 
-		if (seg->name == NULL)
+		if (seg->fd < 0)
 			continue;
+		name = fd_name(seg->fd);
 		if (names->len > 0)
 			g_string_append(names, ", ");
-		g_string_append(names, seg->name);
+		g_string_append(names, name);
 	}
 	return g_string_free(names, names->len == 0);
 }
@@ -190,17 +190,22 @@ foreach_file_block(const Segment *seg, guint8 *buf, SmtpBlockFunc func,
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
+			int errnum = errno;
+			g_autofree char *name = fd_name(seg->fd);
+
 			smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
-			               "cannot read message file %s: %s",
-			               seg->name, g_strerror(errno));
+			               "cannot read message file %s: %s", name,
+			               g_strerror(errnum));
 			return FALSE;
 		}
 		if (n == 0) {
+			g_autofree char *name = fd_name(seg->fd);
+
 			smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
 			               "message file %s changed while being "
 			               "read: it ends after %" G_GUINT64_FORMAT
 			               " of %" G_GUINT64_FORMAT " octets",
-			               seg->name, seg->offset + done,
+			               name, seg->offset + done,
 			               seg->offset + seg->len);
 			return FALSE;
 		}

@@ -6,8 +6,9 @@
  * reads (or several replies in one read, as PIPELINING will bring) is
  * handled in one place.  RFC 5321 section 4.2: "CODE-text" lines go on,
  * "CODE text" or a bare "CODE" ends the reply; every line must carry
- * the same code, except a 421, which replaces the reply it cuts.  Lines ending in a bare LF are accepted (some servers
- * send them; refusing them gains nothing on the reply side).
+ * the same code, except a 421, which replaces the reply it cuts.  Lines
+ * ending in a bare LF are accepted (some servers send them; refusing
+ * them gains nothing on the reply side).
  *
  * Enhanced status codes (RFC 3463, RFC 2034) are taken from the first
  * line only when their class matches the reply's first digit: a "250

@@ -15,10 +15,21 @@
  * it, one command at a time.  The replies are judged by the same code
  * either way, so the outcome only depends on what the server answered.
  *
+ * Every call is a batch of jobs (smtp_client_send is a batch of one).
+ * In a batch, the next job's commands are written behind the current
+ * message's end marker, when the server pipelines: a job then costs one
+ * round trip, not two.  The look-ahead is only an optimisation: when
+ * anything about it fails, the job starts afresh in its turn, so its
+ * outcome is what it would have been alone.
+ *
  * Known limits:
  * XXX: more than PIPELINE_GROUP commands go out in several writes, each
  * after the replies to the one before: the client reads no reply while
  * it writes, so an unbounded group could fill both ends' buffers.
+ * XXX: a file segment that changes between the SIZE count and the send
+ * is caught only when its encoded size changes (or it shrinks); a change
+ * that keeps the size (an edit in place) goes out as it is read.  A
+ * checksum would need a third read of the file.
  * XXX: BODY=BINARYMIME needs BDAT (CHUNKING), which this client does
  * not speak, so it is refused as INPUT rather than sent with DATA.
  */
@@ -289,6 +300,8 @@ typedef struct {
 	const SmtpRecipient *rcpts;
 	gsize n_rcpts;
 	guint64 wire_size;  /* SIZE= announced; G_MAXUINT64: none */
+	gboolean sent;      /* its first group went out behind the end
+	                     * marker of the message before it */
 	GPtrArray *lines;   /* char *: MAIL, RCPT..., DATA; no CRLF */
 	GPtrArray *refused; /* SmtpRefusal *, in recipient order; given
 	                     * to the error when all are refused */
@@ -464,18 +477,27 @@ one_at_a_time(Envelope *env, GError **error)
  */
 #define PIPELINE_GROUP 100
 
+/* Append commands [@from, @to) of @env, each with its CRLF. */
+static void
+append_group(GByteArray *out, const Envelope *env, guint from, guint to)
+{
+	for (guint i = from; i < to; i++) {
+		const char *line = g_ptr_array_index(env->lines, i);
+
+		g_byte_array_append(out, (const guint8 *)line, strlen(line));
+		g_byte_array_append(out, (const guint8 *)"\r\n", 2);
+	}
+}
+
 /* Commands [@from, @to) of @env in one write. */
 static gboolean
 send_batch(Envelope *env, guint from, guint to, GError **error)
 {
-	g_autoptr(GString) batch = g_string_new(NULL);
+	g_autoptr(GByteArray) batch = g_byte_array_new();
 
-	for (guint i = from; i < to; i++) {
-		g_string_append(batch, g_ptr_array_index(env->lines, i));
-		g_string_append(batch, "\r\n");
-	}
+	append_group(batch, env, from, to);
 	return smtp_client_write_commands(env->client, stage_of(env, from),
-	                                  batch->str, batch->len, error);
+	                                  batch->data, batch->len, error);
 }
 
 /* The replies to commands [@from, @to), in order: MAIL's into @mail,
@@ -527,8 +549,10 @@ exchange(Envelope *env, SmtpReply *mail, SmtpReply *data, GError **error)
 		/* A refused sender makes the later groups moot. */
 		if (from > 0 && mail->code / 100 != 2)
 			break;
-		if (!send_batch(env, from, to, error) ||
-		    !read_replies(env, from, to, mail, data, error))
+		if (!(from == 0 && env->sent) &&
+		    !send_batch(env, from, to, error))
+			return FALSE;
+		if (!read_replies(env, from, to, mail, data, error))
 			return FALSE;
 	}
 	return TRUE;
@@ -601,10 +625,17 @@ set_changed_error(SmtpMessage *msg, guint64 counted, guint64 sent,
  * before the end marker drops the connection without it: half a message
  * is on the wire and DATA cannot be taken back, and a "." after a
  * truncated or changed message would have it delivered as if whole.
+ *
+ * @next, when not NULL, is the next message's envelope: its commands go
+ * out in the same write as the end marker (RFC 2920 section 3.1 lets
+ * message data open a group), and next->sent says whether they did.
+ * Its replies then follow the reply to the end marker, so no RSET may
+ * come between: none is needed either, as the end of data closes the
+ * transaction whatever its reply (RFC 5321 section 4.1.1.4).
  */
 static gboolean
 send_data(SmtpClient *client, SmtpMessage *msg, guint64 wire_size,
-          SmtpReply *final, GError **error)
+          Envelope *next, SmtpReply *final, GError **error)
 {
 	g_autoptr(GByteArray) out = NULL;
 	DataWriter w = {.client = client};
@@ -624,8 +655,12 @@ send_data(SmtpClient *client, SmtpMessage *msg, guint64 wire_size,
 		return FALSE;
 	}
 	smtp_encoder_finish(&w.enc, out);
+	if (next != NULL)
+		append_group(out, next, 0, next->lines->len);
 	if (!smtp_client_write_data(client, out->data, out->len, error))
 		return FALSE;
+	if (next != NULL)
+		next->sent = TRUE;
 
 	/* A silent server or a closed socket here is never a success:
 	 * the message may or may not have been taken. */
@@ -636,7 +671,8 @@ send_data(SmtpClient *client, SmtpMessage *msg, guint64 wire_size,
 	smtp_set_error(error, SMTP_ERROR_DATA, "end-of-data", final,
 	               "message refused");
 	smtp_reply_clear(final);
-	reset_after_error(client);
+	if (next == NULL)
+		reset_after_error(client);
 	return FALSE;
 }
 
@@ -647,38 +683,149 @@ can_pipeline(SmtpClient *client)
 	return smtp_client_has_extension(client, "PIPELINING", NULL);
 }
 
-static SmtpResult *
-transaction(SmtpClient *client, const char *from,
-            const char *const *mail_options, const SmtpRecipient *rcpts,
-            gsize n_rcpts, SmtpMessage *msg, GPtrArray *dropped, GError **error)
+/* ------------------------------------------------------------------ */
+/* Jobs: one message each, one after the other                          */
+/* ------------------------------------------------------------------ */
+
+/* One job on its way: its envelope and the options it could not send. */
+typedef struct {
+	SmtpJob *job;
+	Envelope env;
+	GPtrArray *dropped; /* char * */
+} Work;
+
+static void
+work_clear(Work *w)
 {
-	g_auto(Envelope)
-	    env = {client, rcpts, n_rcpts, G_MAXUINT64, NULL, NULL};
+	envelope_clear(&w->env);
+	g_clear_pointer(&w->dropped, g_ptr_array_unref);
+	memset(w, 0, sizeof(*w));
+}
+
+/*
+ * Everything before the first command of @job: the input checks (so
+ * INPUT never leaves half a transaction behind), a connection when
+ * @connect says so, and the command lines, which the server's EHLO
+ * answer decides (SIZE, options, NOT_SUPPORTED).
+ */
+static gboolean
+work_start(Work *w, SmtpClient *client, SmtpJob *job, gboolean connect,
+           GError **error)
+{
+	InputNeeds needs = {0};
+
+	w->job = job;
+	w->env = (Envelope){client, job->rcpts, job->n_rcpts, G_MAXUINT64,
+	                    FALSE,  NULL,       NULL};
+	w->env.lines = g_ptr_array_new_with_free_func(g_free);
+	w->env.refused = g_ptr_array_new_with_free_func(smtp_refusal_free);
+	w->dropped = g_ptr_array_new_with_free_func(g_free);
+	if (!check_input(job->from, job->mail_options, job->rcpts, job->n_rcpts,
+	                 job->msg, &needs, error))
+		return FALSE;
+	if (connect && !smtp_client_connect(client, error))
+		return FALSE;
+	return build_commands(&w->env, job->from, job->mail_options, job->msg,
+	                      w->dropped, error);
+}
+
+/* Hand the outcome to the job; dropped options go with an error too,
+ * so a failure can be explained completely.  Clears @w. */
+static void
+work_end(Work *w, SmtpResult *result, GError *error)
+{
+	if (result != NULL) {
+		result->refused = g_steal_pointer(&w->env.refused);
+		result->dropped_options = g_steal_pointer(&w->dropped);
+		w->job->result = result;
+	} else {
+		g_assert(error != NULL);
+		if (error->domain == SMTP_ERROR)
+			smtp_error_set_dropped(error, w->dropped);
+		w->job->error = error;
+	}
+	work_clear(w);
+}
+
+/*
+ * Prepare @next_job in @ahead so its commands can follow the current
+ * message's end marker: only with PIPELINING, only when its checks pass
+ * on this connection and its commands fit one group.  Any failure here
+ * is forgotten: the job is then started afresh in its turn, and its
+ * error, if any, raised there, as if it had never been looked at.
+ */
+static Envelope *
+look_ahead(SmtpClient *client, SmtpJob *next_job, Work *ahead)
+{
+	if (next_job == NULL || !can_pipeline(client))
+		return NULL;
+	if (work_start(ahead, client, next_job, FALSE, NULL) &&
+	    ahead->env.lines->len <= PIPELINE_GROUP)
+		return &ahead->env;
+	work_clear(ahead);
+	return NULL;
+}
+
+/* The envelope of @w (already written when w->env.sent), then its
+ * message, with the next job's commands behind the end marker. */
+static SmtpResult *
+transaction(SmtpClient *client, Work *w, SmtpJob *next_job, Work *ahead,
+            GError **error)
+{
 	g_autoptr(SmtpResult) result = NULL;
 	gboolean ok;
 
-	/* Step 1: MAIL with SIZE and the supported options, the RCPTs,
-	 * DATA; nothing is sent yet. */
-	env.lines = g_ptr_array_new_with_free_func(g_free);
-	env.refused = g_ptr_array_new_with_free_func(smtp_refusal_free);
-	if (!build_commands(&env, from, mail_options, msg, dropped, error))
-		return NULL;
-
-	/* Step 2: the envelope and DATA, pipelined when the server says
+	/* Step 1: the envelope and DATA, pipelined when the server says
 	 * it can take that; refusals are judged the same either way. */
 	if (can_pipeline(client))
-		ok = pipelined(&env, error);
+		ok = pipelined(&w->env, error);
 	else
-		ok = one_at_a_time(&env, error);
+		ok = one_at_a_time(&w->env, error);
 	if (!ok)
 		return NULL;
 
-	/* Step 3: the message and the reply to its end. */
+	/* Step 2: the message and the reply to its end. */
 	result = g_new0(SmtpResult, 1);
-	if (!send_data(client, msg, env.wire_size, &result->reply, error))
+	if (!send_data(client, w->job->msg, w->env.wire_size,
+	               look_ahead(client, next_job, ahead), &result->reply,
+	               error))
 		return NULL;
-	result->refused = g_steal_pointer(&env.refused);
 	return g_steal_pointer(&result);
+}
+
+void
+smtp_client_send_batch(SmtpClient *client, SmtpJob *jobs, gsize n_jobs)
+{
+	Work cur = {0}, ahead = {0};
+
+	g_return_if_fail(client != NULL && (jobs != NULL || n_jobs == 0));
+	for (gsize i = 0; i < n_jobs; i++) {
+		SmtpJob *next = i + 1 < n_jobs ? &jobs[i + 1] : NULL;
+		GError *error = NULL;
+		SmtpResult *result;
+
+		jobs[i].result = NULL;
+		jobs[i].error = NULL;
+
+		/* Step 1: this job's commands went out behind the last end
+		 * marker, or it starts here; a connection lost since means
+		 * they are gone with it, and it starts over. */
+		if (ahead.env.sent && smtp_client_is_connected(client)) {
+			cur = ahead;
+			memset(&ahead, 0, sizeof(ahead));
+		} else {
+			work_clear(&ahead);
+			if (!work_start(&cur, client, &jobs[i], TRUE, &error)) {
+				work_end(&cur, NULL, error);
+				continue;
+			}
+		}
+
+		/* Step 2: the transaction, the next job looked ahead. */
+		result = transaction(client, &cur, next, &ahead, &error);
+		work_end(&cur, result, error);
+	}
+	work_clear(&ahead);
 }
 
 SmtpResult *
@@ -686,33 +833,13 @@ smtp_client_send(SmtpClient *client, const char *from,
                  const char *const *mail_options, const SmtpRecipient *rcpts,
                  gsize n_rcpts, SmtpMessage *msg, GError **error)
 {
-	g_autoptr(GPtrArray) dropped = g_ptr_array_new_with_free_func(g_free);
-	InputNeeds needs = {0};
-	GError *local = NULL;
-	SmtpResult *result;
+	SmtpJob job = {from, mail_options, rcpts, n_rcpts, msg, NULL, NULL};
 
 	g_return_val_if_fail(client != NULL, NULL);
-
-	/* Step 1: judge the input before any byte goes out. */
-	if (!check_input(from, mail_options, rcpts, n_rcpts, msg, &needs,
-	                 error))
-		return NULL;
-
-	/* Step 2: a connection that has said EHLO or HELO. */
-	if (!smtp_client_connect(client, error))
-		return NULL;
-
-	/* Step 3: the transaction; dropped options go with the error
-	 * too, so a failure can be explained completely. */
-	result = transaction(client, from, mail_options, rcpts, n_rcpts, msg,
-	                     dropped, &local);
-	if (result == NULL) {
-		smtp_error_set_dropped(local, dropped);
-		g_propagate_error(error, local);
-		return NULL;
-	}
-	result->dropped_options = g_steal_pointer(&dropped);
-	return result;
+	smtp_client_send_batch(client, &job, 1);
+	if (job.error != NULL)
+		g_propagate_error(error, job.error);
+	return job.result;
 }
 
 SmtpResult *
