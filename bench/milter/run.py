@@ -182,6 +182,16 @@ def machine_times():
     return sum(v) - idle, sum(v)
 
 
+def fs_of(path):
+    """"ext4 on /dev/vda (rw,relatime)": where PATH's writes go."""
+    r = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS",
+                        "-T", path], capture_output=True, text=True)
+    w = r.stdout.split()
+    if r.returncode != 0 or len(w) < 3:
+        return "an unknown file system"
+    return "%s on %s (%s)" % (w[0], w[1], w[2])
+
+
 def children_cpu_s():
     u = resource.getrusage(resource.RUSAGE_CHILDREN)
     return u.ru_utime + u.ru_stime
@@ -923,15 +933,18 @@ def main():
         outdir = os.path.join(workdir, "out")
         os.makedirs(outdir, exist_ok=True)
         log("bench: %d messages of %d octets over %d sessions, %d rounds, "
-            "%d CPUs; work directory %s" % (len(files), args.size,
-                                            args.sessions, args.rounds,
-                                            os.cpu_count(), workdir))
+            "%d CPUs; work directory (Postfix queues) %s, on %s"
+            % (len(files), args.size, args.sessions, args.rounds,
+               os.cpu_count(), workdir, fs_of(workdir)))
         for s in setups:
             s.start(args)
             if s.unavailable:
                 log("bench: %s mode: not available (%s)"
                     % (s.name, s.unavailable))
-            else:
+            elif s.name == "spool":
+                log("bench: spool: the spool %s is on %s"
+                    % (s.milter.spool_dir, fs_of(s.milter.spool_dir)))
+            if not s.unavailable:
                 log("bench: %s: Postfix on %s:%d%s%s"
                     % (s.name, LOOPBACK, s.postfix.port,
                        ", milter pid %d" % s.milter_pid
