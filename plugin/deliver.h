@@ -59,7 +59,9 @@ typedef struct {
  * Postfix's connection cache does: at most @max_idle idle connections
  * per relay, RSET between messages, closed after @idle_ms unused or
  * when the relay's configuration changed.  Thread-safe; a connection is
- * used by one copy at a time.  (transfer full)
+ * used by one copy at a time.  @max_idle 0: no connection is kept.
+ * A janitor thread (every signal blocked) closes idle connections.
+ * (transfer full)
  */
 typedef struct AmPool AmPool;
 AmPool *am_pool_new(guint max_idle, guint idle_ms);

@@ -1018,6 +1018,22 @@ cb_body(SMFICTX *mctx, unsigned char *data, size_t len)
 	return SMFIS_CONTINUE;
 }
 
+/* "ID, ID", or "none". (transfer full) */
+static char *
+join_ids(const GPtrArray *ids)
+{
+	GString *out = g_string_new(NULL);
+	guint i;
+
+	for (i = 0; i < ids->len; i++)
+		g_string_append_printf(out, "%sX-Archive-Id=%s",
+		                       i > 0 ? ", " : "",
+		                       (const char *)ids->pdata[i]);
+	if (ids->len == 0)
+		g_string_append(out, "none");
+	return g_string_free(out, FALSE);
+}
+
 /* Tell the MTA: headers, quarantine, then the reply. */
 static sfsistat
 verdict_apply(SMFICTX *mctx, AmSession *s, const AmVerdict *v)
@@ -1042,9 +1058,11 @@ verdict_apply(SMFICTX *mctx, AmSession *s, const AmVerdict *v)
 	 * cannot be held is not let through unheld. */
 	if (v->action == AM_VERDICT_ACCEPT && v->quarantine != NULL &&
 	    smfi_quarantine(mctx, v->quarantine) != MI_SUCCESS) {
+		g_autofree char *ids = join_ids(v->ids);
+
 		am_log_error("cannot quarantine the original (%s); "
-		             "tempfail instead",
-		             v->quarantine);
+		             "tempfail instead; copies already made: %s",
+		             v->quarantine, ids);
 		return reply_set(mctx, "451", "4.3.0", "archive-milter: ",
 		                 "cannot quarantine message", SMFIS_TEMPFAIL);
 	}

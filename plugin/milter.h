@@ -75,9 +75,12 @@ typedef struct {
 			     * one per copy whose rule has +header */
 	char *quarantine;   /* smfi_quarantine reason; NULL: none */
 	GPtrArray *ids;     /* char *: X-Archive-Id of every copy that
-			     * was sent or is in the spool, for the log
-			     * when the MTA does not accept the original
-			     * after all; empty unless accepted */
+			     * was sent or is in the spool, when the
+			     * original is accepted (empty otherwise), for
+			     * the log should cb_eom fail to apply the
+			     * verdict.  Whether the MTA then keeps the
+			     * original is not visible to a milter; see
+			     * milter.c */
 } AmVerdict;
 
 void am_verdict_free(AmVerdict *v);

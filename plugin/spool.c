@@ -269,12 +269,17 @@ am_spool_open(const char *dir, guint64 min_free, GError **error)
 	 * (the --spool-* commands beside the daemon) only reads and
 	 * renames. */
 	lock = g_build_filename(dir, "lock", NULL);
-	spool->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-	if (spool->lock_fd < 0) {
-		set_errno_error(error, errno, "cannot open", lock);
-		return NULL;
-	}
-	spool->owner = flock(spool->lock_fd, LOCK_EX | LOCK_NB) == 0;
+	/* Read-only: flock() needs no more, and a descriptor open for
+	 * writing would keep the file system from being remounted
+	 * read-only (an administrator's way to stop a filling disk). */
+	spool->lock_fd = open(lock, O_RDONLY | O_CREAT | O_CLOEXEC, 0600);
+	if (spool->lock_fd < 0)
+		/* A spool that cannot take a lock can still be listed;
+		 * without the lock we only leave tmp/ alone. */
+		am_log_warning("spool: cannot open %s: %s", lock,
+		               g_strerror(errno));
+	spool->owner = spool->lock_fd >= 0 &&
+	               flock(spool->lock_fd, LOCK_EX | LOCK_NB) == 0;
 	if (spool->owner)
 		remove_leftovers(spool);
 	return g_steal_pointer(&spool);

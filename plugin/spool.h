@@ -12,6 +12,8 @@
  *              never fsynced: losing it only resets the backoff and may
  *              send a copy again, which its X-Archive-Id lets an
  *              archive recognise
+ *   lock       flock()ed by the first process to open the spool (the
+ *              daemon); only that process clears tmp/
  *
  * ID is the copy's X-Archive-Id, which is also in the file, so that the
  * id stays the same on every retry and after a restart.  An id is

@@ -249,6 +249,22 @@ count_lines(const char *text, const char *part)
 	return n;
 }
 
+/* The log once it holds a line with @part (the line comes just after
+ * the rename the test waited for). */
+static char *
+wait_log(Fixture *f, const char *part)
+{
+	gint64 end = g_get_monotonic_time() + WAIT_MS * 1000;
+	char *text = log_text(f);
+
+	while (count_lines(text, part) == 0 && g_get_monotonic_time() < end) {
+		g_free(text);
+		g_usleep(20000);
+		text = log_text(f);
+	}
+	return text;
+}
+
 /* ------------------------------------------------------------------ */
 
 /* Copies left by an earlier run go out when the runner starts. */
@@ -360,7 +376,7 @@ test_refused_held(void)
 	/* Held copies are left alone by the workers. */
 	g_usleep(300000);
 	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
-	log = log_text(&f);
+	log = wait_log(&f, "error: am1.h: held (data_error");
 	g_assert_cmpuint(count_lines(log, "status=bounced (554 5.6.0"), ==, 2);
 	g_assert_cmpuint(count_lines(log, "error: am1.h: held (data_error"), ==,
 	                 1);
@@ -415,7 +431,7 @@ test_max_age(void)
 	g_assert_cmpint(e->state, ==, AM_SPOOL_HELD);
 	g_assert_nonnull(strstr(e->last_error, "spool_max_age"));
 	g_assert_nonnull(strstr(e->last_error, "451 4.3.0 later"));
-	log = log_text(&f);
+	log = wait_log(&f, "am1.old: held (queued");
 	g_assert_cmpuint(count_lines(log, "am1.old: held (queued"), ==, 1);
 	g_assert_cmpuint(count_lines(log, "am1.young: held"), ==, 0);
 	fixture_tear_down(&f);
@@ -459,14 +475,19 @@ test_scan_while_running(void)
 
 	fixture_set_up(&f, NULL);
 	set_context(&f, "5d");
+	/* A copy there at start: once it is sent, the first scan is
+	 * over. */
+	put_copy(&f, "am1.before", "all", "archive", now_s());
 	start_runner(&f, 50);
-	g_usleep(100000); /* the first scan is over */
+	g_assert_true(fake_smtp_wait_messages(f.fake, 1, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 0));
+
 	put_copy(&f, "am1.unsettled", "all", "archive", now_s());
-	g_usleep(500000);
-	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 0);
+	g_usleep(500000); /* ten scans */
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 1);
 	g_assert_cmpuint(count(&f, AM_SPOOL_QUEUED), ==, 1);
 	am_runner_kick(f.runner, "am1.unsettled");
-	g_assert_true(fake_smtp_wait_messages(f.fake, 1, WAIT_MS));
+	g_assert_true(fake_smtp_wait_messages(f.fake, 2, WAIT_MS));
 	g_assert_true(wait_counts(&f, 0, 0));
 	{
 		const char *to[] = {ADDR_A, NULL};
@@ -486,9 +507,9 @@ test_scan_while_running(void)
 		    am_spool_put(f.spool, &e, msg, AM_SPOOL_HELD, NULL));
 	}
 	g_usleep(300000);
-	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 1);
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 2);
 	g_assert_true(am_spool_release(f.spool, "am1.rel", &n, NULL));
-	g_assert_true(fake_smtp_wait_messages(f.fake, 2, WAIT_MS));
+	g_assert_true(fake_smtp_wait_messages(f.fake, 3, WAIT_MS));
 	g_assert_true(wait_counts(&f, 0, 0));
 	fixture_tear_down(&f);
 }

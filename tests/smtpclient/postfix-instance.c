@@ -6,7 +6,10 @@
  * aborts the test program, and abort() runs no handler.  The watchdog
  * is forked before anything is started and learns the pids from files
  * (the master's own pid file, pids/NAME.pid for helpers), so it knows
- * every process however early the test dies.
+ * every process however early the test dies.  It runs in a session of
+ * its own: on a time-out meson kills the test's whole process group,
+ * and a watchdog in that group would die with it, leaving the master
+ * (which "postfix start" detaches) running.
  *
  * The log helpers read Postfix's maillog_file, which postlogd writes
  * a little after the event: they poll with a deadline.
@@ -170,6 +173,9 @@ watchdog(PostfixInstance *pf, int fd)
 	const char *name;
 	char c;
 	int null = open("/dev/null", O_RDWR);
+
+	/* Out of the test's process group, which a time-out kills. */
+	setsid();
 
 	/* Hold no pipe of the test runner, or it waits for us. */
 	dup2(null, 0);

@@ -60,11 +60,13 @@ typedef enum {
 	N_SVC,
 } Service;
 
-/* How the AUTH services differ; all have SASL on and relay only for
- * authenticated clients (mynetworks is empty there). */
+/* What the AUTH services share: SASL on, and relaying only for
+ * authenticated clients (mynetworks is empty there), so that a sent
+ * message proves the authentication took. */
 #define SASL_ON                                                                \
 	" -o smtpd_sasl_auth_enable=yes -o mynetworks="                        \
 	" -o smtpd_relay_restrictions=permit_sasl_authenticated,reject"
+
 static struct {
 	PostfixInstance *pf;
 	const char *skip;
@@ -345,7 +347,7 @@ sink_message(const SmtpResult *res, const char *tag, char **rcpts)
 {
 	g_autofree char *subject = g_strdup_printf("Subject: %s\n", tag);
 	g_autofree char *removed =
-	    g_strdup_printf("%s: removed", queue_id(res));
+	    g_strdup_printf("]: %s: removed", queue_id(res));
 	GDir *dir;
 	const char *name;
 
@@ -755,7 +757,7 @@ test_smtputf8_on(void)
 	                "ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5");
 
 	/* utf8.test goes to discard(8), which logs the delivery. */
-	delivered = g_strdup_printf("%s: to=<" UTF8_RCPT ">, relay=none",
+	delivered = g_strdup_printf("]: %s: to=<" UTF8_RCPT ">, relay=none",
 	                            queue_id(res));
 	g_assert_true(postfix_instance_wait_log(env.pf, delivered));
 }
