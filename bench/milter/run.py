@@ -56,6 +56,9 @@ value after the first round).  A configuration that cannot run (spool
 mode not built yet) is reported as "not available" and its targets as
 MISS.
 
+--spool-parent /dev/shm puts the spool on tmpfs: the difference to a
+normal run is what the disk (fsync, inode allocation) costs spool mode.
+
 --profile adds, after the timed rounds, one round per milter under
 `perf record` and `perf stat` (syscalls: fsync, fdatasync, connect,
 rename, ...), and prints the hottest symbols and the syscalls per
@@ -298,10 +301,12 @@ class ArchiveMilter(harness.Milter):
     """archive-milter with a bench configuration: one journal rule to the
     archive smtp-sink, delivery = sync or spool, the policy defaults."""
 
-    def __init__(self, exe, workdir, archive_port, delivery, workers=None):
+    def __init__(self, exe, workdir, archive_port, delivery, workers=None,
+                 spool_dir=None):
         super().__init__(exe, workdir, archive_port, ARCHIVE_TO,
                          on_failure=None, relay_timeout=30,
-                         delivery=delivery, workers=workers)
+                         delivery=delivery, workers=workers,
+                         spool_dir=spool_dir)
         self.pid = None
 
     def check(self):
@@ -369,9 +374,16 @@ class Setup:
         if not args.archive_milter:
             self.unavailable = "archive-milter not built"
             return False
+        spool_dir = None
+        if args.spool_parent:
+            spool_dir = tempfile.mkdtemp(prefix="bench-spool-",
+                                         dir=args.spool_parent)
+            harness.REGISTRY.add("spool dir", lambda: shutil.rmtree(
+                spool_dir, ignore_errors=True))
         m = ArchiveMilter(args.archive_milter,
                           os.path.join(self.workdir, "milter"),
-                          self.archive.port, self.name, args.workers)
+                          self.archive.port, self.name, args.workers,
+                          spool_dir)
         ok, text = m.check()
         if not ok and self.name == "sync":
             # Before issue 4 there was no delivery key: sync was the
@@ -786,6 +798,8 @@ def report(setups, results, rounds, args):
         log("%-12s RSS start %s, after round 1 %s, middle %s, end %s, "
             "peak %s" % (s.name, rss.get("start"), rows[0]["rss_end"],
                          mid, rows[-1]["rss_end"], peak))
+        log("%-12s RSS after each round: %s KiB" % (
+            s.name, " ".join(str(x["rss_end"]) for x in rows)))
         log("%-12s CPU %s us/msg" % (
             s.name, spread([x["milter_cpu_us"] for x in rows], "%.0f")))
         if s.name in ("sync", "spool"):
@@ -860,6 +874,10 @@ def parse_args():
     ap.add_argument("--workers", type=int, default=None,
                     help="[milter] workers for archive-milter (unset: "
                     "its default)")
+    ap.add_argument("--spool-parent",
+                    help="make the spool in a new directory under this "
+                    "one (e.g. /dev/shm, to see what the disk costs); "
+                    "default: the work directory")
     ap.add_argument("--only", default=",".join(CONFIGS),
                     help="configurations to run, comma-separated")
     ap.add_argument("--profile", action="store_true",

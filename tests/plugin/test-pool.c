@@ -301,6 +301,59 @@ test_max_idle(void)
 	fake_smtp_free(f.fake);
 }
 
+static gpointer
+job_run_many(gpointer data)
+{
+	Job *job = data;
+	guint i;
+
+	for (i = 0; i < 10; i++) {
+		AmDelivery *d = send_copy(job->pool, job->relay, NULL);
+
+		if (d->outcome != AM_OUTCOME_SENT) {
+			job->d = d;
+			return NULL;
+		}
+		am_delivery_free(d);
+		g_usleep(g_random_int_range(0, 20000));
+	}
+	return NULL;
+}
+
+/*
+ * Eight threads, ten copies each, through one pool whose janitor closes
+ * connections after 10 ms idle: every copy sent exactly once, and every
+ * connection closed with QUIT in the end (none leaked).
+ */
+static void
+test_concurrent(void)
+{
+	Fixture f = {0};
+	AmPool *pool = am_pool_new(4, 10);
+	Job jobs[8];
+	GThread *threads[8];
+	guint i;
+
+	fixture_start(&f, NULL);
+	for (i = 0; i < G_N_ELEMENTS(jobs); i++) {
+		jobs[i] = (Job){pool, &f.relay, NULL};
+		threads[i] = g_thread_new("job", job_run_many, &jobs[i]);
+	}
+	for (i = 0; i < G_N_ELEMENTS(jobs); i++) {
+		g_thread_join(threads[i]);
+		if (jobs[i].d != NULL)
+			g_test_message("thread %u: %s", i, jobs[i].d->reason);
+		g_assert_null(jobs[i].d);
+	}
+	am_pool_free(pool);
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 80);
+	g_test_message("%u connections", fake_smtp_get_connections(f.fake));
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), <=, 80);
+	g_assert_true(wait_commands(f.fake, "QUIT",
+	                            fake_smtp_get_connections(f.fake), 3000));
+	fake_smtp_free(f.fake);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -319,5 +372,6 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/pool/keyed-on-settings",
 	                test_keyed_on_settings);
 	g_test_add_func("/plugin/pool/max-idle", test_max_idle);
+	g_test_add_func("/plugin/pool/concurrent", test_concurrent);
 	return g_test_run();
 }
