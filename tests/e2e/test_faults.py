@@ -234,6 +234,17 @@ def relay_copies(relay):
     return out
 
 
+def relay_bodies(relay):
+    """{message-id: [body of each copy]}: what follows the header."""
+    out = {}
+    for m in relay.messages():
+        mid = HDR_MID.search(header_of(m.content))
+        if mid:
+            out.setdefault(mid.group(1).decode(), []).append(
+                h.split_message(m.content)[1])
+    return out
+
+
 def spool_copies(milter, part):
     """{message-id: [spool file name...]} in SPOOL/part, found by the
     original's Message-ID inside the spooled copy."""
@@ -499,7 +510,8 @@ def wait_drained(env, c, case, msgs, what="after the relay is healed"):
     copies = relay_copies(env.relay)
     q = spool_copies(env.milter, "queue")
     hd = spool_copies(env.milter, "hold")
-    bad, ids = [], []
+    bodies = relay_bodies(env.relay)
+    bad, ids, damaged = [], [], []
     for m in acc:
         missing = set(ARCHIVE) - archived_to(copies, m.mid)
         if missing:
@@ -514,12 +526,21 @@ def wait_drained(env, c, case, msgs, what="after the relay is healed"):
         if len(aids) > 1 or None in aids:
             ids.append("%s: copies carry X-Archive-Id %s"
                        % (m.mid, sorted(map(str, aids))))
+        want = h.split_message(m.data)[1]
+        for body in bodies.get(m.mid, []):
+            if body != want:
+                damaged.append("%s: a copy's body differs from the "
+                               "original's (%s octets, want %d)"
+                               % (m.mid, len(body) if body is not None
+                                  else "no", len(want)))
     c.ok(not bad, case, "%s every accepted message has its copy at the "
          "relay for every archive address, spool empty of it" % what,
          "\n".join(bad) + "\nmilter log tail:\n"
          + env.milter.log()[-1500:] if bad else "")
     c.ok(not ids, case, "one X-Archive-Id per message on every copy",
          "\n".join(ids))
+    c.ok(not damaged, case, "every copy carries the original's body "
+         "unchanged", "\n".join(damaged))
 
 
 def check_recovered(env, c, case):
@@ -539,6 +560,24 @@ def check_hold_listed(env, c, case, msgs):
          "--spool-list exits 0 and names every held copy",
          "exit %d, not named: %s\nstdout: %s\nstderr: %s"
          % (rc, missing, out[-1500:], err[-1500:]))
+
+
+def check_hold_logged(env, c, case, msgs):
+    """A copy moved to hold/ is logged at error level: a line of the
+    milter's log with "error" and the original's queue id or the
+    copy's X-Archive-Id (the name of its file in hold/)."""
+    log = PostfixLog(env.postfix)
+    hd = spool_copies(env.milter, "hold")
+    lines = [ln for ln in env.milter.log().splitlines()
+             if re.search(r"(?i)\berror\b", ln)]
+    bad = []
+    for m in msgs:
+        keys = log.qid_of.get(m.mid, []) + hd.get(m.mid, [])
+        if not any(k in ln for k in keys for ln in lines):
+            bad.append("%s (queue id or X-Archive-Id %s): no error line"
+                       % (m.mid, ", ".join(keys) or "unknown"))
+    c.ok(not bad, case, "each held copy has an error line in the log",
+         "\n".join(bad))
 
 
 def replies(msgs):
@@ -642,6 +681,7 @@ def relay_case(env, c, name, faults, temporary, partial):
              % ([m.mid for m in msgs if m.mid not in hd], sorted(q),
                 env.milter.log()[-1500:]))
         check_hold_listed(env, c, name, msgs)
+        check_hold_logged(env, c, name, msgs)
     elif mode == "spool":
         hd = spool_copies(env.milter, "hold")
         c.ok(not any(m.mid in hd for m in msgs), name,

@@ -6,8 +6,8 @@ Postfix, the relays, archive-milter when $ARCHIVE_MILTER is set, and a
 plain `sleep` through harness.Proc), prints the pids and its work
 directory, and waits.  This test then kills it with SIGKILL, as meson
 does to a test that overran its timeout, and checks that the harness's
-watchdog stops every one of those processes by pid and removes the work
-directory, within a bounded time.
+watchdog stops every one of those processes by pid, unmounts the tmpfs it
+mounted and removes the work directory, within a bounded time.
 
 Exit status: 0 passed, 1 failed, 77 (skipped) when not root, 99 harness
 error.
@@ -33,13 +33,26 @@ w = h.World(milter_exe=os.environ.get("ARCHIVE_MILTER") or None)
 w.start()
 sleeper = h.Proc("sleeper", ["sleep", "600"],
                  os.path.join(w.workdir, "sleep.log"))
-print(json.dumps({"master": w.postfix.master_pid,
+mnt = os.path.join(w.workdir, "mnt")
+os.makedirs(mnt)
+import subprocess
+if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt],
+                  capture_output=True).returncode == 0:
+    h.WATCHDOG.tell("umount", mnt)
+else:
+    mnt = None
+print(json.dumps({"mount": mnt, "master": w.postfix.master_pid,
                   "kids": h.children_of(w.postfix.master_pid),
                   "milter": w.milter.proc.pid if w.milter else None,
                   "sleeper": sleeper.pid,
                   "workdir": w.workdir}), flush=True)
 time.sleep(600)
 ''' % HERE
+
+
+def is_mounted(path):
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
 
 
 def main():
@@ -60,7 +73,7 @@ def main():
         pids["archive-milter"] = info["milter"]
     for k in info["kids"]:
         pids["postfix child %d" % k] = k
-    print("1..%d" % (len(pids) + 2))
+    print("1..%d" % (len(pids) + 3))
     n = 0
     for name, pid in pids.items():
         n += 1
@@ -76,7 +89,8 @@ def main():
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         left = [p for p in pids.values() if h.pid_alive(p)]
-        if not left and not os.path.exists(info["workdir"]):
+        if not left and not os.path.exists(info["workdir"]) and not (
+                info["mount"] and is_mounted(info["mount"])):
             break
         time.sleep(0.2)
     failed = 0
@@ -90,6 +104,15 @@ def main():
             h.kill_pid(pid, 2)
     else:
         print("ok %d - every process stopped after the SIGKILL" % n)
+    n += 1
+    if info["mount"] is None:
+        print("ok %d - # SKIP mount -t tmpfs not permitted" % n)
+    elif is_mounted(info["mount"]):
+        failed += 1
+        print("not ok %d - tmpfs %s still mounted" % (n, info["mount"]))
+        subprocess.run(["umount", "-l", info["mount"]])
+    else:
+        print("ok %d - the test's tmpfs unmounted" % n)
     n += 1
     if os.path.exists(info["workdir"]):
         failed += 1
