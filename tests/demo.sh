@@ -6,9 +6,21 @@
 # Installs what is missing (packaging/setup-debian.sh), builds into build/,
 # then runs tests/e2e/demo.py: a private Postfix whose smtpd_milters is
 # archive-milter, a main relay and an archive relay, all on 127.0.0.1 on
-# ports picked at run time; a set of corpus messages goes through Postfix
-# and the demo shows the archived copies with their X-Envelope-* headers
-# and the milter's log lines.  Everything it starts is stopped at the end.
+# ports picked at run time; the milter's spool is in the demo's own
+# temporary work directory (never /var/spool/archive-milter).  Sections:
+#   1. corpus messages through Postfix (sync rule): the archived copies
+#      with their X-Envelope-* and X-Archive-Id headers, the milter's log;
+#   2. archive relay stopped: Postfix answers 4xx for the sync rule;
+#   3. spool mode (delivery = spool), relay down: Postfix accepts at once,
+#      --spool-list shows the copies queued; the relay comes back and the
+#      spool drains, the copies arriving with the X-Archive-Id listed;
+#   4. the archive refuses the archive address with 550, default policy:
+#      the original is accepted, the copy held (--spool-list, an error
+#      line); the relay accepts again and --spool-retry all sends it.
+# Each step is checked; the last line says "demo: all N checks passed"
+# or lists what did not happen, and the exit status is then 1.
+# Everything it starts is stopped at the end, pass or fail (about 15 s
+# after the build).
 # Extra arguments go to demo.py (e.g. --per-folder 5, --keep DIR).
 set -eu
 

@@ -677,23 +677,19 @@ def strace_summary(path):
 
 
 def profile(setup, files, args, outdir):
-    """Two more rounds: perf stat counts the milter's syscalls (fsync,
-    connect, ...) while strace times the ones that wait; then perf
-    record samples where its CPU goes.  Apart, since the tracing would
-    show in the samples."""
+    """Three more rounds: perf stat counts the milter's syscalls (fsync,
+    connect, ...); strace times the ones that wait; perf record samples
+    where its CPU goes.  Apart, since each disturbs what the others
+    measure."""
     data = os.path.join(outdir, "perf-%s.data" % setup.name)
     stat_out = os.path.join(outdir, "perf-%s.stat" % setup.name)
 
     # Syscalls per message.
     events = perf_events()
     if events:
-        trace_out = os.path.join(outdir, "strace-%s.txt" % setup.name)
-        tools = [["perf", "stat", "-x", ",", "-e", ",".join(events), "-o",
-                  stat_out]]
-        if shutil.which("strace"):
-            tools.append(["strace", "-f", "-c", "-w", "-e",
-                          "trace=" + ",".join(TIMED), "-o", trace_out])
-        r = under_tools(setup, files, args, outdir, *tools)
+        r = under_tools(setup, files, args, outdir,
+                        ["perf", "stat", "-x", ",", "-e", ",".join(events),
+                         "-o", stat_out])
         with open(stat_out) as f:
             for line in f:
                 parts = line.strip().split(",")
@@ -712,6 +708,14 @@ def profile(setup, files, args, outdir):
                     name = "task-clock (ms)"
                 log("profile: %s: %-16s %10.0f  %8.2f per message"
                     % (setup.name, name, n, n / max(1, r["sent"])))
+
+    # How long the calls that wait on the disk took: strace stops the
+    # milter at each traced call, so a round of its own.
+    if shutil.which("strace"):
+        trace_out = os.path.join(outdir, "strace-%s.txt" % setup.name)
+        r = under_tools(setup, files, args, outdir,
+                        ["strace", "-f", "-c", "-w", "-e",
+                         "trace=" + ",".join(TIMED), "-o", trace_out])
         for name, (calls, secs) in sorted(strace_summary(
                 trace_out).items()):
             log("profile: %s: %-16s %8d calls, %8.3f ms each, %6.3f ms "

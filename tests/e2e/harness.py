@@ -176,6 +176,11 @@ atexit.register(REGISTRY.stop_all)
 #   unumount PATH   forget it
 #   rmtree PATH     remove PATH at the end
 #   unrmtree PATH   forget it
+#
+# XXX: a watchdog killed itself (SIGKILL to its session, the OOM killer)
+# cleans nothing up; and a process that a harness process forks without
+# telling it (Postfix's own children are found through the master) is
+# not known to it.
 
 
 def _proc_start_time(pid):
@@ -547,7 +552,8 @@ class SinkRelay:
     #                        argument matches REGEX (others: 250)
     #   "DATA": "close-in-data"  354, then close after the first chunk
     #   "DOT": REPLY, "stall" (never answer the final dot, keep the
-    #          connection until the client gives up) or "close"
+    #          connection until the client gives up), "store-stall"
+    #          (store the message, then stall) or "close"
     # REPLY is "CODE TEXT".  A 2xx final-dot reply stores the message,
     # any other reply or action stores nothing.
 
@@ -651,6 +657,12 @@ class SinkRelay:
                         self.n_dots += 1
                     dot = faults.get("DOT")
                     if dot == "stall":
+                        hold()
+                        return
+                    if dot == "store-stall":
+                        # Taken, but the client never hears so: as if
+                        # it crashed between our 250 and its records.
+                        self._store(mail_from, rcpts, bytes(content))
                         hold()
                         return
                     if dot == "close":
