@@ -384,10 +384,10 @@ deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e)
 			return JOB_FORGET;
 		}
 		am_log_warning("%s: %s", e->id, error->message);
-		return due_at(now_s() + backoff(ctx->config,
-		                                e->attempts < G_MAXUINT
-		                                    ? e->attempts + 1
-		                                    : e->attempts));
+		return due_at(now_s() +
+		              backoff(ctx->config, e->attempts < G_MAXUINT
+		                                       ? e->attempts + 1
+		                                       : e->attempts));
 	}
 
 	/* Step 3: send, log a line per address, act on the outcome. */

@@ -202,8 +202,7 @@ exists_in(const AmSpool *spool, int sub, const char *name)
 {
 	struct stat st;
 
-	return fstatat(spool->sub_fd[sub], name, &st, AT_SYMLINK_NOFOLLOW) ==
-	       0;
+	return fstatat(spool->sub_fd[sub], name, &st, AT_SYMLINK_NOFOLLOW) == 0;
 }
 
 static gboolean
@@ -337,8 +336,8 @@ open_private_dir(int parent_fd, const char *name, const char *path,
 static DIR *
 open_sub_stream(const AmSpool *spool, int sub, GError **error)
 {
-	int fd = openat(spool->sub_fd[sub], ".",
-	                O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int fd =
+	    openat(spool->sub_fd[sub], ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	DIR *d;
 
 	if (fd < 0) {
@@ -425,8 +424,8 @@ am_spool_open_full(const char *dir, guint64 min_free, AmSpoolOpenFlags flags,
 		return NULL;
 	for (guint i = 0; i < G_N_ELEMENTS(sub_names); i++) {
 		spool->sub[i] = g_build_filename(dir, sub_names[i], NULL);
-		spool->sub_fd[i] = open_private_dir(
-		    spool->dir_fd, sub_names[i], spool->sub[i], TRUE, error);
+		spool->sub_fd[i] = open_private_dir(spool->dir_fd, sub_names[i],
+		                                    spool->sub[i], TRUE, error);
 		if (spool->sub_fd[i] < 0)
 			return NULL;
 	}
@@ -440,10 +439,9 @@ am_spool_open_full(const char *dir, guint64 min_free, AmSpoolOpenFlags flags,
 	 * flock() needs no more, and a descriptor open for writing would
 	 * keep the file system from being remounted read-only (an
 	 * administrator's way to stop a filling disk). */
-	spool->lock_fd =
-	    openat(spool->dir_fd, "lock",
-	           O_RDONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC,
-	           0600);
+	spool->lock_fd = openat(
+	    spool->dir_fd, "lock",
+	    O_RDONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
 	if (spool->lock_fd < 0) {
 		/* Without the lock we only leave tmp/ alone. */
 		g_autofree char *lock = g_build_filename(dir, "lock", NULL);
@@ -637,9 +635,9 @@ write_file(AmSpool *spool, const char *name, const GString *head,
            gsize digest_at, SmtpMessage *msg, guint64 size, GError **error)
 {
 	g_autofree char *path = path_of(spool, SUB_TMP, name);
-	int fd = openat(spool->sub_fd[SUB_TMP], name,
-	                O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-	                0600);
+	int fd =
+	    openat(spool->sub_fd[SUB_TMP], name,
+	           O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	gboolean ok;
 
 	if (fd < 0) {
@@ -860,8 +858,8 @@ parse_field(char *line, AmSpoolEntry *e, GPtrArray *to, Seen *seen,
  * alone for that release (or an administrator) to deal with.  Its
  * text is sanitized: a damaged file must not write on a terminal. */
 static gboolean
-parse_magic(const char *line, const char *magic, int version,
-            const char *path, GError **error)
+parse_magic(const char *line, const char *magic, int version, const char *path,
+            GError **error)
 {
 	gsize n = strlen(magic);
 	g_autofree char *want = g_strdup_printf("%d", version);
@@ -873,8 +871,8 @@ parse_magic(const char *line, const char *magic, int version,
 	if (strcmp(line + n + 1, want) == 0)
 		return TRUE;
 	clean = am_log_sanitize(line + n + 1, 20);
-	why = g_strdup_printf("format version \"%s\" is not %d", clean,
-	                      version);
+	why =
+	    g_strdup_printf("format version \"%s\" is not %d", clean, version);
 	return format_error(error, path, why);
 }
 
@@ -992,10 +990,9 @@ create_state_tmp(AmSpool *spool, const char *id, int *fd_out, GError **error)
 {
 	for (guint i = 0; i < 100; i++) {
 		char *name = g_strdup_printf(".%s.%08x", id, g_random_int());
-		int fd = openat(spool->sub_fd[SUB_STATE], name,
-		                O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
-		                    O_CLOEXEC,
-		                0600);
+		int fd = openat(
+		    spool->sub_fd[SUB_STATE], name,
+		    O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 
 		if (fd >= 0) {
 			*fd_out = fd;
@@ -1224,8 +1221,9 @@ read_entry(AmSpool *spool, AmSpoolState state, const char *name, int *fd_out,
 			            AM_SPOOL_ERROR_NOT_FOUND, "no copy %s",
 			            name);
 		else if (errno == ELOOP)
-			format_error(error, path, "a symbolic link; not "
-			                          "followed");
+			format_error(error, path,
+			             "a symbolic link; not "
+			             "followed");
 		else
 			set_errno_error(error, errno, "cannot open", path);
 		return NULL;

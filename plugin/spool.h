@@ -90,8 +90,8 @@ typedef struct {
 			      * hold/; 0: never.  spool_max_age counts
 			      * from the later of this and created */
 	AmSpoolState state;
-	guint64 size;   /* octets of the copy (read only) */
-	char *sha256;   /* hex SHA-256 of the copy (read only) */
+	guint64 size;            /* octets of the copy (read only) */
+	char *sha256;            /* hex SHA-256 of the copy (read only) */
 	gint64 created_override; /* 0, or a corrected created time kept
 				  * in state/ID (the envelope is never
 				  * rewritten); applied to created */
