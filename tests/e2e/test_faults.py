@@ -701,6 +701,35 @@ def relay_case(env, c, name, faults, temporary, partial):
         c.ok(not any(m.mid in hd for m in msgs), name,
              "temporary fault: no copy moved to hold/",
              "held: %s" % [m.mid for m in msgs if m.mid in hd])
+    if partial and mode == "sync" and temporary:
+        # The first address took its copy, the second tempfailed, so
+        # the original was tempfailed: a copy the archive has for a
+        # message the MTA did not accept.  The log must say so with the
+        # copy's X-Archive-Id, so that the entry can be matched.
+        def orphans_logged():
+            copies = relay_copies(env.relay)
+            log = PostfixLog(env.postfix)
+            text = env.milter.log()
+            bad = []
+            for m in msgs:
+                aids = [a for a, _ in copies.get(m.mid, []) if a]
+                qids = log.qid_of.get(m.mid, [])
+                if not aids:
+                    bad.append("%s: no copy at the relay" % m.mid)
+                elif not any(a in ln and any(q in ln for q in qids)
+                             for a in aids for ln in text.splitlines()):
+                    bad.append("%s (queue id %s): no log line with "
+                               "X-Archive-Id %s" % (m.mid, qids, aids))
+            return bad
+        try:
+            h.wait_for(lambda: not orphans_logged(), bound(10),
+                       "the log line of each orphan copy")
+        except h.Timeout:
+            pass
+        bad = orphans_logged()
+        c.ok(not bad, name, "a copy the relay took for an original that "
+             "was not accepted is logged with its X-Archive-Id",
+             "\n".join(bad))
     if partial:
         def first_taken():
             copies = relay_copies(env.relay)
