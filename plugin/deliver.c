@@ -8,8 +8,10 @@
  *
  * The outcome of the copy as a whole (AmOutcome, for the policy table)
  * is classified from the library's result or error exactly as conf.h
- * documents it; "temporary" is smtp_error_is_temporary() for an error,
- * and for a result with refused addresses whether any refusal was 4xx.
+ * documents it; "temporary" is smtp_error_is_temporary() for an error
+ * (except that a protocol error is temporary here: see
+ * error_is_temporary), and for a result with refused addresses whether
+ * any refusal was 4xx.
  * The reply that decided the outcome is kept for a reject.  Where the
  * library calls an error temporary although the relay's reply was 5xx
  * (a 554 greeting is SMTP_ERROR_CONNECT), the library's word stands:
@@ -138,10 +140,45 @@ outcome_from_reply(const char *address, const SmtpReply *reply,
 	                   full);
 }
 
+/*
+ * Whether a retry may succeed.  The library's word, except for a
+ * protocol error (a garbage or NUL reply, a code out of range, a code
+ * changing inside a reply, more replies than commands) or a reply out
+ * of step (250 to DATA), both "out of step" here:
+ * the library calls those permanent, but they say nothing lasting
+ * about the copy, only that this session went wrong (a broken relay, a
+ * middlebox, a bad restart), and Postfix's smtp(8) defers on them too.
+ * So the copy is retried rather than held or bounced.
+ */
+static gboolean
+out_of_step(const GError *error)
+{
+	const SmtpReply *reply;
+
+	if (error == NULL || error->domain != SMTP_ERROR)
+		return FALSE;
+	if (error->code == SMTP_ERROR_PROTOCOL)
+		return TRUE;
+	/* A command "refused" with a 1xx to 3xx reply (250 to DATA) was
+	 * not refused: the relay answered out of step. */
+	reply = smtp_error_get_reply(error);
+	return reply != NULL && reply->code > 0 && reply->code < 400;
+}
+
+static gboolean
+error_is_temporary(const GError *error)
+{
+	if (out_of_step(error))
+		return TRUE;
+	return smtp_error_is_temporary(error);
+}
+
 /* The dsn of an error that came without a reply (RFC 3463). */
 static const char *
 error_dsn(const GError *error, gboolean temporary)
 {
+	if (out_of_step(error))
+		return "4.5.0"; /* other or undefined protocol status */
 	switch (error->code) {
 	case SMTP_ERROR_CONNECT:
 		return "4.4.1"; /* no answer from host */
@@ -165,10 +202,14 @@ static AmRcptOutcome *
 outcome_from_error(const char *address, const GError *error)
 {
 	const SmtpReply *reply = smtp_error_get_reply(error);
-	gboolean temporary = smtp_error_is_temporary(error);
+	gboolean temporary = error_is_temporary(error);
 	AmStatus status = temporary ? AM_STATUS_DEFERRED : AM_STATUS_BOUNCED;
 
-	if (reply != NULL && reply->code >= 400 && reply->code < 600) {
+	/* A reply out of step (a 5xx to the wrong command, a code changing
+	 * inside a reply) is no answer to the copy: the error says what
+	 * went wrong, with a 4.X.X dsn. */
+	if (reply != NULL && reply->code >= 400 && reply->code < 600 &&
+	    !out_of_step(error)) {
 		AmRcptOutcome *o = outcome_from_reply(
 		    address, reply, smtp_error_get_stage(error));
 
@@ -242,6 +283,8 @@ error_outcome(const GError *error)
 {
 	if (error->domain != SMTP_ERROR)
 		return AM_OUTCOME_DATA_ERROR; /* not the relay's doing */
+	if (out_of_step(error))
+		return AM_OUTCOME_UNREACHABLE; /* as PROTOCOL below */
 	switch ((SmtpErrorCode)error->code) {
 	case SMTP_ERROR_RECIPIENTS_REFUSED:
 		return AM_OUTCOME_ALL_REFUSED;
@@ -321,7 +364,7 @@ delivery_classify(AmDelivery *d, const SmtpResult *result, const GError *error)
 		return;
 	}
 	d->outcome = error_outcome(error);
-	d->temporary = smtp_error_is_temporary(error);
+	d->temporary = error_is_temporary(error);
 	r = deciding_refusal(smtp_error_get_refused(error), d->temporary);
 	reply = r != NULL ? &r->reply : smtp_error_get_reply(error);
 	if (reply != NULL && reply->code != 0)

@@ -1324,6 +1324,40 @@ test_archive_to(void)
 	    {"nobody", NULL},
 	    {"@x.example", NULL},
 	    {"a@", NULL},
+	    {"\"\"", NULL},
+	    /* One '@' outside quotes, a dot-atom or quoted local part, a
+	     * host name or an address literal after it. */
+	    {"a@b@c", NULL},
+	    {"a@x.example,a@b@c", NULL},
+	    {"a@@x.example", NULL},
+	    {"a.@x.example", NULL},
+	    {".a@x.example", NULL},
+	    {"a..b@x.example", NULL},
+	    {"a(b)@x.example", NULL},
+	    {"a@x..example", NULL},
+	    {"a@-x.example", NULL},
+	    {"a@x_y.example", NULL},
+	    {"a@[999.1.1.1]", NULL},
+	    {"\"a@b\"", NULL},
+	    {"\"a@x.example", NULL},
+	    {"\"a\"b@x.example", NULL},
+	    {"\"a\"@", NULL},
+	    {"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	     "@x.example",
+	     NULL},
+	    {"\"a@b\"@x.example", "\"a@b\"@x.example"},
+	    {"\"a\\\"@b\"@x.example", "\"a\\\"@b\"@x.example"},
+	    {"\"\"@x.example", "\"\"@x.example"},
+	    {"first.last+tag@x.example", "first.last+tag@x.example"},
+	    {"o'brien!#$%&*/=?^_`{|}~-@x.example",
+	     "o'brien!#$%&*/=?^_`{|}~-@x.example"},
+	    {"a@[127.0.0.1]", "a@[127.0.0.1]"},
+	    {"a@[IPv6:::1]", "a@[IPv6:::1]"},
+	    {"a@localhost", "a@localhost"},
+	    {"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	     "@x.example",
+	     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+	     "@x.example"},
 	};
 	gsize i;
 
@@ -1361,6 +1395,12 @@ test_archive_from(void)
 	static const ListCase cases[] = {
 	    {"", ""},
 	    {"<>", ""},
+	    /* As the example documents it: the quotes arrive with it. */
+	    {"\"\"", ""},
+	    {"\"\"\"", NULL},
+	    {"\"\"@x.example", "\"\"@x.example"},
+	    {"a@b@x.example", NULL},
+	    {"\"a@b\"@x.example", "\"a@b\"@x.example"},
 	    {"milter@x.example", "milter@x.example"},
 	    {"<milter@x.example>", "milter@x.example"},
 	    {"a@x.example,b@x.example", NULL},
