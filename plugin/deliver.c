@@ -31,7 +31,9 @@
  * instead, once.  After a refusal the library has already sent RSET; a
  * connection the library closed (time-out, lost connection, protocol
  * error) is not returned.  A janitor thread closes (QUIT) connections
- * idle longer than idle_ms.
+ * idle longer than idle_ms.  Idle connections are closed in batches,
+ * each batch within POOL_QUIT_MS together (pool_close_all), so that a
+ * relay that stalls on QUIT holds up neither the janitor nor a stop.
  *
  * copy_deadline bounds a whole copy, because the MTA is waiting: Postfix
  * gives a milter 300 s (milter_content_timeout) before it gives up on
@@ -441,6 +443,36 @@ pool_conn_close(PoolConn *pc)
 }
 
 /*
+ * Close idle connections (PoolConn *) and free @conns, all of them
+ * within POOL_QUIT_MS together: QUIT is a courtesy, and a stalled relay
+ * must not hold up the janitor, nor the daemon's stop (am_pool_free),
+ * for the library's own QUIT limit per connection.  Once the common
+ * deadline has passed, the rest are closed without QUIT.
+ */
+#define POOL_QUIT_MS 1000
+
+static void
+pool_close_all_by(GPtrArray *conns, gint64 deadline)
+{
+	guint i;
+
+	for (i = 0; i < conns->len; i++) {
+		PoolConn *pc = conns->pdata[i];
+
+		smtp_client_set_deadline(pc->client, deadline);
+		pool_conn_close(pc);
+	}
+	g_ptr_array_unref(conns);
+}
+
+static void
+pool_close_all(GPtrArray *conns)
+{
+	pool_close_all_by(conns,
+	                  g_get_monotonic_time() + (gint64)POOL_QUIT_MS * 1000);
+}
+
+/*
  * Everything that shapes a session, as one string.  The password is in
  * only as a digest, so the key can sit in memory without the secret.
  */
@@ -494,8 +526,7 @@ pool_janitor(gpointer data)
 
 	g_mutex_lock(&pool->lock);
 	while (!pool->stopping) {
-		g_autoptr(GPtrArray) expired = g_ptr_array_new_with_free_func(
-		    (GDestroyNotify)pool_conn_close);
+		GPtrArray *expired = g_ptr_array_new();
 		gint64 next;
 
 		pool_collect_expired(pool, g_get_monotonic_time(), expired,
@@ -504,10 +535,11 @@ pool_janitor(gpointer data)
 			g_mutex_unlock(&pool->lock);
 			am_log_debug("pool: closing %u idle connection(s)",
 			             expired->len);
-			g_clear_pointer(&expired, g_ptr_array_unref);
+			pool_close_all(expired);
 			g_mutex_lock(&pool->lock);
 			continue;
 		}
+		g_ptr_array_unref(expired);
 		if (next == G_MAXINT64)
 			g_cond_wait(&pool->wake, &pool->lock);
 		else
@@ -563,14 +595,32 @@ am_pool_new(guint max_idle, guint idle_ms)
 void
 am_pool_free(AmPool *pool)
 {
+	GPtrArray *idle;
+	GHashTableIter iter;
+	gpointer value;
+	PoolConn *pc;
+	gint64 deadline;
+
 	if (pool == NULL)
 		return;
+	/* Every idle connection taken now, to be closed within one short
+	 * bound counted from now; the janitor's batch, if it is closing
+	 * one, has a bound as short, so the two overlap. */
+	idle = g_ptr_array_new();
 	g_mutex_lock(&pool->lock);
 	pool->stopping = TRUE;
 	g_cond_signal(&pool->wake);
+	g_hash_table_iter_init(&iter, pool->idle);
+	while (g_hash_table_iter_next(&iter, NULL, &value))
+		while ((pc = g_queue_pop_head(value)) != NULL)
+			g_ptr_array_add(idle, pc);
 	g_mutex_unlock(&pool->lock);
+	deadline = g_get_monotonic_time() + (gint64)POOL_QUIT_MS * 1000;
 	if (pool->janitor != NULL)
 		g_thread_join(pool->janitor);
+	if (idle->len > 0)
+		am_log_debug("pool: closing %u idle connection(s)", idle->len);
+	pool_close_all_by(idle, deadline);
 	g_hash_table_destroy(pool->idle);
 	g_cond_clear(&pool->wake);
 	g_mutex_clear(&pool->lock);
@@ -583,13 +633,13 @@ static PoolConn *
 pool_take(AmPool *pool, const char *key)
 {
 	gint64 now = g_get_monotonic_time();
-	g_autoptr(GPtrArray) stale =
-	    g_ptr_array_new_with_free_func((GDestroyNotify)pool_conn_close);
+	GPtrArray *stale;
 	PoolConn *pc = NULL;
 	GQueue *q;
 
 	if (pool == NULL || pool->max_idle == 0)
 		return NULL;
+	stale = g_ptr_array_new();
 	g_mutex_lock(&pool->lock);
 	q = g_hash_table_lookup(pool->idle, key);
 	while (q != NULL && (pc = g_queue_pop_head(q)) != NULL &&
@@ -600,6 +650,7 @@ pool_take(AmPool *pool, const char *key)
 	if (q != NULL && g_queue_is_empty(q))
 		g_hash_table_remove(pool->idle, key);
 	g_mutex_unlock(&pool->lock);
+	pool_close_all(stale);
 	return pc;
 }
 
