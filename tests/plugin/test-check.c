@@ -492,6 +492,15 @@ write_conf(const char *dir, const char *key_line, const char *extra)
 	return g_steal_pointer(&conf);
 }
 
+/* Remove write_conf()'s file from @dir. */
+static void
+remove_conf(const char *dir)
+{
+	g_autofree char *conf = g_build_filename(dir, "am.conf", NULL);
+
+	g_unlink(conf);
+}
+
 /*
  * spool_min_free above the whole file system of spool_dir can never be
  * met, so every spooled copy would be refused (its original
@@ -567,7 +576,7 @@ test_spool_min_free(void)
 	}
 	g_assert_false(g_file_test(missing, G_FILE_TEST_EXISTS));
 	g_rmdir(spool);
-	g_unlink(g_build_filename(dir, "am.conf", NULL));
+	remove_conf(dir);
 	g_assert_cmpint(g_rmdir(dir), ==, 0);
 }
 
@@ -644,7 +653,7 @@ test_pid_file(void)
 	g_rmdir(sub);
 	g_rmdir(locked);
 	g_unlink(file);
-	g_unlink(g_build_filename(dir, "am.conf", NULL));
+	remove_conf(dir);
 	g_assert_cmpint(g_rmdir(dir), ==, 0);
 }
 
