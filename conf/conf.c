@@ -576,14 +576,122 @@ is_helo_name(const char *s)
 	return is_host_name(s);
 }
 
+/* RFC 5322 atext: what a local part may hold outside quotes. */
+static gboolean
+is_atext(char c)
+{
+	return g_ascii_isalnum(c) || strchr("!#$%&'*+-/=?^_`{|}~", c) != NULL;
+}
+
+/*
+ * The closing quote of the quoted string that starts @s (@len octets
+ * in all), or NULL: '\' escapes the next character, so "a\"b" is one
+ * string.
+ */
+static const char *
+quoted_end(const char *s, gsize len)
+{
+	const char *p;
+
+	for (p = s + 1; p < s + len; p++) {
+		if (*p == '\\')
+			p++;
+		else if (*p == '"')
+			return p;
+	}
+	return NULL;
+}
+
+/* Where the local part of @s (@len octets) ends: its '@', or NULL.  A
+ * quoted local part may hold '@' itself. */
+static const char *
+local_part_end(const char *s, gsize len)
+{
+	const char *q;
+
+	if (*s != '"')
+		return memchr(s, '@', len);
+	q = quoted_end(s, len);
+	return q != NULL && q + 1 < s + len && q[1] == '@' ? q + 1 : NULL;
+}
+
+/*
+ * The local part from @s to @end (the '@'): a dot-atom, or a quoted
+ * string (local_part_end found its end).  NULL when fine, else why.
+ */
+static const char *
+local_part_why(const char *s, const char *end)
+{
+	const char *p;
+
+	if (s == end)
+		return "empty local part before '@'";
+	if (end - s > 64)
+		return "local part longer than 64 characters";
+	if (*s == '"')
+		return NULL;
+	for (p = s; p < end; p++) {
+		if (*p == '.' && (p == s || p + 1 == end || p[1] == '.'))
+			return "a dot at the start or end of the local part, "
+			       "or two in a row";
+		if (*p != '.' && !is_atext(*p))
+			return "character not allowed in an unquoted local "
+			       "part";
+	}
+	return NULL;
+}
+
+/* A domain: a host name, or an address literal such as [192.0.2.1]. */
+static const char *
+domain_why(const char *s)
+{
+	if (*s == '\0')
+		return "empty domain after '@'";
+	if (strchr(s, '@') != NULL)
+		return "more than one '@' (a local part with '@' must be "
+		       "quoted)";
+	if (!is_helo_name(s))
+		return "the domain is not a host name or an address literal "
+		       "like [192.0.2.1]";
+	return NULL;
+}
+
+/*
+ * Whether @s is non-ASCII: a copy is sent with SMTPUTF8 only when the
+ * original came with it (deliver.c), and the library refuses a
+ * non-ASCII address without it, so such an archive or sender address
+ * would fail the copy of every plain message.  Refused here, where the
+ * administrator sees why.
+ */
+static gboolean
+is_ascii(const char *s)
+{
+	for (; *s != '\0'; s++) {
+		if ((guchar)*s >= 0x80)
+			return FALSE;
+	}
+	return TRUE;
+}
+
+#define NON_ASCII_WHY                                                          \
+	"non-ASCII address: copies of plain mail are sent without "            \
+	"SMTPUTF8, and no relay takes such an address then; use an ASCII "     \
+	"address (a domain in its xn-- form)"
+
 /*
  * One bare address; "<addr>" is accepted and unwrapped.  Returns the
- * bare address, or NULL with @why set.  "" (after unwrapping) is
- * returned as is: the caller decides whether the null sender is allowed.
+ * bare address, or NULL with @why set.  The null address (written as
+ * nothing, <> or "") is returned as "": the caller decides whether the
+ * null sender is allowed.
+ * The address must be local@domain as RFC 5321 writes it (one '@' outside
+ * quotes, a dot-atom or quoted local part, a host name or an address
+ * literal as the domain): the relay would refuse anything else, at the
+ * first copy instead of now.
  */
 static char *
 bare_address(const char *s, const char **why)
 {
+	g_autofree char *addr = NULL;
 	gsize len = strlen(s);
 	const char *at;
 	const char *p;
@@ -602,14 +710,28 @@ bare_address(const char *s, const char **why)
 			return NULL;
 		}
 	}
+	/* The example writes the null sender as "" as well as <>; the
+	 * value arrives with its quotes, as values are taken literally. */
+	if (len == 2 && s[0] == '"' && s[1] == '"')
+		len = 0;
+	addr = g_strndup(s, len);
 	if (len == 0)
-		return g_strdup("");
-	at = g_strrstr_len(s, len, "@");
-	if (at == NULL || at == s || at == s + len - 1) {
-		*why = "not an address of the form local@domain";
+		return g_steal_pointer(&addr);
+	if (!is_ascii(addr)) {
+		*why = NON_ASCII_WHY;
 		return NULL;
 	}
-	return g_strndup(s, len);
+	at = local_part_end(addr, len);
+	if (at == NULL) {
+		*why = *addr == '"' ? "unbalanced quotes in the local part, "
+		                      "or no '@' after it"
+		                    : "not an address of the form local@domain";
+		return NULL;
+	}
+	if ((*why = local_part_why(addr, at)) != NULL ||
+	    (*why = domain_why(at + 1)) != NULL)
+		return NULL;
+	return g_steal_pointer(&addr);
 }
 
 /* ---- groups ---------------------------------------------------------- */
@@ -1139,27 +1261,6 @@ split_list(const char *v)
 	return parts;
 }
 
-/*
- * A copy is sent with SMTPUTF8 only when the original came with it
- * (deliver.c), and the library refuses a non-ASCII address without
- * it: such an archive or sender address would fail the copy of every
- * plain message.  Refused here, where the administrator sees why.
- */
-static gboolean
-is_ascii(const char *s)
-{
-	for (; *s != '\0'; s++) {
-		if ((guchar)*s >= 0x80)
-			return FALSE;
-	}
-	return TRUE;
-}
-
-#define NON_ASCII_WHY                                                          \
-	"non-ASCII address: copies of plain mail are sent without "            \
-	"SMTPUTF8, and no relay takes such an address then; use an ASCII "     \
-	"address (a domain in its xn-- form)"
-
 static void
 load_archive_to(Loader *l, const char *g, AmRule *r)
 {
@@ -1180,10 +1281,6 @@ load_archive_to(Loader *l, const char *g, AmRule *r)
 
 		if (addr != NULL && *addr == '\0') {
 			why = "the null address <> cannot receive mail";
-			g_clear_pointer(&addr, g_free);
-		}
-		if (addr != NULL && !is_ascii(addr)) {
-			why = NON_ASCII_WHY;
 			g_clear_pointer(&addr, g_free);
 		}
 		if (addr == NULL) {
@@ -1218,10 +1315,6 @@ load_archive_from(Loader *l, const char *g, AmRule *r)
 		return;
 	}
 	addr = bare_address(v, &why);
-	if (addr != NULL && !is_ascii(addr)) {
-		why = NON_ASCII_WHY;
-		g_clear_pointer(&addr, g_free);
-	}
 	if (addr == NULL) {
 		add_error(l, key_line(l, g, "archive_from"), g, "archive_from",
 		          "\"%s\": %s", v, why);
@@ -1501,7 +1594,9 @@ am_config_load(const char *path, GPtrArray **errors)
 
 	load(&l);
 	g_hash_table_unref(l.group_lines);
-	g_hash_table_unref(l.key_lines);
+	/* Kept for am_config_where(): checks made after loading (--check,
+	 * the daemon's start) name the line too. */
+	l.config->key_lines = l.key_lines;
 
 	/* Errors in file order, those without a line last. */
 	g_ptr_array_sort(list, error_cmp);
@@ -1530,7 +1625,40 @@ am_config_free(AmConfig *config)
 	g_free(config->archive_id_key_file);
 	g_free(config->pid_file);
 	g_free(config->spool_dir);
+	if (config->key_lines != NULL)
+		g_hash_table_unref(config->key_lines);
 	g_free(config);
+}
+
+guint
+am_config_key_line(const AmConfig *config, const char *group, const char *key)
+{
+	g_autofree char *id = NULL;
+	const KeyLines *kl;
+
+	g_return_val_if_fail(config != NULL, 0);
+	g_return_val_if_fail(group != NULL && key != NULL, 0);
+
+	if (config->key_lines == NULL)
+		return 0;
+	id = g_strconcat(group, "\n", key, NULL);
+	kl = g_hash_table_lookup(config->key_lines, id);
+	return kl != NULL ? kl->last : 0;
+}
+
+char *
+am_config_where(const AmConfig *config, const char *group, const char *key)
+{
+	guint line;
+
+	g_return_val_if_fail(config != NULL, NULL);
+
+	line = am_config_key_line(config, group, key);
+	if (line == 0)
+		return g_strdup_printf("%s: [%s] %s (default)", config->path,
+		                       group, key);
+	return g_strdup_printf("%s:%u: [%s] %s", config->path, line, group,
+	                       key);
 }
 
 const AmRelay *

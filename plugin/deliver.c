@@ -8,8 +8,10 @@
  *
  * The outcome of the copy as a whole (AmOutcome, for the policy table)
  * is classified from the library's result or error exactly as conf.h
- * documents it; "temporary" is smtp_error_is_temporary() for an error,
- * and for a result with refused addresses whether any refusal was 4xx.
+ * documents it; "temporary" is smtp_error_is_temporary() for an error
+ * (except that a protocol error is temporary here: see
+ * error_is_temporary), and for a result with refused addresses whether
+ * any refusal was 4xx.
  * The reply that decided the outcome is kept for a reject.  Where the
  * library calls an error temporary although the relay's reply was 5xx
  * (a 554 greeting is SMTP_ERROR_CONNECT), the library's word stands:
@@ -29,7 +31,9 @@
  * instead, once.  After a refusal the library has already sent RSET; a
  * connection the library closed (time-out, lost connection, protocol
  * error) is not returned.  A janitor thread closes (QUIT) connections
- * idle longer than idle_ms.
+ * idle longer than idle_ms.  Idle connections are closed in batches,
+ * each batch within POOL_QUIT_MS together (pool_close_all), so that a
+ * relay that stalls on QUIT holds up neither the janitor nor a stop.
  *
  * copy_deadline bounds a whole copy, because the MTA is waiting: Postfix
  * gives a milter 300 s (milter_content_timeout) before it gives up on
@@ -138,10 +142,45 @@ outcome_from_reply(const char *address, const SmtpReply *reply,
 	                   full);
 }
 
+/*
+ * Whether a retry may succeed.  The library's word, except for a
+ * protocol error (a garbage or NUL reply, a code out of range, a code
+ * changing inside a reply, more replies than commands) or a reply out
+ * of step (250 to DATA), both "out of step" here:
+ * the library calls those permanent, but they say nothing lasting
+ * about the copy, only that this session went wrong (a broken relay, a
+ * middlebox, a bad restart), and Postfix's smtp(8) defers on them too.
+ * So the copy is retried rather than held or bounced.
+ */
+static gboolean
+out_of_step(const GError *error)
+{
+	const SmtpReply *reply;
+
+	if (error == NULL || error->domain != SMTP_ERROR)
+		return FALSE;
+	if (error->code == SMTP_ERROR_PROTOCOL)
+		return TRUE;
+	/* A command "refused" with a 1xx to 3xx reply (250 to DATA) was
+	 * not refused: the relay answered out of step. */
+	reply = smtp_error_get_reply(error);
+	return reply != NULL && reply->code > 0 && reply->code < 400;
+}
+
+static gboolean
+error_is_temporary(const GError *error)
+{
+	if (out_of_step(error))
+		return TRUE;
+	return smtp_error_is_temporary(error);
+}
+
 /* The dsn of an error that came without a reply (RFC 3463). */
 static const char *
 error_dsn(const GError *error, gboolean temporary)
 {
+	if (out_of_step(error))
+		return "4.5.0"; /* other or undefined protocol status */
 	switch (error->code) {
 	case SMTP_ERROR_CONNECT:
 		return "4.4.1"; /* no answer from host */
@@ -165,10 +204,14 @@ static AmRcptOutcome *
 outcome_from_error(const char *address, const GError *error)
 {
 	const SmtpReply *reply = smtp_error_get_reply(error);
-	gboolean temporary = smtp_error_is_temporary(error);
+	gboolean temporary = error_is_temporary(error);
 	AmStatus status = temporary ? AM_STATUS_DEFERRED : AM_STATUS_BOUNCED;
 
-	if (reply != NULL && reply->code >= 400 && reply->code < 600) {
+	/* A reply out of step (a 5xx to the wrong command, a code changing
+	 * inside a reply) is no answer to the copy: the error says what
+	 * went wrong, with a 4.X.X dsn. */
+	if (reply != NULL && reply->code >= 400 && reply->code < 600 &&
+	    !out_of_step(error)) {
 		AmRcptOutcome *o = outcome_from_reply(
 		    address, reply, smtp_error_get_stage(error));
 
@@ -242,6 +285,8 @@ error_outcome(const GError *error)
 {
 	if (error->domain != SMTP_ERROR)
 		return AM_OUTCOME_DATA_ERROR; /* not the relay's doing */
+	if (out_of_step(error))
+		return AM_OUTCOME_UNREACHABLE; /* as PROTOCOL below */
 	switch ((SmtpErrorCode)error->code) {
 	case SMTP_ERROR_RECIPIENTS_REFUSED:
 		return AM_OUTCOME_ALL_REFUSED;
@@ -321,7 +366,7 @@ delivery_classify(AmDelivery *d, const SmtpResult *result, const GError *error)
 		return;
 	}
 	d->outcome = error_outcome(error);
-	d->temporary = smtp_error_is_temporary(error);
+	d->temporary = error_is_temporary(error);
 	r = deciding_refusal(smtp_error_get_refused(error), d->temporary);
 	reply = r != NULL ? &r->reply : smtp_error_get_reply(error);
 	if (reply != NULL && reply->code != 0)
@@ -398,6 +443,36 @@ pool_conn_close(PoolConn *pc)
 }
 
 /*
+ * Close idle connections (PoolConn *) and free @conns, all of them
+ * within POOL_QUIT_MS together: QUIT is a courtesy, and a stalled relay
+ * must not hold up the janitor, nor the daemon's stop (am_pool_free),
+ * for the library's own QUIT limit per connection.  Once the common
+ * deadline has passed, the rest are closed without QUIT.
+ */
+#define POOL_QUIT_MS 1000
+
+static void
+pool_close_all_by(GPtrArray *conns, gint64 deadline)
+{
+	guint i;
+
+	for (i = 0; i < conns->len; i++) {
+		PoolConn *pc = conns->pdata[i];
+
+		smtp_client_set_deadline(pc->client, deadline);
+		pool_conn_close(pc);
+	}
+	g_ptr_array_unref(conns);
+}
+
+static void
+pool_close_all(GPtrArray *conns)
+{
+	pool_close_all_by(conns,
+	                  g_get_monotonic_time() + (gint64)POOL_QUIT_MS * 1000);
+}
+
+/*
  * Everything that shapes a session, as one string.  The password is in
  * only as a digest, so the key can sit in memory without the secret.
  */
@@ -451,8 +526,7 @@ pool_janitor(gpointer data)
 
 	g_mutex_lock(&pool->lock);
 	while (!pool->stopping) {
-		g_autoptr(GPtrArray) expired = g_ptr_array_new_with_free_func(
-		    (GDestroyNotify)pool_conn_close);
+		GPtrArray *expired = g_ptr_array_new();
 		gint64 next;
 
 		pool_collect_expired(pool, g_get_monotonic_time(), expired,
@@ -461,10 +535,11 @@ pool_janitor(gpointer data)
 			g_mutex_unlock(&pool->lock);
 			am_log_debug("pool: closing %u idle connection(s)",
 			             expired->len);
-			g_clear_pointer(&expired, g_ptr_array_unref);
+			pool_close_all(expired);
 			g_mutex_lock(&pool->lock);
 			continue;
 		}
+		g_ptr_array_unref(expired);
 		if (next == G_MAXINT64)
 			g_cond_wait(&pool->wake, &pool->lock);
 		else
@@ -520,14 +595,32 @@ am_pool_new(guint max_idle, guint idle_ms)
 void
 am_pool_free(AmPool *pool)
 {
+	GPtrArray *idle;
+	GHashTableIter iter;
+	gpointer value;
+	PoolConn *pc;
+	gint64 deadline;
+
 	if (pool == NULL)
 		return;
+	/* Every idle connection taken now, to be closed within one short
+	 * bound counted from now; the janitor's batch, if it is closing
+	 * one, has a bound as short, so the two overlap. */
+	idle = g_ptr_array_new();
 	g_mutex_lock(&pool->lock);
 	pool->stopping = TRUE;
 	g_cond_signal(&pool->wake);
+	g_hash_table_iter_init(&iter, pool->idle);
+	while (g_hash_table_iter_next(&iter, NULL, &value))
+		while ((pc = g_queue_pop_head(value)) != NULL)
+			g_ptr_array_add(idle, pc);
 	g_mutex_unlock(&pool->lock);
+	deadline = g_get_monotonic_time() + (gint64)POOL_QUIT_MS * 1000;
 	if (pool->janitor != NULL)
 		g_thread_join(pool->janitor);
+	if (idle->len > 0)
+		am_log_debug("pool: closing %u idle connection(s)", idle->len);
+	pool_close_all_by(idle, deadline);
 	g_hash_table_destroy(pool->idle);
 	g_cond_clear(&pool->wake);
 	g_mutex_clear(&pool->lock);
@@ -540,13 +633,13 @@ static PoolConn *
 pool_take(AmPool *pool, const char *key)
 {
 	gint64 now = g_get_monotonic_time();
-	g_autoptr(GPtrArray) stale =
-	    g_ptr_array_new_with_free_func((GDestroyNotify)pool_conn_close);
+	GPtrArray *stale;
 	PoolConn *pc = NULL;
 	GQueue *q;
 
 	if (pool == NULL || pool->max_idle == 0)
 		return NULL;
+	stale = g_ptr_array_new();
 	g_mutex_lock(&pool->lock);
 	q = g_hash_table_lookup(pool->idle, key);
 	while (q != NULL && (pc = g_queue_pop_head(q)) != NULL &&
@@ -557,6 +650,7 @@ pool_take(AmPool *pool, const char *key)
 	if (q != NULL && g_queue_is_empty(q))
 		g_hash_table_remove(pool->idle, key);
 	g_mutex_unlock(&pool->lock);
+	pool_close_all(stale);
 	return pc;
 }
 

@@ -65,7 +65,8 @@ typedef struct {
  */
 typedef struct AmPool AmPool;
 AmPool *am_pool_new(guint max_idle, guint idle_ms);
-/* Closes (QUIT) every idle connection. */
+/* Closes every idle connection: QUIT, all of them within about 1 s
+ * together (a stalled relay cannot hold up a stop); the rest without. */
 void am_pool_free(AmPool *pool);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmPool, am_pool_free)
 

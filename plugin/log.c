@@ -11,6 +11,7 @@
  */
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 #include <syslog.h>
 #include <unistd.h>
 
@@ -125,30 +126,59 @@ am_log_debug(const char *fmt, ...)
 	va_end(ap);
 }
 
+/*
+ * Characters that must not reach a log line or a reply text: every
+ * control (C0, DEL and C1, among them NEL U+0085 and CSI U+009B, which
+ * terminals and some log readers take as a line break or an escape),
+ * the Unicode line and paragraph separators U+2028 and U+2029, and
+ * format characters (Cf), among them the bidirectional controls
+ * (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069) that
+ * make a line read other than it is.
+ */
+static gboolean
+unsafe_char(gunichar c)
+{
+	switch (g_unichar_type(c)) {
+	case G_UNICODE_CONTROL:
+	case G_UNICODE_FORMAT:
+	case G_UNICODE_LINE_SEPARATOR:
+	case G_UNICODE_PARAGRAPH_SEPARATOR:
+		return TRUE;
+	default:
+		return FALSE;
+	}
+}
+
 char *
 am_log_sanitize(const char *s, gsize max)
 {
 	GString *out = g_string_new(NULL);
-	gsize i;
+	const char *end;
 
 	if (s == NULL)
 		return g_string_free(out, FALSE);
-	for (; *s != '\0' && out->len < max; s++)
-		g_string_append_c(out, g_ascii_iscntrl(*s) ? '?' : *s);
-	if (*s == '\0')
-		return g_string_free(out, FALSE);
+	end = s + strlen(s);
+	while (*s != '\0') {
+		gunichar c = g_utf8_get_char_validated(s, end - s);
+		gsize len;
 
-	/* Cut: never leave half a UTF-8 sequence at the end. */
-	for (i = out->len; i > 0 && out->len - i < 4; i--) {
-		guchar c = out->str[i - 1];
-
-		if ((c & 0xC0) == 0x80)
+		if (c == (gunichar)-1 || c == (gunichar)-2) {
+			/* Not UTF-8: one octet, one '?'. */
+			if (out->len + 1 > max)
+				break;
+			g_string_append_c(out, '?');
+			s++;
 			continue;
-		if (c >= 0xC0 &&
-		    g_utf8_get_char_validated(out->str + i - 1,
-		                              out->len - i + 1) == (gunichar)-2)
-			g_string_truncate(out, i - 1);
-		break;
+		}
+		len = g_utf8_next_char(s) - s;
+		/* A whole character or none: never half a sequence. */
+		if (out->len + (unsafe_char(c) ? 1 : len) > max)
+			break;
+		if (unsafe_char(c))
+			g_string_append_c(out, '?');
+		else
+			g_string_append_len(out, s, len);
+		s += len;
 	}
 	return g_string_free(out, FALSE);
 }

@@ -56,7 +56,7 @@ typedef struct {
  * am_log_format_delivery: the Postfix-style line
  *   QUEUEID: archive=<ADDR>, relay=HOST[IP]:PORT, delay=S, dsn=X.Y.Z,
  *   status=STATUS (REPLY)
- * Control characters in any field become '?', so that a hostile relay
+ * Every field goes through am_log_sanitize(), so that a hostile relay
  * cannot forge a second log line.  (transfer full): g_free().
  */
 char *am_log_format_delivery(const AmLogDelivery *d);
@@ -75,9 +75,13 @@ void am_log_decision(const char *queue_id, const char *action, guint copies,
                      guint failed, const char *detail);
 
 /*
- * am_log_sanitize: a copy of @s (NULL: "") with every control character
- * replaced by '?' and cut to @max bytes (on a UTF-8 boundary).
- * (transfer full).
+ * am_log_sanitize: a copy of @s (NULL: "") that is valid UTF-8 and
+ * holds no character that could forge or disguise a line: every
+ * control (C0, DEL, C1 U+0080 to U+009F), U+2028, U+2029 and every
+ * format character (the bidirectional controls among them) becomes
+ * '?', and so does each octet that is not part of valid UTF-8.  Cut to
+ * at most @max bytes, on a character boundary.  Used for log lines and
+ * for the reply text given to libmilter.  (transfer full).
  */
 char *am_log_sanitize(const char *s, gsize max);
 

@@ -770,9 +770,11 @@ session_free(AmSession *s)
 	g_free(s);
 }
 
-/* libmilter needs '%' doubled; CR and LF would make the call fail. */
-static char *
-reply_text(const char *prefix, const char *reason)
+/* libmilter needs '%' doubled; CR and LF would make the call fail, and
+ * the relay's text must not carry controls or bidi tricks to the
+ * client: am_log_sanitize() keeps the text printable, valid UTF-8. */
+char *
+am_milter_reply_text(const char *prefix, const char *reason)
 {
 	g_autofree char *clean = am_log_sanitize(reason, REPLY_REASON_MAX);
 	GString *out = g_string_new(prefix);
@@ -791,7 +793,7 @@ static sfsistat
 reply_set(SMFICTX *mctx, const char *rcode, const char *xcode,
           const char *prefix, const char *reason, sfsistat ret)
 {
-	g_autofree char *text = reply_text(prefix, reason);
+	g_autofree char *text = am_milter_reply_text(prefix, reason);
 
 	if (smfi_setreply(mctx, (char *)rcode, (char *)xcode, text) !=
 	    MI_SUCCESS)

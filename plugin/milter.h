@@ -98,6 +98,14 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmVerdict, am_verdict_free)
 AmVerdict *am_milter_archive(AmContext *ctx, const AmEnvelope *env,
                              AmCapture *cap);
 
+/*
+ * am_milter_reply_text: @prefix followed by @reason made safe for
+ * smfi_setreply(): sanitized as am_log_sanitize() does (controls, line
+ * separators, bidi and format characters, invalid UTF-8 become '?'),
+ * cut to 200 octets, '%' doubled.  Exposed for tests.  (transfer full)
+ */
+char *am_milter_reply_text(const char *prefix, const char *reason);
+
 G_END_DECLS
 
 #endif /* AM_MILTER_H */

@@ -181,10 +181,19 @@ def send(port, msg, timeout=90):
     return msg
 
 
-def send_session(port, msgs, timeout=90):
+def send_session(port, msgs, timeout=90, connected=None):
     """The messages one after the other over one connection (a 4xx
-    for one does not end the session: RSET and go on)."""
+    for one does not end the session: RSET and go on).  connected: a
+    function called once the server has greeted and answered EHLO,
+    before the first message."""
     s = None
+    if connected is not None:
+        try:
+            s = smtplib.SMTP(h.LOOPBACK, port, timeout=timeout)
+            s.ehlo()
+        except (OSError, smtplib.SMTPException):
+            s = None
+        connected(s is not None)
     for m in msgs:
         try:
             if s is None:
@@ -701,6 +710,35 @@ def relay_case(env, c, name, faults, temporary, partial):
         c.ok(not any(m.mid in hd for m in msgs), name,
              "temporary fault: no copy moved to hold/",
              "held: %s" % [m.mid for m in msgs if m.mid in hd])
+    if partial and mode == "sync" and temporary:
+        # The first address took its copy, the second tempfailed, so
+        # the original was tempfailed: a copy the archive has for a
+        # message the MTA did not accept.  The log must say so with the
+        # copy's X-Archive-Id, so that the entry can be matched.
+        def orphans_logged():
+            copies = relay_copies(env.relay)
+            log = PostfixLog(env.postfix)
+            text = env.milter.log()
+            bad = []
+            for m in msgs:
+                aids = [a for a, _ in copies.get(m.mid, []) if a]
+                qids = log.qid_of.get(m.mid, [])
+                if not aids:
+                    bad.append("%s: no copy at the relay" % m.mid)
+                elif not any(a in ln and any(q in ln for q in qids)
+                             for a in aids for ln in text.splitlines()):
+                    bad.append("%s (queue id %s): no log line with "
+                               "X-Archive-Id %s" % (m.mid, qids, aids))
+            return bad
+        try:
+            h.wait_for(lambda: not orphans_logged(), bound(10),
+                       "the log line of each orphan copy")
+        except h.Timeout:
+            pass
+        bad = orphans_logged()
+        c.ok(not bad, name, "a copy the relay took for an original that "
+             "was not accepted is logged with its X-Archive-Id",
+             "\n".join(bad))
     if partial:
         def first_taken():
             copies = relay_copies(env.relay)
@@ -1081,14 +1119,25 @@ def flood_case(env, c):
     sessions = [[Msg(name, mode, i * PER_SESSION + j)
                  for j in range(PER_SESSION)] for i in range(FLOOD)]
     msgs = [m for s in sessions for m in s]
+    # Every session is open (greeted, EHLO answered) before any sends
+    # its first message, so that all of them are in Postfix at once.
     barrier = threading.Barrier(FLOOD)
+    lock = threading.Lock()
+    open_now, open_max = [0], [0]
 
-    def one(session):
+    def connected(ok):
+        with lock:
+            if ok:
+                open_now[0] += 1
+                open_max[0] = max(open_max[0], open_now[0])
         try:
-            barrier.wait(timeout=60)
+            barrier.wait(timeout=bound(90))
         except threading.BrokenBarrierError:
             pass
-        send_session(env.postfix.port, session, timeout=120)
+
+    def one(session):
+        send_session(env.postfix.port, session, timeout=120,
+                     connected=connected)
     ft = threading.Thread(target=flapper)
     ft.start()
     t0 = time.monotonic()
@@ -1107,9 +1156,12 @@ def flood_case(env, c):
     codes = {}
     for m in msgs:
         codes[m.code] = codes.get(m.code, 0) + 1
-    c.note("%s: %d sessions, %d messages in %.1f s, %d relay flaps, "
-           "replies %s" % (name, FLOOD, len(msgs), took, flaps[0], codes))
+    c.note("%s: %d sessions (%d open at once), %d messages in %.1f s, "
+           "%d relay flaps, replies %s" % (name, FLOOD, open_max[0],
+                                           len(msgs), took, flaps[0], codes))
     env.ensure_milter(c, name)
+    c.ok(open_max[0] == FLOOD, name, "%d SMTP sessions open in Postfix "
+         "at the same time" % FLOOD, "at most %d were" % open_max[0])
     c.ok(flaps[0] >= 2, name, "the relay went down during the flood",
          "%d flaps in %.1f s" % (flaps[0], took))
     c.ok(all(m.accepted or 400 <= (m.code or 0) < 500 for m in msgs), name,

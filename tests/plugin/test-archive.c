@@ -965,6 +965,37 @@ test_relay_setting(gconstpointer data)
 	fixture_teardown(&f);
 }
 
+/*
+ * The reply text given to libmilter: a relay's text with a C1 control,
+ * a Unicode line break, a bidi control or invalid UTF-8 reaches the
+ * client as '?', '%' doubled for smfi_setreply.
+ */
+static void
+test_reply_text(void)
+{
+	static const char *const unsafe[] = {
+	    "\xc2\x85",     "\xc2\x9b",     "\xc2\x80",     "\xc2\x9f",
+	    "\xe2\x80\xa8", "\xe2\x80\xa9", "\xe2\x80\x8e", "\xe2\x80\x8f",
+	    "\xe2\x80\xaa", "\xe2\x80\xae", "\xe2\x81\xa6", "\xe2\x81\xa9",
+	    "\xd8\x9c",     "\xff",         "\r\n",         "\x1b",
+	};
+	gsize i;
+
+	for (i = 0; i < G_N_ELEMENTS(unsafe); i++) {
+		g_autofree char *reason =
+		    g_strdup_printf("451 4.3.0 100%% full%s250 ok", unsafe[i]);
+		g_autofree char *text =
+		    am_milter_reply_text("archive copy failed: ", reason);
+		g_autofree char *expect = g_strdup_printf(
+		    "archive copy failed: 451 4.3.0 100%%%% full%s250 ok",
+		    strlen(unsafe[i]) == 2 && unsafe[i][0] == '\r' ? "??"
+		                                                   : "?");
+
+		g_test_message("case %zu: %s", i, text);
+		g_assert_cmpstr(text, ==, expect);
+	}
+}
+
 int
 main(int argc, char **argv)
 {
@@ -988,6 +1019,7 @@ main(int argc, char **argv)
 	                test_log_sent_not_accepted);
 	g_test_add_func("/plugin/archive/log/spool-mode", test_log_spool_mode);
 	g_test_add_func("/plugin/archive/returning-copy", test_returning_copy);
+	g_test_add_func("/plugin/archive/reply-text", test_reply_text);
 	g_test_add_data_func("/plugin/archive/forged-id",
 	                     GINT_TO_POINTER(FALSE), test_forged_or_replayed);
 	g_test_add_data_func("/plugin/archive/replayed-id",

@@ -278,6 +278,54 @@ test_outcome(gconstpointer data)
 	fixture_stop(&f);
 }
 
+/*
+ * A protocol error from the relay (a reply that is not SMTP, or out of
+ * step) says nothing lasting about the copy: it is deferred and
+ * temporary, with a 4.X.X dsn, as Postfix's smtp(8) defers it, never
+ * bounced or held.
+ */
+typedef struct {
+	const char *name;
+	const char *script;
+} ProtocolCase;
+
+static const ProtocolCase protocol_cases[] = {
+    {"garbage", "on MAIL raw garbage\\r\\n"},
+    {"nul", "on MAIL raw 250 o\\x00k\\r\\n"},
+    {"code-150", "on MAIL reply 150 what"},
+    {"code-2500", "on RCPT raw 2500 ok\\r\\n"},
+    {"code-change", "on MAIL reply 250-fine|550 5.7.1 not fine"},
+    {"extra-reply", "on MAIL raw 250 ok\\r\\n250 again\\r\\n"},
+    {"data-250", "on DATA reply 250 2.0.0 ok"},
+};
+
+static void
+test_protocol(gconstpointer data)
+{
+	const ProtocolCase *c = data;
+	const char *to[] = {"journal@archive.example", "gone@archive.example",
+	                    NULL};
+	Fixture f = {0};
+	g_autoptr(AmDelivery) d = NULL;
+	guint i;
+
+	fixture_start(&f, c->script);
+	f.relay.timeouts = (SmtpTimeouts){500, 500, 500, 500};
+	d = send_copy(&f, to, FALSE);
+	g_test_message("%s: outcome %d, %s, %d (%s)", c->name, d->outcome,
+	               d->temporary ? "temporary" : "permanent", d->reply.code,
+	               d->reason ? d->reason : "");
+	g_assert_cmpint(d->status, ==, AM_STATUS_DEFERRED);
+	g_assert_true(d->temporary);
+	g_assert_cmpint(d->outcome, ==, AM_OUTCOME_UNREACHABLE);
+	for (i = 0; i < 2; i++) {
+		g_assert_cmpint(rcpt(d, i)->status, ==, AM_STATUS_DEFERRED);
+		g_assert_cmpint(rcpt(d, i)->dsn[0], ==, '4');
+	}
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 0);
+	fixture_stop(&f);
+}
+
 /* Whether the server received a command starting with @verb. */
 static gboolean
 got_command(FakeSmtp *fake, const char *verb)
@@ -501,6 +549,12 @@ main(int argc, char **argv)
 		    "/plugin/deliver/outcome/%s", outcome_cases[i].name);
 
 		g_test_add_data_func(path, &outcome_cases[i], test_outcome);
+	}
+	for (i = 0; i < G_N_ELEMENTS(protocol_cases); i++) {
+		g_autofree char *path = g_strdup_printf(
+		    "/plugin/deliver/protocol/%s", protocol_cases[i].name);
+
+		g_test_add_data_func(path, &protocol_cases[i], test_protocol);
 	}
 	for (i = 0; i < G_N_ELEMENTS(fail_cases); i++) {
 		g_autofree char *path =

@@ -354,6 +354,46 @@ test_concurrent(void)
 	fake_smtp_free(f.fake);
 }
 
+/*
+ * A relay that never answers QUIT, six connections idle in the pool:
+ * stopping (am_pool_free) closes them all within the pool's short bound
+ * (about 1 s together), not the library's QUIT limit one after another.
+ * "janitor": the janitor has begun closing them when the stop comes,
+ * and its closing is bounded the same way.
+ */
+static void
+test_free_stalled_quit(gconstpointer data)
+{
+	gboolean janitor = g_strcmp0(data, "janitor") == 0;
+	Fixture f = {0};
+	AmPool *pool = am_pool_new(8, janitor ? 300 : 60000);
+	Job jobs[6];
+	GThread *threads[6];
+	gint64 start;
+	double took;
+	guint i;
+
+	fixture_start(&f, "on DOT delay 300 250 2.0.0 ok\non QUIT stall");
+	for (i = 0; i < G_N_ELEMENTS(jobs); i++) {
+		jobs[i] = (Job){pool, &f.relay, NULL};
+		threads[i] = g_thread_new("job", job_run, &jobs[i]);
+	}
+	for (i = 0; i < G_N_ELEMENTS(jobs); i++) {
+		g_thread_join(threads[i]);
+		assert_sent(jobs[i].d); /* frees it */
+	}
+	g_test_message("%u connections", fake_smtp_get_connections(f.fake));
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), >=, 2);
+	if (janitor)
+		g_assert_true(wait_commands(f.fake, "QUIT", 1, 3000));
+	start = g_get_monotonic_time();
+	am_pool_free(pool);
+	took = (g_get_monotonic_time() - start) / (double)G_USEC_PER_SEC;
+	g_test_message("am_pool_free took %.3f s", took);
+	g_assert_cmpfloat(took, <, 2.5);
+	fake_smtp_free(f.fake);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -373,5 +413,9 @@ main(int argc, char **argv)
 	                test_keyed_on_settings);
 	g_test_add_func("/plugin/pool/max-idle", test_max_idle);
 	g_test_add_func("/plugin/pool/concurrent", test_concurrent);
+	g_test_add_data_func("/plugin/pool/free-stalled-quit", "free",
+	                     test_free_stalled_quit);
+	g_test_add_data_func("/plugin/pool/janitor-stalled-quit", "janitor",
+	                     test_free_stalled_quit);
 	return g_test_run();
 }
