@@ -1594,7 +1594,9 @@ am_config_load(const char *path, GPtrArray **errors)
 
 	load(&l);
 	g_hash_table_unref(l.group_lines);
-	g_hash_table_unref(l.key_lines);
+	/* Kept for am_config_where(): checks made after loading (--check,
+	 * the daemon's start) name the line too. */
+	l.config->key_lines = l.key_lines;
 
 	/* Errors in file order, those without a line last. */
 	g_ptr_array_sort(list, error_cmp);
@@ -1623,7 +1625,40 @@ am_config_free(AmConfig *config)
 	g_free(config->archive_id_key_file);
 	g_free(config->pid_file);
 	g_free(config->spool_dir);
+	if (config->key_lines != NULL)
+		g_hash_table_unref(config->key_lines);
 	g_free(config);
+}
+
+guint
+am_config_key_line(const AmConfig *config, const char *group, const char *key)
+{
+	g_autofree char *id = NULL;
+	const KeyLines *kl;
+
+	g_return_val_if_fail(config != NULL, 0);
+	g_return_val_if_fail(group != NULL && key != NULL, 0);
+
+	if (config->key_lines == NULL)
+		return 0;
+	id = g_strconcat(group, "\n", key, NULL);
+	kl = g_hash_table_lookup(config->key_lines, id);
+	return kl != NULL ? kl->last : 0;
+}
+
+char *
+am_config_where(const AmConfig *config, const char *group, const char *key)
+{
+	guint line;
+
+	g_return_val_if_fail(config != NULL, NULL);
+
+	line = am_config_key_line(config, group, key);
+	if (line == 0)
+		return g_strdup_printf("%s: [%s] %s (default)", config->path,
+		                       group, key);
+	return g_strdup_printf("%s:%u: [%s] %s", config->path, line, group,
+	                       key);
 }
 
 const AmRelay *

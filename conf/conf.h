@@ -119,7 +119,9 @@ typedef struct {
 				 * free; never printed or logged */
 	gboolean auth_plaintext;  /* AUTH allowed without TLS; default no */
 	guint copy_deadline_ms;   /* [milter] copy_deadline, copied here so
-				 * that a copy request carries it */
+				 * that a copy request carries it (the
+				 * limit of all a message's sync copies
+				 * together: milter.c may pass less) */
 } AmRelay;
 
 typedef struct {
@@ -153,8 +155,9 @@ typedef struct {
 				 * before spilling to a temporary file;
 				 * default 1 MiB */
 	gboolean match_all;        /* every matching rule copies */
-	guint copy_deadline_ms;    /* overall limit of one synchronous copy,
-				 * every stage included; default 120 s */
+	guint copy_deadline_ms;    /* overall limit of all the synchronous
+				 * copies of one message together, every
+				 * stage included; default 120 s */
 	char *pid_file;            /* NULL: none written */
 	char *spool_dir;           /* default /var/spool/archive-milter */
 	guint workers;             /* spool delivery threads; default 4 */
@@ -169,6 +172,8 @@ typedef struct {
 	guint spool_retry_max_s;   /* longest retry delay; default 1 h */
 	GPtrArray *relays;         /* AmRelay *, file order */
 	GPtrArray *rules;          /* AmRule *, file order, at least one */
+	GHashTable *key_lines;     /* private: where each key was set, for
+				 * am_config_key_line() */
 } AmConfig;
 
 /*
@@ -187,6 +192,23 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmConfig, am_config_free)
 
 /* am_config_find_relay: the relay named @name, or NULL. (transfer none) */
 const AmRelay *am_config_find_relay(const AmConfig *config, const char *name);
+
+/*
+ * am_config_key_line: the line of config->path where [@group] @key was
+ * set (the last time, the value kept), or 0 when the file leaves it at
+ * its default.
+ */
+guint am_config_key_line(const AmConfig *config, const char *group,
+                         const char *key);
+
+/*
+ * am_config_where: where a value came from, to start a message about a
+ * problem found after loading (a key file the daemon cannot use):
+ * "FILE:LINE: [GROUP] KEY", or "FILE: [GROUP] KEY (default)" when the
+ * file does not set it.  (transfer full)
+ */
+char *am_config_where(const AmConfig *config, const char *group,
+                      const char *key);
 
 /* Names for logs and --check output, static strings. */
 const char *am_mode_name(AmMode mode);

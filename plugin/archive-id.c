@@ -77,7 +77,7 @@ key_dir_create(const char *path, GError **error)
 	if (mkdir(dir, 0700) == 0 || errno == EEXIST)
 		return TRUE;
 	g_set_error(error, AM_ARCHIVE_KEY_ERROR, AM_ARCHIVE_KEY_ERROR_IO,
-	            "cannot create directory %s for the key: %s", dir,
+	            "%s: cannot create directory %s for the key: %s", path, dir,
 	            g_strerror(errno));
 	return FALSE;
 }
@@ -99,15 +99,18 @@ key_create(const char *path, GError **error)
 		return TRUE;
 	if (fd < 0) {
 		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
-		            AM_ARCHIVE_KEY_ERROR_IO, "cannot create %s: %s",
+		            AM_ARCHIVE_KEY_ERROR_IO, "%s: cannot create: %s",
 		            path, g_strerror(errno));
 		return FALSE;
 	}
 	n = write(fd, secret, sizeof(secret));
 	explicit_bzero(secret, sizeof(secret));
 	if (n != (ssize_t)sizeof(secret) || fsync(fd) != 0) {
-		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
-		            AM_ARCHIVE_KEY_ERROR_IO, "cannot write %s", path);
+		g_set_error(
+		    error, AM_ARCHIVE_KEY_ERROR, AM_ARCHIVE_KEY_ERROR_IO,
+		    "%s: cannot write: %s", path,
+		    n >= 0 && n < (ssize_t)sizeof(secret) ? "short write"
+		                                          : g_strerror(errno));
 		close(fd);
 		unlink(path);
 		return FALSE;
@@ -133,7 +136,7 @@ key_read(int fd, const char *path, guint8 *buf, gsize *len, GError **error)
 		if (n < 0) {
 			g_set_error(error, AM_ARCHIVE_KEY_ERROR,
 			            AM_ARCHIVE_KEY_ERROR_IO,
-			            "cannot read %s: %s", path,
+			            "%s: cannot read: %s", path,
 			            g_strerror(errno));
 			return FALSE;
 		}
@@ -144,55 +147,91 @@ key_read(int fd, const char *path, guint8 *buf, gsize *len, GError **error)
 	return TRUE;
 }
 
+/* What a path is when it is no regular file, for the message. */
+static const char *
+file_type_name(mode_t mode)
+{
+	if (S_ISDIR(mode))
+		return "a directory";
+	if (S_ISCHR(mode))
+		return "a character device";
+	if (S_ISBLK(mode))
+		return "a block device";
+	if (S_ISFIFO(mode))
+		return "a named pipe";
+	if (S_ISSOCK(mode))
+		return "a socket";
+	return "not a regular file";
+}
+
 /*
  * The opened file itself is checked (fstat), not the path, so that a
- * file swapped in between check and read cannot slip through.
+ * file swapped in between check and read cannot slip through.  Each
+ * cause has its own message, with what to do about it.
  */
 static gboolean
 key_file_ok(int fd, const char *path, GError **error)
 {
 	struct stat st;
 
-	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+	if (fstat(fd, &st) != 0) {
+		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
+		            AM_ARCHIVE_KEY_ERROR_IO, "%s: cannot stat: %s",
+		            path, g_strerror(errno));
+		return FALSE;
+	}
+	if (!S_ISREG(st.st_mode)) {
 		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
 		            AM_ARCHIVE_KEY_ERROR_BAD,
-		            "%s: must be a regular file", path);
+		            "%s: is %s; the key must be a regular file", path,
+		            file_type_name(st.st_mode));
 		return FALSE;
 	}
 
 	/* A secret others can read is no secret: refuse it loudly. */
 	if ((st.st_mode & 0077) != 0) {
-		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
-		            AM_ARCHIVE_KEY_ERROR_BAD,
-		            "%s: must exist with mode 0600 or stricter", path);
+		g_set_error(
+		    error, AM_ARCHIVE_KEY_ERROR, AM_ARCHIVE_KEY_ERROR_BAD,
+		    "%s: mode %04o is open to group or others; the key "
+		    "must be readable by its owner only (chmod 0600 %s)",
+		    path, (unsigned)(st.st_mode & 07777), path);
 		return FALSE;
 	}
 	if (st.st_size > AM_ARCHIVE_KEY_MAX) {
 		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
 		            AM_ARCHIVE_KEY_ERROR_BAD,
-		            "%s: a key holds at most %d octets, the file has "
-		            "%lld",
+		            "%s: too long: a key holds at most %d octets, the "
+		            "file has %lld (is it the right file?)",
 		            path, AM_ARCHIVE_KEY_MAX, (long long)st.st_size);
 		return FALSE;
 	}
 	return TRUE;
 }
 
-AmArchiveKey *
-am_archive_key_load(const char *path, GError **error)
+/*
+ * Open, check and read an existing key file; both the daemon (after
+ * creating a missing one) and --check come through here, so that they
+ * judge a file alike.  A missing file is AM_ARCHIVE_KEY_ERROR_MISSING.
+ */
+static AmArchiveKey *
+key_file_read(const char *path, GError **error)
 {
 	guint8 buf[AM_ARCHIVE_KEY_MAX + 1];
 	gsize len = 0;
 	AmArchiveKey *key = NULL;
 	int fd;
 
-	if (!key_create(path, error))
-		return NULL;
+	/* O_NONBLOCK: a named pipe in its place must not hang the start. */
 	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
 	if (fd < 0) {
+		int e = errno;
+
 		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
-		            AM_ARCHIVE_KEY_ERROR_IO, "cannot open %s: %s", path,
-		            g_strerror(errno));
+		            e == ENOENT ? AM_ARCHIVE_KEY_ERROR_MISSING
+		                        : AM_ARCHIVE_KEY_ERROR_IO,
+		            "%s: cannot open%s: %s", path,
+		            e == EACCES ? " (unreadable for this user)" : "",
+		            g_strerror(e));
 		return NULL;
 	}
 	if (!key_file_ok(fd, path, error) ||
@@ -203,20 +242,39 @@ am_archive_key_load(const char *path, GError **error)
 	if (len > AM_ARCHIVE_KEY_MAX)
 		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
 		            AM_ARCHIVE_KEY_ERROR_BAD,
-		            "%s: a key holds at most %d octets, the file has "
-		            "more",
+		            "%s: too long: a key holds at most %d octets, the "
+		            "file has more (is it the right file?)",
 		            path, AM_ARCHIVE_KEY_MAX);
 	else if (len < AM_ARCHIVE_KEY_MIN)
-		g_set_error(error, AM_ARCHIVE_KEY_ERROR,
-		            AM_ARCHIVE_KEY_ERROR_BAD,
-		            "%s: a key needs at least %d octets, found %zu",
-		            path, AM_ARCHIVE_KEY_MIN, len);
+		g_set_error(
+		    error, AM_ARCHIVE_KEY_ERROR, AM_ARCHIVE_KEY_ERROR_BAD,
+		    "%s: too short: a key needs at least %d octets, the "
+		    "file has %zu (delete it and a new one is made at "
+		    "the next start)",
+		    path, AM_ARCHIVE_KEY_MIN, len);
 	else
 		key = am_archive_key_new(buf, len);
 out:
 	explicit_bzero(buf, sizeof(buf));
 	close(fd);
 	return key;
+}
+
+AmArchiveKey *
+am_archive_key_load(const char *path, GError **error)
+{
+	if (!key_create(path, error))
+		return NULL;
+	return key_file_read(path, error);
+}
+
+gboolean
+am_archive_key_check(const char *path, GError **error)
+{
+	AmArchiveKey *key = key_file_read(path, error);
+
+	am_archive_key_free(key);
+	return key != NULL;
 }
 
 static void

@@ -16,9 +16,11 @@ G_BEGIN_DECLS
 GQuark am_archive_key_error_quark(void);
 
 typedef enum {
-	AM_ARCHIVE_KEY_ERROR_IO,  /* cannot read or create the file */
-	AM_ARCHIVE_KEY_ERROR_BAD, /* too short or long, not a regular
-				   * file, or open to others */
+	AM_ARCHIVE_KEY_ERROR_IO,      /* cannot read or create the file */
+	AM_ARCHIVE_KEY_ERROR_BAD,     /* too short or long, not a regular
+				       * file, or open to others */
+	AM_ARCHIVE_KEY_ERROR_MISSING, /* am_archive_key_check(): no file
+				       * (the daemon would create it) */
 } AmArchiveKeyError;
 
 /* Octets of secret in a key file we create; the least and the most we
@@ -39,6 +41,16 @@ typedef struct AmArchiveKey AmArchiveKey;
  * (transfer full): am_archive_key_free().
  */
 AmArchiveKey *am_archive_key_load(const char *path, GError **error);
+
+/*
+ * am_archive_key_check: whether the existing key file at @path would
+ * load, judged exactly as am_archive_key_load() judges it, but creating
+ * nothing (--check).  MISSING when there is no file.  Each message
+ * starts with @path and names one cause: not a regular file (and what
+ * it is), a mode open to group or others, too short, too long, or
+ * cannot be opened or read (with the system's reason).
+ */
+gboolean am_archive_key_check(const char *path, GError **error);
 
 /* am_archive_key_new: a key from @len octets at @data (tests). */
 AmArchiveKey *am_archive_key_new(const guint8 *data, gsize len);

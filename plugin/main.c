@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sysexits.h>
 #include <unistd.h>
 
@@ -93,31 +94,74 @@ parse_options(int argc, char **argv, AmOptions *opt)
 	return EX_OK;
 }
 
-/* --check looks at the key file but never creates it. */
+/*
+ * --check judges the key file as the daemon will (am_archive_key_check
+ * shares its code with the load) but never creates it: a missing file
+ * is fine, the daemon makes one.  The message names the configuration
+ * file, line and key, then the key file and the cause.
+ */
 static gboolean
-check_key_file(const char *path, GPtrArray *errors)
+check_key_file(const AmConfig *config, GPtrArray *errors)
 {
+	g_autoptr(GError) error = NULL;
+	g_autofree char *where = NULL;
+
+	if (am_archive_key_check(config->archive_id_key_file, &error) ||
+	    g_error_matches(error, AM_ARCHIVE_KEY_ERROR,
+	                    AM_ARCHIVE_KEY_ERROR_MISSING))
+		return TRUE;
+	where = am_config_where(config, "milter", "archive_id_key_file");
+	g_ptr_array_add(errors,
+	                g_strdup_printf("%s: %s", where, error->message));
+	return FALSE;
+}
+
+/*
+ * Why the daemon could not write @path as its pid file, or NULL.  It
+ * writes a temporary file next to it and renames it into place
+ * (write_pid_file), so the directory must exist and take new files,
+ * and @path must not be a directory.  XXX: access() answers for the
+ * user running --check, as for spool_dir; run as root it says
+ * writable for any directory on a writable file system.
+ */
+static char *
+pid_file_why(const char *path)
+{
+	g_autofree char *dir = g_path_get_dirname(path);
 	struct stat st;
 
-	if (path == NULL)
+	if (lstat(path, &st) == 0 && S_ISDIR(st.st_mode))
+		return g_strdup("is a directory");
+	if (stat(dir, &st) != 0)
+		return g_strdup_printf("its directory %s: %s (the daemon "
+		                       "creates no directory for it)",
+		                       dir, g_strerror(errno));
+	if (!S_ISDIR(st.st_mode))
+		return g_strdup_printf("%s is not a directory", dir);
+	if (access(dir, W_OK | X_OK) != 0)
+		return g_strdup_printf("this user (uid %u) cannot create files "
+		                       "in %s: %s",
+		                       (unsigned)getuid(), dir,
+		                       g_strerror(errno));
+	return NULL;
+}
+
+/* An error, not a warning: the daemon refuses to start without it. */
+static gboolean
+check_pid_file(const AmConfig *config, GPtrArray *errors)
+{
+	g_autofree char *why = NULL;
+	g_autofree char *where = NULL;
+
+	if (config->pid_file == NULL ||
+	    (why = pid_file_why(config->pid_file)) == NULL)
 		return TRUE;
-	if (stat(path, &st) != 0) {
-		if (errno == ENOENT)
-			return TRUE;
-		g_ptr_array_add(
-		    errors, g_strdup_printf("%s: %s", path, g_strerror(errno)));
-		return FALSE;
-	}
-	if ((st.st_mode & 0077) != 0 || st.st_size < AM_ARCHIVE_KEY_MIN) {
-		g_ptr_array_add(
-		    errors,
-		    g_strdup_printf(
-		        "%s: key file must be mode 0600 and hold at least "
-		        "%d octets",
-		        path, AM_ARCHIVE_KEY_MIN));
-		return FALSE;
-	}
-	return TRUE;
+	where = am_config_where(config, "milter", "pid_file");
+	g_ptr_array_add(errors,
+	                g_strdup_printf("%s: \"%s\": %s; the daemon would not "
+	                                "start",
+	                                where, config->pid_file, why));
+	return FALSE;
 }
 
 /* Seconds for humans: "30s", "2.5s". */
@@ -201,52 +245,96 @@ max_recipients(const AmConfig *config, const AmRelay *relay)
 }
 
 /*
+ * What the stage limits of @r allow one copy to @n addresses: connect,
+ * EHLO, MAIL, one RCPT per address, DATA, the data and the final dot.
+ * XXX: STARTTLS and AUTH add a few more round trips that the estimate
+ * leaves out; copy_deadline still bounds them.
+ */
+static guint64
+stage_sum_ms(const AmRelay *r, guint n)
+{
+	const SmtpTimeouts *t = &r->timeouts;
+
+	return (guint64)t->connect_ms + (guint64)t->command_ms * (3 + n) +
+	       t->data_ms + t->final_ms;
+}
+
+/*
  * A synchronous copy runs while Postfix waits for the milter's answer
  * to the end of the message; past milter_content_timeout (300 s by
  * default) Postfix gives up on the milter and applies its
- * milter_default_action, whatever the copy's outcome.  The worst case
- * counts EHLO, MAIL, one RCPT per archive address and DATA at the
- * command limit.  Each warning names the rules that wait (delivery =
- * sync); a relay only spool rules use gets none.  XXX: STARTTLS and
- * AUTH add a few more round trips that the estimate leaves out;
- * copy_deadline still bounds them.
+ * milter_default_action, whatever the copy's outcome.  copy_deadline
+ * bounds all the synchronous copies of one message together (milter.c),
+ * so one copy takes at most min(its stage limits, copy_deadline), and
+ * with match = all the copies of several rules, one after another, at
+ * most copy_deadline in all.  Each warning names the rules that wait
+ * (delivery = sync); a relay only spool rules use gets none.
  */
 static void
 print_timeout_warnings(const AmConfig *config)
 {
 	const guint64 postfix_ms = AM_POSTFIX_CONTENT_TIMEOUT_MS;
+	const guint64 deadline_ms = config->copy_deadline_ms;
 	g_autofree char *all = sync_rules(config, NULL);
-	guint i;
+	g_autofree char *deadline = seconds(config->copy_deadline_ms);
+	guint64 total_ms = 0;
+	guint i, n_sync = 0;
 
 	for (i = 0; i < config->relays->len; i++) {
 		const AmRelay *r = config->relays->pdata[i];
-		const SmtpTimeouts *t = &r->timeouts;
 		guint n = max_recipients(config, r);
-		guint64 worst = (guint64)t->connect_ms +
-		                (guint64)t->command_ms * (3 + n) + t->data_ms +
-		                t->final_ms;
+		guint64 worst = stage_sum_ms(r, n);
 		g_autofree char *rules = NULL;
 		g_autofree char *w = NULL;
+		g_autofree char *cut = NULL;
 
-		if (worst <= postfix_ms ||
+		if (MIN(worst, deadline_ms) <= postfix_ms ||
 		    (rules = sync_rules(config, r)) == NULL)
 			continue;
 		w = seconds((guint)MIN(worst, G_MAXUINT));
+		cut = worst > deadline_ms
+		          ? g_strdup_printf(", and copy_deadline stops it only "
+		                            "at %s",
+		                            deadline)
+		          : g_strdup("");
 		printf("WARNING: relay %s: its timeouts allow a copy to take "
 		       "%s (timeout_connect + timeout_command * %u + "
-		       "timeout_data + timeout_final), more than Postfix's "
+		       "timeout_data + timeout_final)%s, more than Postfix's "
 		       "milter_content_timeout of 300s; Postfix waits for it "
 		       "in %s (delivery = sync)\n",
-		       r->name, w, 3 + n, rules);
+		       r->name, w, 3 + n, cut, rules);
 	}
-	if (config->copy_deadline_ms >= postfix_ms && all != NULL) {
-		g_autofree char *d = seconds(config->copy_deadline_ms);
 
+	/* match = all: the sync rules that match one message copy it one
+	 * after another. */
+	for (i = 0; i < config->rules->len; i++) {
+		const AmRule *rule = config->rules->pdata[i];
+
+		if (rule->delivery != AM_DELIVERY_SYNC)
+			continue;
+		n_sync++;
+		total_ms +=
+		    stage_sum_ms(rule->relay, g_strv_length(rule->archive_to));
+	}
+	if (config->match_all && n_sync > 1 &&
+	    MIN(total_ms, deadline_ms) > postfix_ms) {
+		g_autofree char *t = seconds((guint)MIN(total_ms, G_MAXUINT));
+		g_autofree char *b =
+		    seconds((guint)MIN(MIN(total_ms, deadline_ms), G_MAXUINT));
+
+		printf("WARNING: match = all: %s (delivery = sync) may each "
+		       "copy the same message, one after another; their "
+		       "timeouts add up to %s and copy_deadline (%s) bounds "
+		       "them together, so Postfix may wait %s, more than its "
+		       "milter_content_timeout of 300s\n",
+		       all, t, deadline, b);
+	}
+
+	if (deadline_ms >= postfix_ms && all != NULL)
 		printf("WARNING: copy_deadline %s is not below Postfix's "
 		       "milter_content_timeout of 300s; Postfix waits for it "
 		       "in %s (delivery = sync)\n",
-		       d, all);
-	}
+		       deadline, all);
 }
 
 /* A size as the file would write it: "100M", "512K", "1000". */
@@ -336,6 +424,50 @@ check_spool_dir(const char *dir)
 		printf("WARNING: spool_dir %s: does not exist, and this user "
 		       "(uid %u) cannot create it in %s: %s\n",
 		       dir, (unsigned)getuid(), parent, g_strerror(errno));
+}
+
+/*
+ * spool_min_free against the file system spool_dir is (or will be) on:
+ * the spool refuses a copy that would leave less than that available
+ * (f_bavail, as spool.c counts it), and its original is tempfailed.
+ * A floor above the file system's whole size can never be met; one
+ * above what is available now fails every spooled copy until space is
+ * freed.  Warnings only, as for spool_dir: the daemon may run on
+ * another machine.
+ */
+static void
+check_spool_space(const AmConfig *config)
+{
+	g_autofree char *parent = g_path_get_dirname(config->spool_dir);
+	g_autofree char *floor = NULL;
+	g_autofree char *have = NULL;
+	const char *on = config->spool_dir;
+	struct statvfs sv;
+	guint64 total, avail;
+
+	if (config->spool_min_free == 0)
+		return;
+	if (!g_file_test(on, G_FILE_TEST_IS_DIR))
+		on = parent;
+	if (!g_file_test(on, G_FILE_TEST_IS_DIR) || statvfs(on, &sv) != 0)
+		return; /* check_spool_dir says why */
+	total = (guint64)sv.f_blocks * sv.f_frsize;
+	avail = (guint64)sv.f_bavail * sv.f_frsize;
+	floor = size_text(config->spool_min_free);
+	if (config->spool_min_free > total) {
+		have = size_text(total);
+		printf("WARNING: spool_min_free %s is more than the whole file "
+		       "system of spool_dir %s (%s): every copy sent to the "
+		       "spool would be refused and its original tempfailed\n",
+		       floor, config->spool_dir, have);
+	} else if (config->spool_min_free > avail) {
+		have = size_text(avail);
+		printf("WARNING: spool_min_free %s is more than is available "
+		       "now on the file system of spool_dir %s (%s): a copy "
+		       "sent to the spool now would be refused and its "
+		       "original tempfailed\n",
+		       floor, config->spool_dir, have);
+	}
 }
 
 /* Where a rule's action for @o comes from. */
@@ -440,6 +572,7 @@ print_summary(const AmConfig *config)
 	print_timeout_warnings(config);
 	print_rule_warnings(config);
 	check_spool_dir(config->spool_dir);
+	check_spool_space(config);
 }
 
 static AmConfig *
@@ -449,9 +582,14 @@ load_config(const char *path, gboolean check)
 	AmConfig *config = am_config_load(path, &errors);
 	guint i;
 
-	if (config != NULL && check &&
-	    !check_key_file(config->archive_id_key_file, errors))
-		g_clear_pointer(&config, am_config_free);
+	if (config != NULL && check) {
+		/* Both, so that every problem shows at once. */
+		gboolean key_ok = check_key_file(config, errors);
+		gboolean pid_ok = check_pid_file(config, errors);
+
+		if (!key_ok || !pid_ok)
+			g_clear_pointer(&config, am_config_free);
+	}
 	for (i = 0; errors != NULL && i < errors->len; i++)
 		fprintf(stderr, "%s\n", (const char *)errors->pdata[i]);
 	if (config == NULL && (errors == NULL || errors->len == 0))
@@ -496,7 +634,9 @@ open_socket(const char *spec)
 /* ------------------------------------------------------------------ */
 
 /* The spool of @config, which the commands never create: a directory
- * that is missing means a wrong spool_dir as often as an empty one. */
+ * that is missing means a wrong spool_dir as often as an empty one.
+ * Opened as a command: no lock (a daemon starting meanwhile must not
+ * believe another daemon runs) and nothing deleted. */
 static AmSpool *
 open_spool_for_command(const AmConfig *config, int *rc)
 {
@@ -510,7 +650,8 @@ open_spool_for_command(const AmConfig *config, int *rc)
 		*rc = EX_NOINPUT;
 		return NULL;
 	}
-	spool = am_spool_open(config->spool_dir, 0, &error);
+	spool = am_spool_open_full(config->spool_dir, 0, AM_SPOOL_OPEN_COMMAND,
+	                           &error);
 	if (spool == NULL) {
 		fprintf(stderr, "archive-milter: %s\n", error->message);
 		*rc = EX_IOERR;
@@ -613,6 +754,13 @@ spool_retry(const AmConfig *config, const char *id)
 	guint count = 0;
 	int rc = EX_OK;
 
+	if (strcmp(id, "all") != 0 && !am_spool_id_is_valid(id)) {
+		g_autofree char *clean = am_log_sanitize(id, 200);
+
+		fprintf(stderr, "archive-milter: not a spool id: \"%s\"\n",
+		        clean);
+		return EX_NOINPUT;
+	}
 	if ((spool = open_spool_for_command(config, &rc)) == NULL)
 		return rc;
 	if (am_spool_release(spool, id, &count, &error)) {
@@ -718,7 +866,10 @@ run(AmConfig *config, const AmOptions *opt)
 	/* Step 1: the secret behind X-Archive-Id. */
 	key = am_archive_key_load(config->archive_id_key_file, &error);
 	if (key == NULL) {
-		am_log_error("%s", error->message);
+		g_autofree char *where =
+		    am_config_where(config, "milter", "archive_id_key_file");
+
+		am_log_error("%s: %s", where, error->message);
 		am_config_free(config);
 		return EX_CONFIG;
 	}

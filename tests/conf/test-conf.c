@@ -2376,6 +2376,39 @@ test_names(void)
 	g_assert_cmpstr(am_outcome_name(AM_OUTCOME_COUNT), ==, "unknown");
 }
 
+/* Where a value came from, for messages about it after loading: the
+ * line it was set on (the last, for a duplicate is an error anyway), or
+ * "(default)". */
+static void
+test_where(void)
+{
+	g_autoptr(GPtrArray) errors = NULL;
+	g_autoptr(AmConfig) c = load_with(
+	    IN_MILTER, "archive_id_key_file = /var/lib/am/key", &errors);
+	g_autofree char *set = NULL;
+	g_autofree char *unset = NULL;
+	g_autofree char *want_set = NULL;
+	g_autofree char *want_unset = NULL;
+
+	dump_errors(errors);
+	g_assert_nonnull(c);
+	g_assert_cmpuint(am_config_key_line(c, "milter", "socket"), ==, 2);
+	g_assert_cmpuint(am_config_key_line(c, "milter", "archive_id_key_file"),
+	                 ==, 3);
+	g_assert_cmpuint(am_config_key_line(c, "rule:a", "archive_to"), ==, 9);
+	g_assert_cmpuint(am_config_key_line(c, "milter", "pid_file"), ==, 0);
+	g_assert_cmpuint(am_config_key_line(c, "relay:r", "archive_to"), ==, 0);
+
+	set = am_config_where(c, "milter", "archive_id_key_file");
+	want_set =
+	    g_strdup_printf("%s:3: [milter] archive_id_key_file", c->path);
+	g_assert_cmpstr(set, ==, want_set);
+	unset = am_config_where(c, "milter", "pid_file");
+	want_unset =
+	    g_strdup_printf("%s: [milter] pid_file (default)", c->path);
+	g_assert_cmpstr(unset, ==, want_unset);
+}
+
 static void
 test_free_null(void)
 {
@@ -2457,6 +2490,7 @@ main(int argc, char **argv)
 	g_test_add_func("/conf/api/find-relay", test_find_relay);
 	g_test_add_func("/conf/api/names", test_names);
 	g_test_add_func("/conf/api/free-null", test_free_null);
+	g_test_add_func("/conf/api/where", test_where);
 
 	ret = g_test_run();
 	remove_tmp_dir();

@@ -65,6 +65,31 @@ client_connect(guint16 port)
 	return client_connect_to("127.0.0.1", port);
 }
 
+/*
+ * A free port on 127.0.0.1 that no other process can take until @fd is
+ * closed: bound with SO_REUSEADDR and never listening, so a server that
+ * sets SO_REUSEADDR (fakesmtp does) can still bind it and listen, while
+ * no automatic choice of port (connect(), bind to port 0) picks it.
+ * Returns the socket; the port goes to *@port.
+ */
+static int
+reserve_port(guint16 *port)
+{
+	struct sockaddr_in sin = {.sin_family = AF_INET};
+	socklen_t len = sizeof(sin);
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	int one = 1;
+
+	g_assert_cmpint(fd, >=, 0);
+	g_assert_cmpint(
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)), ==, 0);
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	g_assert_cmpint(bind(fd, (struct sockaddr *)&sin, len), ==, 0);
+	g_assert_cmpint(getsockname(fd, (struct sockaddr *)&sin, &len), ==, 0);
+	*port = ntohs(sin.sin_port);
+	return fd;
+}
+
 static void
 client_send_len(int fd, const void *data, gsize len)
 {
@@ -1151,8 +1176,8 @@ test_start_addresses(void)
 	g_autoptr(FakeSmtp) fake = fake_smtp_new("", NULL);
 	g_autoptr(FakeSmtp) other = fake_smtp_new(NULL, NULL);
 	g_autoptr(GError) error = NULL;
-	guint16 port;
-	int fd;
+	guint16 port, fixed;
+	int fd, reserved;
 
 	/* IPv6 loopback */
 	port = fake_smtp_start(fake, "::1", NULL, &error);
@@ -1168,20 +1193,26 @@ test_start_addresses(void)
 	g_assert_nonnull(strstr(error->message, "[::1]"));
 	g_clear_error(&error);
 
-	/* stop keeps the record; a restart on a fixed port works */
+	/*
+	 * stop keeps the record; a restart on a fixed IPv4 port works.  Not
+	 * the IPv6 port: free on ::1 is not free on 127.0.0.1, and once let
+	 * go any other process may take it; a reserved port is safe.
+	 */
 	fake_smtp_stop(fake);
 	fake_smtp_stop(fake);
+	reserved = reserve_port(&fixed);
 	g_assert_cmpuint(
-	    fake_smtp_start_port(fake, "127.0.0.1", port, NULL, &error), ==,
-	    port);
+	    fake_smtp_start_port(fake, "127.0.0.1", fixed, NULL, &error), ==,
+	    fixed);
 	g_assert_no_error(error);
-	fd = client_connect(port);
+	fd = client_connect(fixed);
 	assert_reply(fd, "220 fakesmtp ESMTP\r\n");
 	assert_cmd(fd, "NOOP", "250 2.0.0 Ok\r\n");
 	close(fd);
 	g_assert_true(fake_smtp_get_connections(fake) >= 1);
 	fake_smtp_stop(fake);
 	g_assert_cmpuint(fake_smtp_get_connections(fake), ==, 2);
+	close(reserved);
 
 	/* not an address */
 	g_assert_cmpuint(fake_smtp_start(other, "localhost", NULL, &error), ==,
@@ -1533,8 +1564,13 @@ test_smtpd_errors(void)
 		g_assert_cmpint(run_status(argv), ==, 1);
 	}
 	{
-		/* a fixed port: take one the kernel gave, then free it */
-		g_autoptr(FakeSmtp) probe = start(NULL, NULL, &port);
+		/*
+		 * a fixed port: a reserved one (reserve_port), so that no
+		 * other process takes it while fake-smtpd starts; a server
+		 * listening there first makes it "in use"
+		 */
+		int reserved = reserve_port(&port);
+		g_autoptr(FakeSmtp) probe = fake_smtp_new(NULL, NULL);
 		g_autofree char *port_arg = g_strdup_printf("%u", port);
 		const char *argv[] = {exe, "--port", port_arg, NULL};
 		g_autoptr(GError) error = NULL;
@@ -1546,6 +1582,10 @@ test_smtpd_errors(void)
 		int fd;
 
 		/* in use: exit 1 */
+		g_assert_cmpuint(fake_smtp_start_port(probe, "127.0.0.1", port,
+		                                      NULL, &error),
+		                 ==, port);
+		g_assert_no_error(error);
 		g_assert_cmpint(run_status(argv), ==, 1);
 		fake_smtp_stop(probe);
 
@@ -1564,6 +1604,7 @@ test_smtpd_errors(void)
 		g_assert_cmpint(WEXITSTATUS(status), ==, 0);
 		close(out_fd);
 		g_spawn_close_pid(pid);
+		close(reserved);
 	}
 	g_unlink(bad);
 	g_rmdir(dir);

@@ -271,6 +271,101 @@ test_key_not_regular(void)
 	g_rmdir(dir);
 }
 
+/*
+ * Each cause has its own message, starting with the path, and --check
+ * (am_archive_key_check) says exactly what the daemon's load says,
+ * creating nothing.
+ */
+static void
+test_key_causes(void)
+{
+	g_autofree char *dir = g_dir_make_tmp("am-keywhy-XXXXXX", NULL);
+	g_autofree char *sub = g_build_filename(dir, "subdir", NULL);
+	g_autofree char *zero = g_build_filename(dir, "zero", NULL);
+	g_autofree char *open_mode = g_build_filename(dir, "open", NULL);
+	g_autofree char *shortk = g_build_filename(dir, "short", NULL);
+	g_autofree char *longk = g_build_filename(dir, "long", NULL);
+	g_autofree char *under = g_build_filename(open_mode, "key", NULL);
+	g_autofree char *good = g_build_filename(dir, "good", NULL);
+	g_autofree char *missing = g_build_filename(dir, "missing", NULL);
+	const struct {
+		const char *path;
+		int code;
+		const char *why;
+	} cases[] = {
+	    {sub, AM_ARCHIVE_KEY_ERROR_BAD,
+	     ": is a directory; the key must be a regular file"},
+	    {zero, AM_ARCHIVE_KEY_ERROR_BAD,
+	     ": is a character device; the key must be a regular file"},
+	    {open_mode, AM_ARCHIVE_KEY_ERROR_BAD,
+	     ": mode 0640 is open to group or others; the key must be "
+	     "readable by its owner only (chmod 0600 "},
+	    {shortk, AM_ARCHIVE_KEY_ERROR_BAD,
+	     ": too short: a key needs at least 16 octets, the file has 5 "},
+	    {longk, AM_ARCHIVE_KEY_ERROR_BAD,
+	     ": too long: a key holds at most 1024 octets, the file has "
+	     "2000 "},
+	    {under, AM_ARCHIVE_KEY_ERROR_IO, ": cannot open: Not a directory"},
+	};
+	g_autoptr(GError) error = NULL;
+	g_autofree char *before = NULL;
+	g_autofree char *after = NULL;
+	gsize i;
+
+	g_assert_cmpint(g_mkdir(sub, 0700), ==, 0);
+	g_assert_cmpint(symlink("/dev/zero", zero), ==, 0);
+	write_key_file(open_mode, 32, 'o');
+	g_assert_cmpint(g_chmod(open_mode, 0640), ==, 0);
+	write_key_file(shortk, 5, 's');
+	write_key_file(longk, 2000, 'l');
+	write_key_file(good, 32, 'g');
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autoptr(GError) load_error = NULL;
+		g_autoptr(GError) check_error = NULL;
+		g_autofree char *want =
+		    g_strconcat(cases[i].path, cases[i].why, NULL);
+
+		g_assert_null(am_archive_key_load(cases[i].path, &load_error));
+		g_assert_error(load_error, AM_ARCHIVE_KEY_ERROR, cases[i].code);
+		g_test_message("%s", load_error->message);
+		g_assert_false(
+		    am_archive_key_check(cases[i].path, &check_error));
+		g_assert_error(check_error, AM_ARCHIVE_KEY_ERROR,
+		               cases[i].code);
+		g_assert_true(g_str_has_prefix(check_error->message, want));
+		/* The daemon tries to create what is missing first; it
+		 * fails there, for the same reason. */
+		if (cases[i].code == AM_ARCHIVE_KEY_ERROR_IO)
+			g_assert_true(g_str_has_suffix(load_error->message,
+			                               ": cannot create: Not a "
+			                               "directory"));
+		else
+			g_assert_cmpstr(check_error->message, ==,
+			                load_error->message);
+	}
+
+	/* A good file passes and stays as it was; a missing one is
+	 * MISSING and is not created. */
+	g_assert_true(g_file_get_contents(good, &before, NULL, NULL));
+	g_assert_true(am_archive_key_check(good, &error));
+	g_assert_no_error(error);
+	g_assert_true(g_file_get_contents(good, &after, NULL, NULL));
+	g_assert_cmpstr(before, ==, after);
+	g_assert_false(am_archive_key_check(missing, &error));
+	g_assert_error(error, AM_ARCHIVE_KEY_ERROR,
+	               AM_ARCHIVE_KEY_ERROR_MISSING);
+	g_assert_false(g_file_test(missing, G_FILE_TEST_EXISTS));
+
+	g_rmdir(sub);
+	g_unlink(zero);
+	g_unlink(open_mode);
+	g_unlink(shortk);
+	g_unlink(longk);
+	g_unlink(good);
+	g_assert_cmpint(g_rmdir(dir), ==, 0);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -285,5 +380,6 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/archive-id/key-huge", test_key_huge_file);
 	g_test_add_func("/plugin/archive-id/key-not-regular",
 	                test_key_not_regular);
+	g_test_add_func("/plugin/archive-id/key-causes", test_key_causes);
 	return g_test_run();
 }

@@ -9,7 +9,9 @@
  */
 #include <signal.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <glib.h>
 #include <glib/gstdio.h>
@@ -160,7 +162,8 @@ test_warnings(void)
 	g_assert_cmpstr(slow, ==,
 	                "WARNING: relay slow: its timeouts allow a copy to "
 	                "take 420s (timeout_connect + timeout_command * 4 + "
-	                "timeout_data + timeout_final), more than Postfix's "
+	                "timeout_data + timeout_final), and copy_deadline "
+	                "stops it only at 400s, more than Postfix's "
 	                "milter_content_timeout of 300s; Postfix waits for it "
 	                "in rules slow, slow2 (delivery = sync)");
 	/* The spool rule on "many" has more addresses: not counted. */
@@ -168,10 +171,12 @@ test_warnings(void)
 	g_assert_nonnull(strstr(many, " take 330s ("));
 	g_assert_nonnull(strstr(many, " timeout_command * 8 "));
 	g_assert_true(g_str_has_suffix(
-	    many, "; Postfix waits for it in rule many (delivery = sync)"));
+	    many, "timeout_final), more than Postfix's milter_content_timeout "
+	          "of 300s; Postfix waits for it in rule many (delivery = "
+	          "sync)"));
 	deadline = line_starting(r.out, "WARNING: copy_deadline");
 	g_assert_cmpstr(deadline, ==,
-	                "WARNING: copy_deadline 300s is not below Postfix's "
+	                "WARNING: copy_deadline 400s is not below Postfix's "
 	                "milter_content_timeout of 300s; Postfix waits for it "
 	                "in rules slow, slow2, many, fine, edge (delivery = "
 	                "sync)");
@@ -184,6 +189,56 @@ test_warnings(void)
 	                 0);
 	g_assert_nonnull(strstr(r.out, "timeouts connect=10s command=10s "
 	                               "data=10s final=240s"));
+}
+
+/*
+ * copy_deadline bounds all the synchronous copies of one message: a
+ * relay whose limits allow 420 s a copy, three rules with match = all,
+ * and copy_deadline = 4 s keep Postfix waiting 4 s at most: no warning.
+ */
+static void
+test_warnings_deadline_cut(void)
+{
+	g_auto(Run) r = {0};
+
+	run_fixture(&r, "deadline-cut.conf");
+	g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==, 0);
+	g_assert_nonnull(strstr(r.out, ", match=all, copy_deadline=4s\n"));
+	g_assert_nonnull(strstr(r.out, "timeouts connect=60s command=60s "
+	                               "data=60s final=60s"));
+}
+
+/*
+ * match = all: the sync rules' copies of one message add up (3 x 210 s),
+ * cut at copy_deadline (400 s), which is still above Postfix's 300 s.
+ * With match = first the same rules make one copy: only copy_deadline
+ * itself is worth a warning.
+ */
+static void
+test_warnings_match_all(void)
+{
+	g_auto(Run) all = {0};
+	g_auto(Run) first = {0};
+	g_autofree char *line = NULL;
+
+	run_fixture(&all, "match-all.conf");
+	line = line_starting(all.out, "WARNING: match = all:");
+	g_assert_cmpstr(line, ==,
+	                "WARNING: match = all: rules a, b, c (delivery = sync) "
+	                "may each copy the same message, one after another; "
+	                "their timeouts add up to 630s and copy_deadline "
+	                "(400s) bounds them together, so Postfix may wait "
+	                "400s, more than its milter_content_timeout of 300s");
+	g_assert_nonnull(strstr(all.out, "WARNING: copy_deadline 400s is not "
+	                                 "below Postfix's"));
+	g_assert_cmpuint(count_lines_with(all.out, "WARNING"), ==, 2);
+
+	run_fixture(&first, "match-first.conf");
+	g_assert_cmpuint(count_lines_with(first.out, "WARNING: match"), ==, 0);
+	g_assert_cmpuint(count_lines_with(first.out, "WARNING: relay"), ==, 0);
+	g_assert_cmpuint(count_lines_with(first.out, "WARNING"), ==, 1);
+	g_assert_nonnull(strstr(first.out, "WARNING: copy_deadline 400s is "
+	                                   "not below Postfix's"));
 }
 
 /* Only spool rules: Postfix never waits for a copy, so no warning at all,
@@ -413,6 +468,287 @@ test_spool_dir(void)
 	g_assert_cmpint(g_rmdir(dir), ==, 0);
 }
 
+/*
+ * @dir/am.conf: a minimal file whose [milter] group sets the key file
+ * on line 3 (@key_line, or the default key inside @dir) and @extra on
+ * line 4.  (transfer full) its path
+ */
+static char *
+write_conf(const char *dir, const char *key_line, const char *extra)
+{
+	g_autofree char *conf = g_build_filename(dir, "am.conf", NULL);
+	g_autofree char *text = NULL;
+	g_autofree char *key = NULL;
+
+	if (key_line == NULL)
+		key = g_strdup_printf("archive_id_key_file = %s/key", dir);
+	text = g_strdup_printf("[milter]\nsocket = unix:/run/am.sock\n"
+	                       "%s\n%s\n"
+	                       "[relay:r]\nhost = 127.0.0.1\n"
+	                       "[rule:a]\nrelay = r\n"
+	                       "archive_to = a@x.example\n",
+	                       key_line != NULL ? key_line : key, extra);
+	g_assert_true(g_file_set_contents(conf, text, -1, NULL));
+	return g_steal_pointer(&conf);
+}
+
+/* Remove write_conf()'s file from @dir. */
+static void
+remove_conf(const char *dir)
+{
+	g_autofree char *conf = g_build_filename(dir, "am.conf", NULL);
+
+	g_unlink(conf);
+}
+
+/*
+ * spool_min_free above the whole file system of spool_dir can never be
+ * met, so every spooled copy would be refused (its original
+ * tempfailed): a WARNING, for an existing spool_dir and for a missing
+ * one (its parent's file system).  Above what is available now: another
+ * WARNING.  A floor that fits: none.
+ */
+static void
+test_spool_min_free(void)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *dir = g_dir_make_tmp("am-minfree-XXXXXX", &error);
+	g_autofree char *spool = g_build_filename(dir, "spool", NULL);
+	g_autofree char *missing = g_build_filename(dir, "new", NULL);
+	struct statvfs sv;
+	guint64 total, avail;
+	guint i;
+
+	g_assert_no_error(error);
+	g_assert_cmpint(g_mkdir(spool, 0700), ==, 0);
+	g_assert_cmpint(statvfs(dir, &sv), ==, 0);
+	total = (guint64)sv.f_blocks * sv.f_frsize;
+	avail = (guint64)sv.f_bavail * sv.f_frsize;
+
+	for (i = 0; i < 4; i++) {
+		const char *where = i == 1 ? missing : spool;
+		guint64 floor = i < 2 ? total + 1 : i == 2 ? 1024 : 0;
+		g_autofree char *extra = NULL;
+		g_autofree char *conf = NULL;
+		g_autofree char *prefix = NULL;
+		g_autofree char *line = NULL;
+		g_auto(Run) r = {0};
+
+		if (i == 3) {
+			/* Between available and total, with room on both
+			 * sides for other writers meanwhile. */
+			if (total - avail < 512 * 1024 * 1024 ||
+			    avail < 512 * 1024 * 1024) {
+				g_test_message("file system too full or too "
+				               "empty for the 'available now' "
+				               "case");
+				continue;
+			}
+			floor = avail + (total - avail) / 2;
+		}
+		extra = g_strdup_printf("spool_dir = %s\n"
+		                        "spool_min_free = %" G_GUINT64_FORMAT,
+		                        where, floor);
+		conf = write_conf(dir, NULL, extra);
+		run_check(&r, conf);
+		g_assert_cmpint(r.status, ==, 0);
+		prefix = g_strdup("WARNING: spool_min_free ");
+		if (i == 2) {
+			g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==,
+			                 0);
+			continue;
+		}
+		line = line_starting(r.out, prefix);
+		g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==, 1);
+		if (i < 2)
+			g_assert_nonnull(strstr(
+			    line, " is more than the whole file system of "
+			          "spool_dir "));
+		else
+			g_assert_nonnull(strstr(line, " is more than is "
+			                              "available now on the "
+			                              "file system of "
+			                              "spool_dir "));
+		g_assert_nonnull(strstr(line, where));
+		g_assert_true(g_str_has_suffix(
+		    line, "would be refused and its original tempfailed"));
+		g_unlink(conf);
+	}
+	g_assert_false(g_file_test(missing, G_FILE_TEST_EXISTS));
+	g_rmdir(spool);
+	remove_conf(dir);
+	g_assert_cmpint(g_rmdir(dir), ==, 0);
+}
+
+/*
+ * A pid_file the daemon could not write stops its start, so --check
+ * says so as an error (exit 78, EX_CONFIG), naming the file, line and
+ * key; it creates nothing.  A path in a writable directory is fine.
+ */
+static void
+test_pid_file(void)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *dir = g_dir_make_tmp("am-pid-XXXXXX", &error);
+	g_autofree char *ok = g_build_filename(dir, "am.pid", NULL);
+	g_autofree char *sub = g_build_filename(dir, "sub", NULL);
+	g_autofree char *deep = g_build_filename(dir, "no", "am.pid", NULL);
+	g_autofree char *file = g_build_filename(dir, "file", NULL);
+	g_autofree char *under = g_build_filename(file, "am.pid", NULL);
+	g_autofree char *locked = g_build_filename(dir, "locked", NULL);
+	g_autofree char *in_locked = g_build_filename(locked, "am.pid", NULL);
+	const struct {
+		const char *path;
+		const char *why; /* NULL: fine */
+	} cases[] = {
+	    {ok, NULL},
+	    {sub, "is a directory"},
+	    {deep, "No such file or directory (the daemon creates no "
+	           "directory for it)"},
+	    {under, "/file is not a directory"},
+	    /* Read-only for everyone, root included. */
+	    {"/proc/self/am.pid", "cannot create files in /proc/self: "},
+	    /* Root writes there anyway: only run as another user. */
+	    {getuid() != 0 ? in_locked : NULL, "cannot create files in "},
+	};
+	guint i;
+
+	g_assert_no_error(error);
+	g_assert_cmpint(g_mkdir(sub, 0700), ==, 0);
+	g_assert_cmpint(g_mkdir(locked, 0500), ==, 0);
+	g_assert_true(g_file_set_contents(file, "x", -1, NULL));
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		g_autofree char *extra = NULL;
+		g_autofree char *conf = NULL;
+		g_autofree char *want = NULL;
+		g_auto(Run) r = {0};
+
+		if (cases[i].path == NULL)
+			continue;
+		extra = g_strdup_printf("pid_file = %s", cases[i].path);
+		conf = write_conf(dir, NULL, extra);
+		run_check(&r, conf);
+		if (cases[i].why == NULL) {
+			g_assert_cmpint(r.status, ==, 0);
+			g_assert_cmpstr(r.err, ==, "");
+			continue;
+		}
+		if (strcmp(cases[i].path, "/proc/self/am.pid") == 0 &&
+		    access("/proc/self", W_OK) == 0) {
+			g_test_message("/proc/self is writable here");
+			continue;
+		}
+		g_assert_cmpint(r.status, ==, 78);
+		want = g_strdup_printf(
+		    "%s:4: [milter] pid_file: \"%s\": ", conf, cases[i].path);
+		g_assert_true(g_str_has_prefix(r.err, want));
+		g_assert_nonnull(strstr(r.err, cases[i].why));
+		g_assert_true(g_str_has_suffix(r.err, "; the daemon would not "
+		                                      "start\n"));
+		g_assert_cmpuint(count_lines_with(r.err, "pid_file"), ==, 1);
+	}
+	g_assert_false(g_file_test(ok, G_FILE_TEST_EXISTS));
+	g_assert_false(g_file_test(deep, G_FILE_TEST_EXISTS));
+	g_rmdir(sub);
+	g_rmdir(locked);
+	g_unlink(file);
+	remove_conf(dir);
+	g_assert_cmpint(g_rmdir(dir), ==, 0);
+}
+
+/*
+ * A key file the daemon would refuse: --check and the daemon's start
+ * both name the configuration file, line and key, then the key file
+ * and the cause, each cause in its own words.  --check creates no key;
+ * the daemon stops before it listens (exit 78).
+ */
+static void
+test_key_file(void)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *dir = g_dir_make_tmp("am-keychk-XXXXXX", &error);
+	g_autofree char *key = g_build_filename(dir, "key", NULL);
+	g_autofree char *missing = g_build_filename(dir, "missing", NULL);
+	g_autofree char *key_line = NULL;
+	g_autofree char *conf = NULL;
+	g_autofree char *where = NULL;
+	const struct {
+		int kind; /* 0 short, 1 open mode, 2 directory, 3 long */
+		const char *why;
+	} cases[] = {
+	    {0, "too short: a key needs at least 16 octets, the file has 5 "},
+	    {1, "mode 0644 is open to group or others; the key must be "
+	        "readable by its owner only (chmod 0600 "},
+	    {2, "is a directory; the key must be a regular file"},
+	    {3, "too long: a key holds at most 1024 octets, the file has "
+	        "2048 "},
+	};
+	guint i;
+
+	g_assert_no_error(error);
+	key_line = g_strdup_printf("archive_id_key_file = %s", key);
+	conf = write_conf(dir, key_line, "");
+	where = g_strdup_printf(
+	    "%s:3: [milter] archive_id_key_file: %s: ", conf, key);
+
+	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
+		const char *daemon_argv[] = {milter_path, "-c", conf, "-f",
+		                             NULL};
+		g_autofree char *want = g_strconcat(where, cases[i].why, NULL);
+		g_autofree char *d_out = NULL;
+		g_autofree char *d_err = NULL;
+		g_auto(Run) r = {0};
+		int status = 0;
+
+		if (cases[i].kind == 2) {
+			g_assert_cmpint(g_mkdir(key, 0700), ==, 0);
+		} else {
+			gsize len = cases[i].kind == 0   ? 5
+			            : cases[i].kind == 3 ? 2048
+			                                 : 32;
+			g_autofree char *data = g_strnfill(len, 'k');
+
+			g_assert_true(
+			    g_file_set_contents(key, data, len, NULL));
+			g_assert_cmpint(
+			    g_chmod(key, cases[i].kind == 1 ? 0644 : 0600), ==,
+			    0);
+		}
+		run_check(&r, conf);
+		g_assert_cmpint(r.status, ==, 78);
+		g_assert_true(g_str_has_prefix(r.err, want));
+
+		/* The daemon, in the foreground, logs to stderr. */
+		g_spawn_sync(NULL, (char **)daemon_argv, NULL, G_SPAWN_DEFAULT,
+		             NULL, NULL, &d_out, &d_err, &status, &error);
+		g_assert_no_error(error);
+		g_test_message("daemon: %s", d_err);
+		g_assert_true(WIFEXITED(status));
+		g_assert_cmpint(WEXITSTATUS(status), ==, 78);
+		g_assert_nonnull(strstr(d_err, want));
+
+		if (cases[i].kind == 2)
+			g_rmdir(key);
+		else
+			g_unlink(key);
+	}
+
+	/* A missing key is fine for --check, which does not create it. */
+	{
+		g_autofree char *line =
+		    g_strdup_printf("archive_id_key_file = %s", missing);
+		g_autofree char *conf2 = write_conf(dir, line, "");
+		g_auto(Run) r = {0};
+
+		run_check(&r, conf2);
+		g_assert_cmpint(r.status, ==, 0);
+		g_assert_false(g_file_test(missing, G_FILE_TEST_EXISTS));
+	}
+	g_unlink(conf);
+	g_assert_cmpint(g_rmdir(dir), ==, 0);
+}
+
 #define SECRET "never-print-me-42"
 
 /* The user and the file are shown; the password never, good or bad. */
@@ -533,10 +869,17 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/check/quiet", test_quiet);
 	g_test_add_func("/plugin/check/timeout-warnings-spool-only",
 	                test_warnings_spool_only);
+	g_test_add_func("/plugin/check/timeout-warnings-deadline-cut",
+	                test_warnings_deadline_cut);
+	g_test_add_func("/plugin/check/timeout-warnings-match-all",
+	                test_warnings_match_all);
 	g_test_add_func("/plugin/check/policy", test_policy);
 	g_test_add_func("/plugin/check/spool-defaults", test_spool_defaults);
 	g_test_add_func("/plugin/check/spool-dir", test_spool_dir);
 	g_test_add_func("/plugin/check/no-password", test_no_password);
+	g_test_add_func("/plugin/check/spool-min-free", test_spool_min_free);
+	g_test_add_func("/plugin/check/pid-file", test_pid_file);
+	g_test_add_func("/plugin/check/key-file", test_key_file);
 	g_test_add_func("/plugin/daemon/sigusr1", test_sigusr1);
 	return g_test_run();
 }

@@ -13,6 +13,16 @@
  *
  * The log helpers read Postfix's maillog_file, which postlogd writes
  * a little after the event: they poll with a deadline.
+ *
+ * Why ports stay reserved through the start: "postfix start" takes
+ * seconds on a loaded machine, and a port let go before it could be
+ * taken meanwhile by any other process (a connect() of a parallel test
+ * gets a free ephemeral port as its local one), so the master failed to
+ * bind and the test died.  The reserving socket has SO_REUSEADDR and
+ * never listens: Linux then lets a server that sets SO_REUSEADDR too
+ * (Postfix's inet_listen() does, in the master and smtp-sink) bind and
+ * listen beside it, while no automatic choice of port (connect(),
+ * bind() to port 0) ever picks a port that has a bound socket.
  */
 #include "postfix-instance.h"
 
@@ -44,18 +54,30 @@ struct PostfixInstance {
 /* Processes and ports                                                  */
 /* ------------------------------------------------------------------ */
 
-void
-postfix_instance_run(const char *const *argv)
+/* Run @argv and wait; on failure, *@why (transfer full) says why. */
+static gboolean
+run(const char *const *argv, char **why)
 {
 	g_autofree char *out = NULL, *err = NULL;
 	g_autoptr(GError) error = NULL;
 	int status;
 
-	if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-	                  NULL, &out, &err, &status, &error) ||
-	    !g_spawn_check_wait_status(status, &error))
-		g_error("%s: %s %s%s", argv[0], error->message, out ? out : "",
-		        err ? err : "");
+	if (g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
+	                 NULL, &out, &err, &status, &error) &&
+	    g_spawn_check_wait_status(status, &error))
+		return TRUE;
+	*why = g_strdup_printf("%s: %s %s%s", argv[0], error->message,
+	                       out ? out : "", err ? err : "");
+	return FALSE;
+}
+
+void
+postfix_instance_run(const char *const *argv)
+{
+	g_autofree char *why = NULL;
+
+	if (!run(argv, &why))
+		g_error("%s", why);
 }
 
 static void
@@ -92,7 +114,7 @@ wait_port(PostfixInstance *pf, guint16 port)
 	}
 }
 
-/* Let go of a reserved port just before its server binds it. */
+/* Let go of a reserved port once its server listens on it. */
 static void
 release_port(PostfixInstance *pf, guint16 port)
 {
@@ -109,9 +131,13 @@ postfix_instance_port(PostfixInstance *pf)
 	struct sockaddr_in sa = {.sin_family = AF_INET};
 	socklen_t len = sizeof(sa);
 	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	int on = 1;
 	guint16 port;
 
 	g_assert_cmpint(fd, >=, 0);
+	/* So the server can bind beside it (see the top of this file). */
+	g_assert_cmpint(
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)), ==, 0);
 	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	g_assert_cmpint(bind(fd, (void *)&sa, sizeof(sa)), ==, 0);
 	g_assert_cmpint(getsockname(fd, (void *)&sa, &len), ==, 0);
@@ -341,7 +367,6 @@ postfix_instance_spawn(PostfixInstance *pf, const char *name, guint16 port,
 	GPid pid;
 
 	g_assert_cmpint(fd, >=, 0);
-	release_port(pf, port);
 	if (!g_spawn_async_with_fds(NULL, (char **)argv, NULL,
 	                            G_SPAWN_SEARCH_PATH, NULL, NULL, &pid, -1,
 	                            fd, fd, &error))
@@ -353,6 +378,7 @@ postfix_instance_spawn(PostfixInstance *pf, const char *name, guint16 port,
 	pid_text = g_strdup_printf("%d\n", (int)pid);
 	g_assert_true(g_file_set_contents(pid_path, pid_text, -1, NULL));
 	wait_port(pf, port);
+	release_port(pf, port);
 }
 
 void
@@ -360,24 +386,41 @@ postfix_instance_start(PostfixInstance *pf)
 {
 	g_autofree char *master =
 	    g_build_filename(pf->queue, "pid", "master.pid", NULL);
-	gint64 deadline = g_get_monotonic_time() + WAIT_US;
+	g_autofree char *why = NULL;
+	gint64 deadline;
 
-	/* Step 1: no chroot (a private queue has no etc/), ports free. */
+	/* Step 1: no chroot (a private queue has no etc/). */
 	postconf(pf, "-F", "*/*/chroot=n");
-	for (guint i = 0; i < pf->smtpd_ports->len; i++)
-		release_port(pf, g_array_index(pf->smtpd_ports, guint16, i));
 
-	/* Step 2: start, and wait for the master and every smtpd. */
-	postfix_instance_run(
-	    (const char *const[]){"postfix", "-c", pf->conf, "start", NULL});
+	/*
+	 * Step 2: start, the smtpd ports still reserved (see the top of this
+	 * file).  Postfix writes why it failed (a port in use, a bad
+	 * setting) to its log, not to the terminal: show the log.
+	 */
+	if (!run(
+	        (const char *const[]){"postfix", "-c", pf->conf, "start", NULL},
+	        &why)) {
+		g_autofree char *log = postfix_instance_log(pf);
+
+		g_error("private Postfix did not start: %s\n%s:\n%s", why,
+		        pf->maillog, log);
+	}
+
+	/* Step 3: the master's pid (for the watchdog), then every smtpd
+	 * port listening, which frees its reservation. */
+	deadline = g_get_monotonic_time() + WAIT_US;
 	while (read_pid(master) <= 0) {
 		if (g_get_monotonic_time() > deadline)
-			g_error("private Postfix did not start; see %s",
+			g_error("private Postfix wrote no pid file; see %s",
 			        pf->maillog);
 		g_usleep(20 * 1000);
 	}
-	for (guint i = 0; i < pf->smtpd_ports->len; i++)
-		wait_port(pf, g_array_index(pf->smtpd_ports, guint16, i));
+	for (guint i = 0; i < pf->smtpd_ports->len; i++) {
+		guint16 port = g_array_index(pf->smtpd_ports, guint16, i);
+
+		wait_port(pf, port);
+		release_port(pf, port);
+	}
 }
 
 void
