@@ -536,6 +536,47 @@ test_time(gconstpointer data)
 	fixture_stop(&f);
 }
 
+/*
+ * The caller's deadline (the message's, shared by its synchronous
+ * copies) cuts a copy whose own copy_deadline is longer; a copy that
+ * starts with none left is a time-out at once, with no connection.
+ */
+static void
+test_request_deadline(void)
+{
+	const char *to[] = {"journal@archive.example", NULL};
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	AmCopyRequest req = {.from = "", .to = to, .msg = msg};
+	Fixture f = {0};
+	AmDelivery *d;
+
+	fixture_start(&f, "on RCPT stall");
+	f.relay.timeouts = (SmtpTimeouts){10000, 10000, 10000, 10000};
+	f.relay.copy_deadline_ms = 10000;
+	req.relay = &f.relay;
+	smtp_message_append_data(msg, "Subject: t\r\n\r\nbody\r\n", 20);
+
+	req.deadline = g_get_monotonic_time() + 500 * 1000;
+	d = am_deliver(NULL, &req);
+	g_assert_cmpint(d->outcome, ==, AM_OUTCOME_TIMEOUT);
+	g_assert_true(d->temporary);
+	g_assert_cmpfloat(d->delay, >=, 0.45);
+	g_assert_cmpfloat(d->delay, <, 2);
+	am_delivery_free(d);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+
+	req.deadline = g_get_monotonic_time() - 1;
+	d = am_deliver(NULL, &req);
+	g_assert_cmpint(d->outcome, ==, AM_OUTCOME_TIMEOUT);
+	g_assert_cmpint(d->status, ==, AM_STATUS_DEFERRED);
+	g_assert_true(d->temporary);
+	g_assert_cmpstr(d->relay, ==, "none");
+	g_assert_cmpfloat(d->delay, <, 0.5);
+	am_delivery_free(d);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+	fixture_stop(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -578,5 +619,7 @@ main(int argc, char **argv)
 
 		g_test_add_data_func(path, &time_cases[i], test_time);
 	}
+	g_test_add_func("/plugin/deliver/time/request-deadline",
+	                test_request_deadline);
 	return g_test_run();
 }
