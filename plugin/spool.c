@@ -411,15 +411,22 @@ am_spool_open_full(const char *dir, guint64 min_free, AmSpoolOpenFlags flags,
                    GError **error)
 {
 	g_autoptr(AmSpool) spool = g_new0(AmSpool, 1);
+	g_autofree char *name = NULL;
+	gsize len;
 
 	g_return_val_if_fail(dir != NULL, NULL);
+	/* "spool/" would follow a link named spool despite O_NOFOLLOW. */
+	name = g_strdup(dir);
+	len = strlen(name);
+	while (len > 1 && name[len - 1] == '/')
+		name[--len] = '\0';
 	spool->dir = g_strdup(dir);
 	spool->min_free = min_free;
 	spool->lock_fd = -1;
 	spool->dir_fd = -1;
 	for (guint i = 0; i < G_N_ELEMENTS(spool->sub_fd); i++)
 		spool->sub_fd[i] = -1;
-	spool->dir_fd = open_private_dir(AT_FDCWD, dir, dir, TRUE, error);
+	spool->dir_fd = open_private_dir(AT_FDCWD, name, dir, TRUE, error);
 	if (spool->dir_fd < 0)
 		return NULL;
 	for (guint i = 0; i < G_N_ELEMENTS(sub_names); i++) {

@@ -897,6 +897,15 @@ test_open_symlinks(Fixture *f, gconstpointer data)
 	g_assert_null(spool);
 	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
 	g_assert_nonnull(strstr(error->message, "symbolic link"));
+	g_clear_error(&error);
+	{
+		g_autofree char *slash = g_strconcat(link, "//", NULL);
+
+		spool = am_spool_open(slash, 0, &error);
+		g_assert_null(spool);
+		g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+		g_assert_nonnull(strstr(error->message, "symbolic link"));
+	}
 }
 
 /* A link in place of a copy or of its state is never followed. */
