@@ -41,7 +41,10 @@
  * every wait of the copy, from the RSET of a pooled connection or the
  * connect to the final reply, so a relay that answers each command just
  * inside its stage limit still cannot hold a copy past it; the copy is
- * then a time-out.  A connection closed at the end of a copy without a
+ * then a time-out.  A caller may give an earlier deadline (the
+ * message's, which all synchronous copies of one message share, see
+ * milter.c); the earlier one applies, and a copy left with no time is a
+ * time-out at once.  A connection closed at the end of a copy without a
  * pool says QUIT under the same deadline; one kept in the pool has it
  * removed, so that the janitor's QUIT is not cut.
  *
@@ -367,7 +370,11 @@ delivery_classify(AmDelivery *d, const SmtpResult *result, const GError *error)
 	}
 	d->outcome = error_outcome(error);
 	d->temporary = error_is_temporary(error);
-	r = deciding_refusal(smtp_error_get_refused(error), d->temporary);
+	/* Only when every recipient was refused does a refusal decide; a
+	 * later error (DATA, end of data) speaks for the copy itself. */
+	r = g_error_matches(error, SMTP_ERROR, SMTP_ERROR_RECIPIENTS_REFUSED)
+	        ? deciding_refusal(smtp_error_get_refused(error), d->temporary)
+	        : NULL;
 	reply = r != NULL ? &r->reply : smtp_error_get_reply(error);
 	if (reply != NULL && reply->code != 0)
 		reply_copy(&d->reply, reply);
@@ -402,14 +409,28 @@ am_delivery_from_result(const char *const *to, const char *relay, double delay,
 /* Time limits                                                          */
 /* ------------------------------------------------------------------ */
 
-/* The relay's stage limits, and copy_deadline as the library's hard
- * limit on every wait (0: none). */
+/* The relay's stage limits, and the copy's deadline (copy_deadline_ms
+ * or the message's, see am_deliver) as the library's hard limit on
+ * every wait (0: none). */
 static void
 client_set_limits(SmtpClient *client, const AmRelay *relay, gint64 deadline)
 {
 	smtp_client_set_timeouts(client, &relay->timeouts);
-	smtp_client_set_deadline(client,
-	                         relay->copy_deadline_ms > 0 ? deadline : 0);
+	smtp_client_set_deadline(client, deadline);
+}
+
+/* The earlier of the relay's copy_deadline counted from @start and the
+ * caller's @req_deadline; 0 when neither is set. */
+static gint64
+copy_deadline(const AmRelay *relay, gint64 start, gint64 req_deadline)
+{
+	gint64 own = relay->copy_deadline_ms > 0
+	                 ? start + (gint64)relay->copy_deadline_ms * 1000
+	                 : 0;
+
+	if (req_deadline <= 0)
+		return own;
+	return own > 0 ? MIN(own, req_deadline) : req_deadline;
 }
 
 /* ------------------------------------------------------------------ */
@@ -729,7 +750,13 @@ connection_get(AmPool *pool, const AmRelay *relay, gint64 deadline,
 {
 	g_autofree char *key = pool_key(relay);
 	g_autoptr(GError) stale = NULL;
-	PoolConn *pc = pool_take(pool, key);
+	PoolConn *pc = NULL;
+
+	/* No time left: a new client fails at once with the library's
+	 * TIMEOUT ("before connecting"), and a good idle connection is not
+	 * spent on a RSET that cannot be answered in time. */
+	if (deadline <= 0 || g_get_monotonic_time() < deadline)
+		pc = pool_take(pool, key);
 
 	if (pc != NULL) {
 		client_set_limits(pc->client, relay, deadline);
@@ -767,7 +794,7 @@ am_deliver(AmPool *pool, const AmCopyRequest *req)
 	g_autoptr(GError) error = NULL;
 	const char *options[3];
 	gint64 start = g_get_monotonic_time();
-	gint64 deadline = start + (gint64)req->relay->copy_deadline_ms * 1000;
+	gint64 deadline = copy_deadline(req->relay, start, req->deadline);
 	PoolConn *pc;
 	AmDelivery *d;
 	double delay;

@@ -52,6 +52,11 @@ typedef struct {
 	SmtpMessage *msg;
 	gboolean smtputf8; /* the original had SMTPUTF8 */
 	gboolean eightbit; /* the original had BODY=8BITMIME */
+	gint64 deadline;   /* g_get_monotonic_time() by which the copy must
+			    * be done, whatever is left of its own
+			    * copy_deadline: the message's, shared by all
+			    * its synchronous copies (am_milter_archive);
+			    * 0: none */
 } AmCopyRequest;
 
 /*
@@ -77,7 +82,9 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmPool, am_pool_free)
  * before the copy counts as failed.
  * The relay's TLS level, CA file, credentials and stage limits apply;
  * its copy_deadline_ms (0: none) is a hard limit on the whole copy
- * (smtp_client_set_deadline), after which it is a TIMEOUT.
+ * (smtp_client_set_deadline), after which it is a TIMEOUT, and so is
+ * @req->deadline: the earlier of the two applies.  A copy that starts
+ * with no time left is a TIMEOUT at once, with no connection made.
  * Never fails: every error becomes a status per address.
  */
 AmDelivery *am_deliver(AmPool *pool, const AmCopyRequest *req);

@@ -637,7 +637,9 @@ open_socket(const char *spec)
 /* ------------------------------------------------------------------ */
 
 /* The spool of @config, which the commands never create: a directory
- * that is missing means a wrong spool_dir as often as an empty one. */
+ * that is missing means a wrong spool_dir as often as an empty one.
+ * Opened as a command: no lock (a daemon starting meanwhile must not
+ * believe another daemon runs) and nothing deleted. */
 static AmSpool *
 open_spool_for_command(const AmConfig *config, int *rc)
 {
@@ -651,7 +653,8 @@ open_spool_for_command(const AmConfig *config, int *rc)
 		*rc = EX_NOINPUT;
 		return NULL;
 	}
-	spool = am_spool_open(config->spool_dir, 0, &error);
+	spool = am_spool_open_full(config->spool_dir, 0, AM_SPOOL_OPEN_COMMAND,
+	                           &error);
 	if (spool == NULL) {
 		fprintf(stderr, "archive-milter: %s\n", error->message);
 		*rc = EX_IOERR;
@@ -754,6 +757,13 @@ spool_retry(const AmConfig *config, const char *id)
 	guint count = 0;
 	int rc = EX_OK;
 
+	if (strcmp(id, "all") != 0 && !am_spool_id_is_valid(id)) {
+		g_autofree char *clean = am_log_sanitize(id, 200);
+
+		fprintf(stderr, "archive-milter: not a spool id: \"%s\"\n",
+		        clean);
+		return EX_NOINPUT;
+	}
 	if ((spool = open_spool_for_command(config, &rc)) == NULL)
 		return rc;
 	if (am_spool_release(spool, id, &count, &error)) {

@@ -38,7 +38,13 @@
  *                      refused: REPLY".
  * Several rules: reject beats tempfail beats accept, and the client
  * gets the reply of the first rule with the winning action; headers
- * add up; quarantine when any rule asks.  When the original is not
+ * add up; quarantine when any rule asks.  Their synchronous copies are
+ * sent one after another, and copy_deadline, counted from the start of
+ * the end-of-message work, bounds them all together (Postfix waits for
+ * the lot within one milter_content_timeout): each copy ends at the
+ * earlier of its relay's copy_deadline and the message's, and a copy
+ * left with no time at all is a timeout outcome like any other, under
+ * its rule's on_timeout.  When the original is not
  * accepted, copies this message put in the spool are withdrawn (the
  * client sends it again, with new copies), and each copy a relay
  * already took is logged with its X-Archive-Id.  When it is accepted,
@@ -484,10 +490,11 @@ apply_accept(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 		                    outcome, kept, r->id);
 }
 
-/* delivery = sync: send now; the rule's policy acts on the outcome. */
+/* delivery = sync: send now, by the message's @deadline (0: none);
+ * the rule's policy acts on the outcome. */
 static void
 rule_sync(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
-          SmtpMessage *msg, RuleResult *r)
+          SmtpMessage *msg, gint64 deadline, RuleResult *r)
 {
 	g_autoptr(AmDelivery) d = NULL;
 	g_autofree char *names = NULL;
@@ -498,6 +505,7 @@ rule_sync(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	    .msg = msg,
 	    .smtputf8 = env->smtputf8,
 	    .eightbit = env->eightbit,
+	    .deadline = deadline,
 	};
 	guint actions;
 
@@ -533,7 +541,7 @@ rule_sync(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 /* Build the copy of @rule and deal with it as the rule says. */
 static void
 rule_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
-          AmCapture *cap, RuleResult *r)
+          AmCapture *cap, gint64 deadline, RuleResult *r)
 {
 	g_autoptr(GError) error = NULL;
 	g_autoptr(SmtpMessage) msg = NULL;
@@ -557,7 +565,7 @@ rule_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	if (rule->delivery == AM_DELIVERY_SPOOL)
 		rule_spool(ctx, rule, env, msg, r);
 	else
-		rule_sync(ctx, rule, env, msg, r);
+		rule_sync(ctx, rule, env, msg, deadline, r);
 }
 
 void
@@ -672,6 +680,13 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
 	RuleResult *results;
 	const char *own;
 	guint i, failed = 0;
+	/* copy_deadline bounds all synchronous copies of this message
+	 * together, since the MTA waits for all of them in one
+	 * milter_content_timeout; counted from here. */
+	gint64 deadline = ctx->config->copy_deadline_ms > 0
+	                      ? g_get_monotonic_time() +
+	                            (gint64)ctx->config->copy_deadline_ms * 1000
+	                      : 0;
 
 	/* Step 1: our own copy, back through the MTA: never copy again. */
 	own = returning_copy_id(ctx, env, headers);
@@ -705,7 +720,8 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
 	/* Step 3: one copy per rule, each under its rule's policy. */
 	results = g_new0(RuleResult, rules->len);
 	for (i = 0; i < rules->len; i++) {
-		rule_copy(ctx, rules->pdata[i], env, cap, &results[i]);
+		rule_copy(ctx, rules->pdata[i], env, cap, deadline,
+		          &results[i]);
 		if (results[i].failed)
 			failed++;
 		verdict_add(v, &results[i]);

@@ -27,6 +27,25 @@
  * its creation unless released by an administrator.  Copies there at
  * start are due at once: the run that made them is over.
  *
+ * Times read from the spool are bounded before use, since a damaged
+ * state file (or one written while the clock was far ahead) could
+ * otherwise park a copy for ever or overflow the arithmetic: a
+ * next_attempt beyond now + spool_retry_max, and a created or released
+ * time in the future, are taken as now, logged, and saved.  Due times
+ * in microseconds saturate at PARKED.
+ *
+ * spool_max_age is checked before an attempt too: a copy past it that
+ * was tried before is held without another try, so that a copy that
+ * never gets tried still ends in hold/.  A copy never tried gets one
+ * attempt, even past its age (a daemon down for longer than
+ * spool_max_age), and is held if that fails.
+ *
+ * A copy whose file is damaged is never sent: a file that cannot be
+ * parsed, or whose copy does not have the length its envelope records,
+ * is logged at error level and left where it is (parked until the next
+ * start; --spool-list counts it as damaged); one whose SHA-256 differs
+ * is held, with an error-level line.
+ *
  * Known limits: XXX: due times follow the wall clock (next_attempt is
  * stored as unix seconds so that it survives a restart); a clock set
  * back delays retries by as much, a clock set forward makes them early.
@@ -75,6 +94,8 @@ struct AmRunner {
 
 /* What an attempt decided for its job. */
 #define JOB_FORGET (-1)
+/* Not before the next start: a damaged file. */
+#define PARKED G_MAXINT64
 
 static void
 job_free(gpointer data)
@@ -137,6 +158,57 @@ static gint64
 now_s(void)
 {
 	return g_get_real_time() / G_USEC_PER_SEC;
+}
+
+/* Unix seconds @s as a due time in µs, saturated (no overflow). */
+static gint64
+due_at(gint64 s)
+{
+	if (s <= 0)
+		return 0;
+	if (s >= PARKED / G_USEC_PER_SEC)
+		return PARKED;
+	return s * G_USEC_PER_SEC;
+}
+
+/*
+ * Bound the times of @e read from the spool; save them when one had to
+ * change, so that the correction outlives this attempt (the age counts
+ * from a created time that no longer moves).
+ */
+static void save_state(AmRunner *r, const AmSpoolEntry *e);
+
+static void
+bound_times(AmRunner *r, const AmConfig *config, AmSpoolEntry *e, gint64 now)
+{
+	gint64 max_wait = MAX((gint64)config->spool_retry_max_s,
+	                      MAX((gint64)config->spool_retry_min_s, 1));
+	gboolean changed = FALSE;
+
+	if (e->next_attempt > now + max_wait) {
+		am_log_warning("%s: next attempt %" G_GINT64_FORMAT " is more "
+		               "than spool_retry_max from now; tried now",
+		               e->id, e->next_attempt);
+		e->next_attempt = now;
+		changed = TRUE;
+	}
+	if (e->created > now) {
+		am_log_warning("%s: created %" G_GINT64_FORMAT " is in the "
+		               "future; its age counts from now",
+		               e->id, e->created);
+		e->created = now;
+		e->created_override = now;
+		changed = TRUE;
+	}
+	if (e->released > now) {
+		am_log_warning("%s: released %" G_GINT64_FORMAT " is in the "
+		               "future; its age counts from now",
+		               e->id, e->released);
+		e->released = now;
+		changed = TRUE;
+	}
+	if (changed)
+		save_state(r, e);
 }
 
 static const AmRule *
@@ -242,7 +314,8 @@ after_failure(AmRunner *r, const AmContext *ctx, const AmRule *rule,
 	g_autofree char *reason = NULL;
 
 	/* Step 1: the attempt, and the addresses still due. */
-	e->attempts++;
+	if (e->attempts < G_MAXUINT)
+		e->attempts++;
 	g_free(e->last_error);
 	e->last_error = g_strdup(
 	    d->reason != NULL ? d->reason : am_outcome_name(d->outcome));
@@ -271,7 +344,7 @@ after_failure(AmRunner *r, const AmContext *ctx, const AmRule *rule,
 	/* Step 3: retry later, longer after each attempt. */
 	e->next_attempt = now_s() + backoff(config, e->attempts);
 	save_state(r, e);
-	return e->next_attempt * G_USEC_PER_SEC;
+	return due_at(e->next_attempt);
 }
 
 /* Send @e through its relay under its rule; the next due time. */
@@ -297,15 +370,24 @@ deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e)
 		return JOB_FORGET;
 	}
 
-	/* Step 2: the copy, read from its file as it is sent. */
+	/* Step 2: the copy, read from its file as it is sent, once its
+	 * digest says it is the copy that was written. */
 	msg = am_spool_message(r->spool, e, &error);
 	if (msg == NULL) {
-		am_log_warning("%s: %s", e->id, error->message);
 		if (g_error_matches(error, AM_SPOOL_ERROR,
 		                    AM_SPOOL_ERROR_NOT_FOUND))
 			return JOB_FORGET;
-		return (now_s() + backoff(ctx->config, e->attempts + 1)) *
-		       G_USEC_PER_SEC;
+		if (g_error_matches(error, AM_SPOOL_ERROR,
+		                    AM_SPOOL_ERROR_FORMAT)) {
+			/* Damaged: never sent; an administrator looks. */
+			hold(r, e, error->message);
+			return JOB_FORGET;
+		}
+		am_log_warning("%s: %s", e->id, error->message);
+		return due_at(now_s() +
+		              backoff(ctx->config, e->attempts < G_MAXUINT
+		                                       ? e->attempts + 1
+		                                       : e->attempts));
 	}
 
 	/* Step 3: send, log a line per address, act on the outcome. */
@@ -338,6 +420,8 @@ attempt(AmRunner *r, const char *id, gboolean settled)
 	g_autoptr(AmContext) ctx = am_milter_get_context();
 	g_autoptr(AmSpoolEntry) e = NULL;
 	g_autoptr(GError) error = NULL;
+	gint64 now = now_s();
+	gint64 age;
 
 	if (ctx == NULL)
 		return g_get_real_time() + r->scan_ms * (gint64)1000;
@@ -351,16 +435,30 @@ attempt(AmRunner *r, const char *id, gboolean settled)
 		 * next start, so the log does not fill with it. */
 		if (g_error_matches(error, AM_SPOOL_ERROR,
 		                    AM_SPOOL_ERROR_FORMAT))
-			return G_MAXINT64;
-		return (now_s() + backoff(ctx->config, 1)) * G_USEC_PER_SEC;
+			return PARKED;
+		return due_at(now + backoff(ctx->config, 1));
 	}
 	if (e->state == AM_SPOOL_HELD)
 		return JOB_FORGET;
-	if (e->next_attempt > now_s())
-		return e->next_attempt * G_USEC_PER_SEC;
+	bound_times(r, ctx->config, e, now);
+
+	/* Too old, and tried before: no more attempts. */
+	age = now - MAX(e->created, e->released);
+	if (e->attempts > 0 && age >= (gint64)ctx->config->spool_max_age_s) {
+		g_autofree char *reason = g_strdup_printf(
+		    "queued %" G_GINT64_FORMAT "s, more than spool_max_age "
+		    "%us; last error: %s",
+		    age, ctx->config->spool_max_age_s,
+		    e->last_error != NULL ? e->last_error : "none");
+
+		hold(r, e, reason);
+		return JOB_FORGET;
+	}
+	if (e->next_attempt > now)
+		return due_at(e->next_attempt);
 	if (!settled && e->released == 0 &&
-	    e->created + AM_RUNNER_SETTLE_S > now_s())
-		return (e->created + AM_RUNNER_SETTLE_S) * G_USEC_PER_SEC;
+	    e->created + AM_RUNNER_SETTLE_S > now)
+		return due_at(e->created + AM_RUNNER_SETTLE_S);
 	return deliver(r, ctx, e);
 }
 

@@ -15,9 +15,20 @@
  * between spool_retry_min and spool_retry_max; accept, or a copy older
  * than spool_max_age (counted from its creation or its last release)
  * whose attempt failed, moves it to hold/ with an error-level line
- * "ID: held (REASON)"; a confirmed copy is removed.  Each attempt logs
- * one delivery line per address with the original's queue id.  Addresses that a relay took are dropped from the
- * copy's state, so a retry goes only to those still due.
+ * "ID: held (REASON)"; so does a copy past spool_max_age that was tried
+ * before, without another attempt (a copy never tried gets one).  A
+ * confirmed copy is removed.  Each attempt logs one delivery line per
+ * address with the original's queue id.  Addresses that a relay took
+ * are dropped from the copy's state, so a retry goes only to those
+ * still due.
+ *
+ * Times read from the spool are bounded: a next attempt beyond now +
+ * spool_retry_max, and a created or released time in the future, are
+ * taken as now (a warning, and the state saved).  A damaged copy is
+ * never sent: one whose file cannot be parsed or has not the length
+ * its envelope records is left in queue/ with an error-level line (and
+ * not looked at again until the next start); one whose SHA-256
+ * differs is held with an error-level line.
  */
 #ifndef AM_RUNNER_H
 #define AM_RUNNER_H

@@ -6,6 +6,14 @@
  * process can work on it at the same time without a lock, and a crash
  * leaves each copy in exactly one place.
  *
+ * The spool directory and its four subdirectories are opened once, at
+ * am_spool_open(), without following a symbolic link, and checked on
+ * the open descriptor (a directory, ours, 0700).  Every later file
+ * operation is relative to those descriptors (openat, renameat,
+ * unlinkat) and never follows a link: whoever swaps a path in the spool
+ * for a link afterwards cannot send a read, a write or an unlink
+ * outside it.
+ *
  * A spool file is a text envelope, a blank line, then the copy's raw
  * octets:
  *
@@ -18,6 +26,13 @@
  *   to: ADDRESS                 (one line per archive address)
  *   flags: smtputf8 8bitmime    (either, both or none)
  *   created: UNIX-SECONDS
+ *   size: OCTETS                (of the copy after the blank line)
+ *   sha256: 64 HEX DIGITS       (of those octets)
+ *
+ * A file whose copy is not `size` octets long is damaged (a torn file
+ * system, a careless copy): it is never read as a copy.  The digest is
+ * checked as the copy is opened for delivery (am_spool_message); it
+ * costs one read of the file, as much as sending it.
  *
  * A value holding a control character (CR and LF above all, which
  * would start a forged line) is refused, not escaped: none of them
@@ -26,15 +41,18 @@
  * never fsynced (see spool.h).  Its last_error is sanitized, since it
  * holds the relay's words.
  *
- * A lock file (DIR/lock, flock) tells whether another process has the
- * spool open: only the process that gets it removes leftovers in tmp/,
- * so that `--spool-list` never deletes a file the daemon is writing.
+ * A lock file (DIR/lock, flock) tells whether another daemon has the
+ * spool open: only the daemon that gets it removes leftovers in tmp/.
+ * The --spool-* commands never take it and never delete anything, so
+ * that a daemon starting beside them is not told of a second daemon.
  *
  * Known limits: XXX: one fsync of the file and one of its directory per
  * put, no group commit: a burst of copies costs two disk flushes each
  * (see the report of issue 4 for the measured cost).  XXX: a put of an
  * id already in queue/ replaces that file; ids are unique per copy, so
- * only a caller's bug can do it.
+ * only a caller's bug can do it.  XXX: the digest is computed by
+ * reading the file back after writing it (from the page cache), since
+ * the message cannot be hashed as it is written.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -52,16 +70,27 @@
 
 #define SPOOL_MAGIC      "archive-milter-spool"
 #define STATE_MAGIC      "archive-milter-state"
+#define STATE_VERSION    1
 #define SPOOL_HEADER_MAX (64 * 1024) /* octets of envelope we read */
+#define STATE_MAX        (64 * 1024) /* octets of a state file we read */
 #define SPOOL_ID_MAX     200         /* octets of an id */
 #define SPOOL_ERROR_MAX  1000        /* octets of last_error kept */
+#define SHA256_HEX_LEN   64
+#define READ_CHUNK       (64 * 1024)
+/* A temporary state name younger than this may be a --spool-retry's
+ * that is being written: the daemon leaves it at start. */
+#define STATE_TMP_GRACE_S 60
 
 struct AmSpool {
 	char *dir;        /* as given */
-	char *sub[4];     /* tmp, queue, hold, state: full paths */
+	char *sub[4];     /* tmp, queue, hold, state: full paths, for
+			   * messages only */
+	int dir_fd;       /* the spool directory */
+	int sub_fd[4];    /* its subdirectories; every file operation is
+			   * relative to one of them */
 	guint64 min_free; /* octets */
 	int lock_fd;      /* DIR/lock, flocked when we own the spool */
-	gboolean owner;   /* we hold the lock: no other process has it */
+	gboolean owner;   /* we hold the lock: no other daemon has it */
 };
 
 enum { SUB_TMP, SUB_QUEUE, SUB_HOLD, SUB_STATE };
@@ -81,6 +110,7 @@ am_spool_entry_free(AmSpoolEntry *entry)
 	g_free(entry->from);
 	g_strfreev(entry->to);
 	g_free(entry->last_error);
+	g_free(entry->sha256);
 	g_free(entry);
 }
 
@@ -102,8 +132,8 @@ set_errno_error(GError **error, int err, const char *what, const char *path)
 
 /* An id becomes a file name: nothing that could leave the directory
  * or hide in it, and nothing that could break an envelope line. */
-static gboolean
-id_is_valid(const char *id)
+gboolean
+am_spool_id_is_valid(const char *id)
 {
 	const char *p;
 
@@ -119,10 +149,13 @@ id_is_valid(const char *id)
 static gboolean
 check_id(const char *id, GError **error)
 {
-	if (id_is_valid(id))
+	g_autofree char *clean = NULL;
+
+	if (am_spool_id_is_valid(id))
 		return TRUE;
+	clean = am_log_sanitize(id, SPOOL_ID_MAX);
 	g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND,
-	            "not a spool id: \"%s\"", id != NULL ? id : "");
+	            "not a spool id: \"%s\"", clean);
 	return FALSE;
 }
 
@@ -135,6 +168,7 @@ has_control(const char *s)
 	return FALSE;
 }
 
+/* The full path of @name in @sub, for messages. */
 static char *
 path_of(const AmSpool *spool, int sub, const char *name)
 {
@@ -147,24 +181,28 @@ sub_of_state(AmSpoolState state)
 	return state == AM_SPOOL_HELD ? SUB_HOLD : SUB_QUEUE;
 }
 
-static gboolean
-fsync_dir(const char *dir, GError **error)
+static gint64
+now_s(void)
 {
-	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	int err;
+	return g_get_real_time() / G_USEC_PER_SEC;
+}
 
-	if (fd < 0) {
-		set_errno_error(error, errno, "cannot open", dir);
-		return FALSE;
-	}
-	if (fsync(fd) != 0) {
-		err = errno;
-		close(fd);
-		set_errno_error(error, err, "cannot fsync", dir);
-		return FALSE;
-	}
-	close(fd);
-	return TRUE;
+static gboolean
+fsync_sub(const AmSpool *spool, int sub, GError **error)
+{
+	if (fsync(spool->sub_fd[sub]) == 0)
+		return TRUE;
+	set_errno_error(error, errno, "cannot fsync", spool->sub[sub]);
+	return FALSE;
+}
+
+/* Whether @name is an entry of @sub (of any kind; links not followed). */
+static gboolean
+exists_in(const AmSpool *spool, int sub, const char *name)
+{
+	struct stat st;
+
+	return fstatat(spool->sub_fd[sub], name, &st, AT_SYMLINK_NOFOLLOW) == 0;
 }
 
 static gboolean
@@ -189,100 +227,246 @@ write_all(int fd, const void *data, gsize len, const char *path, GError **error)
 	return TRUE;
 }
 
+/*
+ * The SHA-256 of @len octets of @fd from @offset, as lowercase hex,
+ * read in chunks.  *@got: how many octets there were (fewer than @len
+ * when the file is shorter).  NULL with @error on a read error.
+ */
+static char *
+digest_of(int fd, goffset offset, guint64 len, guint64 *got, const char *path,
+          GError **error)
+{
+	g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
+	g_autofree guint8 *buf = g_malloc(READ_CHUNK);
+	guint64 done = 0;
+
+	while (done < len) {
+		gsize want = MIN((guint64)READ_CHUNK, len - done);
+		ssize_t n = pread(fd, buf, want, offset + done);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			set_errno_error(error, errno, "cannot read", path);
+			return NULL;
+		}
+		if (n == 0)
+			break;
+		g_checksum_update(sum, buf, n);
+		done += n;
+	}
+	*got = done;
+	return g_strdup(g_checksum_get_string(sum));
+}
+
 /* ------------------------------------------------------------------ */
 /* Opening                                                              */
 /* ------------------------------------------------------------------ */
 
-/* @path must be a directory of ours, closed to group and others. */
-static gboolean
-make_private_dir(const char *path, GError **error)
+/*
+ * Open @name in @parent_fd (a path relative to the working directory
+ * when AT_FDCWD) as a directory of ours, closed to group and others,
+ * without following a symbolic link; create it (0700) first when
+ * @create and it is missing.  The checks are made on the open
+ * descriptor, so that what was checked is what is used.  @path: for
+ * messages.  -1 with @error otherwise.
+ */
+static int
+open_private_dir(int parent_fd, const char *name, const char *path,
+                 gboolean create, GError **error)
 {
 	struct stat st;
+	int fd;
 
-	if (mkdir(path, 0700) != 0 && errno != EEXIST) {
+	if (create && mkdirat(parent_fd, name, 0700) != 0 && errno != EEXIST) {
 		set_errno_error(error, errno, "cannot create spool directory",
 		                path);
-		return FALSE;
+		return -1;
 	}
-	if (stat(path, &st) != 0) {
+	fd = openat(parent_fd, name,
+	            O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0) {
+		int err = errno;
+
+		if (fstatat(parent_fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+		    S_ISLNK(st.st_mode))
+			g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO,
+			            "spool directory %s: is a symbolic link; "
+			            "it must be a real directory",
+			            path);
+		else if (err == ENOTDIR)
+			g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO,
+			            "spool directory %s: not a directory",
+			            path);
+		else
+			set_errno_error(error, err,
+			                "cannot open spool directory", path);
+		return -1;
+	}
+	if (fstat(fd, &st) != 0) {
 		set_errno_error(error, errno, "cannot stat spool directory",
 		                path);
-		return FALSE;
+		close(fd);
+		return -1;
 	}
-	if (!S_ISDIR(st.st_mode)) {
+	/* Whoever owns a directory can rename its entries and put their
+	 * own in their place: it must be the user we run as. */
+	if (st.st_uid != geteuid()) {
 		g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO,
-		            "spool directory %s: not a directory", path);
-		return FALSE;
+		            "spool directory %s: owned by uid %lu, not by "
+		            "the user this process runs as (uid %lu)",
+		            path, (unsigned long)st.st_uid,
+		            (unsigned long)geteuid());
+		close(fd);
+		return -1;
 	}
 	if ((st.st_mode & 0077) != 0) {
 		g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO,
 		            "spool directory %s: mode %04o is open to group "
 		            "or others; it must be 0700",
 		            path, (unsigned)(st.st_mode & 07777));
-		return FALSE;
+		close(fd);
+		return -1;
 	}
-	return TRUE;
+	return fd;
 }
 
-/* Remove what a crash left in tmp/ (never complete copies: those are
- * renamed out) and the temporary names of state/. */
+/* A fresh stream on @sub (its own offset: the held descriptor is
+ * shared by every thread).  NULL with @error. */
+static DIR *
+open_sub_stream(const AmSpool *spool, int sub, GError **error)
+{
+	int fd =
+	    openat(spool->sub_fd[sub], ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	DIR *d;
+
+	if (fd < 0) {
+		set_errno_error(error, errno, "cannot read", spool->sub[sub]);
+		return NULL;
+	}
+	if ((d = fdopendir(fd)) == NULL) {
+		set_errno_error(error, errno, "cannot read", spool->sub[sub]);
+		close(fd);
+	}
+	return d;
+}
+
+static gboolean
+is_dot_entry(const char *name)
+{
+	return strcmp(name, ".") == 0 || strcmp(name, "..") == 0;
+}
+
+/*
+ * At the daemon's start, with the lock held: remove what a crash left
+ * in tmp/ (never complete copies: those are renamed out), the
+ * temporary names of state/, and the state of copies that are gone (a
+ * crash between the removal of a copy and of its state).  unlinkat()
+ * removes a name, never what a link points to.
+ */
 static void
 remove_leftovers(AmSpool *spool)
 {
 	int subs[] = {SUB_TMP, SUB_STATE};
+	gint64 now = now_s();
 
 	for (guint i = 0; i < G_N_ELEMENTS(subs); i++) {
-		g_autoptr(GDir) d = g_dir_open(spool->sub[subs[i]], 0, NULL);
-		const char *name;
+		int sub = subs[i];
+		DIR *d = open_sub_stream(spool, sub, NULL);
+		struct dirent *de;
 
-		while (d != NULL && (name = g_dir_read_name(d)) != NULL) {
+		while (d != NULL && (de = readdir(d)) != NULL) {
+			const char *name = de->d_name;
 			g_autofree char *p = NULL;
+			struct stat st;
 
-			if (subs[i] == SUB_STATE && name[0] != '.')
+			if (is_dot_entry(name))
 				continue;
-			p = path_of(spool, subs[i], name);
-			if (unlink(p) == 0)
+			if (sub == SUB_STATE && name[0] == '.') {
+				/* A --spool-retry may be writing it. */
+				if (fstatat(spool->sub_fd[sub], name, &st,
+				            AT_SYMLINK_NOFOLLOW) != 0 ||
+				    st.st_mtime > now - STATE_TMP_GRACE_S)
+					continue;
+			} else if (sub == SUB_STATE) {
+				/* Looked for twice in queue/: a copy
+				 * being released from hold/ meanwhile
+				 * is seen in one of the three looks. */
+				if (exists_in(spool, SUB_QUEUE, name) ||
+				    exists_in(spool, SUB_HOLD, name) ||
+				    exists_in(spool, SUB_QUEUE, name))
+					continue;
+			}
+			p = path_of(spool, sub, name);
+			if (unlinkat(spool->sub_fd[sub], name, 0) == 0)
 				am_log_info("spool: removed leftover %s", p);
 		}
+		if (d != NULL)
+			closedir(d);
 	}
 }
 
 AmSpool *
-am_spool_open(const char *dir, guint64 min_free, GError **error)
+am_spool_open_full(const char *dir, guint64 min_free, AmSpoolOpenFlags flags,
+                   GError **error)
 {
 	g_autoptr(AmSpool) spool = g_new0(AmSpool, 1);
-	g_autofree char *lock = NULL;
+	g_autofree char *name = NULL;
+	gsize len;
 
 	g_return_val_if_fail(dir != NULL, NULL);
+	/* "spool/" would follow a link named spool despite O_NOFOLLOW. */
+	name = g_strdup(dir);
+	len = strlen(name);
+	while (len > 1 && name[len - 1] == '/')
+		name[--len] = '\0';
 	spool->dir = g_strdup(dir);
 	spool->min_free = min_free;
 	spool->lock_fd = -1;
-	if (!make_private_dir(dir, error))
+	spool->dir_fd = -1;
+	for (guint i = 0; i < G_N_ELEMENTS(spool->sub_fd); i++)
+		spool->sub_fd[i] = -1;
+	spool->dir_fd = open_private_dir(AT_FDCWD, name, dir, TRUE, error);
+	if (spool->dir_fd < 0)
 		return NULL;
 	for (guint i = 0; i < G_N_ELEMENTS(sub_names); i++) {
 		spool->sub[i] = g_build_filename(dir, sub_names[i], NULL);
-		if (!make_private_dir(spool->sub[i], error))
+		spool->sub_fd[i] = open_private_dir(spool->dir_fd, sub_names[i],
+		                                    spool->sub[i], TRUE, error);
+		if (spool->sub_fd[i] < 0)
 			return NULL;
 	}
 
-	/* The first process to open the spool owns tmp/; a second one
-	 * (the --spool-* commands beside the daemon) only reads and
-	 * renames. */
-	lock = g_build_filename(dir, "lock", NULL);
-	/* Read-only: flock() needs no more, and a descriptor open for
-	 * writing would keep the file system from being remounted
-	 * read-only (an administrator's way to stop a filling disk). */
-	spool->lock_fd = open(lock, O_RDONLY | O_CREAT | O_CLOEXEC, 0600);
-	if (spool->lock_fd < 0)
-		/* A spool that cannot take a lock can still be listed;
-		 * without the lock we only leave tmp/ alone. */
+	/* A command only reads and renames; it leaves the lock to a
+	 * daemon, which would otherwise believe another daemon runs. */
+	if ((flags & AM_SPOOL_OPEN_COMMAND) != 0)
+		return g_steal_pointer(&spool);
+
+	/* The first daemon to open the spool owns tmp/.  Read-only:
+	 * flock() needs no more, and a descriptor open for writing would
+	 * keep the file system from being remounted read-only (an
+	 * administrator's way to stop a filling disk). */
+	spool->lock_fd = openat(
+	    spool->dir_fd, "lock",
+	    O_RDONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+	if (spool->lock_fd < 0) {
+		/* Without the lock we only leave tmp/ alone. */
+		g_autofree char *lock = g_build_filename(dir, "lock", NULL);
+
 		am_log_warning("spool: cannot open %s: %s", lock,
 		               g_strerror(errno));
+	}
 	spool->owner = spool->lock_fd >= 0 &&
 	               flock(spool->lock_fd, LOCK_EX | LOCK_NB) == 0;
 	if (spool->owner)
 		remove_leftovers(spool);
 	return g_steal_pointer(&spool);
+}
+
+AmSpool *
+am_spool_open(const char *dir, guint64 min_free, GError **error)
+{
+	return am_spool_open_full(dir, min_free, AM_SPOOL_OPEN_DAEMON, error);
 }
 
 void
@@ -292,8 +476,13 @@ am_spool_close(AmSpool *spool)
 		return;
 	if (spool->lock_fd >= 0)
 		close(spool->lock_fd);
-	for (guint i = 0; i < G_N_ELEMENTS(spool->sub); i++)
+	for (guint i = 0; i < G_N_ELEMENTS(spool->sub); i++) {
+		if (spool->sub_fd[i] >= 0)
+			close(spool->sub_fd[i]);
 		g_free(spool->sub[i]);
+	}
+	if (spool->dir_fd >= 0)
+		close(spool->dir_fd);
 	g_free(spool->dir);
 	g_free(spool);
 }
@@ -326,9 +515,15 @@ add_field(GString *out, const char *key, const char *value, GError **error)
 	return TRUE;
 }
 
-/* The envelope, up to and including the blank line. */
+/*
+ * The envelope, up to and including the blank line, for a copy of
+ * @size octets.  Its digest is not known yet: *@digest_at receives
+ * where the 64 placeholder digits are, to be overwritten once the copy
+ * is written.
+ */
 static GString *
-format_envelope(const AmSpoolEntry *e, GError **error)
+format_envelope(const AmSpoolEntry *e, guint64 size, gsize *digest_at,
+                GError **error)
 {
 	g_autoptr(GString) out = g_string_new(NULL);
 	gboolean ok = TRUE;
@@ -352,9 +547,15 @@ format_envelope(const AmSpoolEntry *e, GError **error)
 	if (!ok)
 		return NULL;
 	g_string_append_printf(out,
-	                       "flags:%s%s\ncreated: %" G_GINT64_FORMAT "\n\n",
+	                       "flags:%s%s\ncreated: %" G_GINT64_FORMAT
+	                       "\nsize: %" G_GUINT64_FORMAT "\nsha256: ",
 	                       e->smtputf8 ? " smtputf8" : "",
-	                       e->eightbit ? " 8bitmime" : "", e->created);
+	                       e->eightbit ? " 8bitmime" : "", e->created,
+	                       size);
+	*digest_at = out->len;
+	for (guint i = 0; i < SHA256_HEX_LEN; i++)
+		g_string_append_c(out, '0');
+	g_string_append(out, "\n\n");
 	return g_steal_pointer(&out);
 }
 
@@ -369,7 +570,7 @@ check_free_space(const AmSpool *spool, guint64 size, GError **error)
 
 	if (spool->min_free == 0)
 		return TRUE;
-	if (statvfs(spool->sub[SUB_TMP], &sv) != 0) {
+	if (fstatvfs(spool->sub_fd[SUB_TMP], &sv) != 0) {
 		set_errno_error(error, errno, "cannot statvfs",
 		                spool->sub[SUB_TMP]);
 		return FALSE;
@@ -404,12 +605,46 @@ write_raw(SmtpMessage *msg, int fd, const char *path, GError **error)
 	return FALSE;
 }
 
-/* Write @head and @msg to @path (new), fsync and close it. */
+/* The copy just written after @head: read back, hashed, the digest
+ * put in its place in the envelope. */
 static gboolean
-write_file(const char *path, const GString *head, SmtpMessage *msg,
-           GError **error)
+seal(int fd, const GString *head, gsize digest_at, guint64 size,
+     const char *path, GError **error)
 {
-	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	g_autofree char *digest = NULL;
+	guint64 got = 0;
+	ssize_t n;
+
+	digest = digest_of(fd, head->len, size, &got, path, error);
+	if (digest == NULL)
+		return FALSE;
+	if (got != size) {
+		g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO,
+		            "%s: %" G_GUINT64_FORMAT " octets written of "
+		            "%" G_GUINT64_FORMAT,
+		            path, got, size);
+		return FALSE;
+	}
+	do
+		n = pwrite(fd, digest, SHA256_HEX_LEN, digest_at);
+	while (n < 0 && errno == EINTR);
+	if (n != SHA256_HEX_LEN) {
+		set_errno_error(error, n < 0 ? errno : ENOSPC, "cannot write",
+		                path);
+		return FALSE;
+	}
+	return TRUE;
+}
+
+/* Write @head and @msg to tmp/@name (new), seal, fsync and close it. */
+static gboolean
+write_file(AmSpool *spool, const char *name, const GString *head,
+           gsize digest_at, SmtpMessage *msg, guint64 size, GError **error)
+{
+	g_autofree char *path = path_of(spool, SUB_TMP, name);
+	int fd =
+	    openat(spool->sub_fd[SUB_TMP], name,
+	           O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	gboolean ok;
 
 	if (fd < 0) {
@@ -417,7 +652,8 @@ write_file(const char *path, const GString *head, SmtpMessage *msg,
 		return FALSE;
 	}
 	ok = write_all(fd, head->str, head->len, path, error) &&
-	     write_raw(msg, fd, path, error);
+	     write_raw(msg, fd, path, error) &&
+	     seal(fd, head, digest_at, size, path, error);
 	if (ok && fsync(fd) != 0) {
 		set_errno_error(error, errno, "cannot fsync", path);
 		ok = FALSE;
@@ -430,65 +666,76 @@ write_file(const char *path, const GString *head, SmtpMessage *msg,
 	return ok;
 }
 
-static gboolean write_state(AmSpool *spool, const AmSpoolEntry *entry,
-                            GError **error);
+static char *write_state_tmp(AmSpool *spool, const AmSpoolEntry *entry,
+                             GError **error);
+static gboolean rename_state(AmSpool *spool, const char *tmp, const char *id,
+                             GError **error);
 
 gboolean
 am_spool_put(AmSpool *spool, const AmSpoolEntry *entry, SmtpMessage *msg,
              AmSpoolState state, GError **error)
 {
 	g_autoptr(GString) head = NULL;
-	g_autofree char *tmp = NULL;
+	g_autofree char *state_tmp = NULL;
 	g_autofree char *dest = NULL;
+	g_autoptr(GError) local = NULL;
 	int sub = sub_of_state(state);
+	guint64 size;
+	gsize digest_at = 0;
 
 	g_return_val_if_fail(spool != NULL && entry != NULL && msg != NULL,
 	                     FALSE);
 	if (!check_id(entry->id, error))
 		return FALSE;
-	if ((head = format_envelope(entry, error)) == NULL)
+	size = smtp_message_get_size(msg);
+	if ((head = format_envelope(entry, size, &digest_at, error)) == NULL)
 		return FALSE;
-	if (!check_free_space(spool, head->len + smtp_message_get_size(msg),
-	                      error))
+	if (!check_free_space(spool, head->len + size, error))
 		return FALSE;
 
-	/* Step 1: the retry state first, when the caller has any (a copy
-	 * held at once carries its reason): a state file without its copy
-	 * is ignored, a copy without its state only starts afresh. */
-	tmp = path_of(spool, SUB_TMP, entry->id);
-	dest = path_of(spool, sub, entry->id);
+	/* Step 1: the retry state, when the caller has any (a copy held
+	 * at once carries its reason), under a temporary name: it takes
+	 * its own name only once the copy is in place, so that a crash
+	 * never leaves the state of a copy that does not exist. */
 	if ((entry->attempts > 0 || entry->last_error != NULL ||
 	     entry->next_attempt != 0) &&
-	    !write_state(spool, entry, error))
+	    (state_tmp = write_state_tmp(spool, entry, error)) == NULL)
 		return FALSE;
 
 	/* Step 2: the file, complete and on disk, under a name nobody
 	 * reads. */
-	if (!write_file(tmp, head, msg, error)) {
-		unlink(tmp);
+	dest = path_of(spool, sub, entry->id);
+	if (!write_file(spool, entry->id, head, digest_at, msg, size, error)) {
+		unlinkat(spool->sub_fd[SUB_TMP], entry->id, 0);
 		goto fail;
 	}
 
 	/* Step 3: into place, and the directory entry on disk too; only
 	 * then may the caller answer the MTA for this copy. */
-	if (rename(tmp, dest) != 0) {
+	if (renameat(spool->sub_fd[SUB_TMP], entry->id, spool->sub_fd[sub],
+	             entry->id) != 0) {
 		set_errno_error(error, errno, "cannot rename into", dest);
-		unlink(tmp);
+		unlinkat(spool->sub_fd[SUB_TMP], entry->id, 0);
 		goto fail;
 	}
-	if (!fsync_dir(spool->sub[sub], error)) {
+	if (!fsync_sub(spool, sub, error)) {
 		/* The caller will tempfail the original: a copy left
 		 * here would be a second one after the client retries. */
-		unlink(dest);
+		unlinkat(spool->sub_fd[sub], entry->id, 0);
 		goto fail;
 	}
+
+	/* Step 4: the state beside it.  The copy is safe already: a
+	 * state that cannot take its name only costs the backoff. */
+	if (state_tmp != NULL &&
+	    !rename_state(spool, state_tmp, entry->id, &local))
+		am_log_warning("spool: %s: retry state lost: %s", entry->id,
+		               local->message);
 	return TRUE;
 
-fail : {
-	g_autofree char *st = path_of(spool, SUB_STATE, entry->id);
-
-	unlink(st);
-}
+fail:
+	if (state_tmp != NULL)
+		unlinkat(spool->sub_fd[SUB_STATE], state_tmp, 0);
 	return FALSE;
 }
 
@@ -536,9 +783,26 @@ parse_flags(const char *value, AmSpoolEntry *e)
 	return TRUE;
 }
 
+static gboolean
+is_sha256_hex(const char *s)
+{
+	if (strlen(s) != SHA256_HEX_LEN)
+		return FALSE;
+	for (; *s != '\0'; s++)
+		if (!g_ascii_isdigit(*s) && !(*s >= 'a' && *s <= 'f'))
+			return FALSE;
+	return TRUE;
+}
+
+/* What parse_field() saw besides the entry's own fields. */
+typedef struct {
+	gboolean created;
+	gboolean size;
+} Seen;
+
 /* One "key: value" line of the envelope into @e. */
 static gboolean
-parse_field(char *line, AmSpoolEntry *e, GPtrArray *to, gboolean *created,
+parse_field(char *line, AmSpoolEntry *e, GPtrArray *to, Seen *seen,
             const char *path, GError **error)
 {
 	char *colon = strchr(line, ':');
@@ -557,10 +821,21 @@ parse_field(char *line, AmSpoolEntry *e, GPtrArray *to, gboolean *created,
 		return parse_flags(value, e) ||
 		       format_error(error, path, "unknown flag");
 	if (strcmp(key, "created") == 0) {
-		*created = TRUE;
+		seen->created = TRUE;
 		return parse_int64(value, &e->created) ||
 		       format_error(error, path, "bad created time");
 	}
+	if (strcmp(key, "size") == 0) {
+		gint64 v;
+
+		seen->size = TRUE;
+		if (!parse_int64(value, &v))
+			return format_error(error, path, "bad size");
+		e->size = v;
+		return TRUE;
+	}
+	if (strcmp(key, "sha256") == 0 && !is_sha256_hex(value))
+		return format_error(error, path, "bad sha256");
 	if (strcmp(key, "id") == 0)
 		slot = &e->id;
 	else if (strcmp(key, "queue_id") == 0)
@@ -571,9 +846,12 @@ parse_field(char *line, AmSpoolEntry *e, GPtrArray *to, gboolean *created,
 		slot = &e->relay;
 	else if (strcmp(key, "from") == 0)
 		slot = &e->from;
+	else if (strcmp(key, "sha256") == 0)
+		slot = &e->sha256;
 	if (slot == NULL) {
+		g_autofree char *clean = am_log_sanitize(key, 40);
 		g_autofree char *why =
-		    g_strdup_printf("unknown key \"%.40s\"", key);
+		    g_strdup_printf("unknown key \"%s\"", clean);
 
 		return format_error(error, path, why);
 	}
@@ -584,21 +862,24 @@ parse_field(char *line, AmSpoolEntry *e, GPtrArray *to, gboolean *created,
 }
 
 /* The version line; a file from an older or newer release is left
- * alone for that release (or an administrator) to deal with. */
+ * alone for that release (or an administrator) to deal with.  Its
+ * text is sanitized: a damaged file must not write on a terminal. */
 static gboolean
-parse_magic(const char *line, const char *magic, const char *path,
+parse_magic(const char *line, const char *magic, int version, const char *path,
             GError **error)
 {
 	gsize n = strlen(magic);
+	g_autofree char *want = g_strdup_printf("%d", version);
+	g_autofree char *clean = NULL;
 	g_autofree char *why = NULL;
 
 	if (strncmp(line, magic, n) != 0 || line[n] != ' ')
 		return format_error(error, path, "not a spool file");
-	if (strtol(line + n + 1, NULL, 10) == AM_SPOOL_VERSION &&
-	    strcmp(line + n + 1, G_STRINGIFY(AM_SPOOL_VERSION)) == 0)
+	if (strcmp(line + n + 1, want) == 0)
 		return TRUE;
-	why = g_strdup_printf("format version \"%.20s\" is not %d",
-	                      line + n + 1, AM_SPOOL_VERSION);
+	clean = am_log_sanitize(line + n + 1, 20);
+	why =
+	    g_strdup_printf("format version \"%s\" is not %d", clean, version);
 	return format_error(error, path, why);
 }
 
@@ -643,18 +924,20 @@ read_envelope(int fd, const char *path, goffset *body_offset, GError **error)
 }
 
 static gboolean
-check_envelope(const AmSpoolEntry *e, gboolean created, GPtrArray *to,
+check_envelope(const AmSpoolEntry *e, const Seen *seen, GPtrArray *to,
                const char *name, const char *path, GError **error)
 {
 	if (e->id == NULL || e->rule == NULL || e->relay == NULL ||
-	    e->from == NULL || !created || to->len == 0)
+	    e->from == NULL || !seen->created || !seen->size ||
+	    e->sha256 == NULL || to->len == 0)
 		return format_error(error, path, "a required key is missing");
 	if (strcmp(e->id, name) != 0)
 		return format_error(error, path, "id is not the file name");
 	return TRUE;
 }
 
-/* Parse the envelope of the open spool file @fd named @name. */
+/* Parse the envelope of the open spool file @fd named @name; its copy
+ * must have the length the envelope gives. */
 static AmSpoolEntry *
 parse_envelope(int fd, const char *name, const char *path, goffset *body_offset,
                GError **error)
@@ -663,26 +946,40 @@ parse_envelope(int fd, const char *name, const char *path, goffset *body_offset,
 	g_autoptr(GPtrArray) to = g_ptr_array_new_with_free_func(g_free);
 	g_autofree char *buf = NULL;
 	g_auto(GStrv) lines = NULL;
-	gboolean created = FALSE;
+	Seen seen = {FALSE, FALSE};
 	struct stat st;
+	guint64 have;
 
-	if ((buf = read_envelope(fd, path, body_offset, error)) == NULL)
-		return NULL;
-	lines = g_strsplit(buf, "\n", -1);
-	if (!parse_magic(lines[0], SPOOL_MAGIC, path, error))
-		return NULL;
-	for (guint i = 1; lines[i] != NULL; i++)
-		if (!parse_field(lines[i], e, to, &created, path, error))
-			return NULL;
-	if (!check_envelope(e, created, to, name, path, error))
-		return NULL;
-	g_ptr_array_add(to, NULL);
-	e->to = (char **)g_ptr_array_free(g_steal_pointer(&to), FALSE);
 	if (fstat(fd, &st) != 0) {
 		set_errno_error(error, errno, "cannot stat", path);
 		return NULL;
 	}
-	e->size = st.st_size > *body_offset ? st.st_size - *body_offset : 0;
+	if (!S_ISREG(st.st_mode)) {
+		format_error(error, path, "not a regular file");
+		return NULL;
+	}
+	if ((buf = read_envelope(fd, path, body_offset, error)) == NULL)
+		return NULL;
+	lines = g_strsplit(buf, "\n", -1);
+	if (!parse_magic(lines[0], SPOOL_MAGIC, AM_SPOOL_VERSION, path, error))
+		return NULL;
+	for (guint i = 1; lines[i] != NULL; i++)
+		if (!parse_field(lines[i], e, to, &seen, path, error))
+			return NULL;
+	if (!check_envelope(e, &seen, to, name, path, error))
+		return NULL;
+	have = st.st_size > *body_offset ? st.st_size - *body_offset : 0;
+	if (have != e->size) {
+		g_autofree char *why = g_strdup_printf(
+		    "damaged: the copy is %" G_GUINT64_FORMAT " octets, "
+		    "its envelope says %" G_GUINT64_FORMAT,
+		    have, e->size);
+
+		format_error(error, path, why);
+		return NULL;
+	}
+	g_ptr_array_add(to, NULL);
+	e->to = (char **)g_ptr_array_free(g_steal_pointer(&to), FALSE);
 	return g_steal_pointer(&e);
 }
 
@@ -690,21 +987,53 @@ parse_envelope(int fd, const char *name, const char *path, goffset *body_offset,
 /* The retry state                                                      */
 /* ------------------------------------------------------------------ */
 
-static gboolean
-write_state(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
+/*
+ * Create a file of a new name ".@id.RANDOM" in state/ and return that
+ * name, with its descriptor in *@fd_out.  Made here rather than with
+ * mkstemp() so that it is relative to the held descriptor.
+ */
+static char *
+create_state_tmp(AmSpool *spool, const char *id, int *fd_out, GError **error)
+{
+	for (guint i = 0; i < 100; i++) {
+		char *name = g_strdup_printf(".%s.%08x", id, g_random_int());
+		int fd = openat(
+		    spool->sub_fd[SUB_STATE], name,
+		    O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+
+		if (fd >= 0) {
+			*fd_out = fd;
+			return name;
+		}
+		g_free(name);
+		if (errno != EEXIST)
+			break;
+	}
+	set_errno_error(error, errno, "cannot create a file in",
+	                spool->sub[SUB_STATE]);
+	return NULL;
+}
+
+/* The state of @entry, written under a temporary name in state/ that
+ * is returned; rename_state() gives it its name. */
+static char *
+write_state_tmp(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
 {
 	g_autoptr(GString) out = g_string_new(NULL);
-	g_autofree char *dest = path_of(spool, SUB_STATE, entry->id);
-	g_autofree char *tmpl = NULL;
-	int fd;
+	g_autofree char *name = NULL;
+	g_autofree char *path = NULL;
+	int fd = -1;
 	gboolean ok;
 
 	g_string_append_printf(out,
 	                       "%s %d\nattempts: %u\nnext_attempt: "
 	                       "%" G_GINT64_FORMAT "\nreleased: "
 	                       "%" G_GINT64_FORMAT "\n",
-	                       STATE_MAGIC, AM_SPOOL_VERSION, entry->attempts,
+	                       STATE_MAGIC, STATE_VERSION, entry->attempts,
 	                       entry->next_attempt, entry->released);
+	if (entry->created_override != 0)
+		g_string_append_printf(out, "created: %" G_GINT64_FORMAT "\n",
+		                       entry->created_override);
 	if (entry->last_error != NULL) {
 		g_autofree char *clean =
 		    am_log_sanitize(entry->last_error, SPOOL_ERROR_MAX);
@@ -713,29 +1042,46 @@ write_state(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
 	}
 	for (guint i = 0; entry->to != NULL && entry->to[i] != NULL; i++)
 		if (!add_field(out, "to", entry->to[i], error))
-			return FALSE;
+			return NULL;
 
 	/* A private temporary name: the daemon and a --spool-retry may
 	 * write the same state at once; the last rename wins whole. */
-	tmpl =
-	    g_strdup_printf("%s/.%s.XXXXXX", spool->sub[SUB_STATE], entry->id);
-	fd = g_mkstemp_full(tmpl, O_WRONLY | O_CLOEXEC, 0600);
-	if (fd < 0) {
-		set_errno_error(error, errno, "cannot create", tmpl);
-		return FALSE;
-	}
-	ok = write_all(fd, out->str, out->len, tmpl, error);
+	if ((name = create_state_tmp(spool, entry->id, &fd, error)) == NULL)
+		return NULL;
+	path = path_of(spool, SUB_STATE, name);
+	ok = write_all(fd, out->str, out->len, path, error);
 	if (close(fd) != 0 && ok) {
-		set_errno_error(error, errno, "cannot close", tmpl);
+		set_errno_error(error, errno, "cannot close", path);
 		ok = FALSE;
 	}
-	if (ok && rename(tmpl, dest) != 0) {
+	if (!ok) {
+		unlinkat(spool->sub_fd[SUB_STATE], name, 0);
+		return NULL;
+	}
+	return g_steal_pointer(&name);
+}
+
+static gboolean
+rename_state(AmSpool *spool, const char *tmp, const char *id, GError **error)
+{
+	if (renameat(spool->sub_fd[SUB_STATE], tmp, spool->sub_fd[SUB_STATE],
+	             id) == 0)
+		return TRUE;
+	{
+		g_autofree char *dest = path_of(spool, SUB_STATE, id);
+
 		set_errno_error(error, errno, "cannot rename into", dest);
-		ok = FALSE;
 	}
-	if (!ok)
-		unlink(tmpl);
-	return ok;
+	unlinkat(spool->sub_fd[SUB_STATE], tmp, 0);
+	return FALSE;
+}
+
+static gboolean
+write_state(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
+{
+	g_autofree char *tmp = write_state_tmp(spool, entry, error);
+
+	return tmp != NULL && rename_state(spool, tmp, entry->id, error);
 }
 
 static gboolean
@@ -766,9 +1112,52 @@ apply_state_line(char *line, AmSpoolEntry *e, GPtrArray *to)
 		e->next_attempt = v;
 	else if (strcmp(line, "released") == 0)
 		e->released = v;
+	else if (strcmp(line, "created") == 0)
+		e->created_override = v;
 	else
 		return FALSE;
 	return TRUE;
+}
+
+/* The text of state/@id, at most STATE_MAX octets, never through a
+ * link; NULL when there is none (or it cannot be read: logged). */
+static char *
+read_state_text(AmSpool *spool, const char *id)
+{
+	g_autofree char *path = path_of(spool, SUB_STATE, id);
+	g_autofree char *text = g_malloc(STATE_MAX + 1);
+	int fd = openat(spool->sub_fd[SUB_STATE], id,
+	                O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+	gsize have = 0;
+	struct stat st;
+
+	if (fd < 0) {
+		if (errno != ENOENT)
+			am_log_warning("spool: cannot open %s: %s", path,
+			               g_strerror(errno));
+		return NULL;
+	}
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+		am_log_warning("spool: %s: not a regular file; ignored", path);
+		close(fd);
+		return NULL;
+	}
+	while (have < STATE_MAX) {
+		ssize_t n = read(fd, text + have, STATE_MAX - have);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		have += n;
+	}
+	close(fd);
+	text[have] = '\0';
+	if (strlen(text) != have) {
+		am_log_warning("spool: %s: a NUL in the state; ignored", path);
+		return NULL;
+	}
+	return g_steal_pointer(&text);
 }
 
 /* Apply state/ID to @e.  A state file that is missing starts afresh;
@@ -777,20 +1166,17 @@ static void
 load_state(AmSpool *spool, AmSpoolEntry *e)
 {
 	g_autofree char *path = path_of(spool, SUB_STATE, e->id);
-	g_autofree char *text = NULL;
+	g_autofree char *text = read_state_text(spool, e->id);
 	g_autoptr(GPtrArray) to = g_ptr_array_new_with_free_func(g_free);
 	g_autoptr(GError) error = NULL;
 	AmSpoolEntry fresh = {0};
 	g_auto(GStrv) lines = NULL;
 	gboolean ok;
 
-	if (!g_file_get_contents(path, &text, NULL, &error)) {
-		if (!g_error_matches(error, G_FILE_ERROR, G_FILE_ERROR_NOENT))
-			am_log_warning("spool: %s", error->message);
+	if (text == NULL)
 		return;
-	}
 	lines = g_strsplit(text, "\n", -1);
-	ok = parse_magic(lines[0], STATE_MAGIC, path, &error);
+	ok = parse_magic(lines[0], STATE_MAGIC, STATE_VERSION, path, &error);
 	for (guint i = 1; ok && lines[i] != NULL; i++)
 		ok = lines[i][0] == '\0' ||
 		     apply_state_line(lines[i], &fresh, to);
@@ -803,6 +1189,11 @@ load_state(AmSpool *spool, AmSpoolEntry *e)
 	e->attempts = fresh.attempts;
 	e->next_attempt = fresh.next_attempt;
 	e->released = fresh.released;
+	/* The envelope is never rewritten: a created time that had to
+	 * be corrected lives here. */
+	e->created_override = fresh.created_override;
+	if (fresh.created_override != 0)
+		e->created = fresh.created_override;
 	g_free(e->last_error);
 	e->last_error = fresh.last_error;
 	/* No address left would be a state we never write: keep the
@@ -818,13 +1209,16 @@ load_state(AmSpool *spool, AmSpoolEntry *e)
 /* Looking up copies                                                    */
 /* ------------------------------------------------------------------ */
 
-/* Open and parse @name in @state; NOT_FOUND when it is not there. */
+/* Open and parse @name in @state; NOT_FOUND when it is not there.  A
+ * symbolic link in its place is never followed: a FORMAT error. */
 static AmSpoolEntry *
 read_entry(AmSpool *spool, AmSpoolState state, const char *name, int *fd_out,
            goffset *body_offset, GError **error)
 {
-	g_autofree char *path = path_of(spool, sub_of_state(state), name);
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int sub = sub_of_state(state);
+	g_autofree char *path = path_of(spool, sub, name);
+	int fd = openat(spool->sub_fd[sub], name,
+	                O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
 	AmSpoolEntry *e;
 	goffset offset = 0;
 
@@ -833,6 +1227,10 @@ read_entry(AmSpool *spool, AmSpoolState state, const char *name, int *fd_out,
 			g_set_error(error, AM_SPOOL_ERROR,
 			            AM_SPOOL_ERROR_NOT_FOUND, "no copy %s",
 			            name);
+		else if (errno == ELOOP)
+			format_error(error, path,
+			             "a symbolic link; not "
+			             "followed");
 		else
 			set_errno_error(error, errno, "cannot open", path);
 		return NULL;
@@ -865,18 +1263,15 @@ compare_entries(gconstpointer a, gconstpointer b)
 GPtrArray *
 am_spool_list_ids(AmSpool *spool, AmSpoolState state, GError **error)
 {
-	const char *dir = spool->sub[sub_of_state(state)];
-	GPtrArray *ids = g_ptr_array_new_with_free_func(g_free);
-	DIR *d = opendir(dir);
+	GPtrArray *ids;
+	DIR *d = open_sub_stream(spool, sub_of_state(state), error);
 	struct dirent *de;
 
-	if (d == NULL) {
-		set_errno_error(error, errno, "cannot read", dir);
-		g_ptr_array_unref(ids);
+	if (d == NULL)
 		return NULL;
-	}
+	ids = g_ptr_array_new_with_free_func(g_free);
 	while ((de = readdir(d)) != NULL)
-		if (id_is_valid(de->d_name))
+		if (am_spool_id_is_valid(de->d_name))
 			g_ptr_array_add(ids, g_strdup(de->d_name));
 	closedir(d);
 	return ids;
@@ -941,7 +1336,10 @@ am_spool_message(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
 	g_autoptr(AmSpoolEntry) e = NULL;
 	g_autoptr(SmtpMessage) msg = NULL;
 	g_autoptr(GError) local = NULL;
+	g_autofree char *path = NULL;
+	g_autofree char *digest = NULL;
 	goffset offset = 0;
+	guint64 got = 0;
 	int fd = -1;
 	gboolean ok;
 
@@ -951,10 +1349,28 @@ am_spool_message(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
 	if (e == NULL)
 		return NULL;
 
+	/* The copy must be the one that was written, octet for octet:
+	 * a damaged copy confirmed by a relay would be lost unseen. */
+	path = path_of(spool, sub_of_state(entry->state), entry->id);
+	digest = digest_of(fd, offset, e->size, &got, path, error);
+	if (digest == NULL) {
+		close(fd);
+		return NULL;
+	}
+	if (got != e->size || strcmp(digest, e->sha256) != 0) {
+		g_autofree char *why = g_strdup_printf(
+		    "damaged: the copy's SHA-256 is %s, its envelope says %s",
+		    digest, e->sha256);
+
+		close(fd);
+		format_error(error, path, why);
+		return NULL;
+	}
+
 	/* The envelope's flags decide how the library checks the text;
-	 * the octets go as written. */
+	 * the octets go as written, and no more than were written. */
 	msg = smtp_message_new(SMTP_MESSAGE_BYTES);
-	ok = smtp_message_append_fd(msg, fd, offset, -1, &local);
+	ok = smtp_message_append_fd(msg, fd, offset, e->size, &local);
 	close(fd);
 	if (!ok) {
 		g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO,
@@ -980,28 +1396,30 @@ gboolean
 am_spool_remove(AmSpool *spool, const char *id, GError **error)
 {
 	int subs[] = {SUB_QUEUE, SUB_HOLD};
-	g_autofree char *state = NULL;
 
 	if (!check_id(id, error))
 		return FALSE;
 
-	/* The copy first: a state file alone is harmless, a copy that
-	 * lost its state would be sent again to every address.  A copy
-	 * withdrawn by the milter may have been held at once. */
+	/* The copy first: a state file alone is harmless (removed at the
+	 * next start), a copy that lost its state would be sent again to
+	 * every address.  A copy withdrawn by the milter may have been
+	 * held at once. */
 	for (guint i = 0; i < G_N_ELEMENTS(subs); i++) {
-		g_autofree char *path = path_of(spool, subs[i], id);
-
-		if (unlink(path) == 0)
+		if (unlinkat(spool->sub_fd[subs[i]], id, 0) == 0)
 			break;
 		if (errno != ENOENT) {
+			g_autofree char *path = path_of(spool, subs[i], id);
+
 			set_errno_error(error, errno, "cannot remove", path);
 			return FALSE;
 		}
 	}
-	state = path_of(spool, SUB_STATE, id);
-	if (unlink(state) != 0 && errno != ENOENT)
+	if (unlinkat(spool->sub_fd[SUB_STATE], id, 0) != 0 && errno != ENOENT) {
+		g_autofree char *state = path_of(spool, SUB_STATE, id);
+
 		am_log_warning("spool: cannot remove %s: %s", state,
 		               g_strerror(errno));
+	}
 	return TRUE;
 }
 
@@ -1010,10 +1428,9 @@ am_spool_remove(AmSpool *spool, const char *id, GError **error)
 static gboolean
 move(AmSpool *spool, const char *id, int from, int to, GError **error)
 {
-	g_autofree char *src = path_of(spool, from, id);
-	g_autofree char *dest = path_of(spool, to, id);
+	if (renameat(spool->sub_fd[from], id, spool->sub_fd[to], id) != 0) {
+		g_autofree char *src = path_of(spool, from, id);
 
-	if (rename(src, dest) != 0) {
 		if (errno == ENOENT)
 			g_set_error(error, AM_SPOOL_ERROR,
 			            AM_SPOOL_ERROR_NOT_FOUND,
@@ -1022,7 +1439,7 @@ move(AmSpool *spool, const char *id, int from, int to, GError **error)
 			set_errno_error(error, errno, "cannot rename", src);
 		return FALSE;
 	}
-	return fsync_dir(spool->sub[to], error);
+	return fsync_sub(spool, to, error);
 }
 
 gboolean
@@ -1055,7 +1472,7 @@ release_one(AmSpool *spool, const char *id, GError **error)
 		return FALSE;
 	e->attempts = 0;
 	e->next_attempt = 0;
-	e->released = g_get_real_time() / G_USEC_PER_SEC;
+	e->released = now_s();
 	if (!write_state(spool, e, error))
 		return FALSE;
 	return move(spool, id, SUB_HOLD, SUB_QUEUE, error);

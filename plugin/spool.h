@@ -2,9 +2,12 @@
  * spool.h - the durable spool of archive copies
  *
  * A copy that is not confirmed by its relay lives here until it is.
- * Layout under the spool directory (mode 0700, created by am_spool_open):
+ * Layout under the spool directory (created by am_spool_open; it and
+ * each subdirectory must be a real directory, not a symbolic link,
+ * owned by the process's effective uid, mode 0700):
  *
- *   tmp/ID     being written; never read; removed at open
+ *   tmp/ID     being written; never read; removed at the daemon's
+ *              start
  *   queue/ID   waiting for (re)delivery by a worker
  *   hold/ID    refused for good or too old: kept for an administrator
  *   state/ID   retry state of a copy (attempts, next attempt, last
@@ -12,15 +15,22 @@
  *              never fsynced: losing it only resets the backoff and may
  *              send a copy again, which its X-Archive-Id lets an
  *              archive recognise
- *   lock       flock()ed by the first process to open the spool (the
- *              daemon); only that process clears tmp/
+ *   lock       flock()ed by the daemon; only the daemon that holds it
+ *              clears tmp/ (and, at its start, the state of copies
+ *              that are gone); the --spool-* commands never take it
  *
  * ID is the copy's X-Archive-Id, which is also in the file, so that the
  * id stays the same on every retry and after a restart.  An id is
  * refused (NOT_FOUND) unless it is a plain file name: no '/', no
- * leading '.', no space or control character, at most 200 octets.  A spool file
- * starts with a versioned text envelope, then a blank line, then the
- * copy exactly as it will be sent (journal headers and the original).
+ * leading '.', no space or control character, at most 200 octets.  A
+ * spool file starts with a versioned text envelope, then a blank line,
+ * then the copy exactly as it will be sent (journal headers and the
+ * original).  The envelope records the copy's length and SHA-256: a
+ * file whose copy is not that long is damaged (FORMAT: never sent,
+ * left where it is, counted as damaged by --spool-list), and one whose
+ * digest differs is refused by am_spool_message() (FORMAT), which the
+ * runner answers by holding it.  Every file is opened relative to the
+ * directory descriptors taken at open, never through a symbolic link.
  *
  * A file reaches queue/ or hold/ only by rename after fsync of the file;
  * the directory is fsynced after the rename.  am_spool_put() returns
@@ -50,7 +60,8 @@ typedef enum {
 	AM_SPOOL_ERROR_NOT_FOUND, /* no copy with that id */
 } AmSpoolError;
 
-/* Spool file format version written; older or newer are FORMAT errors. */
+/* Spool file format version written; older or newer are FORMAT errors.
+ * Version 1 (unreleased until now) requires the size and sha256 keys. */
 #define AM_SPOOL_VERSION 1
 
 typedef enum {
@@ -79,7 +90,11 @@ typedef struct {
 			      * hold/; 0: never.  spool_max_age counts
 			      * from the later of this and created */
 	AmSpoolState state;
-	guint64 size; /* octets of the copy (read only) */
+	guint64 size;            /* octets of the copy (read only) */
+	char *sha256;            /* hex SHA-256 of the copy (read only) */
+	gint64 created_override; /* 0, or a corrected created time kept
+				  * in state/ID (the envelope is never
+				  * rewritten); applied to created */
 } AmSpoolEntry;
 
 void am_spool_entry_free(AmSpoolEntry *entry);
@@ -87,13 +102,29 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmSpoolEntry, am_spool_entry_free)
 
 typedef struct AmSpool AmSpool;
 
+/* am_spool_id_is_valid: whether @id can name a copy (see above). */
+gboolean am_spool_id_is_valid(const char *id);
+
+typedef enum {
+	AM_SPOOL_OPEN_DAEMON = 0,       /* take the lock; clean up */
+	AM_SPOOL_OPEN_COMMAND = 1 << 0, /* no lock, delete nothing */
+} AmSpoolOpenFlags;
+
 /*
- * am_spool_open: use @dir as the spool, creating it and its
- * subdirectories (0700) when missing and removing leftovers in tmp/.
- * Fails (IO) when @dir cannot be created, is not a directory, or is
- * open to group or others.  @min_free: octets that must stay free on
- * its file system for am_spool_put() to write.  (transfer full)
+ * am_spool_open_full: use @dir as the spool, creating it and its
+ * subdirectories (0700) when missing.  Fails (IO, the message naming
+ * the path and what is wrong) when one cannot be created, is a
+ * symbolic link or not a directory, is owned by another uid than the
+ * process's effective one, or is open to group or others.  A daemon
+ * (AM_SPOOL_OPEN_DAEMON) takes the lock and, when it gets it, removes
+ * the leftovers of a crash; a command (AM_SPOOL_OPEN_COMMAND) does
+ * neither.  @min_free: octets that must stay free on its file system
+ * for am_spool_put() to write.  (transfer full)
  */
+AmSpool *am_spool_open_full(const char *dir, guint64 min_free,
+                            AmSpoolOpenFlags flags, GError **error);
+
+/* am_spool_open: am_spool_open_full() as the daemon. */
 AmSpool *am_spool_open(const char *dir, guint64 min_free, GError **error);
 void am_spool_close(AmSpool *spool);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmSpool, am_spool_close)
@@ -102,10 +133,11 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmSpool, am_spool_close)
 const char *am_spool_get_dir(const AmSpool *spool);
 
 /*
- * am_spool_is_exclusive: whether no other process had the spool open
- * when @spool was opened (a lock file, DIR/lock, says so).  Only then
- * were leftovers in tmp/ removed.  The daemon warns when it is not:
- * two daemons on one spool would send copies twice.
+ * am_spool_is_exclusive: whether @spool was opened as the daemon and
+ * no other daemon had it open (a lock file, DIR/lock, says so).  Only
+ * then were leftovers removed.  The daemon warns when it is not: two
+ * daemons on one spool would send copies twice.  Always FALSE for a
+ * command.
  */
 gboolean am_spool_is_exclusive(const AmSpool *spool);
 
@@ -117,8 +149,10 @@ gboolean am_spool_is_exclusive(const AmSpool *spool);
  * control character (CR, LF...) or a rule, relay or address is
  * missing; IO otherwise.  On failure nothing is left behind.  The
  * retry fields of @entry (attempts, next_attempt, last_error), when
- * set, are written to state/ID too: a copy held at once keeps its
- * reason.
+ * set, are written to state/ID too, which takes that name only after
+ * the copy is in place: a copy held at once keeps its reason, and no
+ * crash leaves a state without its copy.  @entry's size and sha256
+ * are ignored: they are those of @msg.
  */
 gboolean am_spool_put(AmSpool *spool, const AmSpoolEntry *entry,
                       SmtpMessage *msg, AmSpoolState state, GError **error);
@@ -143,13 +177,16 @@ AmSpoolEntry *am_spool_get(AmSpool *spool, const char *id, GError **error);
 
 /*
  * am_spool_message: the copy's message, as a message that streams from
- * the spool file (kept open by it).  (transfer full)
+ * the spool file (kept open by it), after checking its SHA-256 against
+ * the envelope (one read of the file): FORMAT when it differs.
+ * (transfer full)
  */
 SmtpMessage *am_spool_message(AmSpool *spool, const AmSpoolEntry *entry,
                               GError **error);
 
 /* am_spool_update: persist @entry's retry state (attempts,
- * next_attempt, last_error, to) in state/ID. */
+ * next_attempt, released, created_override, last_error, to) in
+ * state/ID. */
 gboolean am_spool_update(AmSpool *spool, const AmSpoolEntry *entry,
                          GError **error);
 

@@ -966,6 +966,54 @@ test_relay_setting(gconstpointer data)
 }
 
 /*
+ * copy_deadline bounds all synchronous copies of one message together
+ * (match = all, two sync rules, a relay that never answers RCPT): the
+ * first copy runs out at copy_deadline, the second gets no time left
+ * and is a timeout too, without a connection; the message takes about
+ * copy_deadline, not twice it.  Checked in a subprocess whose standard
+ * error is the log, for the decision line.
+ */
+static void
+test_message_deadline(void)
+{
+	if (g_test_subprocess()) {
+		Fixture f = {0};
+		g_autoptr(AmVerdict) v = NULL;
+		gint64 start;
+		double took;
+
+		am_log_init("test-archive", TRUE, FALSE);
+		fixture_setup_full(
+		    &f, "on RCPT stall", "copy_deadline = 1.5",
+		    "timeout_command = 10", "on_timeout = tempfail",
+		    "relay = archive\narchive_to = second@archive.example\n"
+		    "on_timeout = tempfail",
+		    FALSE);
+		start = g_get_monotonic_time();
+		v = archive_one(&f);
+		took =
+		    (g_get_monotonic_time() - start) / (double)G_USEC_PER_SEC;
+		g_test_message("took %.3f s: %s", took, v->text);
+		g_assert_cmpint(v->action, ==, AM_VERDICT_TEMPFAIL);
+		g_assert_cmpfloat(took, >=, 1.4);
+		g_assert_cmpfloat(took, <, 2.6);
+		g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+		g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 0);
+		fixture_teardown(&f);
+		return;
+	}
+	g_test_trap_subprocess(NULL, 0, G_TEST_SUBPROCESS_DEFAULT);
+	g_test_trap_assert_passed();
+	g_test_trap_assert_stderr(
+	    "*TESTQ1: action=tempfail, copies=2, "
+	    "failed=2 (*a: timeout -> tempfail, id=am1.*; "
+	    "b: timeout -> tempfail, id=am1.*");
+	g_test_trap_assert_stderr(
+	    "*TESTQ1: archive=<second@archive.example>, relay=none, *"
+	    "status=deferred (*deadline*");
+}
+
+/*
  * The reply text given to libmilter: a relay's text with a C1 control,
  * a Unicode line break, a bidi control or invalid UTF-8 reaches the
  * client as '?', '%' doubled for smfi_setreply.
@@ -1020,6 +1068,8 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/archive/log/spool-mode", test_log_spool_mode);
 	g_test_add_func("/plugin/archive/returning-copy", test_returning_copy);
 	g_test_add_func("/plugin/archive/reply-text", test_reply_text);
+	g_test_add_func("/plugin/archive/message-deadline",
+	                test_message_deadline);
 	g_test_add_data_func("/plugin/archive/forged-id",
 	                     GINT_TO_POINTER(FALSE), test_forged_or_replayed);
 	g_test_add_data_func("/plugin/archive/replayed-id",

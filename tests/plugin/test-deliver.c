@@ -157,6 +157,64 @@ test_partial(void)
 }
 
 /*
+ * One address refused at RCPT, then the copy refused at DATA or at the
+ * end of data: each address is logged with its own reply, the refused
+ * one with its RCPT reply, not the later one; the copy's outcome and
+ * deciding reply are those of the later failure.
+ */
+typedef struct {
+	const char *name;
+	const char *script;
+	const char *rcpt_reply;  /* of gone@ */
+	const char *other_reply; /* of journal@ */
+	AmStatus other_status;
+	int code; /* d->reply */
+} LaterCase;
+
+static const LaterCase later_cases[] = {
+    {"dot-451",
+     "on RCPT /gone/ reply 450 4.2.1 busy\n"
+     "on DOT reply 451 4.3.0 later",
+     "450 4.2.1 busy (in reply to rcpt)",
+     "451 4.3.0 later (in reply to end-of-data)", AM_STATUS_DEFERRED, 451},
+    {"dot-554",
+     "on RCPT /gone/ reply 450 4.2.1 busy\n"
+     "on DOT reply 554 5.6.0 bad",
+     "450 4.2.1 busy (in reply to rcpt)",
+     "554 5.6.0 bad (in reply to end-of-data)", AM_STATUS_BOUNCED, 554},
+    {"data-451",
+     "on RCPT /gone/ reply 550 5.1.1 gone\n"
+     "on DATA reply 451 4.3.0 later",
+     "550 5.1.1 gone (in reply to rcpt)", "451 4.3.0 later (in reply to data)",
+     AM_STATUS_DEFERRED, 451},
+};
+
+static void
+test_refused_then_failed(gconstpointer data)
+{
+	const LaterCase *c = data;
+	const char *to[] = {"journal@archive.example", "gone@archive.example",
+	                    NULL};
+	Fixture f = {0};
+	g_autoptr(AmDelivery) d = NULL;
+
+	fixture_start(&f, c->script);
+	d = send_copy(&f, to, FALSE);
+	g_test_message("%s: %s / %s", c->name, rcpt(d, 0)->reply,
+	               rcpt(d, 1)->reply);
+	g_assert_cmpstr(rcpt(d, 1)->address, ==, "gone@archive.example");
+	g_assert_cmpstr(rcpt(d, 1)->reply, ==, c->rcpt_reply);
+	g_assert_cmpint(rcpt(d, 1)->status, ==,
+	                c->rcpt_reply[0] == '4' ? AM_STATUS_DEFERRED
+	                                        : AM_STATUS_BOUNCED);
+	g_assert_cmpstr(rcpt(d, 0)->reply, ==, c->other_reply);
+	g_assert_cmpint(rcpt(d, 0)->status, ==, c->other_status);
+	g_assert_cmpint(d->outcome, ==, AM_OUTCOME_DATA_ERROR);
+	g_assert_cmpint(d->reply.code, ==, c->code);
+	fixture_stop(&f);
+}
+
+/*
  * The outcome of the copy as a whole, for the policy table: every fault
  * the library can report, classified as conf.h documents AmOutcome,
  * with "temporary" and the reply that decided it.
@@ -536,6 +594,47 @@ test_time(gconstpointer data)
 	fixture_stop(&f);
 }
 
+/*
+ * The caller's deadline (the message's, shared by its synchronous
+ * copies) cuts a copy whose own copy_deadline is longer; a copy that
+ * starts with none left is a time-out at once, with no connection.
+ */
+static void
+test_request_deadline(void)
+{
+	const char *to[] = {"journal@archive.example", NULL};
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	AmCopyRequest req = {.from = "", .to = to, .msg = msg};
+	Fixture f = {0};
+	AmDelivery *d;
+
+	fixture_start(&f, "on RCPT stall");
+	f.relay.timeouts = (SmtpTimeouts){10000, 10000, 10000, 10000};
+	f.relay.copy_deadline_ms = 10000;
+	req.relay = &f.relay;
+	smtp_message_append_data(msg, "Subject: t\r\n\r\nbody\r\n", 20);
+
+	req.deadline = g_get_monotonic_time() + 500 * 1000;
+	d = am_deliver(NULL, &req);
+	g_assert_cmpint(d->outcome, ==, AM_OUTCOME_TIMEOUT);
+	g_assert_true(d->temporary);
+	g_assert_cmpfloat(d->delay, >=, 0.45);
+	g_assert_cmpfloat(d->delay, <, 2);
+	am_delivery_free(d);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+
+	req.deadline = g_get_monotonic_time() - 1;
+	d = am_deliver(NULL, &req);
+	g_assert_cmpint(d->outcome, ==, AM_OUTCOME_TIMEOUT);
+	g_assert_cmpint(d->status, ==, AM_STATUS_DEFERRED);
+	g_assert_true(d->temporary);
+	g_assert_cmpstr(d->relay, ==, "none");
+	g_assert_cmpfloat(d->delay, <, 0.5);
+	am_delivery_free(d);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+	fixture_stop(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -549,6 +648,14 @@ main(int argc, char **argv)
 		    "/plugin/deliver/outcome/%s", outcome_cases[i].name);
 
 		g_test_add_data_func(path, &outcome_cases[i], test_outcome);
+	}
+	for (i = 0; i < G_N_ELEMENTS(later_cases); i++) {
+		g_autofree char *path =
+		    g_strdup_printf("/plugin/deliver/refused-then-failed/%s",
+		                    later_cases[i].name);
+
+		g_test_add_data_func(path, &later_cases[i],
+		                     test_refused_then_failed);
 	}
 	for (i = 0; i < G_N_ELEMENTS(protocol_cases); i++) {
 		g_autofree char *path = g_strdup_printf(
@@ -578,5 +685,7 @@ main(int argc, char **argv)
 
 		g_test_add_data_func(path, &time_cases[i], test_time);
 	}
+	g_test_add_func("/plugin/deliver/time/request-deadline",
+	                test_request_deadline);
 	return g_test_run();
 }

@@ -514,6 +514,156 @@ test_scan_while_running(void)
 	fixture_tear_down(&f);
 }
 
+static void
+write_spool_file(Fixture *f, const char *sub, const char *name,
+                 const char *text)
+{
+	g_autofree char *path = g_build_filename(f->spool_dir, sub, name, NULL);
+
+	g_assert_true(g_file_set_contents(path, text, -1, NULL));
+}
+
+/*
+ * A state file whose next_attempt lies far in the future (damaged, or
+ * written while the clock was far ahead) is bounded by spool_retry_max:
+ * the copy goes within seconds, and no arithmetic overflows (the ASan
+ * build runs with UBSan).
+ */
+static void
+test_far_future_state(void)
+{
+	Fixture f = {0};
+	g_autofree char *log = NULL;
+
+	fixture_set_up(&f, NULL);
+	set_context(&f, "5d");
+	put_copy(&f, "am1.future", "all", "archive", now_s());
+	write_spool_file(&f, "state", "am1.future",
+	                 "archive-milter-state 1\n"
+	                 "attempts: 1\n"
+	                 "next_attempt: 99999999999999\n"
+	                 "released: 0\n");
+	start_runner(&f, 100);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 1, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 0));
+	log = log_text(&f);
+	g_assert_cmpuint(count_lines(log, "am1.future: next attempt "
+	                                  "99999999999999 is more than"),
+	                 ==, 1);
+	fixture_tear_down(&f);
+}
+
+/*
+ * A created time in the future (a clock set back, a damaged file) is
+ * taken as now and saved, so that the copy's age grows from then on
+ * and spool_max_age can end its retries.
+ */
+static void
+test_future_created(void)
+{
+	Fixture f = {0};
+	g_autoptr(AmSpoolEntry) e = NULL;
+	gint64 before = now_s();
+
+	fixture_set_up(&f, "on MAIL reply 451 4.3.0 later");
+	set_context(&f, "5d");
+	put_copy(&f, "am1.ahead", "all", "archive", G_MAXINT64 / 2);
+	start_runner(&f, 100);
+	e = wait_attempts(&f, "am1.ahead", 1);
+	g_assert_nonnull(e);
+	g_assert_cmpint(e->created, >=, before);
+	g_assert_cmpint(e->created, <=, now_s());
+	fixture_tear_down(&f);
+}
+
+/*
+ * A copy past spool_max_age that was tried before is held without
+ * another attempt, even when its next attempt was set far ahead: a
+ * copy that never gets tried still ends in hold/.
+ */
+static void
+test_max_age_untried(void)
+{
+	Fixture f = {0};
+	g_autoptr(AmSpoolEntry) e = NULL;
+
+	fixture_set_up(&f, NULL);
+	set_context(&f, "1h");
+	put_copy(&f, "am1.stuck", "all", "archive", now_s() - 7200);
+	write_spool_file(&f, "state", "am1.stuck",
+	                 "archive-milter-state 1\n"
+	                 "attempts: 3\n"
+	                 "next_attempt: 99999999999999\n"
+	                 "released: 0\n"
+	                 "last_error: 451 4.3.0 later\n");
+	start_runner(&f, 100);
+	g_assert_true(wait_counts(&f, 0, 1));
+	e = am_spool_get(f.spool, "am1.stuck", NULL);
+	g_assert_nonnull(e);
+	g_assert_nonnull(strstr(e->last_error, "spool_max_age"));
+	g_assert_nonnull(strstr(e->last_error, "451 4.3.0 later"));
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 0);
+	fixture_tear_down(&f);
+}
+
+/* Overwrite @len octets at @from_end octets before the end of the
+ * spool file @id in queue/. */
+static void
+damage(Fixture *f, const char *id, const char *with, goffset from_end)
+{
+	g_autofree char *path =
+	    g_build_filename(f->spool_dir, "queue", id, NULL);
+	GStatBuf st;
+	int fd;
+
+	g_assert_cmpint(g_stat(path, &st), ==, 0);
+	fd = open(path, O_WRONLY);
+	g_assert_cmpint(fd, >=, 0);
+	g_assert_cmpint(pwrite(fd, with, strlen(with), st.st_size - from_end),
+	                ==, (gssize)strlen(with));
+	close(fd);
+}
+
+/*
+ * A damaged copy is never sent: one cut short is left where it is with
+ * an error-level line; one whose octets changed is held with an
+ * error-level line.
+ */
+static void
+test_damaged_not_sent(void)
+{
+	Fixture f = {0};
+	g_autofree char *trunc = NULL;
+	g_autofree char *log = NULL;
+
+	fixture_set_up(&f, NULL);
+	set_context(&f, "5d");
+	put_copy(&f, "am1.trunc", "all", "archive", now_s());
+	put_copy(&f, "am1.flip", "all", "archive", now_s());
+	trunc = g_build_filename(f.spool_dir, "queue", "am1.trunc", NULL);
+	{
+		GStatBuf st;
+
+		g_assert_cmpint(g_stat(trunc, &st), ==, 0);
+		g_assert_cmpint(truncate(trunc, st.st_size - 10), ==, 0);
+	}
+	damage(&f, "am1.flip", "X", 3);
+	start_runner(&f, 100);
+	g_assert_true(wait_counts(&f, 1, 1));
+	log = wait_log(&f, "error: am1.trunc: ");
+	g_assert_cmpuint(count_lines(log, "error: am1.trunc: spool file"), ==,
+	                 1);
+	g_assert_cmpuint(count_lines(log, "damaged: the copy is"), ==, 1);
+	g_assert_cmpuint(count_lines(log, "error: am1.flip: held (spool file"),
+	                 ==, 1);
+	g_assert_cmpuint(count_lines(log, "SHA-256"), ==, 1);
+	g_usleep(300000);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 0);
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 0);
+	g_assert_true(g_file_test(trunc, G_FILE_TEST_EXISTS));
+	fixture_tear_down(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -527,5 +677,9 @@ main(int argc, char **argv)
 	g_test_add_func("/runner/max-age", test_max_age);
 	g_test_add_func("/runner/rule-gone", test_rule_gone);
 	g_test_add_func("/runner/scan-while-running", test_scan_while_running);
+	g_test_add_func("/runner/far-future-state", test_far_future_state);
+	g_test_add_func("/runner/future-created", test_future_created);
+	g_test_add_func("/runner/max-age-untried", test_max_age_untried);
+	g_test_add_func("/runner/damaged-not-sent", test_damaged_not_sent);
 	return g_test_run();
 }

@@ -15,6 +15,10 @@
 #include "spool.h"
 
 #define BODY "Subject: t\r\nX-Archive-Id: x\r\n\r\nbody\r\n.dot\r\n"
+/* The size and digest lines of a 4-octet copy "body". */
+#define SEAL_BODY                                                              \
+	"size: 4\nsha256: "                                                    \
+	"230d8358dc8e8890b4c58deeb62912ee2f20357ae92a5cc861b98e68fe31acb5\n"
 
 typedef struct {
 	char *dir;   /* the test's own temporary directory */
@@ -225,6 +229,8 @@ test_put_format(Fixture *f, gconstpointer data)
 	AmSpoolEntry e = entry_for("am1.aa", 1700000000);
 	g_autofree char *text = NULL;
 	g_autofree char *envelope = NULL;
+	g_autofree char *digest =
+	    g_compute_checksum_for_string(G_CHECKSUM_SHA256, BODY, -1);
 	const char *body;
 
 	(void)data;
@@ -246,8 +252,10 @@ test_put_format(Fixture *f, gconstpointer data)
 	                           "to: a@archive.example\n"
 	                           "to: b@archive.example\n"
 	                           "flags: smtputf8 8bitmime\n"
-	                           "created: 1700000000\n\n",
-	                           AM_SPOOL_VERSION);
+	                           "created: 1700000000\n"
+	                           "size: %zu\n"
+	                           "sha256: %s\n\n",
+	                           AM_SPOOL_VERSION, strlen(BODY), digest);
 	g_assert_true(g_str_has_prefix(text, envelope));
 	body = text + strlen(envelope);
 	g_assert_cmpstr(body, ==, BODY);
@@ -468,8 +476,20 @@ static const BadFile bad_files[] = {
      "missing"},
     {"id of another file",
      "archive-milter-spool 1\nid: am1.other\nrule: r\nrelay: r\nfrom: \n"
-     "to: a@b\ncreated: 1\n\nbody",
+     "to: a@b\ncreated: 1\n" SEAL_BODY "\nbody",
      "file name"},
+    {"no size or digest",
+     "archive-milter-spool 1\nid: am1.bad\nrule: r\nrelay: r\nfrom: \n"
+     "to: a@b\ncreated: 1\n\nbody",
+     "missing"},
+    {"longer than its size",
+     "archive-milter-spool 1\nid: am1.bad\nrule: r\nrelay: r\nfrom: \n"
+     "to: a@b\ncreated: 1\n" SEAL_BODY "\nbody and more",
+     "damaged"},
+    {"bad digest",
+     "archive-milter-spool 1\nid: am1.bad\nrule: r\nrelay: r\nfrom: \n"
+     "to: a@b\ncreated: 1\nsize: 4\nsha256: 12\n\nbody",
+     "sha256"},
     {"unknown key",
      "archive-milter-spool 1\nid: am1.bad\nrule: r\nrelay: r\nfrom: \n"
      "to: a@b\ncreated: 1\ncolour: red\n\nbody",
@@ -700,7 +720,20 @@ test_enospc(void)
 	g_assert_cmpint(WEXITSTATUS(status), ==, 0);
 }
 
-/* Leftovers of a crash go, but only for the process that owns the
+/* Set the modification time of @sub/@name @age seconds back. */
+static void
+age_file(Fixture *f, const char *sub, const char *name, gint64 age)
+{
+	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
+	struct timespec ts[2] = {
+	    {.tv_sec = g_get_real_time() / G_USEC_PER_SEC - age},
+	    {.tv_sec = g_get_real_time() / G_USEC_PER_SEC - age},
+	};
+
+	g_assert_cmpint(utimensat(AT_FDCWD, path, ts, 0), ==, 0);
+}
+
+/* Leftovers of a crash go, but only for the daemon that owns the
  * spool: a --spool-list beside the daemon must not take its files. */
 static void
 test_leftovers(Fixture *f, gconstpointer data)
@@ -711,6 +744,9 @@ test_leftovers(Fixture *f, gconstpointer data)
 	(void)data;
 	write_file(f, "tmp", "am1.half", "archive-milter-spool 1\nid: am1");
 	write_file(f, "state", ".am1.x.AB12CD", "half");
+	age_file(f, "state", ".am1.x.AB12CD", 3600);
+	/* A --spool-retry's, being written: left alone. */
+	write_file(f, "state", ".am1.y.AB12CD", "half");
 	g_assert_true(am_spool_is_exclusive(first));
 	second = open_spool(f, 0);
 	g_assert_false(am_spool_is_exclusive(second));
@@ -719,8 +755,273 @@ test_leftovers(Fixture *f, gconstpointer data)
 	am_spool_close(first);
 	first = open_spool(f, 0);
 	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
-	g_assert_cmpuint(count_files(f, "state"), ==, 0);
+	g_assert_cmpuint(count_files(f, "state"), ==, 1);
 	am_spool_close(first);
+}
+
+/*
+ * The state of a copy that is gone (a crash between the removal of a
+ * copy and of its state, or an older put that wrote the state first)
+ * is removed at the daemon's start; the state of a queued or held copy
+ * stays.  A command removes nothing.
+ */
+static void
+test_orphan_state(Fixture *f, gconstpointer data)
+{
+	AmSpool *spool = open_spool(f, 0);
+	AmSpoolEntry q = entry_for("am1.q", 100);
+	AmSpoolEntry h = entry_for("am1.h", 100);
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	q.attempts = 1;
+	q.last_error = (char *)"451 later";
+	h.last_error = (char *)"554 no";
+	put(spool, &q, AM_SPOOL_QUEUED, BODY);
+	put(spool, &h, AM_SPOOL_HELD, BODY);
+	write_file(f, "state", "am1.gone",
+	           "archive-milter-state 1\nattempts: 1\n");
+	am_spool_close(spool);
+	g_assert_cmpuint(count_files(f, "state"), ==, 3);
+
+	spool = am_spool_open_full(f->spool, 0, AM_SPOOL_OPEN_COMMAND, &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(count_files(f, "state"), ==, 3);
+	am_spool_close(spool);
+
+	spool = open_spool(f, 0);
+	g_assert_cmpuint(count_files(f, "state"), ==, 2);
+	g_assert_false(g_file_test(f->spool, G_FILE_TEST_EXISTS) &&
+	               count_files(f, "queue") != 1);
+	am_spool_close(spool);
+}
+
+/*
+ * A command (--spool-list, --spool-retry) neither takes the lock nor
+ * deletes anything: a daemon starting while it runs owns the spool and
+ * is not told of a second daemon.
+ */
+static void
+test_command_open(Fixture *f, gconstpointer data)
+{
+	AmSpool *daemon = open_spool(f, 0);
+	AmSpool *cmd;
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	am_spool_close(daemon);
+	write_file(f, "tmp", "am1.half", "archive-milter-spool 1\nid: am1");
+	cmd = am_spool_open_full(f->spool, 0, AM_SPOOL_OPEN_COMMAND, &error);
+	g_assert_no_error(error);
+	g_assert_nonnull(cmd);
+	g_assert_false(am_spool_is_exclusive(cmd));
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 1);
+
+	daemon = open_spool(f, 0);
+	g_assert_true(am_spool_is_exclusive(daemon));
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	am_spool_close(daemon);
+	am_spool_close(cmd);
+}
+
+/*
+ * A spool directory owned by another user, mode 0700, is refused: that
+ * user could rename queue/ and hold/ and put its own in their place.
+ * The same for a subdirectory.  (Needs root to set up.)
+ */
+static void
+test_open_foreign_owner(Fixture *f, gconstpointer data)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *hold = g_build_filename(f->spool, "hold", NULL);
+	AmSpool *spool;
+
+	(void)data;
+	if (geteuid() != 0) {
+		g_test_skip("needs root to chown the spool directory");
+		return;
+	}
+	g_assert_cmpint(mkdir(f->spool, 0700), ==, 0);
+	g_assert_cmpint(chown(f->spool, 65534, 65534), ==, 0);
+	spool = am_spool_open(f->spool, 0, &error);
+	g_assert_null(spool);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+	g_assert_nonnull(strstr(error->message, f->spool));
+	g_assert_nonnull(strstr(error->message, "owned by uid 65534"));
+	g_clear_error(&error);
+
+	g_assert_cmpint(chown(f->spool, 0, 0), ==, 0);
+	am_spool_close(open_spool(f, 0));
+	g_assert_cmpint(chown(hold, 65534, 65534), ==, 0);
+	spool = am_spool_open_full(f->spool, 0, AM_SPOOL_OPEN_COMMAND, &error);
+	g_assert_null(spool);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+	g_assert_nonnull(strstr(error->message, hold));
+	g_assert_nonnull(strstr(error->message, "owned by uid"));
+}
+
+/*
+ * A subdirectory (or the spool directory itself) that is a symbolic
+ * link is refused, and nothing where it points is touched: tmp/ as a
+ * link to another 0700 directory would have had every file there
+ * removed as a leftover.
+ */
+static void
+test_open_symlinks(Fixture *f, gconstpointer data)
+{
+	g_autoptr(GError) error = NULL;
+	g_autofree char *victim = g_build_filename(f->dir, "victim", NULL);
+	g_autofree char *precious = g_build_filename(victim, "precious", NULL);
+	g_autofree char *tmp = g_build_filename(f->spool, "tmp", NULL);
+	g_autofree char *link = g_build_filename(f->dir, "link", NULL);
+	AmSpool *spool;
+
+	(void)data;
+	g_assert_cmpint(mkdir(f->spool, 0700), ==, 0);
+	g_assert_cmpint(mkdir(victim, 0700), ==, 0);
+	g_assert_true(g_file_set_contents(precious, "keep me", -1, NULL));
+	g_assert_cmpint(symlink(victim, tmp), ==, 0);
+
+	spool = am_spool_open(f->spool, 0, &error);
+	g_assert_null(spool);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+	g_assert_nonnull(strstr(error->message, tmp));
+	g_assert_nonnull(strstr(error->message, "symbolic link"));
+	g_assert_true(g_file_test(precious, G_FILE_TEST_EXISTS));
+	g_clear_error(&error);
+
+	/* The spool directory itself. */
+	g_assert_cmpint(unlink(tmp), ==, 0);
+	g_assert_cmpint(symlink(f->spool, link), ==, 0);
+	spool = am_spool_open(link, 0, &error);
+	g_assert_null(spool);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+	g_assert_nonnull(strstr(error->message, "symbolic link"));
+	g_clear_error(&error);
+	{
+		g_autofree char *slash = g_strconcat(link, "//", NULL);
+
+		spool = am_spool_open(slash, 0, &error);
+		g_assert_null(spool);
+		g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+		g_assert_nonnull(strstr(error->message, "symbolic link"));
+	}
+}
+
+/* A link in place of a copy or of its state is never followed. */
+static void
+test_file_symlinks(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.a", 100);
+	g_autofree char *outside = g_build_filename(f->dir, "outside", NULL);
+	g_autofree char *qlink =
+	    g_build_filename(f->spool, "queue", "am1.link", NULL);
+	g_autofree char *slink =
+	    g_build_filename(f->spool, "state", "am1.a", NULL);
+	g_autofree char *copy = NULL;
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	copy = read_file(f, "queue", "am1.a");
+	/* A good copy, renamed to its link's name, outside the spool. */
+	g_assert_true(g_file_set_contents(
+	    outside, "archive-milter-state 1\nattempts: 7\n", -1, NULL));
+	g_assert_cmpint(symlink(outside, qlink), ==, 0);
+	g_assert_cmpint(symlink(outside, slink), ==, 0);
+
+	g_assert_null(am_spool_get(spool, "am1.link", &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FORMAT);
+	g_assert_nonnull(strstr(error->message, "symbolic link"));
+	g_clear_error(&error);
+	got = am_spool_get(spool, "am1.a", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(got->attempts, ==, 0);
+}
+
+/*
+ * A copy cut short on disk (a torn file system, a careless copy) is
+ * never read as the whole copy: its envelope records its length.
+ */
+static void
+test_truncated_copy(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.trunc", 100);
+	g_autofree char *path =
+	    g_build_filename(f->spool, "queue", "am1.trunc", NULL);
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(GPtrArray) list = NULL;
+	g_autoptr(GError) error = NULL;
+	struct stat st;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	g_assert_cmpint(stat(path, &st), ==, 0);
+	g_assert_cmpint(truncate(path, st.st_size - 10), ==, 0);
+
+	got = am_spool_get(spool, "am1.trunc", &error);
+	g_assert_null(got);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FORMAT);
+	g_assert_nonnull(strstr(error->message, "damaged"));
+	g_clear_error(&error);
+	list = am_spool_list(spool, AM_SPOOL_QUEUED, &error);
+	g_assert_cmpuint(list->len, ==, 0);
+	g_assert_true(g_file_test(path, G_FILE_TEST_EXISTS));
+}
+
+/* A copy of the right length whose octets changed is refused when it
+ * is opened for delivery: its SHA-256 differs. */
+static void
+test_changed_copy(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.flip", 100);
+	g_autofree char *path =
+	    g_build_filename(f->spool, "queue", "am1.flip", NULL);
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(GError) error = NULL;
+	struct stat st;
+	int fd;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	got = am_spool_get(spool, "am1.flip", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(strlen(got->sha256), ==, 64);
+	msg = am_spool_message(spool, got, &error);
+	g_assert_no_error(error);
+	g_clear_pointer(&msg, smtp_message_free);
+
+	g_assert_cmpint(stat(path, &st), ==, 0);
+	fd = open(path, O_WRONLY);
+	g_assert_cmpint(pwrite(fd, "X", 1, st.st_size - 3), ==, 1);
+	close(fd);
+	msg = am_spool_message(spool, got, &error);
+	g_assert_null(msg);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FORMAT);
+	g_assert_nonnull(strstr(error->message, "SHA-256"));
+}
+
+/* A damaged version line is named, never printed raw: no escape
+ * sequence from a file reaches a terminal or the log. */
+static void
+test_version_sanitized(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	write_file(f, "queue", "am1.esc",
+	           "archive-milter-spool 1\033[2J\r\nid: am1.esc\n\nbody");
+	g_assert_null(am_spool_get(spool, "am1.esc", &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FORMAT);
+	g_assert_nonnull(strstr(error->message, "version"));
+	g_assert_null(strchr(error->message, '\033'));
+	g_assert_null(strchr(error->message, '\r'));
 }
 
 typedef struct {
@@ -794,6 +1095,14 @@ main(int argc, char **argv)
 	ADD("/spool/open/layout", test_open_layout);
 	ADD("/spool/open/refuses", test_open_refuses);
 	ADD("/spool/open/leftovers", test_leftovers);
+	ADD("/spool/open/orphan-state", test_orphan_state);
+	ADD("/spool/open/command", test_command_open);
+	ADD("/spool/open/foreign-owner", test_open_foreign_owner);
+	ADD("/spool/open/symlinks", test_open_symlinks);
+	ADD("/spool/get/file-symlinks", test_file_symlinks);
+	ADD("/spool/get/truncated", test_truncated_copy);
+	ADD("/spool/message/changed", test_changed_copy);
+	ADD("/spool/bad-file/version-sanitized", test_version_sanitized);
 	ADD("/spool/put/format", test_put_format);
 	ADD("/spool/put/refuses-control", test_put_refuses_control);
 	ADD("/spool/put/held-with-reason", test_put_held_with_reason);

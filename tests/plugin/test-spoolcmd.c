@@ -267,6 +267,7 @@ test_retry(Fixture *f, gconstpointer data)
 	run_clear(&r);
 	run_cmd(&r, f, "--spool-retry", "../../etc/passwd");
 	g_assert_cmpint(r.status, ==, EX_NOINPUT);
+	g_assert_nonnull(strstr(r.err, "not a spool id: \"../../etc/passwd\""));
 	run_clear(&r);
 
 	run_cmd(&r, f, "--spool-retry", "all");
@@ -322,7 +323,8 @@ test_bad_spool_dir(Fixture *f, gconstpointer data)
 }
 
 /* Beside a running daemon (here: a process holding the spool open) a
- * command must not clear tmp/, where the daemon writes. */
+ * command must not clear tmp/, where the daemon writes; alone, it
+ * deletes nothing either: only the daemon cleans up, at its start. */
 static void
 test_beside_daemon(Fixture *f, gconstpointer data)
 {
@@ -331,15 +333,59 @@ test_beside_daemon(Fixture *f, gconstpointer data)
 
 	(void)data;
 	write_file(f, "tmp", "am1.writing", "archive-milter-spool 1\n");
+	write_file(f, "state", "am1.orphan", "archive-milter-state 1\n");
 	run_cmd(&r, f, "--spool-list", NULL);
 	g_assert_cmpint(r.status, ==, 0);
 	g_assert_true(exists(f, "tmp", "am1.writing"));
 	am_spool_close(spool);
 	run_clear(&r);
 
-	/* Alone, the leftover of a crash goes. */
 	run_cmd(&r, f, "--spool-list", NULL);
-	g_assert_false(exists(f, "tmp", "am1.writing"));
+	g_assert_cmpint(r.status, ==, 0);
+	run_clear(&r);
+	run_cmd(&r, f, "--spool-retry", "all");
+	g_assert_cmpint(r.status, ==, 0);
+	g_assert_true(exists(f, "tmp", "am1.writing"));
+	g_assert_true(exists(f, "state", "am1.orphan"));
+	g_assert_cmpstr(r.err, ==, "");
+}
+
+/*
+ * A spool directory owned by another user, or with a subdirectory that
+ * is a symbolic link, is refused by the commands too, with a message
+ * naming it, and nothing where the link points is deleted (even by a
+ * root --spool-list).
+ */
+static void
+test_unsafe_spool(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	g_autofree char *victim = g_build_filename(f->dir, "victim", NULL);
+	g_autofree char *precious = g_build_filename(victim, "precious", NULL);
+	g_autofree char *tmp = g_build_filename(f->spool_dir, "tmp", NULL);
+
+	(void)data;
+	g_assert_cmpint(g_mkdir(f->spool_dir, 0700), ==, 0);
+	g_assert_cmpint(g_mkdir(victim, 0700), ==, 0);
+	g_assert_true(g_file_set_contents(precious, "keep", -1, NULL));
+	g_assert_cmpint(symlink(victim, tmp), ==, 0);
+	run_cmd(&r, f, "--spool-list", NULL);
+	g_assert_cmpint(r.status, ==, EX_IOERR);
+	g_assert_nonnull(strstr(r.err, tmp));
+	g_assert_nonnull(strstr(r.err, "symbolic link"));
+	g_assert_true(g_file_test(precious, G_FILE_TEST_EXISTS));
+	run_clear(&r);
+
+	if (geteuid() != 0) {
+		g_test_skip("needs root to chown the spool directory");
+		return;
+	}
+	g_assert_cmpint(unlink(tmp), ==, 0);
+	g_assert_cmpint(chown(f->spool_dir, 65534, 65534), ==, 0);
+	run_cmd(&r, f, "--spool-retry", "all");
+	g_assert_cmpint(r.status, ==, EX_IOERR);
+	g_assert_nonnull(strstr(r.err, f->spool_dir));
+	g_assert_nonnull(strstr(r.err, "owned by uid 65534"));
 }
 
 /* Read the daemon's stderr until a line holding @want, or EOF. */
@@ -439,6 +485,7 @@ main(int argc, char **argv)
 	ADD("/spoolcmd/retry", test_retry);
 	ADD("/spoolcmd/bad-spool-dir", test_bad_spool_dir);
 	ADD("/spoolcmd/beside-daemon", test_beside_daemon);
+	ADD("/spoolcmd/unsafe-spool", test_unsafe_spool);
 	ADD("/spoolcmd/daemon", test_daemon);
 #undef ADD
 	return g_test_run();
