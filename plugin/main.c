@@ -98,7 +98,10 @@ parse_options(int argc, char **argv, AmOptions *opt)
  * --check judges the key file as the daemon will (am_archive_key_check
  * shares its code with the load) but never creates it: a missing file
  * is fine, the daemon makes one.  The message names the configuration
- * file, line and key, then the key file and the cause.
+ * file, line and key, then the key file and the cause.  XXX: for a
+ * missing file, whether the daemon could create it (its directory, or
+ * that directory's parent, one level only) is not checked; the daemon
+ * says so at start.
  */
 static gboolean
 check_key_file(const AmConfig *config, GPtrArray *errors)
