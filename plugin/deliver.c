@@ -370,7 +370,11 @@ delivery_classify(AmDelivery *d, const SmtpResult *result, const GError *error)
 	}
 	d->outcome = error_outcome(error);
 	d->temporary = error_is_temporary(error);
-	r = deciding_refusal(smtp_error_get_refused(error), d->temporary);
+	/* Only when every recipient was refused does a refusal decide; a
+	 * later error (DATA, end of data) speaks for the copy itself. */
+	r = g_error_matches(error, SMTP_ERROR, SMTP_ERROR_RECIPIENTS_REFUSED)
+	        ? deciding_refusal(smtp_error_get_refused(error), d->temporary)
+	        : NULL;
 	reply = r != NULL ? &r->reply : smtp_error_get_reply(error);
 	if (reply != NULL && reply->code != 0)
 		reply_copy(&d->reply, reply);

@@ -180,9 +180,9 @@ smtp_error_get_refused(const GError *error)
 {
 	SmtpErrorPrivate *priv = get_priv(error);
 
-	if (priv == NULL || error->code != SMTP_ERROR_RECIPIENTS_REFUSED)
-		return NULL;
-	return priv->refused;
+	/* Set for RECIPIENTS_REFUSED, and for a later error of a
+	 * transaction in which some recipients were refused. */
+	return priv != NULL ? priv->refused : NULL;
 }
 
 const char *

@@ -742,6 +742,15 @@ work_end(Work *w, SmtpResult *result, GError *error)
 		g_assert(error != NULL);
 		if (error->domain == SMTP_ERROR)
 			smtp_error_set_dropped(error, w->dropped);
+		/* Recipients refused at RCPT before a later failure (DATA,
+		 * end of data, a lost connection) keep their own replies;
+		 * after a refused MAIL their 503s mean nothing. */
+		if (error->domain == SMTP_ERROR &&
+		    error->code != SMTP_ERROR_SENDER_REFUSED &&
+		    w->env.refused != NULL && w->env.refused->len > 0 &&
+		    smtp_error_get_refused(error) == NULL)
+			smtp_error_take_refused(
+			    error, g_steal_pointer(&w->env.refused));
 		w->job->error = error;
 	}
 	work_clear(w);

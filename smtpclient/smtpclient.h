@@ -93,8 +93,11 @@ const SmtpReply *smtp_error_get_reply(const GError *error);
 
 /*
  * smtp_error_get_refused: for SMTP_ERROR_RECIPIENTS_REFUSED, the array
- * of SmtpRefusal, one per recipient, in the order given; otherwise
- * NULL.  (transfer none).
+ * of SmtpRefusal, one per recipient, in the order given; for a later
+ * error of a transaction in which some recipients were refused (DATA or
+ * the end of data refused, the connection lost after RCPT), those
+ * refusals, each with its own RCPT reply; otherwise NULL.
+ * (transfer none).
  */
 const GPtrArray *smtp_error_get_refused(const GError *error);
 

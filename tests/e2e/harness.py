@@ -65,11 +65,28 @@ def wait_for(pred, timeout, what, interval=0.05):
         interval = min(interval * 1.5, 0.5)
 
 
+# Sockets that keep the ports of free_port() reserved until this
+# process ends.
+_reserved_ports = []
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on, and that no
+    other process can take until this one ends.
+
+    A port let go at once could be taken by anything else on a busy
+    machine (a connect() of a parallel test gets a free ephemeral port)
+    before the server it is meant for binds it, and that server would
+    fail to start.  So the port stays bound, with SO_REUSEADDR and never
+    listening: the servers of these tests, which set SO_REUSEADDR too
+    (Postfix's master, libmilter, fake-smtpd), can still bind and listen
+    beside it, also when restarted, while no automatic choice of port
+    (connect(), bind() to port 0) picks it."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((LOOPBACK, 0))
+    _reserved_ports.append(s)
+    return s.getsockname()[1]
 
 
 def port_open(port):

@@ -157,6 +157,64 @@ test_partial(void)
 }
 
 /*
+ * One address refused at RCPT, then the copy refused at DATA or at the
+ * end of data: each address is logged with its own reply, the refused
+ * one with its RCPT reply, not the later one; the copy's outcome and
+ * deciding reply are those of the later failure.
+ */
+typedef struct {
+	const char *name;
+	const char *script;
+	const char *rcpt_reply;  /* of gone@ */
+	const char *other_reply; /* of journal@ */
+	AmStatus other_status;
+	int code; /* d->reply */
+} LaterCase;
+
+static const LaterCase later_cases[] = {
+    {"dot-451",
+     "on RCPT /gone/ reply 450 4.2.1 busy\n"
+     "on DOT reply 451 4.3.0 later",
+     "450 4.2.1 busy (in reply to rcpt)",
+     "451 4.3.0 later (in reply to end-of-data)", AM_STATUS_DEFERRED, 451},
+    {"dot-554",
+     "on RCPT /gone/ reply 450 4.2.1 busy\n"
+     "on DOT reply 554 5.6.0 bad",
+     "450 4.2.1 busy (in reply to rcpt)",
+     "554 5.6.0 bad (in reply to end-of-data)", AM_STATUS_BOUNCED, 554},
+    {"data-451",
+     "on RCPT /gone/ reply 550 5.1.1 gone\n"
+     "on DATA reply 451 4.3.0 later",
+     "550 5.1.1 gone (in reply to rcpt)", "451 4.3.0 later (in reply to data)",
+     AM_STATUS_DEFERRED, 451},
+};
+
+static void
+test_refused_then_failed(gconstpointer data)
+{
+	const LaterCase *c = data;
+	const char *to[] = {"journal@archive.example", "gone@archive.example",
+	                    NULL};
+	Fixture f = {0};
+	g_autoptr(AmDelivery) d = NULL;
+
+	fixture_start(&f, c->script);
+	d = send_copy(&f, to, FALSE);
+	g_test_message("%s: %s / %s", c->name, rcpt(d, 0)->reply,
+	               rcpt(d, 1)->reply);
+	g_assert_cmpstr(rcpt(d, 1)->address, ==, "gone@archive.example");
+	g_assert_cmpstr(rcpt(d, 1)->reply, ==, c->rcpt_reply);
+	g_assert_cmpint(rcpt(d, 1)->status, ==,
+	                c->rcpt_reply[0] == '4' ? AM_STATUS_DEFERRED
+	                                        : AM_STATUS_BOUNCED);
+	g_assert_cmpstr(rcpt(d, 0)->reply, ==, c->other_reply);
+	g_assert_cmpint(rcpt(d, 0)->status, ==, c->other_status);
+	g_assert_cmpint(d->outcome, ==, AM_OUTCOME_DATA_ERROR);
+	g_assert_cmpint(d->reply.code, ==, c->code);
+	fixture_stop(&f);
+}
+
+/*
  * The outcome of the copy as a whole, for the policy table: every fault
  * the library can report, classified as conf.h documents AmOutcome,
  * with "temporary" and the reply that decided it.
@@ -590,6 +648,14 @@ main(int argc, char **argv)
 		    "/plugin/deliver/outcome/%s", outcome_cases[i].name);
 
 		g_test_add_data_func(path, &outcome_cases[i], test_outcome);
+	}
+	for (i = 0; i < G_N_ELEMENTS(later_cases); i++) {
+		g_autofree char *path =
+		    g_strdup_printf("/plugin/deliver/refused-then-failed/%s",
+		                    later_cases[i].name);
+
+		g_test_add_data_func(path, &later_cases[i],
+		                     test_refused_then_failed);
 	}
 	for (i = 0; i < G_N_ELEMENTS(protocol_cases); i++) {
 		g_autofree char *path = g_strdup_printf(
