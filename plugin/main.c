@@ -45,6 +45,9 @@
  * milter's answer to the end of a message. */
 #define AM_POSTFIX_CONTENT_TIMEOUT_MS 300000
 
+/* parse_options: the work is done (--version), exit 0. */
+#define EX_OK_DONE (-1)
+
 typedef struct {
 	char *config_path;
 	gboolean foreground;
@@ -57,6 +60,7 @@ typedef struct {
 static int
 parse_options(int argc, char **argv, AmOptions *opt)
 {
+	gboolean version = FALSE;
 	GOptionEntry entries[] = {
 	    {"config", 'c', 0, G_OPTION_ARG_FILENAME, &opt->config_path,
 	     "configuration file", "FILE"},
@@ -70,6 +74,8 @@ parse_options(int argc, char **argv, AmOptions *opt)
 	     "list the copies in the spool and exit", NULL},
 	    {"spool-retry", 0, 0, G_OPTION_ARG_STRING, &opt->spool_retry,
 	     "move held copy ID (or all) back to the queue and exit", "ID|all"},
+	    {"version", 0, 0, G_OPTION_ARG_NONE, &version,
+	     "print the version and exit", NULL},
 	    {NULL, 0, 0, 0, NULL, NULL, NULL},
 	};
 	g_autoptr(GOptionContext) octx =
@@ -81,11 +87,20 @@ parse_options(int argc, char **argv, AmOptions *opt)
 		fprintf(stderr, "archive-milter: %s\n", error->message);
 		return EX_USAGE;
 	}
+	if (version) {
+		printf("archive-milter %s\n", AM_VERSION);
+		g_clear_pointer(&opt->config_path, g_free);
+		g_clear_pointer(&opt->spool_retry, g_free);
+		return EX_OK_DONE;
+	}
 	if (opt->config_path == NULL || argc > 1 ||
 	    opt->check + opt->spool_list + (opt->spool_retry != NULL) > 1) {
 		fprintf(stderr, "usage: archive-milter -c FILE [-f] [-v] "
 		                "[--check | --spool-list | --spool-retry "
-		                "ID|all]\n");
+		                "ID|all]\n"
+		                "       archive-milter --version\n"
+		                "-c FILE is required: there is no default "
+		                "configuration path\n");
 		/* Freed here: the tests run us under LeakSanitizer. */
 		g_clear_pointer(&opt->config_path, g_free);
 		g_clear_pointer(&opt->spool_retry, g_free);
@@ -98,7 +113,10 @@ parse_options(int argc, char **argv, AmOptions *opt)
  * --check judges the key file as the daemon will (am_archive_key_check
  * shares its code with the load) but never creates it: a missing file
  * is fine, the daemon makes one.  The message names the configuration
- * file, line and key, then the key file and the cause.
+ * file, line and key, then the key file and the cause.  XXX: for a
+ * missing file, whether the daemon could create it (its directory, or
+ * that directory's parent, one level only) is not checked; the daemon
+ * says so at start.
  */
 static gboolean
 check_key_file(const AmConfig *config, GPtrArray *errors)
@@ -384,13 +402,56 @@ print_spool(const AmConfig *config)
 
 /*
  * The spool directory as am_spool_open() will want it: a directory
- * closed to group and others that we can write, or a missing one whose
- * parent lets us create it (one mkdir, no parents).  --check creates
- * nothing.  Only warnings: the daemon may run as another user, or the
- * file be checked on another machine.  XXX: access() answers for the
- * user running --check; run as root it always says writable, while the
- * daemon may run as another user (there is no user key yet).
+ * closed to group and others, owned by us, that we can write, or a
+ * missing one whose parent lets us create it (one mkdir, no parents).
+ * --check creates nothing.  What the daemon refuses whoever runs it (not
+ * a directory, open to group or others, owned by another user) is an
+ * error, so that "ok" means the daemon can start; what depends on the
+ * user running --check (writable, creatable) is a warning, since the
+ * daemon may run as another one.  XXX: access() answers for the user
+ * running --check; as root it always says writable.
  */
+static char *
+spool_dir_error(const char *dir)
+{
+	struct stat st;
+
+	if (lstat(dir, &st) != 0)
+		return NULL; /* missing or unreadable: check_spool_dir warns */
+	if (S_ISLNK(st.st_mode))
+		return g_strdup("a symbolic link; the daemon wants the real "
+		                "directory");
+	if (!S_ISDIR(st.st_mode))
+		return g_strdup("not a directory");
+	if ((st.st_mode & 0077) != 0)
+		return g_strdup_printf("mode %04o is open to group or others; "
+		                       "the daemon refuses it unless it is "
+		                       "0700 (chmod 0700 %s)",
+		                       (unsigned)(st.st_mode & 07777), dir);
+	if (st.st_uid != geteuid())
+		return g_strdup_printf("owned by uid %u, not by this user (uid "
+		                       "%u); the daemon refuses a spool "
+		                       "others can change",
+		                       (unsigned)st.st_uid,
+		                       (unsigned)geteuid());
+	return NULL;
+}
+
+static gboolean
+check_spool_dir_errors(const AmConfig *config, GPtrArray *errors)
+{
+	g_autofree char *why = spool_dir_error(config->spool_dir);
+	g_autofree char *where = NULL;
+
+	if (why == NULL)
+		return TRUE;
+	where = am_config_where(config, "milter", "spool_dir");
+	g_ptr_array_add(errors, g_strdup_printf("%s: %s: %s; the daemon would "
+	                                        "not start",
+	                                        where, config->spool_dir, why));
+	return FALSE;
+}
+
 static void
 check_spool_dir(const char *dir)
 {
@@ -398,14 +459,7 @@ check_spool_dir(const char *dir)
 	struct stat st;
 
 	if (stat(dir, &st) == 0) {
-		if (!S_ISDIR(st.st_mode))
-			printf("WARNING: spool_dir %s: not a directory\n", dir);
-		else if ((st.st_mode & 0077) != 0)
-			printf("WARNING: spool_dir %s: mode %04o is open to "
-			       "group or others; the daemon refuses it unless "
-			       "it is 0700 (chmod 0700 %s)\n",
-			       dir, (unsigned)(st.st_mode & 07777), dir);
-		else if (access(dir, W_OK | X_OK) != 0)
+		if (S_ISDIR(st.st_mode) && access(dir, W_OK | X_OK) != 0)
 			printf("WARNING: spool_dir %s: not writable by this "
 			       "user (uid %u): %s\n",
 			       dir, (unsigned)getuid(), g_strerror(errno));
@@ -586,8 +640,9 @@ load_config(const char *path, gboolean check)
 		/* Both, so that every problem shows at once. */
 		gboolean key_ok = check_key_file(config, errors);
 		gboolean pid_ok = check_pid_file(config, errors);
+		gboolean spool_ok = check_spool_dir_errors(config, errors);
 
-		if (!key_ok || !pid_ok)
+		if (!key_ok || !pid_ok || !spool_ok)
 			g_clear_pointer(&config, am_config_free);
 	}
 	for (i = 0; errors != NULL && i < errors->len; i++)
@@ -622,8 +677,16 @@ open_socket(const char *spec)
 		am_log_error("bad milter socket %s", spec);
 		return EX_CONFIG;
 	}
+	errno = 0;
 	if (smfi_opensocket(TRUE) != MI_SUCCESS) {
-		am_log_error("cannot listen on milter socket %s", spec);
+		/* libmilter says why only to syslog; errno is bind's. */
+		int saved = errno;
+
+		if (saved != 0)
+			am_log_error("cannot listen on milter socket %s: %s",
+			             spec, g_strerror(saved));
+		else
+			am_log_error("cannot listen on milter socket %s", spec);
 		return EX_UNAVAILABLE;
 	}
 	return EX_OK;
@@ -915,7 +978,7 @@ main(int argc, char **argv)
 	int rc;
 
 	if ((rc = parse_options(argc, argv, &opt)) != EX_OK)
-		return rc;
+		return rc == EX_OK_DONE ? EX_OK : rc;
 
 	/* A relay that closes mid-write must give EPIPE, not kill us. */
 	signal(SIGPIPE, SIG_IGN);

@@ -7,8 +7,12 @@
  * reason, the WARNING lines about Postfix's milter_content_timeout, and
  * that no password is ever printed, also when its file is refused.
  */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -396,8 +400,11 @@ test_spool_defaults(void)
 
 /*
  * spool_dir: a private directory, or a missing one its parent lets us
- * create, is fine; anything else is a WARNING (--check still succeeds,
- * as the daemon may run elsewhere), and --check creates nothing.
+ * create, is fine.  What the daemon refuses whoever runs it (not a
+ * directory, a symbolic link, open to group or others, another user's)
+ * is an error and exit 78, so that "ok" means the daemon can start;
+ * what depends on the user (cannot be created here) is a WARNING.
+ * --check creates nothing.
  */
 static void
 test_spool_dir(void)
@@ -407,6 +414,8 @@ test_spool_dir(void)
 	g_autofree char *conf = g_build_filename(dir, "am.conf", NULL);
 	g_autofree char *open_dir = g_build_filename(dir, "open", NULL);
 	g_autofree char *ok_dir = g_build_filename(dir, "ok", NULL);
+	g_autofree char *link = g_build_filename(dir, "link", NULL);
+	g_autofree char *foreign = g_build_filename(dir, "foreign", NULL);
 	g_autofree char *file = g_build_filename(dir, "file", NULL);
 	g_autofree char *missing = g_build_filename(dir, "new", NULL);
 	g_autofree char *deep = g_build_filename(dir, "no", "such", NULL);
@@ -414,15 +423,19 @@ test_spool_dir(void)
 	const struct {
 		const char *spool_dir;
 		const char *warning; /* NULL: none */
+		const char *error;   /* NULL: none; else exit 78 */
 	} cases[] = {
-	    {ok_dir, NULL},
-	    {missing, NULL},
-	    {open_dir, "mode 0755 is open to group or others; the daemon "
-	               "refuses it unless it is 0700"},
-	    {file, "not a directory"},
-	    {deep, "does not exist, and cannot be created: its parent "},
+	    {ok_dir, NULL, NULL},
+	    {missing, NULL, NULL},
+	    {open_dir, NULL,
+	     "mode 0755 is open to group or others; the daemon "
+	     "refuses it unless it is 0700"},
+	    {file, NULL, "not a directory"},
+	    {link, NULL, "a symbolic link"},
+	    {foreign, NULL, "owned by uid 65534, not by this user"},
+	    {deep, "does not exist, and cannot be created: its parent ", NULL},
 	    /* ENOTDIR, in strerror's words. */
-	    {under_file, "Not a directory"},
+	    {under_file, "Not a directory", NULL},
 	};
 	gsize i;
 
@@ -431,6 +444,10 @@ test_spool_dir(void)
 	g_assert_cmpint(g_mkdir(open_dir, 0700), ==, 0);
 	g_assert_cmpint(g_chmod(open_dir, 0755), ==, 0);
 	g_assert_true(g_file_set_contents(file, "x", -1, NULL));
+	g_assert_cmpint(symlink(ok_dir, link), ==, 0);
+	g_assert_cmpint(g_mkdir(foreign, 0700), ==, 0);
+	if (geteuid() == 0)
+		g_assert_cmpint(chown(foreign, 65534, 65534), ==, 0);
 
 	for (i = 0; i < G_N_ELEMENTS(cases); i++) {
 		g_autofree char *text = g_strdup_printf(
@@ -441,8 +458,22 @@ test_spool_dir(void)
 		    dir, cases[i].spool_dir);
 		g_auto(Run) r = {0};
 
+		/* Only root can give a directory away. */
+		if (cases[i].spool_dir == foreign && geteuid() != 0)
+			continue;
 		g_assert_true(g_file_set_contents(conf, text, -1, NULL));
 		run_check(&r, conf);
+		if (cases[i].error != NULL) {
+			g_autofree char *want =
+			    g_strdup_printf("spool_dir: %s: %s",
+			                    cases[i].spool_dir, cases[i].error);
+
+			g_assert_cmpint(r.status, ==, 78);
+			g_assert_nonnull(strstr(r.err, want));
+			g_assert_nonnull(strstr(r.err, "the daemon would not "
+			                               "start"));
+			continue;
+		}
 		g_assert_cmpint(r.status, ==, 0);
 		if (cases[i].warning == NULL) {
 			g_assert_cmpuint(count_lines_with(r.out, "WARNING"), ==,
@@ -463,6 +494,8 @@ test_spool_dir(void)
 
 	g_rmdir(ok_dir);
 	g_rmdir(open_dir);
+	g_unlink(link);
+	g_rmdir(foreign);
 	g_unlink(file);
 	g_unlink(conf);
 	g_assert_cmpint(g_rmdir(dir), ==, 0);
@@ -808,6 +841,8 @@ test_no_password(void)
  * SIGUSR1 (DESIGN.md: reload, not implemented yet) must not stop a
  * running daemon: it would take every message down to a tempfail.
  */
+static void rm_spool(const char *dir);
+
 static void
 test_sigusr1(void)
 {
@@ -821,12 +856,13 @@ test_sigusr1(void)
 	GPid pid;
 	int status = 0;
 
+	/* The spool in the test's directory, never the system's. */
 	text =
 	    g_strdup_printf("[milter]\nsocket = unix:%s\n"
-	                    "archive_id_key_file = %s\n"
+	                    "archive_id_key_file = %s\nspool_dir = %s/spool\n"
 	                    "[relay:r]\nhost = 127.0.0.1\nport = 9\n"
 	                    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
-	                    sock, key);
+	                    sock, key, dir);
 	g_assert_true(g_file_set_contents(conf, text, -1, NULL));
 	g_spawn_async(NULL, (char **)argv, NULL,
 	              G_SPAWN_DO_NOT_REAP_CHILD | G_SPAWN_STDERR_TO_DEV_NULL,
@@ -850,6 +886,91 @@ test_sigusr1(void)
 	g_unlink(sock);
 	g_unlink(key);
 	g_unlink(conf);
+	rm_spool(dir);
+	g_rmdir(dir);
+}
+
+/* A spool the daemon made under @dir: its parts, then itself. */
+static void
+rm_spool(const char *dir)
+{
+	const char *parts[] = {"tmp", "queue", "hold", "state", NULL};
+	g_autofree char *spool = g_build_filename(dir, "spool", NULL);
+	g_autofree char *lock = g_build_filename(spool, "lock", NULL);
+
+	for (const char **p = parts; *p != NULL; p++) {
+		g_autofree char *d = g_build_filename(spool, *p, NULL);
+
+		g_rmdir(d);
+	}
+	g_unlink(lock);
+	g_rmdir(spool);
+}
+
+static void
+test_version(void)
+{
+	const char *argv[] = {milter_path, "--version", NULL};
+	g_autofree char *out = NULL;
+	g_autoptr(GError) error = NULL;
+	int status = 0;
+
+	g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+	             &out, NULL, &status, &error);
+	g_assert_no_error(error);
+	g_assert_true(WIFEXITED(status));
+	g_assert_cmpint(WEXITSTATUS(status), ==, 0);
+	g_assert_true(g_str_has_prefix(out, "archive-milter "));
+	g_assert_true(g_ascii_isdigit(out[strlen("archive-milter ")]));
+}
+
+/* A socket another process holds: exit 69 and the reason, not just
+ * "cannot listen". */
+static void
+test_socket_busy(void)
+{
+	g_autofree char *dir = g_dir_make_tmp("am-busy-XXXXXX", NULL);
+	g_autofree char *conf = g_build_filename(dir, "a.conf", NULL);
+	g_autofree char *key = g_build_filename(dir, "key", NULL);
+	g_autofree char *text = NULL;
+	g_autofree char *err = NULL;
+	const char *argv[] = {milter_path, "-c", conf, "-f", NULL};
+	g_autoptr(GError) error = NULL;
+	struct sockaddr_in sin = {.sin_family = AF_INET};
+	socklen_t len = sizeof(sin);
+	int holder = socket(AF_INET, SOCK_STREAM, 0);
+	int status = 0;
+	guint16 port;
+
+	g_assert_cmpint(holder, >=, 0);
+	sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	g_assert_cmpint(bind(holder, (struct sockaddr *)&sin, sizeof(sin)), ==,
+	                0);
+	g_assert_cmpint(listen(holder, 1), ==, 0);
+	g_assert_cmpint(getsockname(holder, (struct sockaddr *)&sin, &len), ==,
+	                0);
+	port = ntohs(sin.sin_port);
+
+	text =
+	    g_strdup_printf("[milter]\nsocket = inet:%u@127.0.0.1\n"
+	                    "archive_id_key_file = %s\nspool_dir = %s/spool\n"
+	                    "[relay:r]\nhost = 127.0.0.1\nport = 9\n"
+	                    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
+	                    port, key, dir);
+	g_assert_true(g_file_set_contents(conf, text, -1, NULL));
+	g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+	             NULL, &err, &status, &error);
+	g_assert_no_error(error);
+	g_test_message("stderr: %s", err);
+	g_assert_true(WIFEXITED(status));
+	g_assert_cmpint(WEXITSTATUS(status), ==, 69);
+	g_assert_nonnull(strstr(err, "cannot listen on milter socket"));
+	g_assert_nonnull(strstr(err, g_strerror(EADDRINUSE)));
+
+	close(holder);
+	g_unlink(key);
+	g_unlink(conf);
+	rm_spool(dir);
 	g_rmdir(dir);
 }
 
@@ -881,5 +1002,7 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/check/pid-file", test_pid_file);
 	g_test_add_func("/plugin/check/key-file", test_key_file);
 	g_test_add_func("/plugin/daemon/sigusr1", test_sigusr1);
+	g_test_add_func("/plugin/daemon/version", test_version);
+	g_test_add_func("/plugin/daemon/socket-busy", test_socket_busy);
 	return g_test_run();
 }
