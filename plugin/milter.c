@@ -66,7 +66,12 @@
  * up.  A client that disconnects after its final dot does not make a
  * mismatch: Postfix queues the message before it replies.
  *
- * Known limits: XXX: a copy confirmed for an original that a later
+ * Known limits: XXX: synchronous copies of one message are sent one
+ * after another under one copy_deadline, so a relay that stalls for a
+ * rule early in the file leaves later rules little or no time: their
+ * copies are then timeouts (held, spooled or tempfailed as their
+ * on_timeout says) although their own relays are fine.  XXX: a copy
+ * confirmed for an original that a later
  * milter or Postfix itself then refuses stays in the archive, and is
  * logged as such only through the queue id, as above.  A recipient
  * that a later milter removes is still in the journal.  Memory

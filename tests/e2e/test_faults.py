@@ -48,7 +48,7 @@ Message-ID, which the journal copy carries; copies by X-Archive-Id):
 Known limits:
 XXX: relay-down in spool mode waits a fixed RETRY_MIN + RELAY_TIMEOUT
 for the workers' attempts, since a relay that is down sees nothing.
-XXX: spool-unwritable and spool-full need mount(2) (tmpfs, bind mount);
+XXX: spool-unwritable and spool-full need mount(2) (tmpfs, remount);
 without it they are skipped, with the reason in the TAP output.
 XXX: the flood in sync mode can only require that some originals are
 accepted between the relay's flaps; how many depends on timing.
@@ -894,29 +894,26 @@ def duplicate_case(env, c):
 
 
 def make_readonly(env):
-    """A read-only bind mount of the spool onto itself: every path
-    opened from now on is on a read-only file system.  (Remounting the
-    tmpfs itself read-only is refused while the milter holds its lock
-    file open for writing; the open descriptors keep the old mount.)"""
-    d = env.milter.spool_dir
-    r = subprocess.run(["mount", "--bind", d, d], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        raise RuntimeError("mount --bind %s: %s" % (d, r.stderr))
-    h.WATCHDOG.tell("umount", d)
-    r = subprocess.run(["mount", "-o", "remount,bind,ro", d],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        undo_readonly(env)
-        raise RuntimeError("remount,bind,ro %s: %s" % (d, r.stderr))
+    """The spool's private tmpfs remounted read-only: every write, also
+    through a descriptor opened before, fails with EROFS.  (A read-only
+    bind mount over the spool would not do: the milter works relative
+    to directory descriptors it opened at start, which keep the old,
+    writable mount.)  The milter holds no file open for writing between
+    copies; a copy being written at that moment makes the remount fail
+    with EBUSY, so it is tried a few times."""
+    d = env.mount
+    for _ in range(50):
+        r = subprocess.run(["mount", "-o", "remount,ro", d],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError("remount,ro %s: %s" % (d, r.stderr))
 
 
 def undo_readonly(env):
-    d = env.milter.spool_dir
-    r = subprocess.run(["umount", d], capture_output=True, text=True)
-    if r.returncode != 0:
-        subprocess.run(["umount", "-l", d], capture_output=True)
-    h.WATCHDOG.tell("unumount", d)
+    subprocess.run(["mount", "-o", "remount,rw", env.mount],
+                   capture_output=True, text=True)
 
 
 def unwritable_case(env, c):

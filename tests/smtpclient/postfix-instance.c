@@ -101,15 +101,32 @@ port_open(guint16 port)
 	return ok;
 }
 
+/*
+ * Fail the test with @what and the end of Postfix's log: the watchdog
+ * removes the directory, log included, as soon as this program ends.
+ */
+static G_NORETURN void
+fail(const PostfixInstance *pf, const char *what)
+{
+	g_autofree char *log = postfix_instance_log(pf);
+	gsize len = strlen(log);
+	const char *tail = len > 8000 ? log + len - 8000 : log;
+
+	g_error("%s\nthe end of %s:\n%s", what, pf->maillog, tail);
+}
+
 static void
 wait_port(PostfixInstance *pf, guint16 port)
 {
 	gint64 deadline = g_get_monotonic_time() + WAIT_US;
 
 	while (!port_open(port)) {
-		if (g_get_monotonic_time() > deadline)
-			g_error("nothing listens on port %u; see %s", port,
-			        pf->maillog);
+		if (g_get_monotonic_time() > deadline) {
+			g_autofree char *what =
+			    g_strdup_printf("nothing listens on port %u", port);
+
+			fail(pf, what);
+		}
 		g_usleep(20 * 1000);
 	}
 }
@@ -400,10 +417,10 @@ postfix_instance_start(PostfixInstance *pf)
 	if (!run(
 	        (const char *const[]){"postfix", "-c", pf->conf, "start", NULL},
 	        &why)) {
-		g_autofree char *log = postfix_instance_log(pf);
+		g_autofree char *what =
+		    g_strconcat("private Postfix did not start: ", why, NULL);
 
-		g_error("private Postfix did not start: %s\n%s:\n%s", why,
-		        pf->maillog, log);
+		fail(pf, what);
 	}
 
 	/* Step 3: the master's pid (for the watchdog), then every smtpd
@@ -411,8 +428,7 @@ postfix_instance_start(PostfixInstance *pf)
 	deadline = g_get_monotonic_time() + WAIT_US;
 	while (read_pid(master) <= 0) {
 		if (g_get_monotonic_time() > deadline)
-			g_error("private Postfix wrote no pid file; see %s",
-			        pf->maillog);
+			fail(pf, "private Postfix wrote no pid file");
 		g_usleep(20 * 1000);
 	}
 	for (guint i = 0; i < pf->smtpd_ports->len; i++) {
@@ -585,9 +601,12 @@ postfix_instance_session(const PostfixInstance *pf, const char *helo_name,
 			break;
 		g_usleep(20 * 1000);
 	}
-	if (found != 1)
-		g_error("%u sessions of EHLO %s in %s", found, helo_name,
-		        pf->maillog);
+	if (found != 1) {
+		g_autofree char *what = g_strdup_printf(
+		    "%u sessions of EHLO %s ended", found, helo_name);
+
+		fail(pf, what);
+	}
 	if (end != NULL)
 		*end = g_steal_pointer(&counts);
 	return cmds;
