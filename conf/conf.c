@@ -657,22 +657,12 @@ domain_why(const char *s)
 }
 
 /*
- * Whether @s is non-ASCII: a copy is sent with SMTPUTF8 only when the
- * original came with it (deliver.c), and the library refuses a
- * non-ASCII address without it, so such an archive or sender address
+ * Why a non-ASCII address is refused: a copy is sent with SMTPUTF8 only
+ * when the original came with it (deliver.c), and the library refuses
+ * a non-ASCII address without it, so such an archive or sender address
  * would fail the copy of every plain message.  Refused here, where the
  * administrator sees why.
  */
-static gboolean
-is_ascii(const char *s)
-{
-	for (; *s != '\0'; s++) {
-		if ((guchar)*s >= 0x80)
-			return FALSE;
-	}
-	return TRUE;
-}
-
 #define NON_ASCII_WHY                                                          \
 	"non-ASCII address: copies of plain mail are sent without "            \
 	"SMTPUTF8, and no relay takes such an address then; use an ASCII "     \
@@ -717,7 +707,7 @@ bare_address(const char *s, const char **why)
 	addr = g_strndup(s, len);
 	if (len == 0)
 		return g_steal_pointer(&addr);
-	if (!is_ascii(addr)) {
+	if (!g_str_is_ascii(addr)) {
 		*why = NON_ASCII_WHY;
 		return NULL;
 	}

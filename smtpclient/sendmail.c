@@ -47,16 +47,6 @@ typedef struct {
 /* Checks before anything is sent                                       */
 /* ------------------------------------------------------------------ */
 
-static gboolean
-is_ascii(const char *s)
-{
-	for (; *s != '\0'; s++) {
-		if ((guchar)*s >= 0x80)
-			return FALSE;
-	}
-	return TRUE;
-}
-
 /* The keyword of "KEY=value" or "KEY", upper-cased. (transfer full) */
 static char *
 option_keyword(const char *opt)
@@ -173,7 +163,7 @@ check_address(const char *addr, const InputNeeds *needs, GError **error)
 		               g_utf8_validate(addr, -1, NULL) ? addr : "?");
 		return FALSE;
 	}
-	if (is_ascii(addr))
+	if (g_str_is_ascii(addr))
 		return TRUE;
 	if (!needs->smtputf8) {
 		smtp_set_error(error, SMTP_ERROR_INPUT, "input", NULL,
