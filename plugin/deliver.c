@@ -71,6 +71,25 @@ rcpt_outcome_free(gpointer data)
 }
 
 void
+am_delivery_log(const AmDelivery *d, const char *queue_id)
+{
+	for (guint i = 0; i < d->rcpts->len; i++) {
+		const AmRcptOutcome *o = d->rcpts->pdata[i];
+		AmLogDelivery line = {
+		    .queue_id = queue_id,
+		    .address = o->address,
+		    .relay = d->relay,
+		    .delay = d->delay,
+		    .dsn = o->dsn,
+		    .status = o->status,
+		    .reply = o->reply,
+		};
+
+		am_log_delivery(&line);
+	}
+}
+
+void
 am_delivery_free(AmDelivery *d)
 {
 	if (d == NULL)

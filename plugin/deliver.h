@@ -43,6 +43,13 @@ void am_delivery_free(AmDelivery *d);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmDelivery, am_delivery_free)
 
 /*
+ * am_delivery_log: one delivery line per archive address of @d, with
+ * the original's @queue_id (NULL: NOQUEUE), as the milter and the
+ * spool's workers both log a copy.
+ */
+void am_delivery_log(const AmDelivery *d, const char *queue_id);
+
+/*
  * AmCopyRequest: one copy to send.  Everything borrowed.
  */
 typedef struct {

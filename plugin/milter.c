@@ -229,27 +229,6 @@ returning_copy_id(AmContext *ctx, const AmEnvelope *env,
 	return own;
 }
 
-static void
-log_delivery(const AmEnvelope *env, const AmDelivery *d)
-{
-	guint i;
-
-	for (i = 0; i < d->rcpts->len; i++) {
-		const AmRcptOutcome *o = d->rcpts->pdata[i];
-		AmLogDelivery line = {
-		    .queue_id = env->queue_id,
-		    .address = o->address,
-		    .relay = d->relay,
-		    .delay = d->delay,
-		    .dsn = o->dsn,
-		    .status = o->status,
-		    .reply = o->reply,
-		};
-
-		am_log_delivery(&line);
-	}
-}
-
 static const char *
 qid(const AmEnvelope *env)
 {
@@ -516,7 +495,7 @@ rule_sync(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 
 	/* Step 1: the copy, one log line per archive address. */
 	d = am_deliver(ctx->pool, &req);
-	log_delivery(env, d);
+	am_delivery_log(d, env->queue_id);
 	r->sent = d->outcome == AM_OUTCOME_SENT ||
 	          d->outcome == AM_OUTCOME_SOME_REFUSED;
 	r->failed = d->outcome != AM_OUTCOME_SENT;

@@ -253,25 +253,6 @@ hold(AmRunner *r, const AmSpoolEntry *e, const char *reason)
 	am_log_error("%s: held (%s)", e->id, clean);
 }
 
-static void
-log_outcome(const AmSpoolEntry *e, const AmDelivery *d)
-{
-	for (guint i = 0; i < d->rcpts->len; i++) {
-		const AmRcptOutcome *o = d->rcpts->pdata[i];
-		AmLogDelivery line = {
-		    .queue_id = e->queue_id,
-		    .address = o->address,
-		    .relay = d->relay,
-		    .delay = d->delay,
-		    .dsn = o->dsn,
-		    .status = o->status,
-		    .reply = o->reply,
-		};
-
-		am_log_delivery(&line);
-	}
-}
-
 /* The addresses not taken this time; all of them if none is known. */
 static char **
 still_due(const AmSpoolEntry *e, const AmDelivery *d)
@@ -400,7 +381,7 @@ deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e)
 	    .eightbit = e->eightbit,
 	};
 	d = am_deliver(ctx->pool, &req);
-	log_outcome(e, d);
+	am_delivery_log(d, e->queue_id);
 	if (d->status != AM_STATUS_SENT)
 		return after_failure(r, ctx, rule, e, d);
 	if (!am_spool_remove(r->spool, e->id, &error))
