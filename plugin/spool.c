@@ -46,13 +46,17 @@
  * The --spool-* commands never take it and never delete anything, so
  * that a daemon starting beside them is not told of a second daemon.
  *
- * Known limits: XXX: one fsync of the file and one of its directory per
- * put, no group commit: a burst of copies costs two disk flushes each
- * (see the report of issue 4 for the measured cost).  XXX: a put of an
- * id already in queue/ replaces that file; ids are unique per copy, so
- * only a caller's bug can do it.  XXX: the digest is computed by
- * reading the file back after writing it (from the page cache), since
- * the message cannot be hashed as it is written.
+ * The copy's digest is computed as it is written, from the buffers
+ * that are written, so the file is never read back.  The fsync of the
+ * directory after a rename is shared (group commit, see DirSync): puts
+ * running at once wait for one fsync that began after their renames.
+ *
+ * Known limits: XXX: still one fsync of each file, and one fsync of
+ * queue/ per group of concurrent puts.  XXX: a put of an id already in
+ * queue/ replaces that file; ids are unique per copy, so only a
+ * caller's bug can do it.  XXX: the envelope is written before the
+ * copy and its digest patched in after (three writes, not one writev),
+ * since the digest is known only once the copy is written.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -81,6 +85,26 @@
  * that is being written: the daemon leaves it at start. */
 #define STATE_TMP_GRACE_S 60
 
+/*
+ * Group commit of a directory's fsync.  Rounds of fsync are numbered
+ * and run one at a time.  A put whose rename is done takes as its
+ * round the next one to start (started + 1): a round that is running
+ * may have begun before the rename, so it may not cover it; the next
+ * one begins after it, so it does.  Whoever finds no round running
+ * starts one; everyone waits until its round is done.  One fsync thus
+ * covers every rename done before it began, however many threads made
+ * them.
+ */
+typedef struct {
+	GMutex lock;
+	GCond done_cond;
+	guint64 started;  /* rounds begun */
+	guint64 done;     /* rounds finished; always started or one less */
+	gboolean busy;    /* a round runs now */
+	guint64 failed;   /* the last round whose fsync failed; 0: none */
+	int failed_errno; /* its errno */
+} DirSync;
+
 struct AmSpool {
 	char *dir;        /* as given */
 	char *sub[4];     /* tmp, queue, hold, state: full paths, for
@@ -91,6 +115,9 @@ struct AmSpool {
 	guint64 min_free; /* octets */
 	int lock_fd;      /* DIR/lock, flocked when we own the spool */
 	gboolean owner;   /* we hold the lock: no other daemon has it */
+	DirSync sync[4];  /* group commit, per subdirectory */
+	AmSpoolFsyncHook fsync_hook; /* tests: instead of fsync(); NULL */
+	gpointer fsync_hook_data;
 };
 
 enum { SUB_TMP, SUB_QUEUE, SUB_HOLD, SUB_STATE };
@@ -187,12 +214,64 @@ now_s(void)
 	return g_get_real_time() / G_USEC_PER_SEC;
 }
 
-static gboolean
-fsync_sub(const AmSpool *spool, int sub, GError **error)
+void
+am_spool_set_fsync_hook(AmSpool *spool, AmSpoolFsyncHook hook, gpointer data)
 {
-	if (fsync(spool->sub_fd[sub]) == 0)
+	spool->fsync_hook = hook;
+	spool->fsync_hook_data = data;
+}
+
+/*
+ * Make every rename done into @sub before this call durable: wait for
+ * (or run) the first fsync of @sub that begins after now; see DirSync.
+ * A round that fails fails every caller that waited for it, and, to be
+ * safe, every one whose round came before the last failure (a later
+ * fsync's success says nothing sure about what an earlier one lost).
+ */
+static gboolean
+fsync_sub(AmSpool *spool, int sub, GError **error)
+{
+	DirSync *ds = &spool->sync[sub];
+	gboolean failed;
+	guint64 mine;
+	int err;
+
+	g_mutex_lock(&ds->lock);
+	mine = ds->started + 1;
+	while (ds->done < mine) {
+		guint64 round;
+		int rc;
+
+		if (ds->busy) {
+			g_cond_wait(&ds->done_cond, &ds->lock);
+			continue;
+		}
+		/* No round runs, so started == done < mine: this one is
+		 * round mine, begun after our rename. */
+		round = ++ds->started;
+		ds->busy = TRUE;
+		g_mutex_unlock(&ds->lock);
+		if (spool->fsync_hook != NULL)
+			rc = spool->fsync_hook(spool->sub_fd[sub], sub,
+			                       spool->fsync_hook_data);
+		else
+			rc = fsync(spool->sub_fd[sub]);
+		err = errno;
+		g_mutex_lock(&ds->lock);
+		if (rc != 0) {
+			ds->failed = round;
+			ds->failed_errno = err;
+		}
+		ds->done = round;
+		ds->busy = FALSE;
+		g_cond_broadcast(&ds->done_cond);
+	}
+	failed = ds->failed >= mine;
+	err = ds->failed_errno;
+	g_mutex_unlock(&ds->lock);
+	if (!failed)
 		return TRUE;
-	set_errno_error(error, errno, "cannot fsync", spool->sub[sub]);
+	set_errno_error(error, err, "cannot fsync", spool->sub[sub]);
 	return FALSE;
 }
 
@@ -424,8 +503,11 @@ am_spool_open_full(const char *dir, guint64 min_free, AmSpoolOpenFlags flags,
 	spool->min_free = min_free;
 	spool->lock_fd = -1;
 	spool->dir_fd = -1;
-	for (guint i = 0; i < G_N_ELEMENTS(spool->sub_fd); i++)
+	for (guint i = 0; i < G_N_ELEMENTS(spool->sub_fd); i++) {
 		spool->sub_fd[i] = -1;
+		g_mutex_init(&spool->sync[i].lock);
+		g_cond_init(&spool->sync[i].done_cond);
+	}
 	spool->dir_fd = open_private_dir(AT_FDCWD, name, dir, TRUE, error);
 	if (spool->dir_fd < 0)
 		return NULL;
@@ -480,6 +562,8 @@ am_spool_close(AmSpool *spool)
 		if (spool->sub_fd[i] >= 0)
 			close(spool->sub_fd[i]);
 		g_free(spool->sub[i]);
+		g_mutex_clear(&spool->sync[i].lock);
+		g_cond_clear(&spool->sync[i].done_cond);
 	}
 	if (spool->dir_fd >= 0)
 		close(spool->dir_fd);
@@ -586,14 +670,16 @@ check_free_space(const AmSpool *spool, guint64 size, GError **error)
 	return FALSE;
 }
 
-/* The raw octets of @msg, a full disk told apart from other errors. */
+/* The raw octets of @msg, hashed into @sum as they are written, a
+ * full disk told apart from other errors. */
 static gboolean
-write_raw(SmtpMessage *msg, int fd, const char *path, GError **error)
+write_raw(SmtpMessage *msg, int fd, GChecksum *sum, const char *path,
+          GError **error)
 {
 	g_autoptr(GError) local = NULL;
 	int err;
 
-	if (smtp_message_write_raw(msg, fd, &local))
+	if (smtp_message_write_raw_sum(msg, fd, sum, &local))
 		return TRUE;
 	err = smtp_error_get_errno(local);
 	if (g_error_matches(local, SMTP_ERROR, SMTP_ERROR_IO) && err != 0) {
@@ -605,19 +691,23 @@ write_raw(SmtpMessage *msg, int fd, const char *path, GError **error)
 	return FALSE;
 }
 
-/* The copy just written after @head: read back, hashed, the digest
- * put in its place in the envelope. */
+/* The copy just written after @head, whose digest @sum holds (made
+ * from the very buffers that were written): its length checked on the
+ * file, the digest put in its place in the envelope. */
 static gboolean
-seal(int fd, const GString *head, gsize digest_at, guint64 size,
+seal(int fd, const GString *head, gsize digest_at, guint64 size, GChecksum *sum,
      const char *path, GError **error)
 {
-	g_autofree char *digest = NULL;
-	guint64 got = 0;
+	const char *digest = g_checksum_get_string(sum);
+	struct stat st;
+	guint64 got;
 	ssize_t n;
 
-	digest = digest_of(fd, head->len, size, &got, path, error);
-	if (digest == NULL)
+	if (fstat(fd, &st) != 0) {
+		set_errno_error(error, errno, "cannot stat", path);
 		return FALSE;
+	}
+	got = (guint64)st.st_size > head->len ? st.st_size - head->len : 0;
 	if (got != size) {
 		g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO,
 		            "%s: %" G_GUINT64_FORMAT " octets written of "
@@ -642,9 +732,10 @@ write_file(AmSpool *spool, const char *name, const GString *head,
            gsize digest_at, SmtpMessage *msg, guint64 size, GError **error)
 {
 	g_autofree char *path = path_of(spool, SUB_TMP, name);
+	g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
 	int fd =
 	    openat(spool->sub_fd[SUB_TMP], name,
-	           O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	           O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	gboolean ok;
 
 	if (fd < 0) {
@@ -652,8 +743,8 @@ write_file(AmSpool *spool, const char *name, const GString *head,
 		return FALSE;
 	}
 	ok = write_all(fd, head->str, head->len, path, error) &&
-	     write_raw(msg, fd, path, error) &&
-	     seal(fd, head, digest_at, size, path, error);
+	     write_raw(msg, fd, sum, path, error) &&
+	     seal(fd, head, digest_at, size, sum, path, error);
 	if (ok && fsync(fd) != 0) {
 		set_errno_error(error, errno, "cannot fsync", path);
 		ok = FALSE;

@@ -33,8 +33,9 @@
  * directory descriptors taken at open, never through a symbolic link.
  *
  * A file reaches queue/ or hold/ only by rename after fsync of the file;
- * the directory is fsynced after the rename.  am_spool_put() returns
- * only when both are done, so a caller that answers the MTA after it
+ * the directory is fsynced after the rename (one fsync may serve the
+ * renames of many threads: it is always one that began after this
+ * rename was done).  am_spool_put() returns only when both are done, so a caller that answers the MTA after it
  * returns never answers for a copy that a crash could lose.
  *
  * Safe to use from many threads of one process, and from a second
@@ -206,6 +207,16 @@ gboolean am_spool_hold(AmSpool *spool, const char *id, const char *reason,
  */
 gboolean am_spool_release(AmSpool *spool, const char *id, guint *count,
                           GError **error);
+
+/*
+ * For tests only: call @hook (fd of the subdirectory, its index: 0 tmp,
+ * 1 queue, 2 hold, 3 state; @data) instead of fsync() for the fsync of
+ * a directory after a rename; it returns as fsync() does (errno set on
+ * -1).  NULL restores fsync().  Set it before any thread uses @spool.
+ */
+typedef int (*AmSpoolFsyncHook)(int fd, int sub, gpointer data);
+void am_spool_set_fsync_hook(AmSpool *spool, AmSpoolFsyncHook hook,
+                             gpointer data);
 
 G_END_DECLS
 

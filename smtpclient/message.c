@@ -284,6 +284,32 @@ smtp_message_write_raw(SmtpMessage *msg, int fd, GError **error)
 	return smtp_message_foreach_block(msg, write_block, &fd, error);
 }
 
+typedef struct {
+	int fd;
+	GChecksum *sum;
+} WriteSum;
+
+/* The block into the checksum, then to the file: the same octets. */
+static gboolean
+write_sum_block(const guint8 *data, gsize len, gpointer user_data,
+                GError **error)
+{
+	WriteSum *ws = user_data;
+
+	g_checksum_update(ws->sum, data, len);
+	return write_block(data, len, &ws->fd, error);
+}
+
+gboolean
+smtp_message_write_raw_sum(SmtpMessage *msg, int fd, GChecksum *sum,
+                           GError **error)
+{
+	WriteSum ws = {fd, sum};
+
+	g_return_val_if_fail(msg != NULL && sum != NULL, FALSE);
+	return smtp_message_foreach_block(msg, write_sum_block, &ws, error);
+}
+
 /* ------------------------------------------------------------------ */
 /* The encoder                                                          */
 /* ------------------------------------------------------------------ */

@@ -206,6 +206,15 @@ guint64 smtp_message_get_size(const SmtpMessage *msg);
  */
 gboolean smtp_message_write_raw(SmtpMessage *msg, int fd, GError **error);
 
+/*
+ * smtp_message_write_raw_sum: smtp_message_write_raw(), and every octet
+ * written is also fed to @sum, from the same buffer, in order: a digest
+ * of what was written without reading it back.  On failure @sum holds
+ * an unknown prefix.
+ */
+gboolean smtp_message_write_raw_sum(SmtpMessage *msg, int fd, GChecksum *sum,
+                                    GError **error);
+
 /* ------------------------------------------------------------------ */
 /* The client                                                           */
 /* ------------------------------------------------------------------ */

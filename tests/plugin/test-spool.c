@@ -1086,6 +1086,164 @@ test_threads(Fixture *f, gconstpointer data)
 	}
 }
 
+/* ------------------------------------------------------------------ */
+/* Group commit of the directory fsync                                  */
+/* ------------------------------------------------------------------ */
+
+#define GC_THREADS    12
+#define GC_PER_THREAD 10
+
+typedef struct {
+	Fixture *f;
+	AmSpool *spool;
+	GMutex lock;
+	GHashTable *covered; /* names in queue/ before a finished fsync */
+	guint fsyncs;        /* of queue/ */
+	guint late;          /* puts that returned before their fsync */
+} GroupCommit;
+
+/* Instead of fsync(): note what queue/ holds as the fsync begins (what
+ * it covers), fsync for real, slowly enough that puts pile up, then
+ * mark those names covered. */
+static int
+covering_fsync(int fd, int sub, gpointer data)
+{
+	GroupCommit *gc = data;
+	g_autofree char *path = g_build_filename(gc->f->spool, "queue", NULL);
+	g_autoptr(GDir) d = g_dir_open(path, 0, NULL);
+	g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func(g_free);
+	const char *name;
+	int rc;
+
+	g_assert_cmpint(sub, ==, 1);
+	g_assert_nonnull(d);
+	while ((name = g_dir_read_name(d)) != NULL)
+		g_ptr_array_add(names, g_strdup(name));
+	g_usleep(20000);
+	rc = fsync(fd);
+	g_mutex_lock(&gc->lock);
+	gc->fsyncs++;
+	for (guint i = 0; i < names->len; i++)
+		g_hash_table_add(gc->covered, g_strdup(names->pdata[i]));
+	g_mutex_unlock(&gc->lock);
+	return rc;
+}
+
+typedef struct {
+	GroupCommit *gc;
+	guint thread;
+} GcJob;
+
+static gpointer
+gc_thread(gpointer data)
+{
+	GcJob *job = data;
+	GroupCommit *gc = job->gc;
+
+	for (guint i = 0; i < GC_PER_THREAD; i++) {
+		g_autofree char *id =
+		    g_strdup_printf("am1.g%u.%u", job->thread, i);
+		g_autofree char *body =
+		    g_strdup_printf("Subject: %s\r\n\r\n%s\r\n", id, id);
+		AmSpoolEntry e = entry_for(id, 1000 + i);
+
+		put(gc->spool, &e, AM_SPOOL_QUEUED, body);
+		/* Returned: an fsync that began after the rename is
+		 * done. */
+		g_mutex_lock(&gc->lock);
+		if (!g_hash_table_contains(gc->covered, id))
+			gc->late++;
+		g_mutex_unlock(&gc->lock);
+	}
+	return NULL;
+}
+
+static void
+test_group_commit(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 1);
+	g_autoptr(GPtrArray) list = NULL;
+	g_autoptr(GError) error = NULL;
+	GroupCommit gc = {0};
+	GThread *threads[GC_THREADS];
+	GcJob jobs[GC_THREADS];
+
+	(void)data;
+	gc.f = f;
+	gc.spool = spool;
+	g_mutex_init(&gc.lock);
+	gc.covered =
+	    g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+	am_spool_set_fsync_hook(spool, covering_fsync, &gc);
+	for (guint i = 0; i < GC_THREADS; i++) {
+		jobs[i] = (GcJob){&gc, i};
+		threads[i] = g_thread_new("put", gc_thread, &jobs[i]);
+	}
+	for (guint i = 0; i < GC_THREADS; i++)
+		g_thread_join(threads[i]);
+
+	/* No put returned before an fsync that covers it... */
+	g_assert_cmpuint(gc.late, ==, 0);
+	/* ...and the puts shared them: 120 puts, each fsync 20 ms while
+	 * 11 other threads rename. */
+	g_test_message("%u fsyncs of queue/ for %u puts", gc.fsyncs,
+	               GC_THREADS * GC_PER_THREAD);
+	g_assert_cmpuint(gc.fsyncs, >=, 1);
+	g_assert_cmpuint(gc.fsyncs, <, GC_THREADS * GC_PER_THREAD / 2);
+
+	/* Every put that returned is in queue/, whole (digest checked). */
+	list = am_spool_list(spool, AM_SPOOL_QUEUED, &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(list->len, ==, GC_THREADS * GC_PER_THREAD);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	for (guint i = 0; i < list->len; i++) {
+		g_autoptr(SmtpMessage) msg =
+		    am_spool_message(spool, list->pdata[i], &error);
+
+		g_assert_no_error(error);
+		g_assert_nonnull(msg);
+	}
+	g_hash_table_destroy(gc.covered);
+	g_mutex_clear(&gc.lock);
+}
+
+/* An fsync of queue/ that fails: the put that waited for it fails and
+ * leaves nothing; the next one, covered by a new fsync, succeeds. */
+static int
+failing_fsync(int fd, int sub, gpointer data)
+{
+	guint *calls = data;
+
+	(void)fd;
+	(void)sub;
+	if ((*calls)++ == 0) {
+		errno = EIO;
+		return -1;
+	}
+	return 0;
+}
+
+static void
+test_group_commit_fails(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 1);
+	g_autoptr(SmtpMessage) msg = message_of(BODY);
+	g_autoptr(GError) error = NULL;
+	AmSpoolEntry e = entry_for("am1.fsyncfail", 1000);
+	AmSpoolEntry e2 = entry_for("am1.fsyncok", 1000);
+	guint calls = 0;
+
+	(void)data;
+	am_spool_set_fsync_hook(spool, failing_fsync, &calls);
+	g_assert_false(am_spool_put(spool, &e, msg, AM_SPOOL_QUEUED, &error));
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO);
+	g_assert_cmpuint(count_files(f, "queue"), ==, 0);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	put(spool, &e2, AM_SPOOL_QUEUED, BODY);
+	g_assert_cmpuint(calls, ==, 2);
+	g_assert_cmpuint(count_files(f, "queue"), ==, 1);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1108,6 +1266,8 @@ main(int argc, char **argv)
 	ADD("/spool/put/held-with-reason", test_put_held_with_reason);
 	ADD("/spool/put/full-floor", test_full_floor);
 	ADD("/spool/put/threads", test_threads);
+	ADD("/spool/put/group-commit", test_group_commit);
+	ADD("/spool/put/group-commit-fails", test_group_commit_fails);
 	ADD("/spool/get/message", test_get_and_message);
 	ADD("/spool/ids/bad", test_bad_ids);
 	ADD("/spool/list/order-and-state", test_list_order_and_state);

@@ -430,6 +430,42 @@ test_write_raw_segments(void)
 	close(out);
 }
 
+/* The sum is of exactly the octets written, memory and file segments
+ * alike, larger than one block: the same digest as reading them back. */
+static void
+test_write_raw_sum(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GByteArray) all = NULL;
+	g_autofree char *big = g_malloc(200000);
+	g_autofree char *path = NULL;
+	g_autofree char *want = NULL;
+	int src, out;
+
+	for (guint i = 0; i < 200000; i++)
+		big[i] = (char)(i * 7 + i / 251);
+	src = temp_file(big, 200000);
+	smtp_message_append_data(msg, "head\r\n\0", 7);
+	g_assert_true(smtp_message_append_fd(msg, src, 5, -1, &error));
+	g_assert_no_error(error);
+	smtp_message_append_data(msg, "tail", 4);
+	close(src);
+
+	out = g_file_open_tmp("test-raw-XXXXXX", &path, &error);
+	g_assert_no_error(error);
+	g_unlink(path);
+	g_assert_true(smtp_message_write_raw_sum(msg, out, sum, &error));
+	g_assert_no_error(error);
+	all = read_back(out);
+	close(out);
+	g_assert_cmpuint(all->len, ==, 7 + 200000 - 5 + 4);
+	want =
+	    g_compute_checksum_for_data(G_CHECKSUM_SHA256, all->data, all->len);
+	g_assert_cmpstr(g_checksum_get_string(sum), ==, want);
+}
+
 static void
 test_write_raw_empty(void)
 {
@@ -634,6 +670,7 @@ main(int argc, char **argv)
 	g_test_add_func("/smtpclient/write-raw/segments",
 	                test_write_raw_segments);
 	g_test_add_func("/smtpclient/write-raw/empty", test_write_raw_empty);
+	g_test_add_func("/smtpclient/write-raw/sum", test_write_raw_sum);
 	g_test_add_func("/smtpclient/write-raw/enospc", test_write_raw_enospc);
 	g_test_add_func("/smtpclient/write-raw/bad-fd", test_write_raw_bad_fd);
 	g_test_add_func("/smtpclient/write-raw/shrank", test_write_raw_shrank);
