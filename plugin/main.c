@@ -893,11 +893,15 @@ start(AmContext *ctx, AmSpool **spool, const AmOptions *opt)
 		return EX_CANTCREAT;
 	}
 	ctx->spool = *spool;
-	if (!am_spool_is_exclusive(*spool))
-		am_log_warning("spool_dir %s is open in another process; a "
-		               "second archive-milter on it would send copies "
-		               "twice",
-		               config->spool_dir);
+	/* Only a daemon takes the spool's lock (the --spool-* commands do
+	 * not): a second one would deliver every copy twice. */
+	if (!am_spool_is_exclusive(*spool)) {
+		am_log_error("spool_dir %s is in use by another archive-milter "
+		             "daemon; not starting a second one on it, which "
+		             "would send every copy twice",
+		             config->spool_dir);
+		return EX_TEMPFAIL;
+	}
 
 	/* Step 2: the socket, so a bind error ends us now. */
 	if (!am_milter_register(&error)) {

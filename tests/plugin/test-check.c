@@ -907,6 +907,78 @@ rm_spool(const char *dir)
 	g_rmdir(spool);
 }
 
+/* Start a daemon on @conf in the foreground; wait until it listens on
+ * the unix socket @sock. */
+static GPid
+start_daemon(const char *conf, const char *sock)
+{
+	const char *argv[] = {milter_path, "-c", conf, "-f", NULL};
+	g_autoptr(GError) error = NULL;
+	GPid pid;
+
+	g_spawn_async(NULL, (char **)argv, NULL,
+	              G_SPAWN_DO_NOT_REAP_CHILD | G_SPAWN_STDERR_TO_DEV_NULL,
+	              NULL, NULL, &pid, &error);
+	g_assert_no_error(error);
+	for (int i = 0; i < 100 && !g_file_test(sock, G_FILE_TEST_EXISTS); i++)
+		g_usleep(50000);
+	g_assert_true(g_file_test(sock, G_FILE_TEST_EXISTS));
+	return pid;
+}
+
+/* A second daemon on a spool another daemon holds does not start: it
+ * would deliver every copy twice. */
+static void
+test_second_daemon(void)
+{
+	g_autofree char *dir = g_dir_make_tmp("am-two-XXXXXX", NULL);
+	g_autofree char *conf1 = g_build_filename(dir, "1.conf", NULL);
+	g_autofree char *conf2 = g_build_filename(dir, "2.conf", NULL);
+	g_autofree char *sock1 = g_build_filename(dir, "sock1", NULL);
+	g_autofree char *sock2 = g_build_filename(dir, "sock2", NULL);
+	g_autofree char *key = g_build_filename(dir, "key", NULL);
+	const char *argv[] = {milter_path, "-c", conf2, "-f", NULL};
+	g_autofree char *err = NULL;
+	g_autoptr(GError) error = NULL;
+	int status = 0;
+	GPid first;
+
+	for (int n = 1; n <= 2; n++) {
+		g_autofree char *text = g_strdup_printf(
+		    "[milter]\nsocket = unix:%s\n"
+		    "archive_id_key_file = %s\nspool_dir = %s/spool\n"
+		    "[relay:r]\nhost = 127.0.0.1\nport = 9\n"
+		    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
+		    n == 1 ? sock1 : sock2, key, dir);
+
+		g_assert_true(g_file_set_contents(n == 1 ? conf1 : conf2, text,
+		                                  -1, NULL));
+	}
+	first = start_daemon(conf1, sock1);
+
+	g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+	             NULL, &err, &status, &error);
+	g_assert_no_error(error);
+	g_test_message("second daemon: %s", err);
+	g_assert_true(WIFEXITED(status));
+	g_assert_cmpint(WEXITSTATUS(status), ==, 75);
+	g_assert_nonnull(strstr(err, "in use by another archive-milter "
+	                             "daemon"));
+	g_assert_false(g_file_test(sock2, G_FILE_TEST_EXISTS));
+
+	/* The first one still runs, and stops as usual. */
+	g_assert_cmpint(waitpid(first, &status, WNOHANG), ==, 0);
+	kill(first, SIGTERM);
+	g_assert_cmpint(waitpid(first, &status, 0), ==, first);
+	g_spawn_close_pid(first);
+	g_unlink(sock1);
+	g_unlink(key);
+	g_unlink(conf1);
+	g_unlink(conf2);
+	rm_spool(dir);
+	g_rmdir(dir);
+}
+
 static void
 test_version(void)
 {
@@ -1003,6 +1075,7 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/check/key-file", test_key_file);
 	g_test_add_func("/plugin/daemon/sigusr1", test_sigusr1);
 	g_test_add_func("/plugin/daemon/version", test_version);
+	g_test_add_func("/plugin/daemon/second-daemon", test_second_daemon);
 	g_test_add_func("/plugin/daemon/socket-busy", test_socket_busy);
 	return g_test_run();
 }
