@@ -943,7 +943,8 @@ class Milter:
     `timeout` (seconds, decimals allowed); relay_keys: more [relay:archive]
     keys (timeout_final = 2 ...).  delivery: "sync" or "spool" (None:
     the key is not written, the default applies).  spool_dir: the spool
-    (default: WORKDIR/spool when delivery is set).  workers,
+    (default: WORKDIR/spool, always, so that no test touches the
+    system's /var/spool/archive-milter).  workers,
     spool_retry_min, spool_retry_max: [milter] keys, written when not
     None; milter_keys: more [milter] keys.  policy: {"on_timeout":
     "tempfail", ...} written into the rule.  extra_conf: raw text
@@ -967,8 +968,9 @@ class Milter:
         self.relay_timeout = relay_timeout
         self.extra_conf = extra_conf
         self.delivery = delivery
-        self.spool_dir = spool_dir or (os.path.join(workdir, "spool")
-                                       if delivery else None)
+        # Always a spool of the test's own: the daemon opens one even
+        # when every rule is sync, and the default is the system's.
+        self.spool_dir = spool_dir or os.path.join(workdir, "spool")
         self.workers = workers
         self.spool_retry_min = spool_retry_min
         self.spool_retry_max = spool_retry_max
