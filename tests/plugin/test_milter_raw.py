@@ -312,11 +312,7 @@ def check_match_limit(c, workdir, relay):
     milter = h.Milter(os.environ["ARCHIVE_MILTER"],
                       os.path.join(workdir, "milter-limit"), relay.port,
                       ARCHIVE_TO, relay_timeout=5,
-                      milter_keys={"match": "all"}, extra_conf=EVIL_RULE,
-                      # Its own spool: the first milter still holds the
-                      # default one, and a second daemon on a held spool
-                      # refuses to start.
-                      spool_dir=os.path.join(workdir, "spool-limit"))
+                      milter_keys={"match": "all"}, extra_conf=EVIL_RULE)
     milter.start()
     try:
         before = relay.count()
