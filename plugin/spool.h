@@ -35,8 +35,9 @@
  * A file reaches queue/ or hold/ only by rename after fsync of the file;
  * the directory is fsynced after the rename (one fsync may serve the
  * renames of many threads: it is always one that began after this
- * rename was done).  am_spool_put() returns only when both are done, so a caller that answers the MTA after it
- * returns never answers for a copy that a crash could lose.
+ * rename was done).  am_spool_put() returns only when both are done,
+ * so a caller that answers the MTA after it returns never answers for
+ * a copy that a crash could lose.
  *
  * Safe to use from many threads of one process, and from a second
  * process (archive-milter --spool-list / --spool-retry) at the same time
