@@ -141,6 +141,23 @@ am_spool_entry_free(AmSpoolEntry *entry)
 	g_free(entry);
 }
 
+AmSpoolEntry *
+am_spool_entry_copy(const AmSpoolEntry *entry)
+{
+	AmSpoolEntry *e = g_new(AmSpoolEntry, 1);
+
+	*e = *entry;
+	e->id = g_strdup(entry->id);
+	e->queue_id = g_strdup(entry->queue_id);
+	e->rule = g_strdup(entry->rule);
+	e->relay = g_strdup(entry->relay);
+	e->from = g_strdup(entry->from);
+	e->to = g_strdupv(entry->to);
+	e->last_error = g_strdup(entry->last_error);
+	e->sha256 = g_strdup(entry->sha256);
+	return e;
+}
+
 /* ------------------------------------------------------------------ */
 /* Errors and small helpers                                             */
 /* ------------------------------------------------------------------ */
@@ -1486,6 +1503,13 @@ am_spool_update(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
 gboolean
 am_spool_remove(AmSpool *spool, const char *id, GError **error)
 {
+	return am_spool_remove_full(spool, id, TRUE, error);
+}
+
+gboolean
+am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
+                     GError **error)
+{
 	int subs[] = {SUB_QUEUE, SUB_HOLD};
 
 	if (!check_id(id, error))
@@ -1505,7 +1529,8 @@ am_spool_remove(AmSpool *spool, const char *id, GError **error)
 			return FALSE;
 		}
 	}
-	if (unlinkat(spool->sub_fd[SUB_STATE], id, 0) != 0 && errno != ENOENT) {
+	if (state && unlinkat(spool->sub_fd[SUB_STATE], id, 0) != 0 &&
+	    errno != ENOENT) {
 		g_autofree char *state = path_of(spool, SUB_STATE, id);
 
 		am_log_warning("spool: cannot remove %s: %s", state,

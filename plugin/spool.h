@@ -102,6 +102,9 @@ typedef struct {
 void am_spool_entry_free(AmSpoolEntry *entry);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmSpoolEntry, am_spool_entry_free)
 
+/* am_spool_entry_copy: a deep copy of @entry.  (transfer full) */
+AmSpoolEntry *am_spool_entry_copy(const AmSpoolEntry *entry);
+
 typedef struct AmSpool AmSpool;
 
 /* am_spool_id_is_valid: whether @id can name a copy (see above). */
@@ -196,6 +199,13 @@ gboolean am_spool_update(AmSpool *spool, const AmSpoolEntry *entry,
  * from queue/ or hold/, and its state.  An id already gone is no
  * error: a second process may have removed it. */
 gboolean am_spool_remove(AmSpool *spool, const char *id, GError **error);
+
+/* am_spool_remove_full: am_spool_remove(), and when @state is FALSE
+ * the caller knows the copy has no state/ file (it never failed and
+ * was never updated): one unlink fewer.  A state there after all is
+ * only an orphan, removed at the daemon's next start. */
+gboolean am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
+                              GError **error);
 
 /* am_spool_hold: move a queued copy to hold/, recording @reason. */
 gboolean am_spool_hold(AmSpool *spool, const char *id, const char *reason,
