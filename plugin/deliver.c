@@ -9,9 +9,8 @@
  * The outcome of the copy as a whole (AmOutcome, for the policy table)
  * is classified from the library's result or error exactly as conf.h
  * documents it; "temporary" is smtp_error_is_temporary() for an error
- * (except that a protocol error is temporary here: see
- * error_is_temporary), and for a result with refused addresses whether
- * any refusal was 4xx.
+ * (a protocol error and a reply out of step are temporary there), and
+ * for a result with refused addresses whether any refusal was 4xx.
  * The reply that decided the outcome is kept for a reject.  Where the
  * library calls an error temporary although the relay's reply was 5xx
  * (a 554 greeting is SMTP_ERROR_CONNECT), the library's word stands:
@@ -165,14 +164,12 @@ outcome_from_reply(const char *address, const SmtpReply *reply,
 }
 
 /*
- * Whether a retry may succeed.  The library's word, except for a
- * protocol error (a garbage or NUL reply, a code out of range, a code
+ * A protocol error (a garbage or NUL reply, a code out of range, a code
  * changing inside a reply, more replies than commands) or a reply out
- * of step (250 to DATA), both "out of step" here:
- * the library calls those permanent, but they say nothing lasting
- * about the copy, only that this session went wrong (a broken relay, a
- * middlebox, a bad restart), and Postfix's smtp(8) defers on them too.
- * So the copy is retried rather than held or bounced.
+ * of step (250 to DATA): nothing lasting about the copy, only that
+ * this session went wrong (a broken relay, a middlebox, a bad
+ * restart).  The library calls both temporary, as Postfix's smtp(8)
+ * defers on them; here they also pick the outcome.
  */
 static gboolean
 out_of_step(const GError *error)
@@ -189,11 +186,11 @@ out_of_step(const GError *error)
 	return reply != NULL && reply->code > 0 && reply->code < 400;
 }
 
+/* Whether a retry may succeed: the library's word, the one smtp-send
+ * goes by too. */
 static gboolean
 error_is_temporary(const GError *error)
 {
-	if (out_of_step(error))
-		return TRUE;
 	return smtp_error_is_temporary(error);
 }
 

@@ -217,6 +217,18 @@ smtp_error_get_dropped_options(const GError *error)
 	return priv != NULL ? priv->dropped : NULL;
 }
 
+/*
+ * Whether a reply that refused a step calls for a later try: a 4xx, or
+ * a 1xx to 3xx where a refusal was counted (a 250 to DATA, a 354 to
+ * RCPT), which is the server out of step with us, as temporary as a
+ * garbled reply (PROTOCOL).  No reply (code 0) is not temporary here.
+ */
+static gboolean
+reply_is_temporary(const SmtpReply *reply)
+{
+	return reply->code > 0 && reply->code / 100 != 5;
+}
+
 gboolean
 smtp_error_is_temporary(const GError *error)
 {
@@ -235,6 +247,12 @@ smtp_error_is_temporary(const GError *error)
 	case SMTP_ERROR_IO:
 		return TRUE;
 	case SMTP_ERROR_PROTOCOL:
+		/* A garbled reply, or replies out of step with our
+		 * commands: this session went wrong (a broken relay, a
+		 * middlebox, a restart), which says nothing lasting about
+		 * the message.  RFC 5321 clients, Postfix's smtp(8) among
+		 * them, try again later. */
+		return TRUE;
 	case SMTP_ERROR_INPUT:
 	case SMTP_ERROR_NOT_SUPPORTED:
 		return FALSE;
@@ -244,7 +262,7 @@ smtp_error_is_temporary(const GError *error)
 			const SmtpRefusal *r =
 			    g_ptr_array_index(priv->refused, i);
 
-			if (r->reply.code / 100 == 4)
+			if (reply_is_temporary(&r->reply))
 				return TRUE;
 		}
 		return FALSE;
@@ -252,6 +270,6 @@ smtp_error_is_temporary(const GError *error)
 		/* SENDER_REFUSED, DATA, HELO, TLS, AUTH: the reply decides;
 		 * a TLS or AUTH failure without a reply is our side's or
 		 * the peer's setup, which waiting does not fix. */
-		return priv->reply.code / 100 == 4;
+		return reply_is_temporary(&priv->reply);
 	}
 }

@@ -48,10 +48,13 @@
  * (SMTP_ERROR_INPUT); 66 unreadable file; 69 permanent failure (5xx at
  * any stage, a permanent TLS or AUTH failure, and NOT_SUPPORTED: the
  * server lacks SMTPUTF8, which retrying will not change); 75 temporary
- * failure (4xx, connect, timeout, disconnect); 76 protocol error.  With
- * several messages: 75 when any failure was temporary, else the first
- * failure's status.  74 when the report itself cannot be written, as
- * the caller then cannot know what was sent.
+ * failure (4xx, connect, timeout, disconnect, and a protocol error: a
+ * garbled or out-of-step reply, which smtp_error_is_temporary() calls
+ * temporary, as RFC 5321 clients retry); 76 only for an error outside
+ * the library's domain, which it never raises.  With several messages:
+ * 75 when any failure was temporary, else the first failure's status.
+ * 74 when the report itself cannot be written, as the caller then
+ * cannot know what was sent.
  *
  * TLS and AUTH: --tls takes Postfix's level names; the default is that
  * of smtp_tls_default_for_host(), the rule archive-milter's relays
@@ -137,8 +140,8 @@ static const char epilogue[] =
     "64 usage error; 65 bad input found before sending; 66 unreadable "
     "file;\n"
     "69 permanent failure (5xx, not_supported); 75 temporary failure (4xx,\n"
-    "connect, timeout, disconnected); 76 protocol error.  With several\n"
-    "messages: 75 if any failure was temporary, else the first failure's.\n"
+    "connect, timeout, disconnected, protocol).  With several messages:\n"
+    "75 if any failure was temporary, else the first failure's.\n"
     "\n"
     "--tls LEVEL is none, may (STARTTLS when offered, unverified), encrypt\n"
     "(required, unverified) or verify (required, certificate and host name\n"
@@ -506,12 +509,12 @@ error_status(const GError *error)
 	switch (error->code) {
 	case SMTP_ERROR_INPUT:
 		return EX_DATAERR;
-	case SMTP_ERROR_PROTOCOL:
-		return EX_PROTOCOL;
 	case SMTP_ERROR_NOT_SUPPORTED:
 		/* a missing capability; retrying will not add it */
 		return EX_UNAVAILABLE;
 	default:
+		/* The library's word, the one the milter goes by too: a
+		 * garbled or out-of-step reply (PROTOCOL) is temporary */
 		return smtp_error_is_temporary(error) ? EX_TEMPFAIL
 		                                      : EX_UNAVAILABLE;
 	}

@@ -128,9 +128,13 @@ const GPtrArray *smtp_error_get_dropped_options(const GError *error);
  * smtp_error_is_temporary: TRUE when retrying later may succeed: a 4xx
  * reply, CONNECT (except a 5xx greeting such as 554, which is
  * permanent), TIMEOUT, DISCONNECTED (a 421 at any stage, even inside a
- * multi-line reply), IO (a full disk may be freed); for
- * RECIPIENTS_REFUSED, TRUE when any refusal was 4xx.  FALSE for 5xx,
- * PROTOCOL, INPUT, TLS, AUTH (without a 4xx reply) and NOT_SUPPORTED.
+ * multi-line reply), IO (a full disk may be freed), PROTOCOL (a garbled
+ * reply or replies out of step: the session went wrong, not the
+ * message; RFC 5321 clients retry), and a step refused with a 1xx to
+ * 3xx reply (250 to DATA: out of step too); for RECIPIENTS_REFUSED,
+ * TRUE when any refusal was not 5xx.  FALSE for 5xx, INPUT, TLS, AUTH
+ * (without a reply or with a 5xx) and NOT_SUPPORTED.  This is the one
+ * answer: the milter and smtp-send both go by it.
  */
 gboolean smtp_error_is_temporary(const GError *error);
 

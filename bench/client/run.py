@@ -58,11 +58,18 @@ STEP_TIMEOUT = 300  # seconds for any one step
 SKIP = 77
 
 
-def free_port():
-    """A port free on 127.0.0.1 now (smtp-sink binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def reserve_port():
+    """A port on 127.0.0.1 and the socket that holds it.
+
+    The socket stays bound, with SO_REUSEADDR and never listening, until
+    smtp-sink listens: smtp-sink sets SO_REUSEADDR too and can bind
+    beside it, while no automatic choice of port (a connect() of a
+    parallel test, a bind() to port 0) can take the port meanwhile.  The
+    caller closes the socket once the server is up."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1], s
 
 
 def start_sink(port):
@@ -232,8 +239,11 @@ def main():
     work = tempfile.mkdtemp(prefix="bench-client-")
     try:
         # Step 1: the server and the messages.
-        port = free_port()
-        sink = start_sink(port)
+        port, hold = reserve_port()
+        try:
+            sink = start_sink(port)
+        finally:
+            hold.close()
         files = write_messages(work, args.messages, args.size)
         print("bench: smtp-sink on 127.0.0.1:%d (pid %d); %d messages of "
               "%d octets" % (port, sink.pid, len(files), args.size))

@@ -482,7 +482,20 @@ static const ErrorCase error_cases[] = {
      69,
      NULL,
      0},
-    {"protocol", "on MAIL raw 2x0 what?\\r\\n\n", {TO}, {NULL}, 76, NULL, 0},
+    /* A garbled reply is temporary, as the library (and so the
+     * milter) call it: the session went wrong, not the message. */
+    {"protocol", "on MAIL raw 2x0 what?\\r\\n\n", {TO}, {NULL}, 75, NULL, 0},
+    /* A 250 to DATA is the server out of step: temporary too. */
+    {"out-of-step",
+     "on DATA reply 250 2.0.0 Ok\n",
+     {TO},
+     {NULL},
+     75,
+     "{\"file\":\"-\",\"status\":\"error\",\"refused\":{},"
+     "\"error\":{\"kind\":\"data_error\",\"code\":250,"
+     "\"text\":\"Ok\",\"enhanced\":\"2.0.0\","
+     "\"stage\":\"data\"},\"dropped_options\":[]}",
+     0},
     {"cr-in-recipient",
      NULL,
      {"bob@example.net\rRCPT TO:<eve@example.com>"},

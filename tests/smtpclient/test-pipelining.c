@@ -405,7 +405,7 @@ static const FailCase fail_cases[] = {
     {"data-refused", PIPE_KEYWORDS "on DATA#1 reply 451 4.3.0 later",
      SMTP_ERROR_DATA, "data", 451, TRUE, TRUE, "RSET\r\n"},
     {"data-not-354", PIPE_KEYWORDS "on DATA#1 reply 250 2.0.0 what",
-     SMTP_ERROR_DATA, "data", 250, FALSE, TRUE, "RSET\r\n"},
+     SMTP_ERROR_DATA, "data", 250, TRUE, TRUE, "RSET\r\n"},
     {"421-mail", PIPE_KEYWORDS "on MAIL reply 421 4.3.2 bye",
      SMTP_ERROR_DISCONNECTED, "mail", 421, TRUE, FALSE, ""},
     {"421-rcpt", PIPE_KEYWORDS "on RCPT#2 reply 421 4.3.2 bye",
@@ -419,7 +419,7 @@ static const FailCase fail_cases[] = {
     {"stall-at-rcpt", PIPE_KEYWORDS "on RCPT#2 stall", SMTP_ERROR_TIMEOUT,
      "rcpt", 0, TRUE, FALSE, ""},
     {"garbage-at-rcpt", PIPE_KEYWORDS "on RCPT#1 raw 250-ok\\r\\n999 x\\r\\n",
-     SMTP_ERROR_PROTOCOL, "rcpt", 0, FALSE, FALSE, ""},
+     SMTP_ERROR_PROTOCOL, "rcpt", 0, TRUE, FALSE, ""},
 };
 
 static void

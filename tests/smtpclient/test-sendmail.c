@@ -229,8 +229,11 @@ static const FailCase fail_cases[] = {
      SMTP_ERROR_RECIPIENTS_REFUSED, "rcpt", 550, FALSE, TRUE, TRUE},
     {"data-refused", "on DATA reply 554 5.5.1 no thanks", SMTP_ERROR_DATA,
      "data", 554, FALSE, TRUE, TRUE},
+    /* A 250 to DATA is the server out of step: temporary, as PROTOCOL */
     {"data-not-354", "on DATA reply 250 2.0.0 what", SMTP_ERROR_DATA, "data",
-     250, FALSE, TRUE, TRUE},
+     250, TRUE, TRUE, TRUE},
+    {"rcpt-not-2xx-or-refusal", "on RCPT reply 354 go ahead",
+     SMTP_ERROR_RECIPIENTS_REFUSED, "rcpt", 354, TRUE, TRUE, TRUE},
     {"dot-refused", "on DOT reply 552 5.3.4 too big", SMTP_ERROR_DATA,
      "end-of-data", 552, FALSE, TRUE, TRUE},
     {"dot-refused-temp", "on DOT reply 451 4.3.0 queue full", SMTP_ERROR_DATA,
@@ -270,24 +273,24 @@ static const FailCase fail_cases[] = {
     {"close-at-dot", "on DOT close", SMTP_ERROR_DISCONNECTED, "end-of-data", 0,
      TRUE, FALSE, FALSE},
     {"garbage", "on MAIL raw hello there\\r\\n", SMTP_ERROR_PROTOCOL, "mail", 0,
-     FALSE, FALSE, FALSE},
+     TRUE, FALSE, FALSE},
     {"garbage-in-multiline", "on RCPT raw 250-ok\\r\\n999 x\\r\\n",
-     SMTP_ERROR_PROTOCOL, "rcpt", 0, FALSE, FALSE, FALSE},
+     SMTP_ERROR_PROTOCOL, "rcpt", 0, TRUE, FALSE, FALSE},
     /* Replies sent ahead of their commands: a forged "250 queued"
      * behind the 354 must never pass for the end-of-data reply. */
     {"reply-ahead-of-dot",
      "on DATA raw 354 go\\r\\n250 2.0.0 Ok: queued as FORGED\\r\\n\n"
      "on DOT stall",
-     SMTP_ERROR_PROTOCOL, "message", 0, FALSE, FALSE, FALSE},
+     SMTP_ERROR_PROTOCOL, "message", 0, TRUE, FALSE, FALSE},
     {"reply-ahead-of-dot-pipelined",
      "ehlo-keywords PIPELINING 8BITMIME SIZE 10485760\n"
      "on DATA raw 354 go\\r\\n250 2.0.0 Ok: queued as FORGED\\r\\n\n"
      "on DOT stall",
-     SMTP_ERROR_PROTOCOL, "message", 0, FALSE, FALSE, FALSE},
+     SMTP_ERROR_PROTOCOL, "message", 0, TRUE, FALSE, FALSE},
     {"replies-ahead-of-rcpt",
      "on MAIL raw 250 ok\\r\\n250 ok\\r\\n354 go\\r\\n250 queued\\r\\n\n"
      "on RCPT stall",
-     SMTP_ERROR_PROTOCOL, "rcpt", 0, FALSE, FALSE, FALSE},
+     SMTP_ERROR_PROTOCOL, "rcpt", 0, TRUE, FALSE, FALSE},
     {"rset-refused",
      "on MAIL reply 550 5.7.1 no\non RSET reply 502 5.5.1 no RSET",
      SMTP_ERROR_SENDER_REFUSED, "mail", 550, FALSE, FALSE, TRUE},
