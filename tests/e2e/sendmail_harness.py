@@ -37,9 +37,11 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -143,7 +145,8 @@ class Sendmail:
     def __init__(self, root, workdir, relay_port, milter_port=None,
                  shim=None, port=None, milter_flags="T",
                  milter_timeouts="C:10s;S:10s;R:20s;E:60s",
-                 queue_interval="5s", loglevel=14, milterloglevel=6):
+                 queue_interval="5s", loglevel=14, milterloglevel=6,
+                 debug=None):
         self.root = root
         self.workdir = workdir
         self.relay_port = relay_port
@@ -155,6 +158,9 @@ class Sendmail:
         self.queue_interval = queue_interval
         self.loglevel = loglevel
         self.milterloglevel = milterloglevel
+        # Sendmail's -d flags (e.g. "64.5": the milter protocol), whose
+        # output goes to WORKDIR/sendmail.out.
+        self.debug = debug
         self.domain = "mta.sendmail.test"
         self.queue = os.path.join(workdir, "queue")
         self.cf = os.path.join(workdir, "sendmail.cf")
@@ -252,8 +258,10 @@ class Sendmail:
 
     def start(self, timeout=30):
         self.configure()
-        argv = self.ns_argv(["-bD", "-q" + self.queue_interval],
-                            daemon=True)
+        args = ["-bD", "-q" + self.queue_interval]
+        if self.debug:
+            args.append("-d" + self.debug)
+        argv = self.ns_argv(args, daemon=True)
         self.proc = h.Proc("sendmail", argv, self._path("sendmail.out"),
                            grace=10, env=self.env())
 
@@ -318,15 +326,177 @@ class Sendmail:
             return f.read().decode("utf-8", "replace")
 
 
+# ------------------------------------------------------------------ #
+# A tap on the milter protocol                                         #
+# ------------------------------------------------------------------ #
+
+# Protocol flags (libmilter/mfdef.h) by name, for reports.
+SMFIP = {
+    "NOCONNECT": 0x1, "NOHELO": 0x2, "NOMAIL": 0x4, "NORCPT": 0x8,
+    "NOBODY": 0x10, "NOHDRS": 0x20, "NOEOH": 0x40, "NR_HDR": 0x80,
+    "NOUNKNOWN": 0x100, "NODATA": 0x200, "SKIP": 0x400,
+    "RCPT_REJ": 0x800, "NR_CONN": 0x1000, "NR_HELO": 0x2000,
+    "NR_MAIL": 0x4000, "NR_RCPT": 0x8000, "NR_DATA": 0x10000,
+    "NR_UNKN": 0x20000, "NR_EOH": 0x40000, "NR_BODY": 0x80000,
+    "HDR_LEADSPC": 0x100000,
+}
+
+# MTA command -> (the flag that stops it being sent, the flag that stops
+# the milter answering it).  End of message always has an answer.
+COMMANDS = {
+    b"C": ("NOCONNECT", "NR_CONN"), b"H": ("NOHELO", "NR_HELO"),
+    b"M": ("NOMAIL", "NR_MAIL"), b"R": ("NORCPT", "NR_RCPT"),
+    b"T": ("NODATA", "NR_DATA"), b"L": ("NOHDRS", "NR_HDR"),
+    b"N": ("NOEOH", "NR_EOH"), b"B": ("NOBODY", "NR_BODY"),
+    b"U": ("NOUNKNOWN", "NR_UNKN"), b"E": (None, None),
+}
+# Milter replies that end a command (the others, such as "h" for an
+# added header or "q" for quarantine, come before one at end of message).
+FINAL_REPLIES = set(b"acdrtys")
+
+
+def flag_names(bits):
+    return [n for n, b in SMFIP.items() if bits & b]
+
+
+class MilterTap:
+    """A loopback proxy between the MTA and the milter that records each
+    packet's command byte in both directions, and the option
+    negotiation, so that a test can see what the two agreed and whether
+    each kept to it: no command sent that the milter asked not to get,
+    and exactly one answer to each command that is owed one."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.sessions = []      # {"offer", "answer", "cmds", "replies"}
+        self.lock = threading.Lock()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((h.LOOPBACK, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True,
+                         name="milter-tap").start()
+        h.REGISTRY.add("milter-tap", self.stop)
+
+    def stop(self):
+        h.REGISTRY.remove(self.stop)
+        for c in [self.sock] + self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def _accept(self):
+        while True:
+            try:
+                mta, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                milter = socket.create_connection(
+                    (h.LOOPBACK, self.target_port), timeout=10)
+                milter.settimeout(None)
+            except OSError:
+                mta.close()
+                continue
+            sess = {"offer": None, "answer": None, "cmds": [],
+                    "replies": []}
+            with self.lock:
+                self.sessions.append(sess)
+                self.conns += [mta, milter]
+            for src, dst, key in ((mta, milter, "cmds"),
+                                  (milter, mta, "replies")):
+                threading.Thread(target=self._pump,
+                                 args=(src, dst, sess, key),
+                                 daemon=True).start()
+
+    @staticmethod
+    def _read(sock, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return buf
+
+    def _pump(self, src, dst, sess, key):
+        try:
+            while True:
+                head = self._read(src, 4)
+                if head is None:
+                    break
+                body = self._read(src, struct.unpack(">I", head)[0])
+                if body is None:
+                    break
+                cmd = body[:1]
+                if cmd == b"O" and len(body) >= 13:
+                    flags = struct.unpack(">III", body[1:13])
+                    sess["offer" if key == "cmds" else "answer"] = flags
+                else:
+                    sess[key].append(cmd)
+                dst.sendall(head + body)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def problems(self):
+        """What broke the negotiated protocol, per session ([] when
+        nothing did)."""
+        out = []
+        with self.lock:
+            sessions = list(self.sessions)
+        for i, s in enumerate(sessions):
+            if s["answer"] is None:
+                if s["cmds"]:
+                    out.append("session %d: commands without a "
+                               "negotiation" % i)
+                continue
+            pflags = s["answer"][2]
+            owed = 0
+            for c in s["cmds"]:
+                if c not in COMMANDS:
+                    continue
+                skip, noreply = COMMANDS[c]
+                if skip and pflags & SMFIP[skip]:
+                    out.append("session %d: MTA sent %r despite %s"
+                               % (i, c, skip))
+                if not (noreply and pflags & SMFIP[noreply]):
+                    owed += 1
+            answered = sum(1 for r in s["replies"] if r[0] in FINAL_REPLIES)
+            if answered != owed:
+                out.append("session %d: %d answers for %d commands owed "
+                           "one (commands %s, replies %s)"
+                           % (i, answered, owed,
+                              b"".join(s["cmds"]).decode(),
+                              b"".join(s["replies"]).decode()))
+        return out
+
+    def negotiated(self):
+        """The set of distinct (MTA offer, milter answer) pairs."""
+        with self.lock:
+            return {(s["offer"], s["answer"]) for s in self.sessions
+                    if s["answer"] is not None}
+
+
 class SendmailWorld:
     """Sendmail + main relay + archive relay + archive-milter, as
     harness.World is for Postfix.  milter_opts: keyword arguments of
-    harness.Milter (policy, extra_conf, delivery ...)."""
+    harness.Milter (policy, extra_conf, delivery ...); sendmail_opts:
+    of Sendmail; tap: Sendmail reaches the milter through a MilterTap
+    (then self.tap)."""
 
     ARCHIVE_TO = "journal@archive.example"
 
     def __init__(self, root, milter_exe, shim, workdir=None,
-                 milter_opts=None, sendmail_opts=None):
+                 milter_opts=None, sendmail_opts=None, tap=False):
         self.root = root
         self.milter_exe = milter_exe
         self.shim = shim
@@ -337,6 +507,7 @@ class SendmailWorld:
             h.WATCHDOG.tell("rmtree", self.workdir)
         self.milter_opts = dict(milter_opts or {})
         self.sendmail_opts = dict(sendmail_opts or {})
+        self.tap = tap
         self.main = self.archive = self.milter = self.sendmail = None
 
     def _relay(self, name):
@@ -353,9 +524,13 @@ class SendmailWorld:
                                os.path.join(self.workdir, "milter"),
                                self.archive.port, archive_to, **opts)
         self.milter.start()
+        milter_port = self.milter.port
+        if self.tap:
+            self.tap = MilterTap(self.milter.port)
+            milter_port = self.tap.port
         self.sendmail = Sendmail(self.root,
                                  os.path.join(self.workdir, "sendmail"),
-                                 self.main.port, self.milter.port,
+                                 self.main.port, milter_port,
                                  shim=self.shim, **self.sendmail_opts)
         os.makedirs(self.sendmail.workdir, exist_ok=True)
         self.sendmail.start()
@@ -363,8 +538,9 @@ class SendmailWorld:
 
     def stop(self):
         # Sendmail first (it talks to the others), then the milter.
-        for part in (self.sendmail, self.milter, self.archive, self.main):
-            if part is not None:
+        for part in (self.sendmail, self.tap, self.milter, self.archive,
+                     self.main):
+            if part:
                 try:
                     part.stop()
                 except Exception as e:

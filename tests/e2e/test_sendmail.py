@@ -45,6 +45,12 @@ envelope recipient:
               relay gets nothing, the held queue file carries
               X-Archive-Status; released with `sendmail -Q -qI`, it is
               delivered with that header.
+  protocol    Sendmail reaches the milter through a tap (a loopback
+              proxy in this process) that records both directions: one
+              negotiation for all sessions, with SMFIP_HDR_LEADSPC, no
+              command sent that the milter declined (SMFIP_NO*), and
+              exactly one answer to each command owed one (none to the
+              events of the SMFIP_NR_* flags negotiated).
 
 Output is TAP.  Exit 0 all passed, 1 a check failed, 77 skipped (not
 root, or no archive-milter), 99 harness error.
@@ -753,6 +759,26 @@ def run_quarantine(t, w):
          status)
 
 
+def run_protocol(t, w):
+    """What Sendmail and the milter agreed, seen on the wire by the
+    tap, and whether both kept to it in every session of the run."""
+    pairs = w.tap.negotiated()
+    for offer, answer in sorted(pairs):
+        t.note("negotiated: Sendmail offered version %d, actions 0x%x, "
+               "protocol 0x%x; the milter took actions 0x%x, protocol "
+               "%s" % (offer[0], offer[1], offer[2], answer[1],
+                       " ".join(smh.flag_names(answer[2]))))
+    t.ok(len(pairs) == 1, "protocol: every session negotiated the same "
+         "way", pairs)
+    t.ok(pairs and all(a[2] & smh.SMFIP["HDR_LEADSPC"] for _, a in pairs),
+         "protocol: SMFIP_HDR_LEADSPC negotiated with Sendmail", pairs)
+    problems = w.tap.problems()
+    t.ok(not problems, "protocol: in %d sessions Sendmail sent nothing "
+         "the milter declined and the milter answered exactly the "
+         "commands owed an answer (NR flags kept)"
+         % len(w.tap.sessions), "\n".join(problems[:10]))
+
+
 def run(t, args):
     tmp = tempfile.mkdtemp(prefix="archive-sm-msgs-")
     args.cleanup.append(tmp)
@@ -767,7 +793,7 @@ def run(t, args):
             "workers": 1,
             "spool_retry_min": 1,
             "spool_retry_max": 2,
-        })
+        }, tap=True)
     with world as w:
         late = h.SinkRelay("late-relay", os.path.join(w.workdir, "late"),
                            port=late_port)
@@ -782,7 +808,8 @@ def run(t, args):
                                 ("sync-down", run_sync_down, ()),
                                 ("spool-down", run_spool_down, (late,)),
                                 ("hold", run_hold, ()),
-                                ("quarantine", run_quarantine, ())):
+                                ("quarantine", run_quarantine, ()),
+                                ("protocol", run_protocol, ())):
             t0 = time.monotonic()
             try:
                 fn(t, w, *extra)
