@@ -48,8 +48,10 @@
  * accepted, copies this message put in the spool are withdrawn (the
  * client sends it again, with new copies), and each copy a relay
  * already took is logged with its X-Archive-Id.  When it is accepted,
- * queued copies are handed to the runner.  The decision line names
- * every copy's id, so that it can be matched with the archive.
+ * queued copies are handed to the runner (a delivery = spool copy with
+ * its message, sent from memory unless the runner's cap is reached; the
+ * file stays the truth for retries and restarts).  The decision line
+ * names every copy's id, so that it can be matched with the archive.
  *
  * Bad input from the MTA is never an assertion: it tempfails the
  * message with a 451 that says why.
@@ -105,11 +107,15 @@
 
 typedef struct {
 	gboolean leading_space; /* SMFIP_HDR_LEADSPC was negotiated */
+	unsigned long noreply;  /* the SMFIP_NR_* bits we asked for */
 	char *client_addr;      /* from xxfi_connect, or {client_addr} */
 	char *client_name;
 	AmContext *ctx;  /* the current message's, or NULL */
 	AmEnvelope *env; /* the current message's, or NULL */
 	AmCapture *cap;
+	char *failure; /* why the current message is to be tempfailed
+	                * at its end (a header, body or EOH event that
+	                * could not be taken), or NULL */
 } AmSession;
 
 G_DEFINE_QUARK(am - milter - error - quark, am_milter_error)
@@ -250,7 +256,9 @@ typedef struct {
 	gboolean failed; /* not every address confirmed or queued */
 	gboolean spooled;
 	AmSpoolState state;
-	char *detail; /* for the decision line */
+	char *detail;        /* for the decision line */
+	AmSpoolEntry *entry; /* delivery = spool: what was spooled, and */
+	SmtpMessage *msg;    /* its message, for the runner; or NULL */
 } RuleResult;
 
 static void
@@ -263,6 +271,8 @@ rule_result_clear(RuleResult *r)
 	g_free(r->quarantine);
 	g_free(r->id);
 	g_free(r->detail);
+	am_spool_entry_free(r->entry);
+	smtp_message_free(r->msg);
 }
 
 static void
@@ -287,11 +297,14 @@ spool_failure_text(const GError *error)
  * Write the copy @id of @msg into the spool for @to, in @state.  A
  * copy that already failed once (@d) carries that attempt, so the
  * runner's backoff starts from it rather than trying again at once.
+ * @kept: NULL, or receives a copy of the envelope written, for the
+ * runner (am_runner_kick_copy).
  */
 static gboolean
 spool_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
            const char *id, SmtpMessage *msg, const char *const *to,
-           AmSpoolState state, const AmDelivery *d, GError **error)
+           AmSpoolState state, const AmDelivery *d, AmSpoolEntry **kept,
+           GError **error)
 {
 	gint64 now = g_get_real_time() / G_USEC_PER_SEC;
 	AmSpoolEntry entry = {
@@ -319,7 +332,11 @@ spool_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 			entry.next_attempt =
 			    now + MAX(ctx->config->spool_retry_min_s, 1);
 	}
-	return am_spool_put(ctx->spool, &entry, msg, state, error);
+	if (!am_spool_put(ctx->spool, &entry, msg, state, error))
+		return FALSE;
+	if (kept != NULL)
+		*kept = am_spool_entry_copy(&entry);
+	return TRUE;
 }
 
 /* delivery = spool: the copy into queue/, fsynced before we answer. */
@@ -331,7 +348,7 @@ rule_spool(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 
 	if (!spool_copy(ctx, rule, env, r->id, msg,
 	                (const char *const *)rule->archive_to, AM_SPOOL_QUEUED,
-	                NULL, &error)) {
+	                NULL, &r->entry, &error)) {
 		g_autofree char *text = spool_failure_text(error);
 
 		am_log_error("%s: rule %s: cannot spool copy %s: %s", qid(env),
@@ -446,7 +463,7 @@ apply_accept(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 		                         : AM_SPOOL_HELD;
 
 		if (!spool_copy(ctx, rule, env, r->id, msg,
-		                (const char *const *)to->pdata, state, d,
+		                (const char *const *)to->pdata, state, d, NULL,
 		                &error)) {
 			g_autofree char *text = spool_failure_text(error);
 
@@ -546,9 +563,13 @@ rule_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	}
 	am_log_debug("milter: %s: rule %s: X-Archive-Id %s", qid(env),
 	             rule->name, r->id);
-	if (rule->delivery == AM_DELIVERY_SPOOL)
+	if (rule->delivery == AM_DELIVERY_SPOOL) {
 		rule_spool(ctx, rule, env, msg, r);
-	else
+		/* The runner sends these very octets from memory if the
+		 * original is accepted. */
+		if (r->entry != NULL)
+			r->msg = g_steal_pointer(&msg);
+	} else
 		rule_sync(ctx, rule, env, msg, deadline, r);
 }
 
@@ -617,7 +638,12 @@ verdict_settle(AmContext *ctx, const AmEnvelope *env, AmVerdict *v,
 			if (r->sent || r->spooled)
 				g_ptr_array_add(v->ids, g_strdup(r->id));
 			if (r->spooled && r->state == AM_SPOOL_QUEUED &&
-			    ctx->runner != NULL)
+			    ctx->runner != NULL && r->msg != NULL)
+				am_runner_kick_copy(ctx->runner,
+				                    g_steal_pointer(&r->entry),
+				                    g_steal_pointer(&r->msg));
+			else if (r->spooled && r->state == AM_SPOOL_QUEUED &&
+			         ctx->runner != NULL)
 				am_runner_kick(ctx->runner, r->id);
 			continue;
 		}
@@ -759,6 +785,8 @@ session_reset_message(AmSession *s)
 	s->cap = NULL;
 	am_context_unref(s->ctx);
 	s->ctx = NULL;
+	g_free(s->failure);
+	s->failure = NULL;
 }
 
 static void
@@ -832,9 +860,31 @@ session_update_queue_id(SMFICTX *mctx, AmSession *s)
 	s->env->queue_id = am_log_sanitize(qid, 64);
 }
 
+/* No answer where the NR bit @bit was negotiated, else continue. */
+static sfsistat
+reply_continue(const AmSession *s, unsigned long bit)
+{
+	return s != NULL && (s->noreply & bit) != 0 ? SMFIS_NOREPLY
+	                                            : SMFIS_CONTINUE;
+}
+
 /* ------------------------------------------------------------------ */
 /* Callbacks                                                            */
 /* ------------------------------------------------------------------ */
+
+/*
+ * Events whose callback never answers anything but continue: connect
+ * (a session that cannot be kept is refused at MAIL instead), each
+ * header, the end of headers, each body chunk (their failures wait for
+ * the end of message).  MAIL and RCPT keep their answers: MAIL may
+ * tempfail the message, RCPT refuses single recipients.  HELO, DATA
+ * and unknown commands are not sent to us at all (SMFIP_NO*); no NR
+ * bit for them, since libmilter, should an old MTA send them anyway,
+ * would answer for our missing callback with continue and log that as
+ * a broken promise.
+ */
+#define NOREPLY_EVENTS                                                         \
+	(SMFIP_NR_CONN | SMFIP_NR_HDR | SMFIP_NR_EOH | SMFIP_NR_BODY)
 
 static sfsistat
 cb_negotiate(SMFICTX *mctx, unsigned long f0, unsigned long f1,
@@ -863,8 +913,8 @@ cb_negotiate(SMFICTX *mctx, unsigned long f0, unsigned long f1,
 	 * connection unanswered, and Postfix would then apply
 	 * milter_default_action, which accepts mail without a copy when
 	 * set to accept (seen with Postfix 3.7: "can't read SMFIC_OPTNEG
-	 * reply packet header").  Go on instead: cb_connect finds no
-	 * session either and tempfails the whole SMTP session.
+	 * reply packet header").  Go on instead, without NR flags: cb_connect
+	 * finds no session either and tempfails the whole SMTP session.
 	 */
 	if (s == NULL) {
 		am_log_error("milter: cannot keep session state; the "
@@ -876,16 +926,25 @@ cb_negotiate(SMFICTX *mctx, unsigned long f0, unsigned long f1,
 		am_log_debug("milter: MTA offers no SMFIP_HDR_LEADSPC; one "
 		             "space after each colon is assumed");
 
-	/* Asking replaces the MTA's default list for that stage. */
+	/* Only the NR bits offered; libmilter drops those the MTA lacks
+	 * from its answer and sends our continue for them itself. */
+	s->noreply = f1 & NOREPLY_EVENTS;
+	*pf1 |= s->noreply;
+
+	/*
+	 * Asking replaces the MTA's default list for that stage; only what
+	 * the callbacks read with smfi_getsymval().  Postfix 3.7 sends a
+	 * macro packet before every event anyway (milter8_event(), before
+	 * each header and body chunk too, with the EOH and EOM lists), and
+	 * takes an empty list as "the main.cf default" (MILTER_MACRO_EVAL
+	 * in milter.c), so a stage that needs nothing keeps a short list.
+	 */
 	if (f0 & SMFIF_SETSYMLIST) {
-		smfi_setsymlist(mctx, SMFIM_CONNECT,
-		                (char *)"{client_addr} {client_name} j _");
-		smfi_setsymlist(mctx, SMFIM_ENVFROM,
-		                (char *)"i {auth_authen} {auth_type} "
-		                        "{mail_addr}");
-		smfi_setsymlist(mctx, SMFIM_ENVRCPT, (char *)"i {rcpt_addr}");
+		smfi_setsymlist(mctx, SMFIM_CONNECT, (char *)"{client_addr}");
+		smfi_setsymlist(mctx, SMFIM_ENVFROM, (char *)"i {auth_authen}");
+		smfi_setsymlist(mctx, SMFIM_ENVRCPT, (char *)"i");
 		smfi_setsymlist(mctx, SMFIM_EOH, (char *)"i");
-		smfi_setsymlist(mctx, SMFIM_EOM, (char *)"i {msg_id}");
+		smfi_setsymlist(mctx, SMFIM_EOM, (char *)"i");
 	}
 	return SMFIS_CONTINUE;
 }
@@ -924,7 +983,7 @@ cb_connect(SMFICTX *mctx, char *hostname, _SOCK_ADDR *hostaddr)
 	    (macro = smfi_getsymval(mctx, (char *)"{client_addr}")) != NULL)
 		s->client_addr = am_log_sanitize(macro, 64);
 	s->client_name = hostname ? am_log_sanitize(hostname, 256) : NULL;
-	return SMFIS_CONTINUE;
+	return reply_continue(s, SMFIP_NR_CONN);
 }
 
 static sfsistat
@@ -980,44 +1039,86 @@ cb_envrcpt(SMFICTX *mctx, char **argv)
 	return SMFIS_CONTINUE;
 }
 
+/*
+ * Header, end-of-header and body events.  With SMFIP_NR_HDR, NR_EOH and
+ * NR_BODY negotiated, the MTA sends them without waiting (Postfix 3.7
+ * milter8.c: skip_reply), and libmilter 8.17 must be told SMFIS_NOREPLY:
+ * its sendreply() logs any other status as a lie and sends nothing, but
+ * mi_engine() still takes a TEMPFAIL or REJECT as the end of the
+ * message and ignores the rest of it, the end included, so the MTA
+ * would wait for the final answer until its timeout.  A failure is
+ * therefore kept in the session and answered at end of message (cb_eom),
+ * with the same 451 and log line as before; without the NR flags the
+ * same path is taken, answering continue meanwhile.  libmilter offers
+ * the NR bits to xxfi_negotiate even when the MTA does not
+ * (st_optionneg: fake_pflags) and then sends the continue itself, so
+ * the deferral is what the MTA sees either way.
+ */
+
+/* Remember why this message must be tempfailed at its end; drop what
+ * was captured, since nothing more is needed for it. */
+static sfsistat
+session_defer(AmSession *s, const char *reason, unsigned long bit)
+{
+	if (s != NULL && s->failure == NULL) {
+		s->failure = g_strdup(reason);
+		am_capture_free(s->cap);
+		s->cap = NULL;
+	}
+	return reply_continue(s, bit);
+}
+
 static sfsistat
 cb_header(SMFICTX *mctx, char *name, char *value)
 {
 	AmSession *s = smfi_getpriv(mctx);
 	g_autoptr(GError) error = NULL;
 
+	if (s != NULL && s->failure != NULL)
+		return reply_continue(s, SMFIP_NR_HDR);
 	if (s == NULL || s->cap == NULL)
-		return session_tempfail(mctx, s, "header before MAIL");
+		return session_defer(s, "header before MAIL", SMFIP_NR_HDR);
 	if (!am_capture_add_header(s->cap, name, value, &error))
-		return session_tempfail(mctx, s, error->message);
-	return SMFIS_CONTINUE;
+		return session_defer(s, error->message, SMFIP_NR_HDR);
+	return reply_continue(s, SMFIP_NR_HDR);
 }
 
+/* The queue id is read again at end of message, not here. */
 static sfsistat
 cb_eoh(SMFICTX *mctx)
 {
 	AmSession *s = smfi_getpriv(mctx);
 	g_autoptr(GError) error = NULL;
 
+	if (s != NULL && s->failure != NULL)
+		return reply_continue(s, SMFIP_NR_EOH);
 	if (s == NULL || s->cap == NULL)
-		return session_tempfail(mctx, s, "headers before MAIL");
-	session_update_queue_id(mctx, s);
+		return session_defer(s, "headers before MAIL", SMFIP_NR_EOH);
 	if (!am_capture_end_headers(s->cap, &error))
-		return session_tempfail(mctx, s, error->message);
-	return SMFIS_CONTINUE;
+		return session_defer(s, error->message, SMFIP_NR_EOH);
+	return reply_continue(s, SMFIP_NR_EOH);
 }
 
+/*
+ * XXX: an MTA that sends body data with SMFIC_BODYEOB (neither Postfix,
+ * which sends them apart, nor Sendmail does) makes libmilter call this
+ * from st_bodyend(), where SMFIS_NOREPLY under NR_BODY stops it from
+ * calling xxfi_eom: that MTA would wait for the end-of-message answer
+ * until its timeout.
+ */
 static sfsistat
 cb_body(SMFICTX *mctx, unsigned char *data, size_t len)
 {
 	AmSession *s = smfi_getpriv(mctx);
 	g_autoptr(GError) error = NULL;
 
+	if (s != NULL && s->failure != NULL)
+		return reply_continue(s, SMFIP_NR_BODY);
 	if (s == NULL || s->cap == NULL)
-		return session_tempfail(mctx, s, "body before MAIL");
+		return session_defer(s, "body before MAIL", SMFIP_NR_BODY);
 	if (!am_capture_add_body(s->cap, data, len, &error))
-		return session_tempfail(mctx, s, error->message);
-	return SMFIS_CONTINUE;
+		return session_defer(s, error->message, SMFIP_NR_BODY);
+	return reply_continue(s, SMFIP_NR_BODY);
 }
 
 /* "ID, ID", or "none". (transfer full) */
@@ -1089,6 +1190,13 @@ cb_eom(SMFICTX *mctx)
 	AmSession *s = smfi_getpriv(mctx);
 	g_autoptr(AmVerdict) v = NULL;
 
+	if (s != NULL && s->failure != NULL) {
+		/* session_tempfail() clears the message, this with it. */
+		g_autofree char *why = g_steal_pointer(&s->failure);
+
+		session_update_queue_id(mctx, s);
+		return session_tempfail(mctx, s, why);
+	}
 	if (s == NULL || s->cap == NULL || s->env == NULL)
 		return session_tempfail(mctx, s, "message before MAIL");
 	session_update_queue_id(mctx, s);

@@ -49,6 +49,22 @@ SMFIP_NOUNKNOWN = 0x100
 SMFIP_NODATA = 0x200
 SMFIP_HDR_LEADSPC = 0x100000
 OFFERED = SMFIP_NOHELO | SMFIP_NOUNKNOWN | SMFIP_NODATA | SMFIP_HDR_LEADSPC
+# The "no reply" bits, as Postfix 3.7 offers them with protocol 6.
+SMFIP_NR_HDR = 0x80
+SMFIP_NR_CONN = 0x1000
+SMFIP_NR_HELO = 0x2000
+SMFIP_NR_MAIL = 0x4000
+SMFIP_NR_RCPT = 0x8000
+SMFIP_NR_DATA = 0x10000
+SMFIP_NR_UNKN = 0x20000
+SMFIP_NR_EOH = 0x40000
+SMFIP_NR_BODY = 0x80000
+NR_ALL = (SMFIP_NR_HDR | SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL
+          | SMFIP_NR_RCPT | SMFIP_NR_DATA | SMFIP_NR_UNKN | SMFIP_NR_EOH
+          | SMFIP_NR_BODY)
+# What the milter must ask for when offered: the events whose answer can
+# only be continue; MAIL and RCPT keep theirs.
+NR_WANTED = SMFIP_NR_CONN | SMFIP_NR_HDR | SMFIP_NR_EOH | SMFIP_NR_BODY
 
 # Replies that end a command's answer; anything else before them is a
 # modification (add header, quarantine...) and is collected.
@@ -60,12 +76,16 @@ class MilterError(Exception):
 
 
 class MtaSide:
-    """One connection to the milter, as an MTA holds it."""
+    """One connection to the milter, as an MTA holds it.  offered: the
+    protocol flags of SMFIC_OPTNEG; an event whose NR bit the milter
+    asked for is sent without waiting for an answer, as Postfix does."""
 
-    def __init__(self, port, timeout=20):
+    def __init__(self, port, offered=OFFERED, timeout=20):
         self.sock = socket.create_connection((h.LOOPBACK, port),
                                              timeout=timeout)
         self.f = self.sock.makefile("rb")
+        self.offered = offered
+        self.proto = 0
 
     def close(self):
         try:
@@ -74,6 +94,13 @@ class MtaSide:
             pass
         self.f.close()
         self.sock.close()
+
+    def finish(self):
+        """QUIT, then everything the milter still sends before it
+        closes: a reply it owed no one shows up here."""
+        self.send(b"Q")
+        self.sock.shutdown(socket.SHUT_WR)
+        return self.f.read()
 
     def send(self, cmd, data=b""):
         self.sock.sendall(struct.pack(">I", len(data) + 1) + cmd + data)
@@ -97,20 +124,23 @@ class MtaSide:
                 return code, data, mods
             mods.append((code, data))
 
-    def call(self, cmd, data=b""):
+    def call(self, cmd, data=b"", nr=0):
+        """The answer, or None for an event sent under NR bit nr."""
         self.send(cmd, data)
+        if self.proto & nr:
+            return None
         return self.answer()
 
     def negotiate(self):
         self.send(b"O", struct.pack(">III", SMFI_VERSION, SMFIF_ALL,
-                                    OFFERED))
+                                    self.offered))
         code, data = self.read()
         if code != b"O" or len(data) < 12:
             raise MilterError("bad negotiation reply %r" % code)
         _, _, proto = struct.unpack(">III", data[:12])
-        if proto & ~OFFERED:
+        if proto & ~self.offered:
             raise MilterError("milter asks for 0x%x, never offered"
-                              % (proto & ~OFFERED))
+                              % (proto & ~self.offered))
         self.proto = proto
 
     def macro(self, stage, **pairs):
@@ -121,19 +151,23 @@ class MtaSide:
     def connect(self):
         self.macro(b"C", j="mta.example", _="client [127.0.0.1]")
         return self.call(b"C", b"client.example\0" + b"4"
-                         + struct.pack(">H", 12345) + b"127.0.0.1\0")
+                         + struct.pack(">H", 12345) + b"127.0.0.1\0",
+                         SMFIP_NR_CONN)
 
     def mail(self, addr, qid):
         self.macro(b"M", i=qid)
-        return self.call(b"M", b"<" + addr + b">\0")
+        return self.call(b"M", b"<" + addr + b">\0", SMFIP_NR_MAIL)
 
     def rcpt(self, addr, qid):
         self.macro(b"R", i=qid)
-        return self.call(b"R", b"<" + addr + b">\0")
+        return self.call(b"R", b"<" + addr + b">\0", SMFIP_NR_RCPT)
 
-    def header(self, name, value):
-        """value: bytes exactly as sent, its own NUL included if any."""
-        return self.call(b"L", name + b"\0" + value + b"\0")
+    def header(self, name, value, qid):
+        """value: bytes exactly as sent, its own NUL included if any.
+        Postfix sends the EOH macros before each header."""
+        self.macro(b"L", i=qid)
+        return self.call(b"L", name + b"\0" + value + b"\0",
+                         SMFIP_NR_HDR)
 
 
 def start_world(workdir):
@@ -161,39 +195,68 @@ class Checks:
         return cond
 
 
-def message(port, qid, headers, rcpts=(b"to@dest.example",), body=b"b\r\n"):
-    """One transaction; returns the replies: ("rcpt", [..]),
-    ("header", i, reply) for the first header not continued, or
-    ("eom", reply)."""
-    mta = MtaSide(port)
+class Transaction:
+    """The answers of one transaction: None where none was due (NR);
+    eom is None when the milter refused earlier and the MTA aborted."""
+    proto = 0
+    connect = mail = eoh = body = eom = None
+    stray = b""
+
+    def __init__(self):
+        self.rcpts = []
+        self.headers = []
+
+    def __repr__(self):
+        return repr(self.__dict__)
+
+
+def continued(reply):
+    return reply is not None and reply[0] == b"c"
+
+
+def message(port, qid, headers, rcpts=(b"to@dest.example",), body=b"b\r\n",
+            offered=OFFERED):
+    """One transaction as an MTA runs it; stops at the first answer
+    from connect to body that is neither continue nor none."""
+    t = Transaction()
+    mta = MtaSide(port, offered)
     try:
         mta.negotiate()
-        code, _, _ = mta.connect()
-        if code != b"c":
-            raise MilterError("connect answered %r" % code)
-        code, _, _ = mta.mail(SENDER.encode(), qid)
-        if code != b"c":
-            raise MilterError("MAIL answered %r" % code)
-        rcpt_replies = [mta.rcpt(r, qid) for r in rcpts]
-        for i, (name, value) in enumerate(headers):
-            reply = mta.header(name, value)
-            if reply[0] != b"c":
+        t.proto = mta.proto
+        t.connect = mta.connect()
+        if t.connect is not None and not continued(t.connect):
+            raise MilterError("connect answered %r" % (t.connect,))
+        t.mail = mta.mail(SENDER.encode(), qid)
+        if not continued(t.mail):
+            raise MilterError("MAIL answered %r" % (t.mail,))
+        t.rcpts = [mta.rcpt(r, qid) for r in rcpts]
+        for name, value in headers:
+            reply = mta.header(name, value, qid)
+            t.headers.append(reply)
+            if reply is not None and not continued(reply):
                 mta.send(b"A")
-                return ("header", i, reply, rcpt_replies)
+                return t
         mta.macro(b"N", i=qid)
-        code, _, _ = mta.call(b"N")
-        if code != b"c":
-            raise MilterError("EOH answered %r" % code)
-        code, _, _ = mta.call(b"B", body)
-        if code != b"c":
-            raise MilterError("BODY answered %r" % code)
+        t.eoh = mta.call(b"N", nr=SMFIP_NR_EOH)
+        if t.eoh is not None and not continued(t.eoh):
+            mta.send(b"A")
+            return t
+        mta.macro(b"B", i=qid)
+        t.body = mta.call(b"B", body, SMFIP_NR_BODY)
+        if t.body is not None and not continued(t.body):
+            mta.send(b"A")
+            return t
         mta.macro(b"E", i=qid)
-        return ("eom", mta.call(b"E"), rcpt_replies)
+        t.eom = mta.call(b"E")
+        t.stray = mta.finish()
+        return t
     finally:
         mta.close()
 
 
 def is_tempfail(reply, *words):
+    if reply is None:
+        return False
     code, data, _ = reply
     text = data.rstrip(b"\0").decode("utf-8", "replace")
     if code == b"t":
@@ -211,21 +274,64 @@ FORGED = [
 ]
 
 
-def check_forged(c, port, relay):
+def check_negotiation(c, port):
+    with_nr = MtaSide(port, OFFERED | NR_ALL)
+    without = MtaSide(port, OFFERED)
+    try:
+        with_nr.negotiate()
+        without.negotiate()
+    finally:
+        with_nr.close()
+        without.close()
+    c.ok(with_nr.proto & NR_ALL == NR_WANTED,
+         "NR offered: the milter asks for NR_CONN, NR_HDR, NR_EOH, "
+         "NR_BODY and no other NR bit (MAIL, RCPT keep their answers)",
+         "asked 0x%x" % with_nr.proto)
+    c.ok(without.proto & NR_ALL == 0,
+         "NR not offered: no NR bit asked for", "asked 0x%x" % without.proto)
+
+
+def decision_logged(milter, qid, *words):
+    return any(l for l in milter.log().splitlines()
+               if "%s: action=tempfail" % qid in l
+               and all(w in l for w in words))
+
+
+def check_forged(c, milter, relay):
+    """A header capture refuses: 451 at end of message, whether the MTA
+    offers the NR flags or not.  Without them libmilter offers them
+    anyway (and answers continue for us), so the header is continued
+    in both cases; see cb_header in plugin/milter.c."""
     before = relay.count()
-    for i, (what, value) in enumerate(FORGED):
-        qid = "RAWF%d" % i
-        try:
-            got = message(port, qid, [(b"From", b" <a@origin.example>"),
-                                      (b"Subject", value),
-                                      (b"X-After", b" y")])
-        except MilterError as e:
-            c.ok(False, "forged header (%s)" % what, e)
-            continue
-        c.ok(got[0] == "header" and got[1] == 1
-             and is_tempfail(got[2], "Subject", "line break"),
-             "forged header (%s): 451 at that header, naming it" % what,
-             got)
+    for nr, offered in (("NR", OFFERED | NR_ALL), ("no NR", OFFERED)):
+        for i, (what, value) in enumerate(FORGED):
+            qid = "RAWF%d%s" % (i, "N" if offered & NR_ALL else "O")
+            try:
+                got = message(milter.port, qid,
+                              [(b"From", b" <a@origin.example>"),
+                               (b"Subject", value), (b"X-After", b" y")],
+                              offered=offered)
+            except MilterError as e:
+                c.ok(False, "forged header (%s, %s)" % (what, nr), e)
+                continue
+            if offered & NR_ALL:
+                quiet = (got.connect is None and got.eoh is None
+                         and got.body is None
+                         and got.headers == [None] * 3 and got.stray == b"")
+            else:
+                quiet = (continued(got.connect) and continued(got.eoh)
+                         and continued(got.body)
+                         and all(continued(r) for r in got.headers))
+            c.ok(quiet and is_tempfail(got.eom, "Subject", "line break"),
+                 "forged header (%s, %s): %s, then 451 at end of "
+                 "message naming it" % (what, nr,
+                                        "no answer before" if offered
+                                        & NR_ALL else "continue before"),
+                 got)
+            c.ok(decision_logged(milter, qid, "Subject", "line break"),
+                 "forged header (%s, %s): the tempfail line is logged "
+                 "with the queue id and the reason" % (what, nr),
+                 milter.log())
     c.ok(relay.count() == before,
          "no copy of any forged message reached the relay",
          "%d new" % (relay.count() - before))
@@ -248,7 +354,7 @@ def check_folds(c, port, relay):
                (b"X-Crlf", b" one\r\n\ttwo"),
                (b"X-Marker", b" folds-ok")]
     got = message(port, "RAWOK", headers)
-    c.ok(got[0] == "eom" and got[1][0] in (b"c", b"a"),
+    c.ok(continued(got.eom) or (got.eom and got.eom[0] == b"a"),
          "folded headers: message accepted", got)
     copy = wait_copy(relay, b"folds-ok")
     want = (b"Subject: first\r\n second\r\nX-Crlf: one\r\n\ttwo\r\n"
@@ -267,8 +373,7 @@ def check_nul(c, port, relay):
     value = b" cut\0\r\nX-Envelope-To: <evil@example>"
     got = message(port, "RAWNUL", [(b"Subject", value),
                                    (b"X-Marker", b" nul-case")])
-    c.ok(got[0] == "eom" and got[1][0] in (b"c", b"a"),
-         "NUL in a value: message accepted", got)
+    c.ok(continued(got.eom), "NUL in a value: message accepted", got)
     copy = wait_copy(relay, b"nul-case")
     lines = header_block(copy.content) if copy else []
     c.ok(copy is not None and b"Subject: cut" in lines
@@ -281,22 +386,45 @@ def check_nul(c, port, relay):
 
 def check_long_rcpt(c, port, relay):
     long_rcpt = b"a" * (980 - len(b"@x.example")) + b"@x.example"
-    got = message(port, "RAWLONG",
-                  [(b"X-Marker", b" long-rcpt")],
-                  rcpts=(long_rcpt, b"ok@dest.example"))
-    rcpt_replies = got[-1]
-    c.ok(is_tempfail(rcpt_replies[0], "979")
-         and rcpt_replies[1][0] == b"c",
-         "980-octet recipient: 451 for that RCPT alone", rcpt_replies)
-    c.ok(got[0] == "eom" and got[1][0] in (b"c", b"a"),
-         "980-octet recipient: the message goes on", got)
-    copy = wait_copy(relay, b"long-rcpt")
-    lines = header_block(copy.content) if copy else []
-    c.ok([l for l in lines if l.startswith(b"X-Envelope-To:")]
-         == [b"X-Envelope-To: <ok@dest.example>"]
-         and max(len(l) for l in lines) <= 998,
-         "980-octet recipient: the copy lists the others, no line > 998",
-         copy.content if copy else "no copy")
+    for nr, offered in (("no NR", OFFERED), ("NR", OFFERED | NR_ALL)):
+        marker = "long-rcpt-" + nr.replace(" ", "")
+        got = message(port, "RAWLONG",
+                      [(b"X-Marker", b" " + marker.encode())],
+                      rcpts=(long_rcpt, b"ok@dest.example"),
+                      offered=offered)
+        c.ok(is_tempfail(got.rcpts[0], "979")
+             and continued(got.rcpts[1]),
+             "980-octet recipient (%s): 451 for that RCPT alone" % nr,
+             got)
+        c.ok(continued(got.eom) and got.stray == b"",
+             "980-octet recipient (%s): the message goes on" % nr, got)
+        copy = wait_copy(relay, marker.encode())
+        lines = header_block(copy.content) if copy else []
+        c.ok([l for l in lines if l.startswith(b"X-Envelope-To:")]
+             == [b"X-Envelope-To: <ok@dest.example>"]
+             and max(len(l) for l in lines) <= 998,
+             "980-octet recipient (%s): the copy lists the others, no "
+             "line > 998" % nr, copy.content if copy else "no copy")
+
+
+def check_nr_accepted(c, port, relay):
+    """Under NR a good message: no answer to connect, headers, EOH and
+    body, one to MAIL, RCPT and the end, nothing more; copied whole."""
+    got = message(port, "RAWNR",
+                  [(b"Subject", b" folded\n here"),
+                   (b"X-Marker", b" nr-accepted")],
+                  body=b"line one\r\nline two\r\n",
+                  offered=OFFERED | NR_ALL)
+    c.ok(got.connect is None and got.headers == [None, None]
+         and got.eoh is None and got.body is None
+         and continued(got.mail) and continued(got.rcpts[0])
+         and continued(got.eom) and got.stray == b"",
+         "NR: answers for MAIL, RCPT and the end only, none owed", got)
+    copy = wait_copy(relay, b"nr-accepted")
+    c.ok(copy is not None and copy.content.endswith(
+        b"Subject: folded\r\n here\r\nX-Marker: nr-accepted\r\n\r\n"
+        b"line one\r\nline two\r\n"),
+         "NR: the copy is byte-exact", copy.content if copy else "no copy")
 
 
 EVIL_RULE = """
@@ -318,7 +446,7 @@ def check_match_limit(c, workdir, relay):
         before = relay.count()
         got = message(milter.port, "RAWLIM",
                       [(b"Subject", b" " + b"a" * 40 + b"!")])
-        c.ok(got[0] == "eom" and is_tempfail(got[1], "rules"),
+        c.ok(is_tempfail(got.eom, "rules"),
              "regex limit on a header: 451 at end of message", got)
         c.ok(relay.count() == before and "rule evil" in milter.log(),
              "regex limit: no copy, the log names the rule",
@@ -345,7 +473,9 @@ def main():
     status = 99
     try:
         relay, milter = start_world(workdir)
-        check_forged(c, milter.port, relay)
+        check_negotiation(c, milter.port)
+        check_forged(c, milter, relay)
+        check_nr_accepted(c, milter.port, relay)
         check_folds(c, milter.port, relay)
         check_nul(c, milter.port, relay)
         check_long_rcpt(c, milter.port, relay)
