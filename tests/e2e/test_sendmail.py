@@ -51,6 +51,8 @@ envelope recipient:
               command sent that the milter declined (SMFIP_NO*), and
               exactly one answer to each command owed one (none to the
               events of the SMFIP_NR_* flags negotiated).
+  milter-down the milter killed: with F=T Sendmail answers 451 4.3.2 at
+              MAIL and takes nothing.
 
 Output is TAP.  Exit 0 all passed, 1 a check failed, 77 skipped (not
 root, or no archive-milter), 99 harness error.
@@ -779,9 +781,31 @@ def run_protocol(t, w):
          % len(w.tap.sessions), "\n".join(problems[:10]))
 
 
+def run_milter_down(t, w):
+    """F=T: with the milter gone, Sendmail tempfails instead of taking
+    mail that would have no copy (the README's recommended flag)."""
+    before = w.main.count()
+    w.milter.kill()
+    c = smtplib.SMTP(h.LOOPBACK, w.sendmail.port, timeout=60)
+    try:
+        code, text = c.mail(SENDER)
+        text = text.decode("utf-8", "replace")
+    finally:
+        try:
+            c.quit()
+        except (smtplib.SMTPException, OSError):
+            pass
+    t.ok(code == 451 and text.startswith("4.3.2"),
+         "milter-down: Sendmail (F=T) answers 451 4.3.2 at MAIL",
+         "%d %s" % (code, text))
+    t.ok(w.main.count() == before and not w.sendmail.queue_ids("qf"),
+         "milter-down: nothing queued or relayed")
+
+
 def run(t, args):
     tmp = tempfile.mkdtemp(prefix="archive-sm-msgs-")
     args.cleanup.append(tmp)
+    h.WATCHDOG.tell("rmtree", tmp)      # also if this test is SIGKILLed
     down_port = h.free_port()       # nothing ever listens there
     late_port = h.free_port()       # the spool case's relay, started late
     world = smh.SendmailWorld(
@@ -809,7 +833,8 @@ def run(t, args):
                                 ("spool-down", run_spool_down, (late,)),
                                 ("hold", run_hold, ()),
                                 ("quarantine", run_quarantine, ()),
-                                ("protocol", run_protocol, ())):
+                                ("protocol", run_protocol, ()),
+                                ("milter-down", run_milter_down, ())):
             t0 = time.monotonic()
             try:
                 fn(t, w, *extra)
