@@ -52,7 +52,9 @@
  * every copy's id, so that it can be matched with the archive.
  *
  * Bad input from the MTA is never an assertion: it tempfails the
- * message with a 451 that says why.
+ * message with a 451 that says why; for a header, the end of headers
+ * or a body chunk, at the end of the message, since those events are
+ * negotiated without a reply (SMFIP_NR_*, see cb_header).
  *
  * After EOM we cannot tell whether the MTA kept the original: seen with
  * Postfix 3.7 and a second milter that rejects at end of message,

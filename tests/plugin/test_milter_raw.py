@@ -8,16 +8,25 @@ commands Postfix sends) talks to the real daemon, started on a free
 loopback port with a relay of tests/e2e/harness.py (SinkRelay, in this
 process) as its archive, and the test asserts what the relay received:
 
+  * negotiation: offered the NR flags, the milter asks for NR_CONN,
+    NR_HDR, NR_EOH and NR_BODY and no other (MAIL and RCPT keep their
+    answers); not offered, it asks for none;
   * a header value with a line break that is not a fold (bare LF, lone
     CR, CRLF, each followed by a header name; a blank line) is answered
-    451 4.3.0 at that header, naming it, and the relay receives nothing;
+    451 4.3.0 at the end of the message, naming it, with a log line
+    under the queue id, and the relay receives nothing: under NR with
+    no answer at all before (nothing owed is ever sent: the connection
+    is read to its end after QUIT), without NR with continue (libmilter
+    answers for us; see cb_header in plugin/milter.c);
+  * under NR a good message gets answers to MAIL, RCPT and the end of
+    message only, and its copy is byte-exact;
   * a real fold (bare LF or CRLF before white space) is copied as CRLF
     plus the white space, the copy otherwise byte-exact;
   * a NUL inside a value ends the value there (libmilter passes C
     strings): what follows it is in no header of the copy;
   * a recipient too long for a 998-octet X-Envelope-To line is refused
     with 451 for that RCPT alone; the message and its copy go on with
-    the other recipients;
+    the other recipients, with and without NR;
   * a header on which a rule's regular expression hits PCRE's
     backtracking limit tempfails the message at its end (a second
     milter, match = all, with such a rule), and no copy is sent.
