@@ -83,10 +83,20 @@ void am_pool_free(AmPool *pool);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmPool, am_pool_free)
 
 /*
+ * am_pool_set_check_after: a connection idle longer than @ms must
+ * answer RSET before it carries a copy; one idle for less goes
+ * without, and is replaced if it turns out dead before the message
+ * (see am_deliver).  0: always RSET.
+ */
+#define AM_POOL_CHECK_AFTER_MS 1000
+void am_pool_set_check_after(AmPool *pool, guint ms);
+
+/*
  * am_deliver: send @req over a connection to its relay, from @pool when
  * one is idle there (NULL: a new connection, closed after), else a new
- * one; a pooled connection that turns out dead is replaced once
- * before the copy counts as failed.
+ * one; a pooled connection that turns out dead (at RSET, or at MAIL,
+ * RCPT or DATA when it went without RSET) is replaced once before the
+ * copy counts as failed.
  * The relay's TLS level, CA file, credentials and stage limits apply;
  * its copy_deadline_ms (0: none) is a hard limit on the whole copy
  * (smtp_client_set_deadline), after which it is a TIMEOUT, and so is

@@ -48,8 +48,10 @@
  * accepted, copies this message put in the spool are withdrawn (the
  * client sends it again, with new copies), and each copy a relay
  * already took is logged with its X-Archive-Id.  When it is accepted,
- * queued copies are handed to the runner.  The decision line names
- * every copy's id, so that it can be matched with the archive.
+ * queued copies are handed to the runner (a delivery = spool copy with
+ * its message, sent from memory unless the runner's cap is reached; the
+ * file stays the truth for retries and restarts).  The decision line
+ * names every copy's id, so that it can be matched with the archive.
  *
  * Bad input from the MTA is never an assertion: it tempfails the
  * message with a 451 that says why; for a header, the end of headers
@@ -256,7 +258,9 @@ typedef struct {
 	gboolean failed; /* not every address confirmed or queued */
 	gboolean spooled;
 	AmSpoolState state;
-	char *detail; /* for the decision line */
+	char *detail;        /* for the decision line */
+	AmSpoolEntry *entry; /* delivery = spool: what was spooled, and */
+	SmtpMessage *msg;    /* its message, for the runner; or NULL */
 } RuleResult;
 
 static void
@@ -269,6 +273,8 @@ rule_result_clear(RuleResult *r)
 	g_free(r->quarantine);
 	g_free(r->id);
 	g_free(r->detail);
+	am_spool_entry_free(r->entry);
+	smtp_message_free(r->msg);
 }
 
 static void
@@ -293,11 +299,14 @@ spool_failure_text(const GError *error)
  * Write the copy @id of @msg into the spool for @to, in @state.  A
  * copy that already failed once (@d) carries that attempt, so the
  * runner's backoff starts from it rather than trying again at once.
+ * @kept: NULL, or receives a copy of the envelope written, for the
+ * runner (am_runner_kick_copy).
  */
 static gboolean
 spool_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
            const char *id, SmtpMessage *msg, const char *const *to,
-           AmSpoolState state, const AmDelivery *d, GError **error)
+           AmSpoolState state, const AmDelivery *d, AmSpoolEntry **kept,
+           GError **error)
 {
 	gint64 now = g_get_real_time() / G_USEC_PER_SEC;
 	AmSpoolEntry entry = {
@@ -325,7 +334,11 @@ spool_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 			entry.next_attempt =
 			    now + MAX(ctx->config->spool_retry_min_s, 1);
 	}
-	return am_spool_put(ctx->spool, &entry, msg, state, error);
+	if (!am_spool_put(ctx->spool, &entry, msg, state, error))
+		return FALSE;
+	if (kept != NULL)
+		*kept = am_spool_entry_copy(&entry);
+	return TRUE;
 }
 
 /* delivery = spool: the copy into queue/, fsynced before we answer. */
@@ -337,7 +350,7 @@ rule_spool(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 
 	if (!spool_copy(ctx, rule, env, r->id, msg,
 	                (const char *const *)rule->archive_to, AM_SPOOL_QUEUED,
-	                NULL, &error)) {
+	                NULL, &r->entry, &error)) {
 		g_autofree char *text = spool_failure_text(error);
 
 		am_log_error("%s: rule %s: cannot spool copy %s: %s", qid(env),
@@ -452,7 +465,7 @@ apply_accept(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 		                         : AM_SPOOL_HELD;
 
 		if (!spool_copy(ctx, rule, env, r->id, msg,
-		                (const char *const *)to->pdata, state, d,
+		                (const char *const *)to->pdata, state, d, NULL,
 		                &error)) {
 			g_autofree char *text = spool_failure_text(error);
 
@@ -552,9 +565,13 @@ rule_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	}
 	am_log_debug("milter: %s: rule %s: X-Archive-Id %s", qid(env),
 	             rule->name, r->id);
-	if (rule->delivery == AM_DELIVERY_SPOOL)
+	if (rule->delivery == AM_DELIVERY_SPOOL) {
 		rule_spool(ctx, rule, env, msg, r);
-	else
+		/* The runner sends these very octets from memory if the
+		 * original is accepted. */
+		if (r->entry != NULL)
+			r->msg = g_steal_pointer(&msg);
+	} else
 		rule_sync(ctx, rule, env, msg, deadline, r);
 }
 
@@ -623,7 +640,12 @@ verdict_settle(AmContext *ctx, const AmEnvelope *env, AmVerdict *v,
 			if (r->sent || r->spooled)
 				g_ptr_array_add(v->ids, g_strdup(r->id));
 			if (r->spooled && r->state == AM_SPOOL_QUEUED &&
-			    ctx->runner != NULL)
+			    ctx->runner != NULL && r->msg != NULL)
+				am_runner_kick_copy(ctx->runner,
+				                    g_steal_pointer(&r->entry),
+				                    g_steal_pointer(&r->msg));
+			else if (r->spooled && r->state == AM_SPOOL_QUEUED &&
+			         ctx->runner != NULL)
 				am_runner_kick(ctx->runner, r->id);
 			continue;
 		}

@@ -40,6 +40,16 @@
  * attempt, even past its age (a daemon down for longer than
  * spool_max_age), and is held if that fails.
  *
+ * A copy the milter just spooled comes with its message in memory
+ * (am_runner_kick_copy): its first attempt sends those octets, the
+ * ones that were written and fsynced, without opening, parsing and
+ * hashing the file again (the file's digest guards against damage on
+ * disk, which memory has not suffered).  The job holds them only until
+ * its first attempt, and the runner at most memory_max octets of them
+ * in all; a copy beyond that, and every later attempt, reads its file.
+ * A fresh copy has no state/ file, so confirming it unlinks only the
+ * copy (unless bound_times had to write one).
+ *
  * A copy whose file is damaged is never sent: a file that cannot be
  * parsed, or whose copy does not have the length its envelope records,
  * is logged at error level and left where it is (parked until the next
@@ -77,6 +87,9 @@ typedef struct {
 	gboolean kicked;     /* kicked while busy: due again at once */
 	gboolean settled;    /* kicked, or there before we started: its
 			      * original's fate is known */
+	AmSpoolEntry *entry; /* kick_copy: for the first attempt; NULL */
+	SmtpMessage *msg;    /* kick_copy: its octets, in memory; NULL */
+	guint64 msg_size;    /* counted in held */
 } Job;
 
 struct AmRunner {
@@ -89,7 +102,10 @@ struct AmRunner {
 	GHashTable *jobs; /* id -> Job * (owned) */
 	gboolean stopping;
 	GThread *scanner;
-	GPtrArray *workers; /* GThread * */
+	GPtrArray *workers;  /* GThread * */
+	guint64 memory_max;  /* cap on held */
+	guint64 held;        /* octets of Job.msg, all jobs */
+	AmRunnerStats stats; /* under the lock */
 };
 
 /* What an attempt decided for its job. */
@@ -103,7 +119,25 @@ job_free(gpointer data)
 	Job *job = data;
 
 	g_free(job->id);
+	am_spool_entry_free(job->entry);
+	smtp_message_free(job->msg);
 	g_free(job);
+}
+
+/* Called with the lock held: the job's message leaves memory (taken
+ * by a worker, or dropped); @entry and @msg receive it, or are freed
+ * when NULL. */
+static void
+job_take_copy(AmRunner *r, Job *job, AmSpoolEntry **entry, SmtpMessage **msg)
+{
+	r->held -= job->msg != NULL ? job->msg_size : 0;
+	job->msg_size = 0;
+	if (entry != NULL)
+		*entry = g_steal_pointer(&job->entry);
+	if (msg != NULL)
+		*msg = g_steal_pointer(&job->msg);
+	g_clear_pointer(&job->entry, am_spool_entry_free);
+	g_clear_pointer(&job->msg, smtp_message_free);
 }
 
 static gint
@@ -147,6 +181,7 @@ job_forget(AmRunner *r, Job *job)
 {
 	if (job->iter != NULL)
 		g_sequence_remove(job->iter);
+	job_take_copy(r, job, NULL, NULL);
 	g_hash_table_remove(r->jobs, job->id);
 }
 
@@ -178,7 +213,7 @@ due_at(gint64 s)
  */
 static void save_state(AmRunner *r, const AmSpoolEntry *e);
 
-static void
+static gboolean
 bound_times(AmRunner *r, const AmConfig *config, AmSpoolEntry *e, gint64 now)
 {
 	gint64 max_wait = MAX((gint64)config->spool_retry_max_s,
@@ -209,6 +244,7 @@ bound_times(AmRunner *r, const AmConfig *config, AmSpoolEntry *e, gint64 now)
 	}
 	if (changed)
 		save_state(r, e);
+	return changed;
 }
 
 static const AmRule *
@@ -328,14 +364,19 @@ after_failure(AmRunner *r, const AmContext *ctx, const AmRule *rule,
 	return due_at(e->next_attempt);
 }
 
-/* Send @e through its relay under its rule; the next due time. */
+/*
+ * Send @e through its relay under its rule; the next due time.  @given:
+ * its message from memory (transfer full), or NULL to read its file;
+ * @stateless: no state/ file was ever written for it.
+ */
 static gint64
-deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e)
+deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e, SmtpMessage *given,
+        gboolean stateless)
 {
 	const AmRule *rule = find_rule(ctx->config, e->rule);
 	const AmRelay *relay = am_config_find_relay(ctx->config, e->relay);
 	g_autoptr(GError) error = NULL;
-	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(SmtpMessage) msg = given;
 	g_autoptr(AmDelivery) d = NULL;
 	g_autofree char *reason = NULL;
 	AmCopyRequest req;
@@ -352,8 +393,10 @@ deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e)
 	}
 
 	/* Step 2: the copy, read from its file as it is sent, once its
-	 * digest says it is the copy that was written. */
-	msg = am_spool_message(r->spool, e, &error);
+	 * digest says it is the copy that was written; or the octets that
+	 * were written, still in memory. */
+	if (msg == NULL)
+		msg = am_spool_message(r->spool, e, &error);
 	if (msg == NULL) {
 		if (g_error_matches(error, AM_SPOOL_ERROR,
 		                    AM_SPOOL_ERROR_NOT_FOUND))
@@ -384,13 +427,24 @@ deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e)
 	am_delivery_log(d, e->queue_id);
 	if (d->status != AM_STATUS_SENT)
 		return after_failure(r, ctx, rule, e, d);
-	if (!am_spool_remove(r->spool, e->id, &error))
+	if (!am_spool_remove_full(r->spool, e->id, !stateless, &error))
 		/* It will go again: its X-Archive-Id lets the archive
 		 * drop the duplicate. */
 		am_log_error("%s: sent, but cannot remove it from the "
 		             "spool: %s",
 		             e->id, error->message);
 	return JOB_FORGET;
+}
+
+static void
+count_attempt(AmRunner *r, gboolean from_memory)
+{
+	g_mutex_lock(&r->lock);
+	if (from_memory)
+		r->stats.from_memory++;
+	else
+		r->stats.from_disk++;
+	g_mutex_unlock(&r->lock);
 }
 
 /* One look at job @id: deliver it if it is due.  The next due time,
@@ -406,6 +460,7 @@ attempt(AmRunner *r, const char *id, gboolean settled)
 
 	if (ctx == NULL)
 		return g_get_real_time() + r->scan_ms * (gint64)1000;
+	count_attempt(r, FALSE);
 	e = am_spool_get(r->spool, id, &error);
 	if (e == NULL) {
 		if (g_error_matches(error, AM_SPOOL_ERROR,
@@ -440,7 +495,29 @@ attempt(AmRunner *r, const char *id, gboolean settled)
 	if (!settled && e->released == 0 &&
 	    e->created + AM_RUNNER_SETTLE_S > now)
 		return due_at(e->created + AM_RUNNER_SETTLE_S);
-	return deliver(r, ctx, e);
+	return deliver(r, ctx, e, NULL, FALSE);
+}
+
+/*
+ * The first attempt of a copy just spooled, from memory (@e and @msg,
+ * transfer full): nothing to read, and nothing can be in its way (no
+ * state, no next attempt, young, kicked).  Without a context it waits
+ * like any copy, read from its file next time.
+ */
+static gint64
+attempt_fresh(AmRunner *r, AmSpoolEntry *e, SmtpMessage *msg)
+{
+	g_autoptr(AmContext) ctx = am_milter_get_context();
+	g_autoptr(AmSpoolEntry) owned = e;
+	gboolean saved;
+
+	if (ctx == NULL) {
+		smtp_message_free(msg);
+		return g_get_real_time() + r->scan_ms * (gint64)1000;
+	}
+	count_attempt(r, TRUE);
+	saved = bound_times(r, ctx->config, e, now_s());
+	return deliver(r, ctx, e, msg, !saved);
 }
 
 /* ------------------------------------------------------------------ */
@@ -480,10 +557,17 @@ worker_main(gpointer data)
 		Job *job = take_due(r);
 		gint64 due;
 
+		AmSpoolEntry *entry = NULL;
+		SmtpMessage *msg = NULL;
+
 		if (job == NULL)
 			continue;
+		job_take_copy(r, job, &entry, &msg);
 		g_mutex_unlock(&r->lock);
-		due = attempt(r, job->id, job->settled);
+		if (msg != NULL)
+			due = attempt_fresh(r, entry, msg);
+		else
+			due = attempt(r, job->id, job->settled);
 		g_mutex_lock(&r->lock);
 		job->busy = FALSE;
 		if (job->kicked)
@@ -536,6 +620,7 @@ scan(AmRunner *r)
 			continue;
 		if (job->iter != NULL)
 			g_sequence_remove(job->iter);
+		job_take_copy(r, job, NULL, NULL);
 		g_hash_table_iter_remove(&it);
 	}
 	g_mutex_unlock(&r->lock);
@@ -573,6 +658,7 @@ am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
 	g_return_val_if_fail(spool != NULL, NULL);
 	r->spool = spool;
 	r->scan_ms = MAX(scan_ms, 10);
+	r->memory_max = AM_RUNNER_MEMORY_MAX;
 	g_mutex_init(&r->lock);
 	g_cond_init(&r->cond);
 	r->due = g_sequence_new(NULL);
@@ -617,6 +703,54 @@ am_runner_kick(AmRunner *runner, const char *id)
 		job->kicked = TRUE;
 	else if (job->due > g_get_real_time())
 		job_schedule(runner, job, g_get_real_time());
+	g_mutex_unlock(&runner->lock);
+}
+
+void
+am_runner_kick_copy(AmRunner *runner, AmSpoolEntry *entry, SmtpMessage *msg)
+{
+	guint64 size;
+	Job *job;
+
+	g_return_if_fail(runner != NULL && entry != NULL && msg != NULL);
+	size = smtp_message_get_size(msg);
+	g_mutex_lock(&runner->lock);
+	job = g_hash_table_lookup(runner->jobs, entry->id);
+	/* A job already known (a scan found the file first) or busy
+	 * reads its file; so does a copy beyond the cap. */
+	if (job == NULL && size <= runner->memory_max &&
+	    runner->held <= runner->memory_max - size) {
+		job = job_add(runner, entry->id, g_get_real_time());
+		job->settled = TRUE;
+		job->entry = g_steal_pointer(&entry);
+		job->msg = g_steal_pointer(&msg);
+		job->msg_size = size;
+		runner->held += size;
+	} else if (job == NULL) {
+		runner->stats.over_cap++;
+	}
+	g_mutex_unlock(&runner->lock);
+	if (msg == NULL)
+		return;
+	/* Not taken: an ordinary kick, the copy read from its file. */
+	am_runner_kick(runner, entry->id);
+	am_spool_entry_free(entry);
+	smtp_message_free(msg);
+}
+
+void
+am_runner_set_memory_max(AmRunner *runner, guint64 octets)
+{
+	g_mutex_lock(&runner->lock);
+	runner->memory_max = octets;
+	g_mutex_unlock(&runner->lock);
+}
+
+void
+am_runner_get_stats(AmRunner *runner, AmRunnerStats *stats)
+{
+	g_mutex_lock(&runner->lock);
+	*stats = runner->stats;
 	g_mutex_unlock(&runner->lock);
 }
 

@@ -61,6 +61,36 @@ AmRunner *am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
 void am_runner_kick(AmRunner *runner, const char *id);
 
 /*
+ * am_runner_kick_copy: copy @entry was just queued (am_spool_put
+ * returned) with the very message @msg that was written: deliver it
+ * soon, and for its first attempt from memory, without reading back,
+ * parsing and hashing the file that holds the same octets.  Takes
+ * both (transfer full).  The runner holds at most its memory cap
+ * (am_runner_set_memory_max) of such messages at once; a copy beyond
+ * it is freed at once and read from its file, as am_runner_kick()
+ * would.  The file stays the truth: a retry, a restart, a scan all
+ * read it.  @entry must be a copy of what am_spool_put() wrote, with
+ * no retry state (attempts 0, no next attempt).
+ */
+void am_runner_kick_copy(AmRunner *runner, AmSpoolEntry *entry,
+                         SmtpMessage *msg);
+
+/* The default cap on octets of messages held by am_runner_kick_copy. */
+#define AM_RUNNER_MEMORY_MAX (16 * 1024 * 1024)
+
+/* am_runner_set_memory_max: the cap in octets (0: never from memory). */
+void am_runner_set_memory_max(AmRunner *runner, guint64 octets);
+
+/* What the runner did so far, for tests and the bench. */
+typedef struct {
+	guint64 from_memory; /* attempts made with a message in memory */
+	guint64 from_disk;   /* looks at a copy in its file */
+	guint64 over_cap;    /* kick_copy messages freed at once (cap) */
+} AmRunnerStats;
+
+void am_runner_get_stats(AmRunner *runner, AmRunnerStats *stats);
+
+/*
  * am_runner_stop: let running deliveries finish (each is bounded by its
  * relay's time limits), join the threads, free the runner.  Copies not
  * yet sent stay in the spool for the next start.

@@ -51,12 +51,19 @@
  * directory after a rename is shared (group commit, see DirSync): puts
  * running at once wait for one fsync that began after their renames.
  *
+ * The free space is asked of the file system at most every second or
+ * 16 MiB written (am_spool_set_free_check), and always before a
+ * refusal.
+ *
  * Known limits: XXX: still one fsync of each file, and one fsync of
- * queue/ per group of concurrent puts.  XXX: a put of an id already in
- * queue/ replaces that file; ids are unique per copy, so only a
- * caller's bug can do it.  XXX: the envelope is written before the
- * copy and its digest patched in after (three writes, not one writev),
- * since the digest is known only once the copy is written.
+ * queue/ per group of concurrent puts.  XXX: between two free-space
+ * answers, what other processes write is not seen: they can take the
+ * disk below spool_min_free by what they write in one second.  XXX: a
+ * put of an id already in queue/ replaces that file; ids are unique per
+ * copy, so only a caller's bug can do it.  XXX: the envelope is
+ * written before the copy and its digest patched in after (three
+ * writes, not one writev), since the digest is known only once the
+ * copy is written.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -105,6 +112,23 @@ typedef struct {
 	int failed_errno; /* its errno */
 } DirSync;
 
+/*
+ * The last free-space answer (see am_spool_set_free_check): asked at
+ * @asked (monotonic µs; 0: never), @avail octets then, @written octets
+ * let through since.  Space freed since (copies sent) is not counted:
+ * the estimate only errs on the side of asking again.
+ */
+typedef struct {
+	GMutex lock;
+	gint64 asked;
+	guint64 avail;
+	guint64 written;
+	gint64 interval_us;
+	guint64 octets;
+	AmSpoolFreeHook hook; /* tests: instead of fstatvfs(); NULL */
+	gpointer hook_data;
+} FreeCheck;
+
 struct AmSpool {
 	char *dir;        /* as given */
 	char *sub[4];     /* tmp, queue, hold, state: full paths, for
@@ -118,6 +142,7 @@ struct AmSpool {
 	DirSync sync[4];  /* group commit, per subdirectory */
 	AmSpoolFsyncHook fsync_hook; /* tests: instead of fsync(); NULL */
 	gpointer fsync_hook_data;
+	FreeCheck free;
 };
 
 enum { SUB_TMP, SUB_QUEUE, SUB_HOLD, SUB_STATE };
@@ -139,6 +164,23 @@ am_spool_entry_free(AmSpoolEntry *entry)
 	g_free(entry->last_error);
 	g_free(entry->sha256);
 	g_free(entry);
+}
+
+AmSpoolEntry *
+am_spool_entry_copy(const AmSpoolEntry *entry)
+{
+	AmSpoolEntry *e = g_new(AmSpoolEntry, 1);
+
+	*e = *entry;
+	e->id = g_strdup(entry->id);
+	e->queue_id = g_strdup(entry->queue_id);
+	e->rule = g_strdup(entry->rule);
+	e->relay = g_strdup(entry->relay);
+	e->from = g_strdup(entry->from);
+	e->to = g_strdupv(entry->to);
+	e->last_error = g_strdup(entry->last_error);
+	e->sha256 = g_strdup(entry->sha256);
+	return e;
 }
 
 /* ------------------------------------------------------------------ */
@@ -501,6 +543,9 @@ am_spool_open_full(const char *dir, guint64 min_free, AmSpoolOpenFlags flags,
 		name[--len] = '\0';
 	spool->dir = g_strdup(dir);
 	spool->min_free = min_free;
+	g_mutex_init(&spool->free.lock);
+	spool->free.interval_us = AM_SPOOL_FREE_CHECK_MS * (gint64)1000;
+	spool->free.octets = AM_SPOOL_FREE_CHECK_OCTETS;
 	spool->lock_fd = -1;
 	spool->dir_fd = -1;
 	for (guint i = 0; i < G_N_ELEMENTS(spool->sub_fd); i++) {
@@ -567,6 +612,7 @@ am_spool_close(AmSpool *spool)
 	}
 	if (spool->dir_fd >= 0)
 		close(spool->dir_fd);
+	g_mutex_clear(&spool->free.lock);
 	g_free(spool->dir);
 	g_free(spool);
 }
@@ -643,25 +689,99 @@ format_envelope(const AmSpoolEntry *e, guint64 size, gsize *digest_at,
 	return g_steal_pointer(&out);
 }
 
-/* Refuse early when the copy would take the free space below the
- * floor, so that the MTA gets a tempfail while the disk still has room
- * for everything else. */
-static gboolean
-check_free_space(const AmSpool *spool, guint64 size, GError **error)
+void
+am_spool_set_free_check(AmSpool *spool, guint interval_ms, guint64 octets)
 {
+	g_mutex_lock(&spool->free.lock);
+	spool->free.interval_us = interval_ms * (gint64)1000;
+	spool->free.octets = octets;
+	spool->free.asked = 0;
+	g_mutex_unlock(&spool->free.lock);
+}
+
+void
+am_spool_set_free_hook(AmSpool *spool, AmSpoolFreeHook hook, gpointer data)
+{
+	g_mutex_lock(&spool->free.lock);
+	spool->free.hook = hook;
+	spool->free.hook_data = data;
+	spool->free.asked = 0;
+	g_mutex_unlock(&spool->free.lock);
+}
+
+/* Whether @avail octets free leave the floor after @size more. */
+static gboolean
+leaves_floor(const AmSpool *spool, guint64 avail, guint64 size)
+{
+	return avail >= size && avail - size >= spool->min_free;
+}
+
+/* Ask the file system (lock held); FALSE with @error. */
+static gboolean
+ask_free_space(AmSpool *spool, GError **error)
+{
+	FreeCheck *fc = &spool->free;
 	struct statvfs sv;
+
+	if (fc->hook != NULL) {
+		gint64 v = fc->hook(fc->hook_data);
+
+		if (v < 0) {
+			set_errno_error(error, errno, "cannot statvfs",
+			                spool->sub[SUB_TMP]);
+			return FALSE;
+		}
+		fc->avail = v;
+	} else if (fstatvfs(spool->sub_fd[SUB_TMP], &sv) != 0) {
+		set_errno_error(error, errno, "cannot statvfs",
+		                spool->sub[SUB_TMP]);
+		return FALSE;
+	} else {
+		fc->avail = (guint64)sv.f_bavail * sv.f_frsize;
+	}
+	fc->asked = MAX(g_get_monotonic_time(), 1);
+	fc->written = 0;
+	return TRUE;
+}
+
+/*
+ * Refuse early when the copy would take the free space below the
+ * floor, so that the MTA gets a tempfail while the disk still has room
+ * for everything else.  The file system is asked again when the last
+ * answer is old or much has been written since, and always before a
+ * refusal: only a fresh answer refuses.
+ */
+static gboolean
+check_free_space(AmSpool *spool, guint64 size, GError **error)
+{
+	FreeCheck *fc = &spool->free;
+	gint64 now;
 	guint64 avail;
 
 	if (spool->min_free == 0)
 		return TRUE;
-	if (fstatvfs(spool->sub_fd[SUB_TMP], &sv) != 0) {
-		set_errno_error(error, errno, "cannot statvfs",
-		                spool->sub[SUB_TMP]);
+	g_mutex_lock(&fc->lock);
+	now = g_get_monotonic_time();
+	if (fc->asked != 0 && now - fc->asked < fc->interval_us &&
+	    fc->written + size <= fc->octets && fc->avail >= fc->written &&
+	    leaves_floor(spool, fc->avail - fc->written, size)) {
+		fc->written += size;
+		g_mutex_unlock(&fc->lock);
+		return TRUE;
+	}
+	if (!ask_free_space(spool, error)) {
+		g_mutex_unlock(&fc->lock);
 		return FALSE;
 	}
-	avail = (guint64)sv.f_bavail * sv.f_frsize;
-	if (avail >= size && avail - size >= spool->min_free)
+	avail = fc->avail;
+	if (leaves_floor(spool, avail, size)) {
+		fc->written = size;
+		g_mutex_unlock(&fc->lock);
 		return TRUE;
+	}
+	/* Refused: ask again next time, the disk may have been freed. */
+	fc->asked = 0;
+	g_mutex_unlock(&fc->lock);
 	g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FULL,
 	            "spool %s: %" G_GUINT64_FORMAT " octets free, a copy "
 	            "of %" G_GUINT64_FORMAT " would leave less than "
@@ -691,30 +811,17 @@ write_raw(SmtpMessage *msg, int fd, GChecksum *sum, const char *path,
 	return FALSE;
 }
 
-/* The copy just written after @head, whose digest @sum holds (made
- * from the very buffers that were written): its length checked on the
- * file, the digest put in its place in the envelope. */
+/* The copy just written after the envelope, whose digest @sum holds
+ * (made from the very buffers that were written): the digest put in
+ * its place in the envelope.  Its length needs no fstat(): the library
+ * returns TRUE only when it wrote every octet of the message, whose
+ * size the envelope already says (file segments of fixed length). */
 static gboolean
-seal(int fd, const GString *head, gsize digest_at, guint64 size, GChecksum *sum,
-     const char *path, GError **error)
+seal(int fd, gsize digest_at, GChecksum *sum, const char *path, GError **error)
 {
 	const char *digest = g_checksum_get_string(sum);
-	struct stat st;
-	guint64 got;
 	ssize_t n;
 
-	if (fstat(fd, &st) != 0) {
-		set_errno_error(error, errno, "cannot stat", path);
-		return FALSE;
-	}
-	got = (guint64)st.st_size > head->len ? st.st_size - head->len : 0;
-	if (got != size) {
-		g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_IO,
-		            "%s: %" G_GUINT64_FORMAT " octets written of "
-		            "%" G_GUINT64_FORMAT,
-		            path, got, size);
-		return FALSE;
-	}
 	do
 		n = pwrite(fd, digest, SHA256_HEX_LEN, digest_at);
 	while (n < 0 && errno == EINTR);
@@ -729,7 +836,7 @@ seal(int fd, const GString *head, gsize digest_at, guint64 size, GChecksum *sum,
 /* Write @head and @msg to tmp/@name (new), seal, fsync and close it. */
 static gboolean
 write_file(AmSpool *spool, const char *name, const GString *head,
-           gsize digest_at, SmtpMessage *msg, guint64 size, GError **error)
+           gsize digest_at, SmtpMessage *msg, GError **error)
 {
 	g_autofree char *path = path_of(spool, SUB_TMP, name);
 	g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
@@ -744,7 +851,7 @@ write_file(AmSpool *spool, const char *name, const GString *head,
 	}
 	ok = write_all(fd, head->str, head->len, path, error) &&
 	     write_raw(msg, fd, sum, path, error) &&
-	     seal(fd, head, digest_at, size, sum, path, error);
+	     seal(fd, digest_at, sum, path, error);
 	if (ok && fsync(fd) != 0) {
 		set_errno_error(error, errno, "cannot fsync", path);
 		ok = FALSE;
@@ -796,7 +903,7 @@ am_spool_put(AmSpool *spool, const AmSpoolEntry *entry, SmtpMessage *msg,
 	/* Step 2: the file, complete and on disk, under a name nobody
 	 * reads. */
 	dest = path_of(spool, sub, entry->id);
-	if (!write_file(spool, entry->id, head, digest_at, msg, size, error)) {
+	if (!write_file(spool, entry->id, head, digest_at, msg, error)) {
 		unlinkat(spool->sub_fd[SUB_TMP], entry->id, 0);
 		goto fail;
 	}
@@ -1486,6 +1593,13 @@ am_spool_update(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
 gboolean
 am_spool_remove(AmSpool *spool, const char *id, GError **error)
 {
+	return am_spool_remove_full(spool, id, TRUE, error);
+}
+
+gboolean
+am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
+                     GError **error)
+{
 	int subs[] = {SUB_QUEUE, SUB_HOLD};
 
 	if (!check_id(id, error))
@@ -1505,7 +1619,8 @@ am_spool_remove(AmSpool *spool, const char *id, GError **error)
 			return FALSE;
 		}
 	}
-	if (unlinkat(spool->sub_fd[SUB_STATE], id, 0) != 0 && errno != ENOENT) {
+	if (state && unlinkat(spool->sub_fd[SUB_STATE], id, 0) != 0 &&
+	    errno != ENOENT) {
 		g_autofree char *state = path_of(spool, SUB_STATE, id);
 
 		am_log_warning("spool: cannot remove %s: %s", state,

@@ -102,6 +102,9 @@ typedef struct {
 void am_spool_entry_free(AmSpoolEntry *entry);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmSpoolEntry, am_spool_entry_free)
 
+/* am_spool_entry_copy: a deep copy of @entry.  (transfer full) */
+AmSpoolEntry *am_spool_entry_copy(const AmSpoolEntry *entry);
+
 typedef struct AmSpool AmSpool;
 
 /* am_spool_id_is_valid: whether @id can name a copy (see above). */
@@ -197,6 +200,13 @@ gboolean am_spool_update(AmSpool *spool, const AmSpoolEntry *entry,
  * error: a second process may have removed it. */
 gboolean am_spool_remove(AmSpool *spool, const char *id, GError **error);
 
+/* am_spool_remove_full: am_spool_remove(), and when @state is FALSE
+ * the caller knows the copy has no state/ file (it never failed and
+ * was never updated): one unlink fewer.  A state there after all is
+ * only an orphan, removed at the daemon's next start. */
+gboolean am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
+                              GError **error);
+
 /* am_spool_hold: move a queued copy to hold/, recording @reason. */
 gboolean am_spool_hold(AmSpool *spool, const char *id, const char *reason,
                        GError **error);
@@ -208,6 +218,24 @@ gboolean am_spool_hold(AmSpool *spool, const char *id, const char *reason,
  */
 gboolean am_spool_release(AmSpool *spool, const char *id, guint *count,
                           GError **error);
+
+/*
+ * The free-space check of am_spool_put() asks the file system
+ * (fstatvfs) at most every @interval_ms milliseconds, or when @octets
+ * were written since: in between it takes the last answer minus what
+ * it let be written since, and asks again before it ever refuses, so
+ * that a refusal always rests on a fresh answer.  Defaults below; 0
+ * and 0: ask for every copy.
+ */
+#define AM_SPOOL_FREE_CHECK_MS     1000
+#define AM_SPOOL_FREE_CHECK_OCTETS (16 * 1024 * 1024)
+void am_spool_set_free_check(AmSpool *spool, guint interval_ms, guint64 octets);
+
+/* For tests only: @hook gives the octets free (as f_bavail * f_frsize)
+ * instead of fstatvfs(), or -1 with errno set.  NULL restores it. */
+typedef gint64 (*AmSpoolFreeHook)(gpointer data);
+void am_spool_set_free_hook(AmSpool *spool, AmSpoolFreeHook hook,
+                            gpointer data);
 
 /*
  * For tests only: call @hook (fd of the subdirectory, its index: 0 tmp,

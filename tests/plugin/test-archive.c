@@ -11,6 +11,7 @@
 #include "fakesmtp.h"
 #include "log.h"
 #include "milter.h"
+#include "runner.h"
 #include "spool.h"
 
 typedef struct {
@@ -774,6 +775,73 @@ test_spool_mode_content(void)
 	fixture_teardown(&f);
 }
 
+/* @content with the X-Archive-Id's value @id replaced by "ID". */
+static char *
+without_id(GBytes *content, const char *id)
+{
+	g_autofree char *text = g_strndup(g_bytes_get_data(content, NULL),
+	                                  g_bytes_get_size(content));
+	g_auto(GStrv) parts = g_strsplit(text, id, -1);
+
+	g_assert_cmpuint(g_strv_length(parts), ==, 2);
+	return g_strjoinv("ID", parts);
+}
+
+/*
+ * delivery = spool with a runner: an accepted original's copy is handed
+ * over with its message and goes from memory, octet for octet what a
+ * copy read back from its file sends (the capture here is in a file:
+ * capture_memory_max = 64), and leaves the spool.
+ */
+static void
+test_spool_mode_handoff(void)
+{
+	Fixture f = {0};
+	g_autoptr(GError) error = NULL;
+	AmRunnerStats st;
+	AmRunner *runner;
+	char *ids[2];
+
+	fixture_setup(&f, NULL, "delivery = spool");
+	runner = am_runner_start_full(f.spool, 1, 60000, &error);
+	g_assert_no_error(error);
+	f.ctx->runner = runner;
+	am_milter_set_context(f.ctx);
+
+	for (guint i = 0; i < 2; i++) {
+		g_autoptr(AmVerdict) v = NULL;
+
+		am_runner_set_memory_max(runner,
+		                         i == 0 ? 0 : AM_RUNNER_MEMORY_MAX);
+		v = archive_one(&f);
+		g_assert_cmpint(v->action, ==, AM_VERDICT_ACCEPT);
+		g_assert_cmpuint(v->ids->len, ==, 1);
+		ids[i] = g_strdup(v->ids->pdata[0]);
+		g_assert_true(fake_smtp_wait_messages(f.fake, i + 1, 5000));
+	}
+	am_runner_get_stats(runner, &st);
+	g_assert_cmpuint(st.over_cap, ==, 1);
+	g_assert_cmpuint(st.from_memory, ==, 1);
+	{
+		g_autofree char *disk = without_id(
+		    fake_smtp_get_message(f.fake, 0)->content, ids[0]);
+		g_autofree char *mem = without_id(
+		    fake_smtp_get_message(f.fake, 1)->content, ids[1]);
+
+		g_assert_cmpstr(mem, ==, disk);
+	}
+	am_runner_stop(runner);
+	am_milter_set_context(NULL);
+	{
+		g_autoptr(GPtrArray) queued = spool_list(&f, AM_SPOOL_QUEUED);
+
+		g_assert_cmpuint(queued->len, ==, 0);
+	}
+	g_free(ids[0]);
+	g_free(ids[1]);
+	fixture_teardown(&f);
+}
+
 /* A sync failure spooled for retry carries its first attempt, so the
  * runner's backoff starts from it. */
 static void
@@ -1060,6 +1128,8 @@ main(int argc, char **argv)
 	}
 	g_test_add_func("/plugin/archive/spool-mode-content",
 	                test_spool_mode_content);
+	g_test_add_func("/plugin/archive/spool-mode-handoff",
+	                test_spool_mode_handoff);
 	g_test_add_func("/plugin/archive/sync-spool-attempt",
 	                test_sync_spool_attempt);
 	g_test_add_func("/plugin/archive/log/held", test_log_held);

@@ -81,8 +81,9 @@ assert_sent(AmDelivery *d)
 	am_delivery_free(d);
 }
 
-/* Two copies, one connection, two transactions, RSET before the second;
- * freeing the pool says QUIT. */
+/* Three copies, one connection, three transactions; a connection used
+ * moments ago goes without RSET, one idle longer than check_after is
+ * checked with RSET first; freeing the pool says QUIT. */
 static void
 test_reuse(void)
 {
@@ -96,7 +97,16 @@ test_reuse(void)
 	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
 	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 3);
 	g_assert_cmpuint(count_commands(f.fake, "EHLO"), ==, 1);
+	g_assert_cmpuint(count_commands(f.fake, "RSET"), ==, 0);
+	am_pool_set_check_after(pool, 50);
+	g_usleep(100000);
+	assert_sent(send_copy(pool, &f.relay, NULL));
+	assert_sent(send_copy(pool, &f.relay, NULL));
+	g_assert_cmpuint(count_commands(f.fake, "RSET"), ==, 1);
+	am_pool_set_check_after(pool, 0);
+	assert_sent(send_copy(pool, &f.relay, NULL));
 	g_assert_cmpuint(count_commands(f.fake, "RSET"), ==, 2);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
 	g_assert_cmpuint(count_commands(f.fake, "QUIT"), ==, 0);
 	am_pool_free(pool);
 	g_assert_true(wait_commands(f.fake, "QUIT", 1, 2000));
@@ -181,21 +191,34 @@ test_idle_close(void)
 
 /*
  * The relay closes a pooled connection while it is idle (here: the
- * server restarts on the same port, or answers the check with 421):
- * the copy goes over a new connection, and is sent.
+ * server restarts on the same port, or answers with 421 or an unasked
+ * 421 before MAIL): the copy goes over a new connection, and is sent,
+ * whether the connection was checked with RSET (idle longer than
+ * check_after: "rset-" cases) or went without, dying at MAIL.
  */
 static void
 test_dead_replaced(gconstpointer data)
 {
 	const char *how = data;
+	gboolean rset = g_str_has_prefix(how, "rset-");
 	g_autoptr(GError) error = NULL;
 	Fixture f = {0};
 	AmPool *pool = am_pool_new(4, 10000);
+	const char *script = NULL;
 
-	fixture_start(&f, strcmp(how, "421") == 0
-	                      ? "on RSET#1 reply 421 4.4.2 idle too long"
-	                      : NULL);
+	if (rset)
+		how += strlen("rset-");
+	if (strcmp(how, "421") == 0)
+		script = rset ? "on RSET#1 reply 421 4.4.2 idle too long"
+		              : "on MAIL#2 reply 421 4.4.2 idle too long";
+	else if (strcmp(how, "unasked") == 0)
+		/* The 421 rides behind the first message's 250. */
+		script = "on DOT#1 raw 250 2.0.0 ok\\r\\n421 4.4.2 bye\\r\\n";
+	fixture_start(&f, script);
+	if (rset)
+		am_pool_set_check_after(pool, 0);
 	assert_sent(send_copy(pool, &f.relay, NULL));
+	g_usleep(50000);
 	if (strcmp(how, "restart") == 0) {
 		fake_smtp_stop(f.fake);
 		g_assert_cmpuint(fake_smtp_start_port(f.fake, "127.0.0.1",
@@ -204,8 +227,18 @@ test_dead_replaced(gconstpointer data)
 		                 ==, f.relay.port);
 	}
 	assert_sent(send_copy(pool, &f.relay, NULL));
-	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 2);
+	/* A raw 250 is not recorded as a message (on each connection's
+	 * first DOT): there the new connection shows in its EHLO. */
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==,
+	                 strcmp(how, "unasked") == 0 ? 0 : 2);
 	g_assert_cmpuint(count_commands(f.fake, "EHLO"), ==, 2);
+	/* The MAIL that met the 421 counts; a closed or unasked-for
+	 * connection never got one. */
+	g_assert_cmpuint(count_commands(f.fake, "MAIL"), ==,
+	                 (!rset && strcmp(how, "421") == 0) ? 3 : 2);
+	/* A RSET reaches the server only on a live connection. */
+	g_assert_cmpuint(count_commands(f.fake, "RSET"), ==,
+	                 (rset && strcmp(how, "421") == 0) ? 1 : 0);
 	am_pool_free(pool);
 	fake_smtp_free(f.fake);
 }
@@ -408,6 +441,12 @@ main(int argc, char **argv)
 	g_test_add_data_func("/plugin/pool/dead/restart", "restart",
 	                     test_dead_replaced);
 	g_test_add_data_func("/plugin/pool/dead/421", "421",
+	                     test_dead_replaced);
+	g_test_add_data_func("/plugin/pool/dead/unasked", "unasked",
+	                     test_dead_replaced);
+	g_test_add_data_func("/plugin/pool/dead/rset-restart", "rset-restart",
+	                     test_dead_replaced);
+	g_test_add_data_func("/plugin/pool/dead/rset-421", "rset-421",
 	                     test_dead_replaced);
 	g_test_add_func("/plugin/pool/keyed-on-settings",
 	                test_keyed_on_settings);

@@ -205,6 +205,21 @@ count(Fixture *f, AmSpoolState state)
 	return ids->len;
 }
 
+/* Entries in the spool's subdirectory @sub. */
+static guint
+count_dir(Fixture *f, const char *sub)
+{
+	g_autofree char *path = g_build_filename(f->spool_dir, sub, NULL);
+	GDir *d = g_dir_open(path, 0, NULL);
+	guint n = 0;
+
+	g_assert_nonnull(d);
+	while (g_dir_read_name(d) != NULL)
+		n++;
+	g_dir_close(d);
+	return n;
+}
+
 /* Poll until queue/ and hold/ hold @queued and @held copies. */
 static gboolean
 wait_counts(Fixture *f, guint queued, guint held)
@@ -666,6 +681,196 @@ test_damaged_not_sent(void)
 	fixture_tear_down(&f);
 }
 
+/* Spool copy @id as the milter does, then hand it to the runner with
+ * its message in memory (@body: what the message in memory holds). */
+static void
+put_kick_copy(Fixture *f, const char *id, const char *body)
+{
+	const char *to[] = {ADDR_A, ADDR_B, NULL};
+	AmSpoolEntry e = {
+	    .id = (char *)id,
+	    .queue_id = (char *)QUEUE_ID,
+	    .rule = (char *)"all",
+	    .relay = (char *)"archive",
+	    .from = (char *)"",
+	    .to = (char **)to,
+	    .created = now_s(),
+	};
+	SmtpMessage *msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+
+	put_copy(f, id, "all", "archive", e.created);
+	smtp_message_append_data(msg, body, strlen(body));
+	am_runner_kick_copy(f->runner, am_spool_entry_copy(&e), msg);
+}
+
+static AmRunnerStats
+stats(Fixture *f)
+{
+	AmRunnerStats st;
+
+	am_runner_get_stats(f->runner, &st);
+	return st;
+}
+
+/*
+ * A copy handed over with its message goes from memory: the same
+ * octets as a copy read from its file, its file never read (a byte
+ * changed on disk meanwhile does not show; the digest check would
+ * have held it), and removed once confirmed.  The cap is released
+ * after each attempt: with room for one message only, every copy in
+ * turn still goes from memory.
+ */
+static void
+test_kick_copy_memory(void)
+{
+	Fixture f = {0};
+	const FakeSmtpMessage *disk, *mem;
+
+	fixture_set_up(&f, NULL);
+	set_context(&f, "5d");
+	start_runner(&f, 60000);
+	g_usleep(100000); /* the first scan is over */
+
+	put_copy(&f, "am1.disk", "all", "archive", now_s());
+	am_runner_kick(f.runner, "am1.disk");
+	g_assert_true(fake_smtp_wait_messages(f.fake, 1, WAIT_MS));
+	g_assert_cmpuint(stats(&f).from_disk, ==, 1);
+
+	am_runner_set_memory_max(f.runner, strlen(BODY));
+	put_kick_copy(&f, "am1.mem", BODY);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 2, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 0));
+	disk = fake_smtp_get_message(f.fake, 0);
+	mem = fake_smtp_get_message(f.fake, 1);
+	g_assert_true(g_bytes_equal(disk->content, mem->content));
+	g_assert_cmpstr(mem->mail_from, ==, disk->mail_from);
+	g_assert_cmpuint(mem->rcpt_to->len, ==, 2);
+	g_assert_cmpstr(mem->rcpt_to->pdata[1], ==, "TO:<" ADDR_B ">");
+
+	/* Changed on disk after the put: memory's octets go, the file is
+	 * not read. */
+	for (guint i = 0; i < 3; i++) {
+		g_autofree char *id = g_strdup_printf("am1.m%u", i);
+		const FakeSmtpMessage *m;
+
+		put_copy(&f, id, "all", "archive", now_s());
+		damage(&f, id, "X", 3);
+		{
+			const char *to[] = {ADDR_A, ADDR_B, NULL};
+			AmSpoolEntry e = {.id = id,
+			                  .queue_id = (char *)QUEUE_ID,
+			                  .rule = (char *)"all",
+			                  .relay = (char *)"archive",
+			                  .from = (char *)"",
+			                  .to = (char **)to,
+			                  .created = now_s()};
+			SmtpMessage *msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+
+			smtp_message_append_data(msg, BODY, strlen(BODY));
+			am_runner_kick_copy(f.runner, am_spool_entry_copy(&e),
+			                    msg);
+		}
+		g_assert_true(fake_smtp_wait_messages(f.fake, 3 + i, WAIT_MS));
+		m = fake_smtp_get_message(f.fake, 2 + i);
+		g_assert_true(g_bytes_equal(disk->content, m->content));
+		g_assert_true(wait_counts(&f, 0, 0));
+	}
+	g_assert_cmpuint(stats(&f).from_memory, ==, 4);
+	g_assert_cmpuint(stats(&f).from_disk, ==, 1);
+	g_assert_cmpuint(stats(&f).over_cap, ==, 0);
+	/* No state file was made for a copy confirmed at once. */
+	g_assert_cmpuint(count_dir(&f, "state"), ==, 0);
+	fixture_tear_down(&f);
+}
+
+/*
+ * Beyond the memory cap the message is dropped and the copy read from
+ * its file, digest checked: a byte changed on disk is caught (held),
+ * which proves the file was read.
+ */
+static void
+test_kick_copy_over_cap(void)
+{
+	Fixture f = {0};
+
+	fixture_set_up(&f, NULL);
+	set_context(&f, "5d");
+	start_runner(&f, 60000);
+	g_usleep(100000);
+	am_runner_set_memory_max(f.runner, strlen(BODY) - 1);
+	put_copy(&f, "am1.big", "all", "archive", now_s());
+	damage(&f, "am1.big", "X", 3);
+	{
+		const char *to[] = {ADDR_A, NULL};
+		AmSpoolEntry e = {.id = (char *)"am1.big",
+		                  .queue_id = (char *)QUEUE_ID,
+		                  .rule = (char *)"all",
+		                  .relay = (char *)"archive",
+		                  .from = (char *)"",
+		                  .to = (char **)to,
+		                  .created = now_s()};
+		SmtpMessage *msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+
+		smtp_message_append_data(msg, BODY, strlen(BODY));
+		am_runner_kick_copy(f.runner, am_spool_entry_copy(&e), msg);
+	}
+	g_assert_true(wait_counts(&f, 0, 1));
+	g_free(wait_log(&f, "error: am1.big: held (spool file"));
+	g_assert_cmpuint(stats(&f).over_cap, ==, 1);
+	g_assert_cmpuint(stats(&f).from_memory, ==, 0);
+	g_assert_cmpuint(stats(&f).from_disk, ==, 1);
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 0);
+
+	/* Within the cap again: from memory. */
+	am_runner_set_memory_max(f.runner, AM_RUNNER_MEMORY_MAX);
+	put_kick_copy(&f, "am1.small", BODY);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 1, WAIT_MS));
+	g_assert_cmpuint(stats(&f).from_memory, ==, 1);
+	fixture_tear_down(&f);
+}
+
+/*
+ * A copy handed over in memory that the runner could not send before
+ * it went away (no configuration yet, then stopped: a daemon killed)
+ * is in its file all the same, and the next runner sends it from
+ * there.  A first attempt from memory that fails leaves the retries to
+ * the file, with its state saved as for any copy.
+ */
+static void
+test_kick_copy_restart(void)
+{
+	Fixture f = {0};
+	g_autoptr(AmSpoolEntry) e = NULL;
+
+	fixture_set_up(&f, "on DOT reply 451 4.3.0 try later");
+	start_runner(&f, 60000);
+	put_kick_copy(&f, "am1.lost", BODY);
+	g_usleep(200000);
+	am_runner_stop(f.runner);
+	f.runner = NULL;
+	g_assert_cmpuint(count(&f, AM_SPOOL_QUEUED), ==, 1);
+
+	set_context(&f, "5d");
+	start_runner(&f, 100);
+	e = wait_attempts(&f, "am1.lost", 1);
+	g_assert_nonnull(e);
+	g_assert_nonnull(strstr(e->last_error, "451 4.3.0 try later"));
+	g_assert_cmpuint(stats(&f).from_disk, >=, 1);
+
+	/* A fresh copy whose attempt from memory fails: retried from its
+	 * file. */
+	put_kick_copy(&f, "am1.retry", BODY);
+	g_clear_pointer(&e, am_spool_entry_free);
+	e = wait_attempts(&f, "am1.retry", 1);
+	g_assert_nonnull(e);
+	g_assert_cmpuint(stats(&f).from_memory, ==, 1);
+	replace_fake(&f, NULL);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 2, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 0));
+	g_assert_cmpuint(count_dir(&f, "state"), ==, 0);
+	fixture_tear_down(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -683,5 +888,8 @@ main(int argc, char **argv)
 	g_test_add_func("/runner/future-created", test_future_created);
 	g_test_add_func("/runner/max-age-untried", test_max_age_untried);
 	g_test_add_func("/runner/damaged-not-sent", test_damaged_not_sent);
+	g_test_add_func("/runner/kick-copy-memory", test_kick_copy_memory);
+	g_test_add_func("/runner/kick-copy-over-cap", test_kick_copy_over_cap);
+	g_test_add_func("/runner/kick-copy-restart", test_kick_copy_restart);
 	return g_test_run();
 }
