@@ -40,6 +40,8 @@ struct SmtpConn {
 	gpointer transport_data; /* the TLS layer's state, or NULL */
 	SmtpReplyParser *parser;
 	gint64 hard_deadline; /* monotonic us; 0: none */
+	gboolean drained;     /* the last read emptied the socket (or
+	                       * none yet): see fill() */
 	char buf[READ_BUF];   /* bytes received, not yet parsed */
 	gsize start, end;     /* unparsed bytes are buf[start..end) */
 };
@@ -272,6 +274,7 @@ smtp_conn_open(const char *host, guint16 port, guint timeout_ms,
 	conn->transport = &plain_transport;
 	conn->parser = smtp_reply_parser_new();
 	conn->hard_deadline = hard_deadline;
+	conn->drained = TRUE; /* the greeting is not there yet */
 	return conn;
 }
 
@@ -374,36 +377,32 @@ smtp_conn_write(SmtpConn *conn, const void *data, gsize len, guint timeout_ms,
 	return TRUE;
 }
 
-/* Fill the empty buffer with what the server sent, within @deadline. */
+/*
+ * Fill the empty buffer with what the server sent, within @deadline.
+ *
+ * A read that returned less than the buffer emptied the socket's queue
+ * (TCP hands over all it holds, up to the length asked).  Since then we
+ * parsed what it gave, and perhaps wrote (check_quiet() having made
+ * sure nothing had come in before), so what we wait for now is most
+ * likely still on its way.  On the plain transport the wait then comes
+ * first: a recv() now would almost always say EAGAIN, a system call per
+ * reply for nothing; when the bytes are there, poll() says so at once.
+ * After a full buffer, more may be queued: read first.
+ * The TLS transport reads first always, as OpenSSL may hold decrypted
+ * bytes that poll() cannot see.
+ */
 static gboolean
 fill(SmtpConn *conn, gint64 deadline, gboolean is_hard, guint timeout_ms,
      const char *stage, GError **error)
 {
+	short want = POLLIN;
+	gboolean ready =
+	    !(conn->drained && conn->transport == &plain_transport);
+
 	for (;;) {
-		short want = POLLIN;
 		ssize_t n;
 
-		n = conn->transport->recv(conn, conn->buf, sizeof(conn->buf),
-		                          &want);
-		if (n > 0) {
-			conn->start = 0;
-			conn->end = n;
-			return TRUE;
-		}
-		if (n == 0) {
-			smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage,
-			               NULL, "connection closed by server");
-			return FALSE;
-		}
-		if (errno == EINTR)
-			continue;
-		if (errno != EAGAIN && errno != EWOULDBLOCK) {
-			smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage,
-			               NULL, "connection lost: %s",
-			               g_strerror(errno));
-			return FALSE;
-		}
-		if (!wait_fd(conn->fd, want, deadline)) {
+		if (!ready && !wait_fd(conn->fd, want, deadline)) {
 			if (is_hard)
 				smtp_set_deadline_error(
 				    error, stage, "waiting for the reply");
@@ -411,6 +410,27 @@ fill(SmtpConn *conn, gint64 deadline, gboolean is_hard, guint timeout_ms,
 				smtp_set_error(error, SMTP_ERROR_TIMEOUT, stage,
 				               NULL, "no reply within %u ms",
 				               timeout_ms);
+			return FALSE;
+		}
+		n = conn->transport->recv(conn, conn->buf, sizeof(conn->buf),
+		                          &want);
+		if (n > 0) {
+			conn->start = 0;
+			conn->end = n;
+			conn->drained = (gsize)n < sizeof(conn->buf);
+			return TRUE;
+		}
+		if (n == 0) {
+			smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage,
+			               NULL, "connection closed by server");
+			return FALSE;
+		}
+		/* Interrupted: read again at once; EAGAIN: wait first */
+		ready = errno == EINTR;
+		if (!ready && errno != EAGAIN && errno != EWOULDBLOCK) {
+			smtp_set_error(error, SMTP_ERROR_DISCONNECTED, stage,
+			               NULL, "connection lost: %s",
+			               g_strerror(errno));
 			return FALSE;
 		}
 	}

@@ -12,6 +12,7 @@
  * itself after a lost connection).  They go to the library in batches
  * (smtp_client_send_batch), so that with PIPELINING each message costs
  * one round trip; what each one reports is the same as if sent alone.
+ * A thread loads the next batch while one is being sent (see Loader).
  * With no FILE, or for a FILE "-", the message is read from standard
  * input, wholly into memory, so that SIZE= can be announced.  A regular
  * file over 64 KiB is handed to the library as a file descriptor and
@@ -84,7 +85,7 @@
 
 /* Regular files up to this size are read into memory, larger ones are
  * streamed from their descriptor; a batch of BATCH small files thus
- * holds at most 4 MiB. */
+ * holds at most 4 MiB, the two batches of the Loader 8 MiB. */
 #define SMALL_FILE (64 * 1024)
 
 typedef struct {
@@ -840,8 +841,9 @@ print_plain(const Outcome *o)
 /*
  * Messages go to the library in batches of this many, so that the next
  * message's commands can ride behind the end of the one before
- * (smtp_client_send_batch); a batch keeps its files open, so it stays
- * well inside the usual limit of 1024 descriptors.
+ * (smtp_client_send_batch).  A batch keeps its large files open, and at
+ * most two batches exist at once (see Loader): 128 descriptors, well
+ * inside the usual limit of 1024.
  */
 #define BATCH 64
 
@@ -873,51 +875,152 @@ report(const Options *opt, const char *file, const SmtpJob *job,
 	return error_status(o.error);
 }
 
+/* ------------------------------------------------------------------ */
+/* Loading, one batch ahead                                             */
+/* ------------------------------------------------------------------ */
+
+/* The files of one batch, loaded: for each, a message or why not. */
+typedef struct {
+	const char *const *files; /* the batch's first file */
+	gsize n;
+	SmtpMessage *msgs[BATCH]; /* NULL where loading failed */
+	GError *errors[BATCH];    /* set where it failed */
+} Batch;
+
 /*
- * Send @files[0..@n) over @client as one batch, print what happened to
- * each, in order, and return the combined status (see send_all).  A
- * file that cannot be loaded is reported in its place and left out.
+ * A thread that loads batch k+1 while batch k is on the wire.  Loading
+ * is open, fstat, read and close per file; done in line, it would sit
+ * between a 354 and the data that answers it while the server idles.
+ * Two Batch slots go round between the two threads: the loader takes
+ * an empty one, fills it, hands it over; the sender sends it, reports,
+ * empties it and gives it back.  So at most two batches are in memory,
+ * and the loader is never more than one batch ahead.  Reports stay in
+ * file order: the sender takes batches in order and reports each in
+ * order.  A file that changes after it was loaded is what it was at
+ * load time when small (read into memory), and checked by the library
+ * when streamed (a changed size is an INPUT error for that file), as
+ * it was when a batch was loaded just before being sent.
+ */
+typedef struct {
+	const char *const *files;
+	gsize n_files;
+	SmtpMessageKind kind;
+	GAsyncQueue *empty;  /* Batch *: for the loader to fill */
+	GAsyncQueue *loaded; /* Batch *: for the sender, in order */
+	Batch slots[2];
+	GThread *thread;
+} Loader;
+
+static void
+batch_load(Batch *b, const char *const *files, gsize n, SmtpMessageKind kind)
+{
+	b->files = files;
+	b->n = n;
+	for (gsize i = 0; i < n; i++)
+		b->msgs[i] = load_message(files[i], kind, &b->errors[i]);
+}
+
+static void
+batch_clear(Batch *b)
+{
+	for (gsize i = 0; i < b->n; i++) {
+		g_clear_pointer(&b->msgs[i], smtp_message_free);
+		g_clear_error(&b->errors[i]);
+	}
+	b->n = 0;
+}
+
+static gpointer
+loader_run(gpointer data)
+{
+	Loader *l = data;
+
+	for (gsize done = 0; done < l->n_files; done += BATCH) {
+		Batch *b = g_async_queue_pop(l->empty);
+
+		batch_load(b, l->files + done, MIN(BATCH, l->n_files - done),
+		           l->kind);
+		g_async_queue_push(l->loaded, b);
+	}
+	return NULL;
+}
+
+static void
+loader_start(Loader *l, const char *const *files, gsize n_files,
+             SmtpMessageKind kind)
+{
+	*l = (Loader){.files = files, .n_files = n_files, .kind = kind};
+	l->empty = g_async_queue_new();
+	l->loaded = g_async_queue_new();
+	for (guint i = 0; i < G_N_ELEMENTS(l->slots); i++)
+		g_async_queue_push(l->empty, &l->slots[i]);
+	l->thread = g_thread_new("loader", loader_run, l);
+}
+
+/* The next batch, in order; waits for the loader if need be. */
+static Batch *
+loader_next(Loader *l)
+{
+	return g_async_queue_pop(l->loaded);
+}
+
+/* Give @b back, emptied, for the loader to fill again. */
+static void
+loader_done(Loader *l, Batch *b)
+{
+	batch_clear(b);
+	g_async_queue_push(l->empty, b);
+}
+
+/* After the last batch: the loader has ended, or ends now. */
+static void
+loader_finish(Loader *l)
+{
+	g_thread_join(l->thread);
+	g_async_queue_unref(l->empty);
+	g_async_queue_unref(l->loaded);
+}
+
+/* ------------------------------------------------------------------ */
+/* Sending                                                              */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Send the loaded messages of @b over @client as one batch, print what
+ * happened to each file, in order, and put its status in @statuses.  A
+ * file that could not be loaded is reported in its place and left out.
  */
 static void
 send_batch(SmtpClient *client, const Options *opt, const SmtpRecipient *rcpts,
-           gsize n_rcpts, const char *from, const char *const *files, gsize n,
-           int *statuses)
+           gsize n_rcpts, const char *from, const Batch *b, int *statuses)
 {
 	SmtpJob jobs[BATCH];
-	GError *load_errors[BATCH] = {NULL};
 	gsize slot[BATCH], n_jobs = 0;
-	SmtpMessageKind kind =
-	    opt->text ? SMTP_MESSAGE_TEXT : SMTP_MESSAGE_BYTES;
 
-	/* Load each file; the loaded ones become jobs */
-	for (gsize i = 0; i < n; i++) {
-		SmtpMessage *msg =
-		    load_message(files[i], kind, &load_errors[i]);
-
-		if (msg == NULL)
+	/* The loaded files become jobs */
+	for (gsize i = 0; i < b->n; i++) {
+		if (b->msgs[i] == NULL)
 			continue;
 		slot[i] = n_jobs;
-		jobs[n_jobs++] =
-		    (SmtpJob){from,  (const char *const *)opt->mail_options,
-		              rcpts, n_rcpts,
-		              msg,   NULL,
-		              NULL};
+		jobs[n_jobs++] = (SmtpJob){
+		    from,       (const char *const *)opt->mail_options,
+		    rcpts,      n_rcpts,
+		    b->msgs[i], NULL,
+		    NULL};
 	}
 
 	smtp_client_send_batch(client, jobs, n_jobs);
 
-	/* Report in file order, then free */
-	for (gsize i = 0; i < n; i++) {
+	/* Report in file order, then free the outcomes */
+	for (gsize i = 0; i < b->n; i++) {
 		static const SmtpJob none = {0};
 		const SmtpJob *job =
-		    load_errors[i] != NULL ? &none : &jobs[slot[i]];
+		    b->msgs[i] == NULL ? &none : &jobs[slot[i]];
 
-		statuses[i] = report(opt, files[i], job, load_errors[i]);
-		g_clear_error(&load_errors[i]);
+		statuses[i] = report(opt, b->files[i], job, b->errors[i]);
 	}
 	fflush(stdout); /* a batch at a time, not a write per message */
 	for (gsize j = 0; j < n_jobs; j++) {
-		smtp_message_free(jobs[j].msg);
 		smtp_result_free(jobs[j].result);
 		g_clear_error(&jobs[j].error);
 	}
@@ -937,6 +1040,7 @@ send_all(const Options *opt, const char *host, guint16 port, guint ms,
 	int first_failure = EX_OK;
 	guint n = g_strv_length(opt->to);
 	gsize n_files;
+	Loader loader;
 
 	/* Set up the envelope and the client */
 	to = g_new0(char *, n + 1);
@@ -962,19 +1066,22 @@ send_all(const Options *opt, const char *host, guint16 port, guint ms,
 	files = opt->files && opt->files[0] ? (const char *const *)opt->files
 	                                    : stdin_only;
 	n_files = g_strv_length((char **)files);
+	loader_start(&loader, files, n_files,
+	             opt->text ? SMTP_MESSAGE_TEXT : SMTP_MESSAGE_BYTES);
 	for (gsize done = 0; done < n_files; done += BATCH) {
-		gsize count = MIN(BATCH, n_files - done);
+		Batch *b = loader_next(&loader);
 		int statuses[BATCH];
 
-		send_batch(client, opt, rcpts, n, from, files + done, count,
-		           statuses);
-		for (gsize i = 0; i < count; i++) {
+		send_batch(client, opt, rcpts, n, from, b, statuses);
+		for (gsize i = 0; i < b->n; i++) {
 			if (statuses[i] == EX_TEMPFAIL)
 				any_temporary = TRUE;
 			if (statuses[i] != EX_OK && first_failure == EX_OK)
 				first_failure = statuses[i];
 		}
+		loader_done(&loader, b);
 	}
+	loader_finish(&loader);
 	return any_temporary ? EX_TEMPFAIL : first_failure;
 }
 

@@ -752,6 +752,205 @@ test_unreadable(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 1);
 }
 
+/* Content of the numbered message @i of the many-files tests. */
+static char *
+numbered(guint i)
+{
+	return g_strdup_printf("Subject: m%u\r\n\r\nBody %u.\r\n", i, i);
+}
+
+/*
+ * Files over several batches (smtp-send hands the library 64 at a time,
+ * loading the next batch meanwhile), some unreadable, at and around the
+ * batch boundaries: every file is reported once, in order, with its own
+ * status, and every readable one is sent, in order, over one connection.
+ */
+static void
+test_many_files(Fixture *f, gconstpointer data)
+{
+	static const guint bad[] = {0, 63, 64, 65, 127, 128, 149};
+	const guint n = 150;
+	g_autoptr(GPtrArray) args = g_ptr_array_new_with_free_func(g_free);
+	g_autoptr(GPtrArray) paths = g_ptr_array_new_with_free_func(g_free);
+	g_auto(Run) r = {0};
+	g_autofree char *canon = NULL;
+	g_auto(GStrv) lines = NULL;
+	guint sent = 0;
+
+	(void)data;
+	if (!have_python())
+		return;
+	g_ptr_array_add(args, g_strdup("--json"));
+	g_ptr_array_add(args, g_strdup("--server"));
+	g_ptr_array_add(args, g_strdup(f->server));
+	g_ptr_array_add(args, g_strdup("--from"));
+	g_ptr_array_add(args, g_strdup(FROM));
+	g_ptr_array_add(args, g_strdup("--to"));
+	g_ptr_array_add(args, g_strdup(TO));
+	for (guint i = 0, b = 0; i < n; i++) {
+		g_autofree char *name = g_strdup_printf("m%03u.eml", i);
+		g_autofree char *body = numbered(i);
+		char *path;
+
+		/* Missing files and directories, alternately */
+		if (b < G_N_ELEMENTS(bad) && bad[b] == i) {
+			path = g_build_filename(f->dir, name, NULL);
+			if (b++ % 2 == 1)
+				g_assert_cmpint(g_mkdir(path, 0700), ==, 0);
+		} else {
+			path = fixture_file(f, name, body);
+		}
+		g_ptr_array_add(paths, path);
+		g_ptr_array_add(args, g_strdup(path));
+	}
+	g_ptr_array_add(args, NULL);
+	run_argv(&r, NULL, (const char *const *)args->pdata);
+
+	/* The report: one line per file, in order */
+	g_assert_cmpint(r.status, ==, 66);
+	canon = json_canon(r.out);
+	lines = g_strsplit(canon, "\n", -1);
+	g_assert_cmpuint(g_strv_length(lines), ==, n);
+	for (guint i = 0, b = 0; i < n; i++) {
+		g_autofree char *file = g_strdup_printf(
+		    "{\"file\":\"%s\",", (char *)g_ptr_array_index(paths, i));
+
+		g_assert_true(g_str_has_prefix(lines[i], file));
+		if (b < G_N_ELEMENTS(bad) && bad[b] == i) {
+			b++;
+			g_assert_nonnull(
+			    strstr(lines[i], "\"status\":\"error\""));
+			g_assert_nonnull(strstr(
+			    lines[i], "{\"kind\":\"input\",\"code\":0,"));
+			g_assert_nonnull(strstr(lines[i], b % 2 ? "No such file"
+			                                        : "directory"));
+		} else {
+			g_autofree char *body = numbered(i);
+
+			g_assert_nonnull(
+			    strstr(lines[i], "\"status\":\"sent\""));
+			assert_content(message(f, sent++), body);
+		}
+	}
+	g_assert_cmpuint(sent, ==, n - G_N_ELEMENTS(bad));
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, sent);
+	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 1);
+}
+
+/* Whether process @pid has @path open (its /proc/PID/fd links). */
+static gboolean
+has_open(GPid pid, const char *path)
+{
+	g_autofree char *dir_path = g_strdup_printf("/proc/%d/fd", (int)pid);
+	g_autoptr(GDir) dir = g_dir_open(dir_path, 0, NULL);
+	const char *name;
+
+	while (dir != NULL && (name = g_dir_read_name(dir)) != NULL) {
+		g_autofree char *link = g_build_filename(dir_path, name, NULL);
+		g_autofree char *target = g_file_read_link(link, NULL);
+
+		if (g_strcmp0(target, path) == 0)
+			return TRUE;
+	}
+	return FALSE;
+}
+
+/*
+ * The second batch is loaded while the first is on the wire (the first
+ * message's end-of-data reply takes 2 s here).  Once the loader has it
+ * open, a small file of that batch is rewritten and a large one (over
+ * 64 KiB, streamed from its descriptor) cut short.  The small one goes
+ * out as it was when loaded; the large one is an INPUT error naming the
+ * change, never sent short; the files around them are sent.
+ */
+static void
+test_change_while_ahead(Fixture *f, gconstpointer data)
+{
+	const guint n_first = 64; /* smtp-send's batch */
+	g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
+	g_autoptr(GString) big_body = g_string_new("Subject: big\r\n\r\n");
+	g_autoptr(GError) error = NULL;
+	g_autofree char *small = NULL, *big = NULL, *after = NULL;
+	g_autofree char *out = NULL, *canon = NULL;
+	g_auto(GStrv) lines = NULL;
+	GPid pid;
+	int out_fd, status = 0;
+	gint64 until;
+
+	(void)data;
+	if (!have_python())
+		return;
+	g_ptr_array_add(argv, g_strdup(smtp_send_path));
+	g_ptr_array_add(argv, g_strdup("--json"));
+	g_ptr_array_add(argv, g_strdup("--server"));
+	g_ptr_array_add(argv, g_strdup(f->server));
+	g_ptr_array_add(argv, g_strdup("--from"));
+	g_ptr_array_add(argv, g_strdup(FROM));
+	g_ptr_array_add(argv, g_strdup("--to"));
+	g_ptr_array_add(argv, g_strdup(TO));
+	for (guint i = 0; i < n_first; i++) {
+		g_autofree char *name = g_strdup_printf("m%03u.eml", i);
+		g_autofree char *body = numbered(i);
+
+		g_ptr_array_add(argv, fixture_file(f, name, body));
+	}
+	while (big_body->len < 200 * 1024)
+		g_string_append(big_body, "0123456789abcdef0123456789\r\n");
+	small = fixture_file(f, "small.eml", "Subject: as loaded\r\n\r\n");
+	big = fixture_file(f, "big.eml", big_body->str);
+	after = fixture_file(f, "after.eml", "Subject: after\r\n\r\n");
+	g_ptr_array_add(argv, g_strdup(small));
+	g_ptr_array_add(argv, g_strdup(big));
+	g_ptr_array_add(argv, g_strdup(after));
+	g_ptr_array_add(argv, NULL);
+
+	g_spawn_async_with_pipes(NULL, (char **)argv->pdata, NULL,
+	                         G_SPAWN_DO_NOT_REAP_CHILD, NULL, NULL, &pid,
+	                         NULL, &out_fd, NULL, &error);
+	g_assert_no_error(error);
+
+	/* The loader opens big.eml (after reading small.eml) while the
+	 * first message waits for its reply */
+	until = g_get_monotonic_time() + 1500 * 1000;
+	while (!has_open(pid, big) && g_get_monotonic_time() < until)
+		g_usleep(1000);
+	g_assert_true(has_open(pid, big));
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 0);
+	g_file_set_contents(small, "Subject: rewritten later\r\n\r\n", -1,
+	                    &error);
+	g_assert_no_error(error);
+	g_assert_cmpint(truncate(big, 1000), ==, 0);
+
+	/* Then its report and exit status */
+	{
+		g_autoptr(GIOChannel) ch = g_io_channel_unix_new(out_fd);
+
+		g_io_channel_set_close_on_unref(ch, TRUE);
+		g_io_channel_read_to_end(ch, &out, NULL, &error);
+		g_assert_no_error(error);
+	}
+	g_assert_cmpint(waitpid(pid, &status, 0), ==, pid);
+	g_spawn_close_pid(pid);
+	g_test_message("stdout: %s", out);
+	g_assert_true(WIFEXITED(status));
+	g_assert_cmpint(WEXITSTATUS(status), ==, 65);
+	canon = json_canon(out);
+	lines = g_strsplit(canon, "\n", -1);
+	g_assert_cmpuint(g_strv_length(lines), ==, n_first + 3);
+	g_assert_nonnull(strstr(lines[n_first], "\"status\":\"sent\""));
+	g_assert_nonnull(strstr(lines[n_first + 1], "\"status\":\"error\""));
+	g_assert_nonnull(
+	    strstr(lines[n_first + 1], "{\"kind\":\"input\",\"code\":0,"));
+	g_assert_nonnull(strstr(lines[n_first + 1], "changed while being"));
+	g_assert_nonnull(strstr(lines[n_first + 1], "\"stage\":\"message\""));
+	g_assert_nonnull(strstr(lines[n_first + 2], "\"status\":\"sent\""));
+
+	/* What the server stored: small.eml as loaded, no big.eml */
+	assert_content(message(f, n_first), "Subject: as loaded\r\n\r\n");
+	assert_content(message(f, n_first + 1), "Subject: after\r\n\r\n");
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, n_first + 2);
+}
+
 /* A failure in the middle: 75 wins over a later 69 or an earlier 66. */
 static void
 test_exit_status_mix(Fixture *f, gconstpointer data)
@@ -1174,6 +1373,12 @@ main(int argc, char **argv)
 	    "\\xe2\\x80\\xaaf\\xe2\\x80\\xac \\xc3\\xa9\\r\\n\n",
 	    test_bidi_text);
 	ADD("files/unreadable", NULL, test_unreadable);
+	ADD("files/many-over-batches", NULL, test_many_files);
+	ADD("files/many-over-batches-pipelined",
+	    "ehlo-keywords PIPELINING 8BITMIME SIZE 10485760\n",
+	    test_many_files);
+	ADD("files/change-while-loaded-ahead",
+	    "on DOT#1 delay 2000 250 2.0.0 Ok\n", test_change_while_ahead);
 	ADD("files/exit-status-mix", "on RCPT /later@/ reply 450 4.2.1 Busy\n",
 	    test_exit_status_mix);
 	ADD("files/reconnect-after-loss", "on MAIL /SIZE=25( |$)/ close\n",

@@ -280,6 +280,13 @@ test_some_refused(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(count_commands(f, "RSET"), ==, 0);
 }
 
+/* A reply text of 200 octets. */
+#define TEXT_10 "0123456789"
+#define TEXT_200                                                               \
+	TEXT_10 TEXT_10 TEXT_10 TEXT_10 TEXT_10 TEXT_10 TEXT_10 TEXT_10        \
+	    TEXT_10 TEXT_10 TEXT_10 TEXT_10 TEXT_10 TEXT_10 TEXT_10 TEXT_10    \
+	        TEXT_10 TEXT_10 TEXT_10 TEXT_10
+
 /* More recipients than one write carries: every refusal still lands on
  * its recipient, and the message goes to the others. */
 static void
@@ -604,6 +611,14 @@ main(int argc, char **argv)
 	          test_some_refused);
 	add_plain("many-recipients",
 	          PIPE_KEYWORDS "on RCPT /^TO:<bad/ reply 550 5.1.1 unknown",
+	          test_many_recipients);
+	/* 100 replies of 230 octets a group: reads that fill the buffer
+	 * (read again at once) and reads that empty the socket (wait
+	 * first) alternate, and each refusal still lands on its own */
+	add_plain("many-recipients-long-replies",
+	          PIPE_KEYWORDS "on RCPT /^TO:<bad/ reply 550 5.1.1 " TEXT_200
+	                        "\n"
+	                        "on RCPT reply 250 2.1.5 " TEXT_200,
 	          test_many_recipients);
 	add_plain("many-mail-refused",
 	          PIPE_KEYWORDS "on MAIL#1 reply 553 5.7.1 rejected",
