@@ -31,12 +31,13 @@
  * without RSET, saving a round trip per copy under load; if it turns
  * out dead at MAIL, RCPT or DATA (closed, 421, a reply unasked), before
  * any octet of the message went out, the copy goes over a new
- * connection the same way.  After a refusal the library has already sent RSET; a
- * connection the library closed (time-out, lost connection, protocol
- * error) is not returned.  A janitor thread closes (QUIT) connections
- * idle longer than idle_ms.  Idle connections are closed in batches,
- * each batch within POOL_QUIT_MS together (pool_close_all), so that a
- * relay that stalls on QUIT holds up neither the janitor nor a stop.
+ * connection the same way.  After a refusal the library has already
+ * sent RSET; a connection the library closed (time-out, lost
+ * connection, protocol error) is not returned.  A janitor thread
+ * closes (QUIT) connections idle longer than idle_ms.  Idle
+ * connections are closed in batches, each batch within POOL_QUIT_MS
+ * together (pool_close_all), so that a relay that stalls on QUIT holds
+ * up neither the janitor nor a stop.
  *
  * copy_deadline bounds a whole copy, because the MTA is waiting: Postfix
  * gives a milter 300 s (milter_content_timeout) before it gives up on

@@ -51,16 +51,14 @@
  * directory after a rename is shared (group commit, see DirSync): puts
  * running at once wait for one fsync that began after their renames.
  *
- * The free space is asked of the file system at most every second or
- * 16 MiB written (am_spool_set_free_check), and always before a
- * refusal.
+ * A confirmed copy's file is not unlinked but kept in tmp/ (when small)
+ * and written again for a new copy (see recycle()): no inode is freed
+ * and allocated per copy.
  *
  * Known limits: XXX: still one fsync of each file, and one fsync of
- * queue/ per group of concurrent puts.  XXX: between two free-space
- * answers, what other processes write is not seen: they can take the
- * disk below spool_min_free by what they write in one second.  XXX: a
- * put of an id already in queue/ replaces that file; ids are unique per
- * copy, so only a caller's bug can do it.  XXX: the envelope is
+ * queue/ per group of concurrent puts.  XXX: a put of an id already in
+ * queue/ replaces that file; ids are unique per copy, so only a
+ * caller's bug can do it.  XXX: the envelope is
  * written before the copy and its digest patched in after (three
  * writes, not one writev), since the digest is known only once the
  * copy is written.
@@ -113,23 +111,6 @@ typedef struct {
 	int failed_errno; /* its errno */
 } DirSync;
 
-/*
- * The last free-space answer (see am_spool_set_free_check): asked at
- * @asked (monotonic µs; 0: never), @avail octets then, @written octets
- * let through since.  Space freed since (copies sent) is not counted:
- * the estimate only errs on the side of asking again.
- */
-typedef struct {
-	GMutex lock;
-	gint64 asked;
-	guint64 avail;
-	guint64 written;
-	gint64 interval_us;
-	guint64 octets;
-	AmSpoolFreeHook hook; /* tests: instead of fstatvfs(); NULL */
-	gpointer hook_data;
-} FreeCheck;
-
 struct AmSpool {
 	char *dir;        /* as given */
 	char *sub[4];     /* tmp, queue, hold, state: full paths, for
@@ -143,7 +124,6 @@ struct AmSpool {
 	DirSync sync[4];  /* group commit, per subdirectory */
 	AmSpoolFsyncHook fsync_hook; /* tests: instead of fsync(); NULL */
 	gpointer fsync_hook_data;
-	FreeCheck free;
 	GMutex recycle_lock;
 	GPtrArray *recycled; /* names in tmp/ of files to write again */
 	guint recycle_seq;   /* for their names */
@@ -549,11 +529,8 @@ am_spool_open_full(const char *dir, guint64 min_free, AmSpoolOpenFlags flags,
 		name[--len] = '\0';
 	spool->dir = g_strdup(dir);
 	spool->min_free = min_free;
-	g_mutex_init(&spool->free.lock);
 	g_mutex_init(&spool->recycle_lock);
 	spool->recycled = g_ptr_array_new_with_free_func(g_free);
-	spool->free.interval_us = AM_SPOOL_FREE_CHECK_MS * (gint64)1000;
-	spool->free.octets = AM_SPOOL_FREE_CHECK_OCTETS;
 	spool->lock_fd = -1;
 	spool->dir_fd = -1;
 	for (guint i = 0; i < G_N_ELEMENTS(spool->sub_fd); i++) {
@@ -620,7 +597,6 @@ am_spool_close(AmSpool *spool)
 	}
 	if (spool->dir_fd >= 0)
 		close(spool->dir_fd);
-	g_mutex_clear(&spool->free.lock);
 	g_mutex_clear(&spool->recycle_lock);
 	g_ptr_array_unref(spool->recycled);
 	g_free(spool->dir);
@@ -699,99 +675,25 @@ format_envelope(const AmSpoolEntry *e, guint64 size, gsize *digest_at,
 	return g_steal_pointer(&out);
 }
 
-void
-am_spool_set_free_check(AmSpool *spool, guint interval_ms, guint64 octets)
-{
-	g_mutex_lock(&spool->free.lock);
-	spool->free.interval_us = interval_ms * (gint64)1000;
-	spool->free.octets = octets;
-	spool->free.asked = 0;
-	g_mutex_unlock(&spool->free.lock);
-}
-
-void
-am_spool_set_free_hook(AmSpool *spool, AmSpoolFreeHook hook, gpointer data)
-{
-	g_mutex_lock(&spool->free.lock);
-	spool->free.hook = hook;
-	spool->free.hook_data = data;
-	spool->free.asked = 0;
-	g_mutex_unlock(&spool->free.lock);
-}
-
-/* Whether @avail octets free leave the floor after @size more. */
-static gboolean
-leaves_floor(const AmSpool *spool, guint64 avail, guint64 size)
-{
-	return avail >= size && avail - size >= spool->min_free;
-}
-
-/* Ask the file system (lock held); FALSE with @error. */
-static gboolean
-ask_free_space(AmSpool *spool, GError **error)
-{
-	FreeCheck *fc = &spool->free;
-	struct statvfs sv;
-
-	if (fc->hook != NULL) {
-		gint64 v = fc->hook(fc->hook_data);
-
-		if (v < 0) {
-			set_errno_error(error, errno, "cannot statvfs",
-			                spool->sub[SUB_TMP]);
-			return FALSE;
-		}
-		fc->avail = v;
-	} else if (fstatvfs(spool->sub_fd[SUB_TMP], &sv) != 0) {
-		set_errno_error(error, errno, "cannot statvfs",
-		                spool->sub[SUB_TMP]);
-		return FALSE;
-	} else {
-		fc->avail = (guint64)sv.f_bavail * sv.f_frsize;
-	}
-	fc->asked = MAX(g_get_monotonic_time(), 1);
-	fc->written = 0;
-	return TRUE;
-}
-
-/*
- * Refuse early when the copy would take the free space below the
+/* Refuse early when the copy would take the free space below the
  * floor, so that the MTA gets a tempfail while the disk still has room
- * for everything else.  The file system is asked again when the last
- * answer is old or much has been written since, and always before a
- * refusal: only a fresh answer refuses.
- */
+ * for everything else. */
 static gboolean
-check_free_space(AmSpool *spool, guint64 size, GError **error)
+check_free_space(const AmSpool *spool, guint64 size, GError **error)
 {
-	FreeCheck *fc = &spool->free;
-	gint64 now;
+	struct statvfs sv;
 	guint64 avail;
 
 	if (spool->min_free == 0)
 		return TRUE;
-	g_mutex_lock(&fc->lock);
-	now = g_get_monotonic_time();
-	if (fc->asked != 0 && now - fc->asked < fc->interval_us &&
-	    fc->written + size <= fc->octets && fc->avail >= fc->written &&
-	    leaves_floor(spool, fc->avail - fc->written, size)) {
-		fc->written += size;
-		g_mutex_unlock(&fc->lock);
-		return TRUE;
-	}
-	if (!ask_free_space(spool, error)) {
-		g_mutex_unlock(&fc->lock);
+	if (fstatvfs(spool->sub_fd[SUB_TMP], &sv) != 0) {
+		set_errno_error(error, errno, "cannot statvfs",
+		                spool->sub[SUB_TMP]);
 		return FALSE;
 	}
-	avail = fc->avail;
-	if (leaves_floor(spool, avail, size)) {
-		fc->written = size;
-		g_mutex_unlock(&fc->lock);
+	avail = (guint64)sv.f_bavail * sv.f_frsize;
+	if (avail >= size && avail - size >= spool->min_free)
 		return TRUE;
-	}
-	/* Refused: ask again next time, the disk may have been freed. */
-	fc->asked = 0;
-	g_mutex_unlock(&fc->lock);
 	g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FULL,
 	            "spool %s: %" G_GUINT64_FORMAT " octets free, a copy "
 	            "of %" G_GUINT64_FORMAT " would leave less than "
@@ -894,18 +796,29 @@ open_tmp(AmSpool *spool, const char *id, char **name, GError **error)
 /*
  * The file of confirmed copy @id in queue/ becomes a recycled file of
  * tmp/ (renamed, not unlinked) for open_tmp(), while there are fewer
- * than RECYCLE_MAX: FALSE when it was not (no room, not ours to
- * recycle: only the daemon that owns tmp/ does, or rename failed with
- * errno set; ENOENT: no such copy in queue/).
+ * than RECYCLE_MAX and it is at most RECYCLE_SIZE_MAX octets (so that
+ * they hold at most 16 MiB of disk): FALSE when it was not (no room,
+ * too big, not ours to recycle: only the daemon that owns tmp/ does;
+ * errno 0), or on an error with errno set (ENOENT: no such copy in
+ * queue/).
  */
-#define RECYCLE_MAX 256
+#define RECYCLE_MAX      256
+#define RECYCLE_SIZE_MAX (64 * 1024)
 
 static gboolean
 recycle(AmSpool *spool, const char *id)
 {
+	struct stat st;
 	char *name;
 
 	if (!spool->owner) {
+		errno = 0;
+		return FALSE;
+	}
+	if (fstatat(spool->sub_fd[SUB_QUEUE], id, &st, AT_SYMLINK_NOFOLLOW) !=
+	    0)
+		return FALSE;
+	if (!S_ISREG(st.st_mode) || st.st_size > RECYCLE_SIZE_MAX) {
 		errno = 0;
 		return FALSE;
 	}

@@ -221,24 +221,6 @@ gboolean am_spool_release(AmSpool *spool, const char *id, guint *count,
                           GError **error);
 
 /*
- * The free-space check of am_spool_put() asks the file system
- * (fstatvfs) at most every @interval_ms milliseconds, or when @octets
- * were written since: in between it takes the last answer minus what
- * it let be written since, and asks again before it ever refuses, so
- * that a refusal always rests on a fresh answer.  Defaults below; 0
- * and 0: ask for every copy.
- */
-#define AM_SPOOL_FREE_CHECK_MS     1000
-#define AM_SPOOL_FREE_CHECK_OCTETS (16 * 1024 * 1024)
-void am_spool_set_free_check(AmSpool *spool, guint interval_ms, guint64 octets);
-
-/* For tests only: @hook gives the octets free (as f_bavail * f_frsize)
- * instead of fstatvfs(), or -1 with errno set.  NULL restores it. */
-typedef gint64 (*AmSpoolFreeHook)(gpointer data);
-void am_spool_set_free_hook(AmSpool *spool, AmSpoolFreeHook hook,
-                            gpointer data);
-
-/*
  * For tests only: call @hook (fd of the subdirectory, its index: 0 tmp,
  * 1 queue, 2 hold, 3 state; @data) instead of fsync() for the fsync of
  * a directory after a rename; it returns as fsync() does (errno set on

@@ -721,102 +721,6 @@ test_recycle(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
 }
 
-typedef struct {
-	gint64 avail; /* what the file system says is free */
-	guint asks;
-} FreeSpace;
-
-static gint64
-free_space(gpointer data)
-{
-	FreeSpace *fs = data;
-
-	fs->asks++;
-	return fs->avail;
-}
-
-/*
- * The free-space answer is kept for a while: puts in between count what
- * they write against it; it is asked again after the octets limit, and
- * before any refusal, so a copy that would go below the floor is
- * refused on a fresh answer, and one that fits after space came back
- * is taken.
- */
-static void
-test_free_cached(Fixture *f, gconstpointer data)
-{
-	g_autoptr(AmSpool) spool = open_spool(f, 1000000);
-	g_autoptr(SmtpMessage) msg = message_of(BODY);
-	g_autoptr(GError) error = NULL;
-	FreeSpace fs = {1000000 + 100 * 1024, 0};
-	guint64 size = 0;
-	guint i;
-
-	(void)data;
-	am_spool_set_free_hook(spool, free_space, &fs);
-	am_spool_set_free_check(spool, 60000, 40 * 1024);
-	for (i = 0; i < 5; i++) {
-		g_autofree char *id = g_strdup_printf("am1.fc%u", i);
-		AmSpoolEntry e = entry_for(id, 100);
-
-		put(spool, &e, AM_SPOOL_QUEUED, BODY);
-	}
-	/* One answer for five puts. */
-	g_assert_cmpuint(fs.asks, ==, 1);
-
-	/* The disk fills behind our back: the kept answer still lets a
-	 * small copy through, but none past the octets limit. */
-	fs.avail = 1000000 + 10;
-	for (i = 0; i < 1000 && error == NULL; i++) {
-		g_autofree char *id = g_strdup_printf("am1.fill%u", i);
-		AmSpoolEntry e = entry_for(id, 100);
-
-		if (am_spool_put(spool, &e, msg, AM_SPOOL_QUEUED, &error))
-			size++;
-	}
-	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FULL);
-	g_assert_cmpuint(fs.asks, ==, 2);
-	/* 40 KiB of copies of a few hundred octets each, at most. */
-	g_assert_cmpuint(size, <, 40 * 1024 / strlen(BODY));
-	g_clear_error(&error);
-
-	/* Refused on a fresh answer, every time: no kept answer is left
-	 * to let one through. */
-	{
-		AmSpoolEntry e = entry_for("am1.refused", 100);
-
-		g_assert_false(
-		    am_spool_put(spool, &e, msg, AM_SPOOL_QUEUED, &error));
-		g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FULL);
-		g_clear_error(&error);
-		g_assert_cmpuint(fs.asks, ==, 3);
-	}
-
-	/* Space back: taken at once (a refusal keeps no answer). */
-	fs.avail = 2000000;
-	{
-		AmSpoolEntry e = entry_for("am1.back", 100);
-
-		put(spool, &e, AM_SPOOL_QUEUED, BODY);
-		g_assert_cmpuint(fs.asks, ==, 4);
-	}
-
-	/* The answer ages: asked again after the interval. */
-	am_spool_set_free_check(spool, 50, 1 << 30);
-	{
-		AmSpoolEntry a = entry_for("am1.t1", 100);
-		AmSpoolEntry b = entry_for("am1.t2", 100);
-		AmSpoolEntry c = entry_for("am1.t3", 100);
-
-		put(spool, &a, AM_SPOOL_QUEUED, BODY);
-		put(spool, &b, AM_SPOOL_QUEUED, BODY);
-		g_assert_cmpuint(fs.asks, ==, 5);
-		g_usleep(80000);
-		put(spool, &c, AM_SPOOL_QUEUED, BODY);
-		g_assert_cmpuint(fs.asks, ==, 6);
-	}
-}
-
 /* In a child of its own, with a mount namespace of its own, so that
  * the small tmpfs never shows outside.  Exit 77: cannot mount. */
 static int
@@ -1433,7 +1337,6 @@ main(int argc, char **argv)
 	ADD("/spool/put/refuses-control", test_put_refuses_control);
 	ADD("/spool/put/held-with-reason", test_put_held_with_reason);
 	ADD("/spool/put/full-floor", test_full_floor);
-	ADD("/spool/put/free-cached", test_free_cached);
 	ADD("/spool/put/recycle", test_recycle);
 	ADD("/spool/put/threads", test_threads);
 	ADD("/spool/put/group-commit", test_group_commit);
