@@ -60,7 +60,10 @@
  * stored as unix seconds so that it survives a restart); a clock set
  * back delays retries by as much, a clock set forward makes them early.
  * XXX: a file that cannot be parsed is parked until the next start,
- * logged once, and left where it is for an administrator.
+ * logged once, and left where it is for an administrator.  XXX: each
+ * worker sends one copy per attempt, one transaction at a time: copies
+ * due together for one relay are not pipelined one behind the other
+ * (smtp_client_send_batch), which would save a round trip per copy.
  */
 #include <pthread.h>
 #include <signal.h>

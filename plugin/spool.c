@@ -58,7 +58,8 @@
  * Known limits: XXX: still one fsync of each file, and one fsync of
  * queue/ per group of concurrent puts.  XXX: a put of an id already in
  * queue/ replaces that file; ids are unique per copy, so only a
- * caller's bug can do it.  XXX: the envelope is
+ * caller's bug can do it.  XXX: recycled files hold up to 16 MiB in tmp/,
+ * counted as used against spool_min_free.  XXX: the envelope is
  * written before the copy and its digest patched in after (three
  * writes, not one writev), since the digest is known only once the
  * copy is written.
