@@ -54,7 +54,9 @@
  * names every copy's id, so that it can be matched with the archive.
  *
  * Bad input from the MTA is never an assertion: it tempfails the
- * message with a 451 that says why.
+ * message with a 451 that says why; for a header, the end of headers
+ * or a body chunk, at the end of the message, since those events are
+ * negotiated without a reply (SMFIP_NR_*, see cb_header).
  *
  * After EOM we cannot tell whether the MTA kept the original: seen with
  * Postfix 3.7 and a second milter that rejects at end of message,
@@ -892,8 +894,12 @@ cb_negotiate(SMFICTX *mctx, unsigned long f0, unsigned long f1,
              unsigned long *pf1, unsigned long *pf2, unsigned long *pf3)
 {
 	AmSession *s = session_get(mctx);
+	/* Events we have no use for.  The end of headers is implied by
+	 * the first body chunk or the end of message (the capture ends
+	 * its headers itself); not sending it saves a packet per message
+	 * (Postfix still sends its macro packet, see below). */
 	const unsigned long skip =
-	    SMFIP_NOHELO | SMFIP_NOUNKNOWN | SMFIP_NODATA;
+	    SMFIP_NOHELO | SMFIP_NOUNKNOWN | SMFIP_NODATA | SMFIP_NOEOH;
 
 	(void)f2;
 	(void)f3;
@@ -1189,6 +1195,7 @@ cb_eom(SMFICTX *mctx)
 {
 	AmSession *s = smfi_getpriv(mctx);
 	g_autoptr(AmVerdict) v = NULL;
+	g_autoptr(GError) error = NULL;
 
 	if (s != NULL && s->failure != NULL) {
 		/* session_tempfail() clears the message, this with it. */
@@ -1202,6 +1209,10 @@ cb_eom(SMFICTX *mctx)
 	session_update_queue_id(mctx, s);
 	if (s->env->recipients->len == 0)
 		return session_tempfail(mctx, s, "message without RCPT");
+	/* No EOH event (SMFIP_NOEOH) and no body: the blank line now, so
+	 * that the size the rules see is the whole message's. */
+	if (!am_capture_end_headers(s->cap, &error))
+		return session_tempfail(mctx, s, error->message);
 
 	v = am_milter_archive(s->ctx, s->env, s->cap);
 	session_reset_message(s);

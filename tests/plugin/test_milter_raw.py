@@ -8,16 +8,27 @@ commands Postfix sends) talks to the real daemon, started on a free
 loopback port with a relay of tests/e2e/harness.py (SinkRelay, in this
 process) as its archive, and the test asserts what the relay received:
 
+  * negotiation: offered the NR flags, the milter asks for NR_CONN,
+    NR_HDR, NR_EOH and NR_BODY and no other (MAIL and RCPT keep their
+    answers); not offered, it asks for none;
   * a header value with a line break that is not a fold (bare LF, lone
     CR, CRLF, each followed by a header name; a blank line) is answered
-    451 4.3.0 at that header, naming it, and the relay receives nothing;
+    451 4.3.0 at the end of the message, naming it, with a log line
+    under the queue id, and the relay receives nothing: under NR with
+    no answer at all before (nothing owed is ever sent: the connection
+    is read to its end after QUIT), without NR with continue (libmilter
+    answers for us; see cb_header in plugin/milter.c);
+  * under NR a good message gets answers to MAIL, RCPT and the end of
+    message only, and its copy is byte-exact;
+  * offered SMFIP_NOEOH, the milter takes it, and a copy without the
+    EOH event still has its blank line, with a body and without;
   * a real fold (bare LF or CRLF before white space) is copied as CRLF
     plus the white space, the copy otherwise byte-exact;
   * a NUL inside a value ends the value there (libmilter passes C
     strings): what follows it is in no header of the copy;
   * a recipient too long for a 998-octet X-Envelope-To line is refused
     with 451 for that RCPT alone; the message and its copy go on with
-    the other recipients;
+    the other recipients, with and without NR;
   * a header on which a rule's regular expression hits PCRE's
     backtracking limit tempfails the message at its end (a second
     milter, match = all, with such a rule), and no copy is sent.
@@ -45,6 +56,7 @@ SENDER = "sender@origin.example"
 SMFI_VERSION = 6
 SMFIF_ALL = 0x1FF                 # every action an MTA may allow
 SMFIP_NOHELO = 0x2
+SMFIP_NOEOH = 0x40
 SMFIP_NOUNKNOWN = 0x100
 SMFIP_NODATA = 0x200
 SMFIP_HDR_LEADSPC = 0x100000
@@ -237,12 +249,14 @@ def message(port, qid, headers, rcpts=(b"to@dest.example",), body=b"b\r\n",
                 mta.send(b"A")
                 return t
         mta.macro(b"N", i=qid)
-        t.eoh = mta.call(b"N", nr=SMFIP_NR_EOH)
+        if not mta.proto & SMFIP_NOEOH:
+            t.eoh = mta.call(b"N", nr=SMFIP_NR_EOH)
         if t.eoh is not None and not continued(t.eoh):
             mta.send(b"A")
             return t
-        mta.macro(b"B", i=qid)
-        t.body = mta.call(b"B", body, SMFIP_NR_BODY)
+        if body:
+            mta.macro(b"B", i=qid)
+            t.body = mta.call(b"B", body, SMFIP_NR_BODY)
         if t.body is not None and not continued(t.body):
             mta.send(b"A")
             return t
@@ -407,6 +421,24 @@ def check_long_rcpt(c, port, relay):
              "line > 998" % nr, copy.content if copy else "no copy")
 
 
+def check_noeoh(c, port, relay):
+    """Offered SMFIP_NOEOH, the milter takes it; the copy still has its
+    blank line after the headers, with a body and without one."""
+    offered = OFFERED | NR_ALL | SMFIP_NOEOH
+    for what, body in (("with a body", b"the body\r\n"), ("no body", b"")):
+        marker = "noeoh-" + what.replace(" ", "-")
+        got = message(port, "RAWNOEOH", [(b"X-Marker", b" " + marker.encode())],
+                      body=body, offered=offered)
+        c.ok(got.proto & SMFIP_NOEOH and got.eoh is None
+             and continued(got.eom) and got.stray == b"",
+             "NOEOH offered (%s): asked for, message accepted" % what, got)
+        copy = wait_copy(relay, marker.encode())
+        c.ok(copy is not None and copy.content.endswith(
+            b"X-Marker: " + marker.encode() + b"\r\n\r\n" + body),
+             "NOEOH (%s): the copy has its blank line, byte-exact" % what,
+             copy.content if copy else "no copy")
+
+
 def check_nr_accepted(c, port, relay):
     """Under NR a good message: no answer to connect, headers, EOH and
     body, one to MAIL, RCPT and the end, nothing more; copied whole."""
@@ -476,6 +508,7 @@ def main():
         check_negotiation(c, milter.port)
         check_forged(c, milter, relay)
         check_nr_accepted(c, milter.port, relay)
+        check_noeoh(c, milter.port, relay)
         check_folds(c, milter.port, relay)
         check_nul(c, milter.port, relay)
         check_long_rcpt(c, milter.port, relay)
