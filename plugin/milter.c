@@ -771,8 +771,8 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
  * new negotiation: the new session does not know the NR flags or
  * SMFIP_HDR_LEADSPC.  Still safe: its callbacks answer continue, which
  * libmilter turns into no reply (logging each as a broken promise), and
- * failures still wait for the end of message; but header values then
- * lose the leading space the MTA sent.
+ * failures still wait for the end of message; but the capture then
+ * puts back a space after each colon that the MTA did not remove.
  */
 static AmSession *
 session_get(SMFICTX *mctx)
