@@ -43,13 +43,13 @@ wanted() {
 	    }'
 }
 
-complete() {
+root_complete() {
 	[ -x "$SM" ] && [ -x "$ROOT/usr/bin/m4" ] &&
 	    [ -f "$ROOT/usr/share/sendmail/cf/m4/cf.m4" ] && [ -f "$STAMP" ]
 }
 
 want=$(wanted)
-if complete && { [ -z "$want" ] || [ "$want" = "$(cat "$STAMP")" ]; }; then
+if root_complete && { [ -z "$want" ] || [ "$want" = "$(cat "$STAMP")" ]; }; then
 	echo "setup: sendmail root $ROOT up to date"
 	exit 0
 fi
@@ -91,8 +91,8 @@ find "$ROOT.new" -type f -perm /6000 -exec chmod ug-s {} +
 # unpacked libwrap0), else the test would fail later and less clearly.
 libdir=$(find "$ROOT.new/usr/lib" -name 'libwrap.so.0' -exec dirname {} \; |
     head -n 1)
-missing=$(LD_LIBRARY_PATH="$libdir" ldd "$ROOT.new/usr/libexec/sendmail/sendmail" |
-    grep 'not found' || true)
+missing=$(LD_LIBRARY_PATH="$libdir" \
+    ldd "$ROOT.new/usr/libexec/sendmail/sendmail" | grep 'not found' || true)
 if [ -n "$missing" ]; then
 	echo "setup: the unpacked sendmail lacks libraries:" >&2
 	echo "$missing" >&2
@@ -107,4 +107,4 @@ if [ -e "$ROOT" ]; then
 fi
 mv "$ROOT.new" "$ROOT"
 rm -rf "$ROOT.old"
-echo "setup: sendmail root $ROOT:" $(echo "$want" | tr '\n' ' ')
+echo "setup: sendmail root $ROOT: $(echo "$want" | tr '\n' ' ')"

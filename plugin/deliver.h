@@ -69,8 +69,9 @@ typedef struct {
 /*
  * AmPool: open connections to relays, kept for reuse between copies as
  * Postfix's connection cache does: at most @max_idle idle connections
- * per relay, RSET between messages, closed after @idle_ms unused or
- * when the relay's configuration changed.  Thread-safe; a connection is
+ * per relay, RSET before a message on one idle longer than
+ * check_after (see am_pool_set_check_after), closed after @idle_ms
+ * unused or when the relay's configuration changed.  Thread-safe; a connection is
  * used by one copy at a time.  @max_idle 0: no connection is kept.
  * A janitor thread (every signal blocked) closes idle connections.
  * (transfer full)

@@ -97,7 +97,8 @@ struct AmRunner {
 	guint scan_ms;    /* scan interval */
 	gboolean scanned; /* the first scan is done */
 	GMutex lock;      /* guards everything below */
-	GCond cond;       /* a job came due, or stop */
+	GCond cond;       /* workers: a job (re)scheduled, or stop */
+	GCond scan_cond;  /* the scanner: stop */
 	GSequence *due;   /* Job *, by due then id; not busy ones */
 	GHashTable *jobs; /* id -> Job * (owned) */
 	gboolean stopping;
@@ -159,7 +160,10 @@ job_schedule(AmRunner *r, Job *job, gint64 due)
 		g_sequence_remove(job->iter);
 	job->due = due;
 	job->iter = g_sequence_insert_sorted(r->due, job, job_compare, NULL);
-	g_cond_broadcast(&r->cond);
+	/* One worker per job: the others would only wake to find it
+	 * taken.  A worker that is busy looks at the table before it
+	 * waits again, so no job is missed. */
+	g_cond_signal(&r->cond);
 }
 
 /* Called with the lock held. */
@@ -638,7 +642,7 @@ scanner_main(gpointer data)
 		g_mutex_lock(&r->lock);
 		until = g_get_monotonic_time() + r->scan_ms * (gint64)1000;
 		while (!r->stopping && g_get_monotonic_time() < until)
-			g_cond_wait_until(&r->cond, &r->lock, until);
+			g_cond_wait_until(&r->scan_cond, &r->lock, until);
 		if (r->stopping) {
 			g_mutex_unlock(&r->lock);
 			return NULL;
@@ -661,6 +665,7 @@ am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
 	r->memory_max = AM_RUNNER_MEMORY_MAX;
 	g_mutex_init(&r->lock);
 	g_cond_init(&r->cond);
+	g_cond_init(&r->scan_cond);
 	r->due = g_sequence_new(NULL);
 	r->jobs =
 	    g_hash_table_new_full(g_str_hash, g_str_equal, NULL, job_free);
@@ -762,6 +767,7 @@ am_runner_stop(AmRunner *runner)
 	g_mutex_lock(&runner->lock);
 	runner->stopping = TRUE;
 	g_cond_broadcast(&runner->cond);
+	g_cond_broadcast(&runner->scan_cond);
 	g_mutex_unlock(&runner->lock);
 
 	g_thread_join(runner->scanner);
@@ -772,5 +778,6 @@ am_runner_stop(AmRunner *runner)
 	g_hash_table_unref(runner->jobs);
 	g_mutex_clear(&runner->lock);
 	g_cond_clear(&runner->cond);
+	g_cond_clear(&runner->scan_cond);
 	g_free(runner);
 }

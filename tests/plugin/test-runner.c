@@ -871,6 +871,33 @@ test_kick_copy_restart(void)
 	fixture_tear_down(&f);
 }
 
+/*
+ * A kick while one worker is busy with a slow relay is taken by the
+ * other worker at once: each job wakes a worker of its own.
+ */
+static void
+test_kick_while_busy(void)
+{
+	Fixture f = {0};
+	gint64 start;
+
+	fixture_set_up(&f, "on DOT /slow/ delay 2500 250 2.0.0 ok");
+	set_context(&f, "5d");
+	start_runner(&f, 60000);
+	g_usleep(100000);
+	put_kick_copy(&f, "am1.slow", "Subject: slow\r\n\r\nslow\r\n");
+	g_usleep(300000); /* the first worker waits for the slow DOT */
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 0);
+	start = g_get_monotonic_time();
+	put_kick_copy(&f, "am1.fast", BODY);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 1, 2000));
+	g_assert_cmpint(g_get_monotonic_time() - start, <, 2000 * 1000);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 2);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 2, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 0));
+	fixture_tear_down(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -891,5 +918,6 @@ main(int argc, char **argv)
 	g_test_add_func("/runner/kick-copy-memory", test_kick_copy_memory);
 	g_test_add_func("/runner/kick-copy-over-cap", test_kick_copy_over_cap);
 	g_test_add_func("/runner/kick-copy-restart", test_kick_copy_restart);
+	g_test_add_func("/runner/kick-while-busy", test_kick_while_busy);
 	return g_test_run();
 }
