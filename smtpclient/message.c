@@ -176,6 +176,16 @@ smtp_message_describe_files(const SmtpMessage *msg)
 	return g_string_free(names, names->len == 0);
 }
 
+gboolean
+smtp_message_in_memory(const SmtpMessage *msg)
+{
+	for (guint i = 0; i < msg->segments->len; i++) {
+		if (g_array_index(msg->segments, Segment, i).fd >= 0)
+			return FALSE;
+	}
+	return TRUE;
+}
+
 /* Walk one file segment in blocks read with pread(). */
 static gboolean
 foreach_file_block(const Segment *seg, guint8 *buf, SmtpBlockFunc func,

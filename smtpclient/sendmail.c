@@ -305,6 +305,26 @@ envelope_clear(Envelope *env)
 }
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(Envelope, envelope_clear)
 
+/* One job on its way: its envelope and the options it could not send. */
+typedef struct {
+	SmtpJob *job;
+	Envelope env;
+	GPtrArray *dropped; /* char * */
+	GByteArray *data;   /* the message encoded ahead, end marker
+	                     * included (see encode_ahead), or NULL */
+	guint64 encoded;    /* the octets of @data before the marker */
+} Work;
+
+static void
+work_clear(Work *w)
+{
+	envelope_clear(&w->env);
+	g_clear_pointer(&w->dropped, g_ptr_array_unref);
+	if (w->data != NULL)
+		g_byte_array_unref(w->data);
+	memset(w, 0, sizeof(*w));
+}
+
 /* The stage of command @i of @env: 0 is MAIL, the last is DATA. */
 static const char *
 stage_of(const Envelope *env, guint i)
@@ -571,7 +591,7 @@ pipelined(Envelope *env, GError **error)
 }
 
 typedef struct {
-	SmtpClient *client;
+	SmtpClient *client; /* NULL: keep it all in @out (encode_ahead) */
 	SmtpEncoder enc;
 	GByteArray *out; /* encoded, not yet written */
 	guint64 encoded; /* octets the encoder gave so far */
@@ -585,7 +605,7 @@ write_block(const guint8 *data, gsize len, gpointer user_data, GError **error)
 
 	smtp_encoder_feed(&w->enc, data, len, w->out);
 	w->encoded += w->out->len - old;
-	if (w->out->len < SMTP_MESSAGE_BLOCK)
+	if (w->client == NULL || w->out->len < SMTP_MESSAGE_BLOCK)
 		return TRUE;
 	if (!smtp_client_write_data(w->client, w->out->data, w->out->len,
 	                            error))
@@ -611,46 +631,92 @@ set_changed_error(SmtpMessage *msg, guint64 counted, guint64 sent,
 }
 
 /*
- * The message, encoded, then the end marker and its reply.  Any failure
- * before the end marker drops the connection without it: half a message
- * is on the wire and DATA cannot be taken back, and a "." after a
- * truncated or changed message would have it delivered as if whole.
+ * Encode the message of @w whole, end marker included, into w->data,
+ * while the server is still busy with the message before it: after the
+ * write that ends that one, the reply to it takes the server a round
+ * trip, and encoding now takes the work off the path from the 354 to
+ * our next write.  Only for a message all in memory, which cannot
+ * change meanwhile (a file is read in its turn, so that a change is
+ * caught), and of at most one block, so that it costs no more memory
+ * than sending it does.
+ */
+static void
+encode_ahead(Work *w)
+{
+	SmtpMessage *msg = w->job->msg;
+	guint64 size = smtp_message_get_size(msg);
+	DataWriter dw = {.client = NULL};
+
+	if (w->data != NULL || size > SMTP_MESSAGE_BLOCK ||
+	    !smtp_message_in_memory(msg))
+		return;
+	dw.out = g_byte_array_sized_new(2 * size + 8);
+	smtp_encoder_init(&dw.enc);
+
+	/* Memory segments cannot fail to be read */
+	if (!smtp_message_foreach_block(msg, write_block, &dw, NULL)) {
+		g_byte_array_unref(dw.out);
+		return;
+	}
+	w->encoded = dw.encoded + smtp_encoder_finish_count(&dw.enc);
+	smtp_encoder_finish(&dw.enc, dw.out);
+	w->data = dw.out;
+}
+
+/*
+ * The message of @w, encoded (or as encode_ahead left it), then the end
+ * marker and its reply.  Any failure before the end marker drops the
+ * connection without it: half a message is on the wire and DATA cannot
+ * be taken back, and a "." after a truncated or changed message would
+ * have it delivered as if whole.
  *
- * @next, when not NULL, is the next message's envelope: its commands go
- * out in the same write as the end marker (RFC 2920 section 3.1 lets
- * message data open a group), and next->sent says whether they did.
- * Its replies then follow the reply to the end marker, so no RSET may
- * come between: none is needed either, as the end of data closes the
- * transaction whatever its reply (RFC 5321 section 4.1.1.4).
+ * @next, when not NULL, is the next message's work, its envelope built:
+ * its commands go out in the same write as the end marker (RFC 2920
+ * section 3.1 lets message data open a group), and next->env.sent says
+ * whether they did.  Its replies then follow the reply to the end
+ * marker, so no RSET may come between: none is needed either, as the
+ * end of data closes the transaction whatever its reply (RFC 5321
+ * section 4.1.1.4).  While the server takes in this message, the next
+ * one is encoded.
  */
 static gboolean
-send_data(SmtpClient *client, SmtpMessage *msg, guint64 wire_size,
-          Envelope *next, SmtpReply *final, GError **error)
+send_data(SmtpClient *client, Work *w, Work *next, SmtpReply *final,
+          GError **error)
 {
-	g_autoptr(GByteArray) out = NULL;
-	DataWriter w = {.client = client};
-	guint64 total;
+	g_autoptr(GByteArray) out = g_steal_pointer(&w->data);
+	SmtpMessage *msg = w->job->msg;
+	guint64 wire_size = w->env.wire_size;
+	guint64 total = w->encoded;
 
-	out = g_byte_array_sized_new(2 * SMTP_MESSAGE_BLOCK + 8);
-	w.out = out;
-	smtp_encoder_init(&w.enc);
-	if (!smtp_message_foreach_block(msg, write_block, &w, error)) {
-		smtp_client_drop(client);
-		return FALSE;
+	/* Step 1: the message, encoded, unless it was ahead of time */
+	if (out == NULL) {
+		DataWriter dw = {.client = client};
+
+		out = g_byte_array_sized_new(2 * SMTP_MESSAGE_BLOCK + 8);
+		dw.out = out;
+		smtp_encoder_init(&dw.enc);
+		if (!smtp_message_foreach_block(msg, write_block, &dw, error)) {
+			smtp_client_drop(client);
+			return FALSE;
+		}
+		total = dw.encoded + smtp_encoder_finish_count(&dw.enc);
+		smtp_encoder_finish(&dw.enc, out);
 	}
-	total = w.encoded + smtp_encoder_finish_count(&w.enc);
 	if (wire_size != G_MAXUINT64 && total != wire_size) {
 		set_changed_error(msg, wire_size, total, error);
 		smtp_client_drop(client);
 		return FALSE;
 	}
-	smtp_encoder_finish(&w.enc, out);
+
+	/* Step 2: its end, with the next envelope behind */
 	if (next != NULL)
-		append_group(out, next, 0, next->lines->len);
+		append_group(out, &next->env, 0, next->env.lines->len);
 	if (!smtp_client_write_data(client, out->data, out->len, error))
 		return FALSE;
-	if (next != NULL)
-		next->sent = TRUE;
+	if (next != NULL) {
+		next->env.sent = TRUE;
+		encode_ahead(next);
+	}
 
 	/* A silent server or a closed socket here is never a success:
 	 * the message may or may not have been taken. */
@@ -676,21 +742,6 @@ can_pipeline(SmtpClient *client)
 /* ------------------------------------------------------------------ */
 /* Jobs: one message each, one after the other                          */
 /* ------------------------------------------------------------------ */
-
-/* One job on its way: its envelope and the options it could not send. */
-typedef struct {
-	SmtpJob *job;
-	Envelope env;
-	GPtrArray *dropped; /* char * */
-} Work;
-
-static void
-work_clear(Work *w)
-{
-	envelope_clear(&w->env);
-	g_clear_pointer(&w->dropped, g_ptr_array_unref);
-	memset(w, 0, sizeof(*w));
-}
 
 /*
  * Everything before the first command of @job: the input checks (so
@@ -753,14 +804,14 @@ work_end(Work *w, SmtpResult *result, GError *error)
  * is forgotten: the job is then started afresh in its turn, and its
  * error, if any, raised there, as if it had never been looked at.
  */
-static Envelope *
+static Work *
 look_ahead(SmtpClient *client, SmtpJob *next_job, Work *ahead)
 {
 	if (next_job == NULL || !can_pipeline(client))
 		return NULL;
 	if (work_start(ahead, client, next_job, FALSE, NULL) &&
 	    ahead->env.lines->len <= PIPELINE_GROUP)
-		return &ahead->env;
+		return ahead;
 	work_clear(ahead);
 	return NULL;
 }
@@ -785,9 +836,8 @@ transaction(SmtpClient *client, Work *w, SmtpJob *next_job, Work *ahead,
 
 	/* Step 2: the message and the reply to its end. */
 	result = g_new0(SmtpResult, 1);
-	if (!send_data(client, w->job->msg, w->env.wire_size,
-	               look_ahead(client, next_job, ahead), &result->reply,
-	               error))
+	if (!send_data(client, w, look_ahead(client, next_job, ahead),
+	               &result->reply, error))
 		return NULL;
 	return g_steal_pointer(&result);
 }

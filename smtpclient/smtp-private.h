@@ -248,6 +248,10 @@ SmtpMessageKind smtp_message_get_kind(const SmtpMessage *msg);
  * it has none.  (transfer full) */
 char *smtp_message_describe_files(const SmtpMessage *msg);
 
+/* Whether @msg is all in memory: no file segment, nothing that can
+ * change between two reads. */
+gboolean smtp_message_in_memory(const SmtpMessage *msg);
+
 /*
  * smtp_message_check_text: for TEXT messages, check the charset:
  * ASCII, or UTF-8 when @utf8_ok.  BYTES always pass.

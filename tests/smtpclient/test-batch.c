@@ -13,6 +13,9 @@
  */
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
+
+#include <glib/gstdio.h>
 
 #include "test-common.h"
 
@@ -448,6 +451,100 @@ test_input_errors(void)
 	jobs_clear(jobs, 3);
 }
 
+/*
+ * Messages after the first of a batch are encoded while the server
+ * takes in the one before (small ones in memory only).  Whatever was
+ * encoded ahead or in line, each must reach the server exactly as it
+ * would alone: lone CR and LF made CRLF, leading dots doubled, a last
+ * line without CRLF ended; a job whose envelope is refused drops what
+ * was encoded for it, and the one after it is still right.
+ */
+static void
+test_encoded_ahead(void)
+{
+	static const char *const raw[] = {
+	    "first\r\n",
+	    ".dot\nlone lf\rlone cr\r\n..two\n. end",
+	    NULL, /* large: over one block, encoded in line */
+	    "refused at RCPT\n.\n",
+	    "\rfile\n.x",
+	    "last\n"};
+	static const char *const wire[] = {
+	    "first\r\n.\r\n",
+	    "..dot\r\nlone lf\r\nlone cr\r\n...two\r\n.. end\r\n.\r\n",
+	    NULL,
+	    NULL,
+	    "\r\nfile\r\n..x\r\n.\r\n",
+	    "last\r\n.\r\n"};
+	const guint n = G_N_ELEMENTS(raw);
+	SmtpRecipient to[G_N_ELEMENTS(raw)];
+	SmtpJob jobs[G_N_ELEMENTS(raw)];
+	g_autoptr(GString) big = g_string_new(NULL);
+	g_autoptr(GString) big_wire = g_string_new(NULL);
+	g_autofree char *path = NULL;
+	Fixture f;
+	int fd;
+
+	/* The large one: lines with leading dots, over 64 KiB */
+	while (big->len < 100 * 1024) {
+		g_string_append(big, ".line\n");
+		g_string_append(big_wire, "..line\r\n");
+	}
+	g_string_append(big_wire, ".\r\n");
+
+	/* The fifth from a file, which is never read ahead */
+	fd = g_file_open_tmp("batch-ahead-XXXXXX", &path, NULL);
+	g_assert_cmpint(fd, >=, 0);
+	g_assert_cmpint(write(fd, raw[4], strlen(raw[4])), ==, strlen(raw[4]));
+	for (guint i = 0; i < n; i++) {
+		to[i] = (SmtpRecipient){i == 3 ? "no@x.example" : "a@x.example",
+		                        NULL};
+		jobs[i] = (SmtpJob){"s@example.org",
+		                    NULL,
+		                    &to[i],
+		                    1,
+		                    smtp_message_new(SMTP_MESSAGE_BYTES),
+		                    NULL,
+		                    NULL};
+		if (i == 2)
+			smtp_message_append_data(jobs[i].msg, big->str,
+			                         big->len);
+		else if (i == 4)
+			g_assert_true(smtp_message_append_fd(jobs[i].msg, fd, 0,
+			                                     -1, NULL));
+		else
+			smtp_message_append_data(jobs[i].msg, raw[i],
+			                         strlen(raw[i]));
+	}
+	close(fd);
+
+	fixture_start(&f,
+	              PIPE_KEYWORDS "on RCPT /no@/ reply 550 5.1.1 unknown\n",
+	              &limits);
+	smtp_client_send_batch(f.client, jobs, n);
+	for (guint i = 0, m = 0; i < n; i++) {
+		const FakeSmtpMessage *got;
+		const char *want = i == 2 ? big_wire->str : wire[i];
+
+		if (i == 3) {
+			g_assert_error(jobs[i].error, SMTP_ERROR,
+			               SMTP_ERROR_RECIPIENTS_REFUSED);
+			continue;
+		}
+		g_assert_no_error(jobs[i].error);
+		g_assert_true(fake_smtp_wait_messages(f.fake, m + 1, 2000));
+		got = fake_smtp_get_message(f.fake, m++);
+		g_assert_cmpmem(g_bytes_get_data(got->wire, NULL),
+		                g_bytes_get_size(got->wire), want,
+		                strlen(want));
+	}
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, n - 1);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+	fixture_tear_down(&f, NULL);
+	jobs_clear(jobs, n);
+	g_unlink(path);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -460,6 +557,7 @@ main(int argc, char **argv)
 	g_test_add_func("/smtpclient/batch/many-recipients",
 	                test_many_recipients);
 	g_test_add_func("/smtpclient/batch/empty", test_empty);
+	g_test_add_func("/smtpclient/batch/encoded-ahead", test_encoded_ahead);
 	g_test_add_func("/smtpclient/batch/input-errors", test_input_errors);
 	for (guint i = 0; i < G_N_ELEMENTS(fail_cases); i++) {
 		g_autofree char *path = g_strdup_printf(
