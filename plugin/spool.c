@@ -51,18 +51,12 @@
  * directory after a rename is shared (group commit, see DirSync): puts
  * running at once wait for one fsync that began after their renames.
  *
- * A confirmed copy's file is not unlinked but kept in tmp/ (when small)
- * and written again for a new copy (see recycle()): no inode is freed
- * and allocated per copy.
- *
  * Known limits: XXX: still one fsync of each file, and one fsync of
  * queue/ per group of concurrent puts.  XXX: a put of an id already in
  * queue/ replaces that file; ids are unique per copy, so only a
- * caller's bug can do it.  XXX: recycled files hold up to 16 MiB in tmp/,
- * counted as used against spool_min_free.  XXX: the envelope is
- * written before the copy and its digest patched in after (three
- * writes, not one writev), since the digest is known only once the
- * copy is written.
+ * caller's bug can do it.  XXX: the envelope is written before the
+ * copy and its digest patched in after (three writes, not one writev),
+ * since the digest is known only once the copy is written.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -79,7 +73,6 @@
 #include "spool.h"
 
 #define SPOOL_MAGIC      "archive-milter-spool"
-#define RECYCLED_PREFIX  ".recycled." /* in tmp/, see recycle() */
 #define STATE_MAGIC      "archive-milter-state"
 #define STATE_VERSION    1
 #define SPOOL_HEADER_MAX (64 * 1024) /* octets of envelope we read */
@@ -125,9 +118,6 @@ struct AmSpool {
 	DirSync sync[4];  /* group commit, per subdirectory */
 	AmSpoolFsyncHook fsync_hook; /* tests: instead of fsync(); NULL */
 	gpointer fsync_hook_data;
-	GMutex recycle_lock;
-	GPtrArray *recycled; /* names in tmp/ of files to write again */
-	guint recycle_seq;   /* for their names */
 };
 
 enum { SUB_TMP, SUB_QUEUE, SUB_HOLD, SUB_STATE };
@@ -504,9 +494,7 @@ remove_leftovers(AmSpool *spool)
 					continue;
 			}
 			p = path_of(spool, sub, name);
-			/* A recycled file (see recycle()) is no news. */
-			if (unlinkat(spool->sub_fd[sub], name, 0) == 0 &&
-			    !g_str_has_prefix(name, RECYCLED_PREFIX))
+			if (unlinkat(spool->sub_fd[sub], name, 0) == 0)
 				am_log_info("spool: removed leftover %s", p);
 		}
 		if (d != NULL)
@@ -530,8 +518,6 @@ am_spool_open_full(const char *dir, guint64 min_free, AmSpoolOpenFlags flags,
 		name[--len] = '\0';
 	spool->dir = g_strdup(dir);
 	spool->min_free = min_free;
-	g_mutex_init(&spool->recycle_lock);
-	spool->recycled = g_ptr_array_new_with_free_func(g_free);
 	spool->lock_fd = -1;
 	spool->dir_fd = -1;
 	for (guint i = 0; i < G_N_ELEMENTS(spool->sub_fd); i++) {
@@ -598,8 +584,6 @@ am_spool_close(AmSpool *spool)
 	}
 	if (spool->dir_fd >= 0)
 		close(spool->dir_fd);
-	g_mutex_clear(&spool->recycle_lock);
-	g_ptr_array_unref(spool->recycled);
 	g_free(spool->dir);
 	g_free(spool);
 }
@@ -746,116 +730,22 @@ seal(int fd, gsize digest_at, GChecksum *sum, const char *path, GError **error)
 	return TRUE;
 }
 
-/*
- * A file of tmp/ to write a copy into, its name in *@name: a recycled
- * one (a confirmed copy's file, see recycle()) emptied, else a new one
- * named @id.  Recycling spares the file system an inode allocation and
- * a free per copy; ext4 without a journal skips every inode freed in
- * the last seconds when it allocates one, which grows with the rate of
- * copies and was the largest cost of a put.  -1 with @error.
- */
-static int
-open_tmp(AmSpool *spool, const char *id, char **name, GError **error)
-{
-	g_autofree char *path = NULL;
-	int fd;
-
-	for (;;) {
-		char *old = NULL;
-
-		g_mutex_lock(&spool->recycle_lock);
-		if (spool->recycled->len > 0)
-			old = g_ptr_array_steal_index_fast(
-			    spool->recycled, spool->recycled->len - 1);
-		g_mutex_unlock(&spool->recycle_lock);
-		if (old == NULL)
-			break;
-		/* Non-blocking: only our files are in tmp/, but a FIFO
-		 * put there must not hang a put. */
-		fd = openat(spool->sub_fd[SUB_TMP], old,
-		            O_WRONLY | O_TRUNC | O_NOFOLLOW | O_NONBLOCK |
-		                O_CLOEXEC);
-		if (fd >= 0) {
-			*name = old;
-			return fd;
-		}
-		/* Gone or unusable: forget it, take another. */
-		unlinkat(spool->sub_fd[SUB_TMP], old, 0);
-		g_free(old);
-	}
-	fd = openat(spool->sub_fd[SUB_TMP], id,
-	            O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	if (fd >= 0) {
-		*name = g_strdup(id);
-		return fd;
-	}
-	path = path_of(spool, SUB_TMP, id);
-	set_errno_error(error, errno, "cannot create", path);
-	return -1;
-}
-
-/*
- * The file of confirmed copy @id in queue/ becomes a recycled file of
- * tmp/ (renamed, not unlinked) for open_tmp(), while there are fewer
- * than RECYCLE_MAX and it is at most RECYCLE_SIZE_MAX octets (so that
- * they hold at most 16 MiB of disk): FALSE when it was not (no room,
- * too big, not ours to recycle: only the daemon that owns tmp/ does;
- * errno 0), or on an error with errno set (ENOENT: no such copy in
- * queue/).
- */
-#define RECYCLE_MAX      256
-#define RECYCLE_SIZE_MAX (64 * 1024)
-
+/* Write @head and @msg to tmp/@name (new), seal, fsync and close it. */
 static gboolean
-recycle(AmSpool *spool, const char *id)
-{
-	struct stat st;
-	char *name;
-
-	if (!spool->owner) {
-		errno = 0;
-		return FALSE;
-	}
-	if (fstatat(spool->sub_fd[SUB_QUEUE], id, &st, AT_SYMLINK_NOFOLLOW) !=
-	    0)
-		return FALSE;
-	if (!S_ISREG(st.st_mode) || st.st_size > RECYCLE_SIZE_MAX) {
-		errno = 0;
-		return FALSE;
-	}
-	g_mutex_lock(&spool->recycle_lock);
-	if (spool->recycled->len >= RECYCLE_MAX) {
-		g_mutex_unlock(&spool->recycle_lock);
-		errno = 0;
-		return FALSE;
-	}
-	name = g_strdup_printf(RECYCLED_PREFIX "%u", spool->recycle_seq++);
-	g_mutex_unlock(&spool->recycle_lock);
-	if (renameat(spool->sub_fd[SUB_QUEUE], id, spool->sub_fd[SUB_TMP],
-	             name) != 0) {
-		g_free(name);
-		return FALSE;
-	}
-	g_mutex_lock(&spool->recycle_lock);
-	g_ptr_array_add(spool->recycled, name);
-	g_mutex_unlock(&spool->recycle_lock);
-	return TRUE;
-}
-
-/* Write @head and @msg to tmp/ (a name of open_tmp()'s, in *@name),
- * seal, fsync and close it. */
-static gboolean
-write_file(AmSpool *spool, const char *id, char **name, const GString *head,
+write_file(AmSpool *spool, const char *name, const GString *head,
            gsize digest_at, SmtpMessage *msg, GError **error)
 {
-	g_autofree char *path = NULL;
+	g_autofree char *path = path_of(spool, SUB_TMP, name);
 	g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
-	int fd = open_tmp(spool, id, name, error);
+	int fd =
+	    openat(spool->sub_fd[SUB_TMP], name,
+	           O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	gboolean ok;
 
-	if (fd < 0)
+	if (fd < 0) {
+		set_errno_error(error, errno, "cannot create", path);
 		return FALSE;
-	path = path_of(spool, SUB_TMP, *name);
+	}
 	ok = write_all(fd, head->str, head->len, path, error) &&
 	     write_raw(msg, fd, sum, path, error) &&
 	     seal(fd, digest_at, sum, path, error);
@@ -883,7 +773,6 @@ am_spool_put(AmSpool *spool, const AmSpoolEntry *entry, SmtpMessage *msg,
 	g_autoptr(GString) head = NULL;
 	g_autofree char *state_tmp = NULL;
 	g_autofree char *dest = NULL;
-	g_autofree char *tmp = NULL;
 	g_autoptr(GError) local = NULL;
 	int sub = sub_of_state(state);
 	guint64 size;
@@ -911,18 +800,17 @@ am_spool_put(AmSpool *spool, const AmSpoolEntry *entry, SmtpMessage *msg,
 	/* Step 2: the file, complete and on disk, under a name nobody
 	 * reads. */
 	dest = path_of(spool, sub, entry->id);
-	if (!write_file(spool, entry->id, &tmp, head, digest_at, msg, error)) {
-		if (tmp != NULL)
-			unlinkat(spool->sub_fd[SUB_TMP], tmp, 0);
+	if (!write_file(spool, entry->id, head, digest_at, msg, error)) {
+		unlinkat(spool->sub_fd[SUB_TMP], entry->id, 0);
 		goto fail;
 	}
 
 	/* Step 3: into place, and the directory entry on disk too; only
 	 * then may the caller answer the MTA for this copy. */
-	if (renameat(spool->sub_fd[SUB_TMP], tmp, spool->sub_fd[sub],
+	if (renameat(spool->sub_fd[SUB_TMP], entry->id, spool->sub_fd[sub],
 	             entry->id) != 0) {
 		set_errno_error(error, errno, "cannot rename into", dest);
-		unlinkat(spool->sub_fd[SUB_TMP], tmp, 0);
+		unlinkat(spool->sub_fd[SUB_TMP], entry->id, 0);
 		goto fail;
 	}
 	if (!fsync_sub(spool, sub, error)) {
@@ -1619,10 +1507,6 @@ am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
 	 * every address.  A copy withdrawn by the milter may have been
 	 * held at once. */
 	for (guint i = 0; i < G_N_ELEMENTS(subs); i++) {
-		if (subs[i] == SUB_QUEUE && recycle(spool, id))
-			break;
-		if (subs[i] == SUB_QUEUE && errno == ENOENT)
-			continue;
 		if (unlinkat(spool->sub_fd[subs[i]], id, 0) == 0)
 			break;
 		if (errno != ENOENT) {

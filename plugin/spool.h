@@ -7,8 +7,7 @@
  * owned by the process's effective uid, mode 0700):
  *
  *   tmp/ID     being written; never read; removed at the daemon's
- *              start; also the files of confirmed copies, kept
- *              (".recycled.N") to be written again for new copies
+ *              start
  *   queue/ID   waiting for (re)delivery by a worker
  *   hold/ID    refused for good or too old: kept for an administrator
  *   state/ID   retry state of a copy (attempts, next attempt, last

@@ -649,78 +649,6 @@ test_full_floor(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(count_files(f, "state"), ==, 0);
 }
 
-static ino_t
-inode_of(Fixture *f, const char *sub, const char *name)
-{
-	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
-	struct stat st;
-
-	g_assert_cmpint(lstat(path, &st), ==, 0);
-	return st.st_ino;
-}
-
-/*
- * A confirmed copy's file is kept in tmp/ and written again for the
- * next copy (no inode freed and allocated per copy): the new copy is
- * whole and only itself, however long the old one was; a second daemon
- * that does not own the spool never recycles; the daemon's next start
- * removes what is left in tmp/.
- */
-static void
-test_recycle(Fixture *f, gconstpointer data)
-{
-	g_autoptr(AmSpool) spool = open_spool(f, 0);
-	g_autoptr(GString) big = g_string_new("Subject: big\r\n\r\n");
-	g_autoptr(AmSpoolEntry) got = NULL;
-	g_autoptr(SmtpMessage) msg = NULL;
-	g_autoptr(SmtpMessage) want = message_of(BODY);
-	g_autoptr(GError) error = NULL;
-	g_autoptr(GBytes) a = NULL;
-	g_autoptr(GBytes) b = NULL;
-	AmSpoolEntry e1 = entry_for("am1.first", 100);
-	AmSpoolEntry e2 = entry_for("am1.second", 100);
-	ino_t ino;
-
-	(void)data;
-	for (guint i = 0; i < 2000; i++)
-		g_string_append(big, "a long line of the first copy\r\n");
-	put(spool, &e1, AM_SPOOL_QUEUED, big->str);
-	ino = inode_of(f, "queue", "am1.first");
-	g_assert_true(am_spool_remove(spool, "am1.first", &error));
-	g_assert_cmpuint(count_files(f, "queue"), ==, 0);
-	g_assert_cmpuint(count_files(f, "tmp"), ==, 1);
-
-	put(spool, &e2, AM_SPOOL_QUEUED, BODY);
-	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
-	g_assert_cmpuint(inode_of(f, "queue", "am1.second"), ==, ino);
-	got = am_spool_get(spool, "am1.second", &error);
-	g_assert_no_error(error);
-	g_assert_cmpuint(got->size, ==, strlen(BODY));
-	msg = am_spool_message(spool, got, &error);
-	g_assert_no_error(error);
-	a = raw_of(msg);
-	b = raw_of(want);
-	g_assert_true(g_bytes_equal(a, b));
-
-	/* A second daemon on the same spool leaves tmp/ to the first. */
-	{
-		g_autoptr(AmSpool) other = open_spool(f, 0);
-
-		g_assert_false(am_spool_is_exclusive(other));
-		g_assert_true(am_spool_remove(other, "am1.second", &error));
-		g_assert_cmpuint(count_files(f, "queue"), ==, 0);
-		g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
-	}
-
-	/* Left in tmp/ at a stop: removed at the next start. */
-	put(spool, &e1, AM_SPOOL_QUEUED, BODY);
-	g_assert_true(am_spool_remove(spool, "am1.first", &error));
-	g_assert_cmpuint(count_files(f, "tmp"), ==, 1);
-	g_clear_pointer(&spool, am_spool_close);
-	spool = open_spool(f, 0);
-	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
-}
-
 /* In a child of its own, with a mount namespace of its own, so that
  * the small tmpfs never shows outside.  Exit 77: cannot mount. */
 static int
@@ -1337,7 +1265,6 @@ main(int argc, char **argv)
 	ADD("/spool/put/refuses-control", test_put_refuses_control);
 	ADD("/spool/put/held-with-reason", test_put_held_with_reason);
 	ADD("/spool/put/full-floor", test_full_floor);
-	ADD("/spool/put/recycle", test_recycle);
 	ADD("/spool/put/threads", test_threads);
 	ADD("/spool/put/group-commit", test_group_commit);
 	ADD("/spool/put/group-commit-fails", test_group_commit_fails);
