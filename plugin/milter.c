@@ -763,6 +763,17 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
 /* Sessions                                                             */
 /* ------------------------------------------------------------------ */
 
+/*
+ * The session of a connection, made at negotiation.  XXX: after
+ * SMFIC_QUIT_NC (another SMTP session on the same milter connection;
+ * Postfix 3.7 never sends it, it opens a new connection) libmilter calls
+ * xxfi_close, which frees the session, and then xxfi_connect without a
+ * new negotiation: the new session does not know the NR flags or
+ * SMFIP_HDR_LEADSPC.  Still safe: its callbacks answer continue, which
+ * libmilter turns into no reply (logging each as a broken promise), and
+ * failures still wait for the end of message; but the capture then
+ * puts back a space after each colon that the MTA did not remove.
+ */
 static AmSession *
 session_get(SMFICTX *mctx)
 {
