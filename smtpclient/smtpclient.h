@@ -452,7 +452,11 @@ typedef struct {
  * follows (none is needed, RFC 5321 section 4.1.1.4: the end of data
  * closes the transaction), and if the connection is lost there, the
  * next job is started again from scratch on a new connection; the
- * server cannot have delivered it, as its data never went out.
+ * server cannot have delivered it, as its data never went out.  While
+ * the server takes in the current message, the next one is encoded,
+ * when it is all in memory and at most 64 KiB (one more encoded
+ * message held, at most 128 KiB): that work is then off the path from
+ * the 354 to the data.  A message with file parts is read in its turn.
  *
  * Every job's result and error fields are overwritten; free each with
  * smtp_result_free() and g_error_free().
