@@ -27,7 +27,8 @@
  * after the replies to the one before: the client reads no reply while
  * it writes, so an unbounded group could fill both ends' buffers.
  * XXX: a file segment that changes between the SIZE count and the send
- * is caught only when its encoded size changes (or it shrinks); a change
+ * is caught only when its encoded size changes, it shrinks, or (a
+ * segment to the end of its file) it grows; a change
  * that keeps the size (an edit in place) goes out as it is read.  A
  * checksum would need a third read of the file.
  * XXX: BODY=BINARYMIME needs BDAT (CHUNKING), which this client does

@@ -913,6 +913,7 @@ typedef struct {
 	Fixture *f;
 	int fd;
 	gboolean shrink; /* else: same size, lone LFs instead of text */
+	gboolean grow;   /* else: as @shrink says */
 } Mutator;
 
 static gpointer
@@ -924,7 +925,9 @@ mutate_after_mail(gpointer data)
 	while (count_commands(m->f, "MAIL") == 0 &&
 	       g_get_monotonic_time() < give_up)
 		g_usleep(1000);
-	if (m->shrink) {
+	if (m->grow) {
+		g_assert_cmpint(pwrite(m->fd, "more\r\n", 6, 300000), ==, 6);
+	} else if (m->shrink) {
 		g_assert_cmpint(ftruncate(m->fd, 1000), ==, 0);
 	} else {
 		g_autofree char *lf = g_strnfill(4096, '\n');
@@ -935,7 +938,7 @@ mutate_after_mail(gpointer data)
 }
 
 static void
-run_changed_file(Fixture *f, gboolean shrink)
+run_changed_file(Fixture *f, gboolean shrink, gboolean grow)
 {
 	static const char *const rcpts[] = {"a@x.example", NULL};
 	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
@@ -944,7 +947,7 @@ run_changed_file(Fixture *f, gboolean shrink)
 	g_autoptr(GBytes) received = NULL;
 	g_autofree char *path = NULL, *head = g_strnfill(200000, 'h');
 	g_autofree char *body = g_strnfill(300000, 'b');
-	Mutator m = {f, -1, shrink};
+	Mutator m = {f, -1, shrink, grow};
 	GThread *thread;
 	const char *wire;
 	gsize len;
@@ -985,14 +988,24 @@ static void
 test_file_shrank_in_send(Fixture *f, gconstpointer data)
 {
 	(void)data;
-	run_changed_file(f, TRUE);
+	run_changed_file(f, TRUE, FALSE);
 }
 
 static void
 test_file_changed_in_send(Fixture *f, gconstpointer data)
 {
 	(void)data;
-	run_changed_file(f, FALSE);
+	run_changed_file(f, FALSE, FALSE);
+}
+
+/* A file appended "to its end" that grows before it is sent: sent cut
+ * at its old end, it would look whole to the server.  INPUT, no end
+ * marker (break3 finding 3). */
+static void
+test_file_grew_in_send(Fixture *f, gconstpointer data)
+{
+	(void)data;
+	run_changed_file(f, FALSE, TRUE);
 }
 
 /* The server closes in the middle of the data: never a success. */
@@ -1234,6 +1247,8 @@ main(int argc, char **argv)
 	    test_file_shrank_in_send);
 	ADD("file-changed-in-send", "on MAIL delay 500 250 2.1.0 Ok",
 	    test_file_changed_in_send);
+	ADD("file-grew-in-send", "on MAIL delay 500 250 2.1.0 Ok",
+	    test_file_grew_in_send);
 	g_test_add_func("/smtpclient/sendmail/connect/refused",
 	                test_connect_refused);
 	g_test_add_func("/smtpclient/sendmail/connect/unresolvable",
