@@ -412,6 +412,11 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpResult, smtp_result_free)
  * and HELO the reply stream cannot be trusted: the connection is closed
  * and the next call connects again.  A connect time-out is CONNECT
  * (stage "connect"): to the caller the relay is simply unreachable.
+ * A reply of a class its command cannot have (1xx or 3xx to MAIL, RCPT
+ * or the end of data; 1xx or 2xx to DATA) is no refusal but the stream
+ * out of step: PROTOCOL "replies out of step" (temporary), at the stage
+ * of that command, with that reply, and no refused recipients; the
+ * connection is closed without RSET.
  */
 SmtpResult *smtp_client_sendmail(SmtpClient *client, const char *from,
                                  const char *const *recipients,
@@ -464,7 +469,21 @@ typedef struct {
  * follows (none is needed, RFC 5321 section 4.1.1.4: the end of data
  * closes the transaction), and if the connection is lost there, the
  * next job is started again from scratch on a new connection; the
- * server cannot have delivered it, as its data never went out.  While
+ * server cannot have delivered it, as its data never went out.
+ *
+ * Two outcomes differ from sending alone, both caused by what the
+ * look-ahead wrote.  When the server answers the end marker and then
+ * closes (a relay that takes one message per connection), the next
+ * job's commands get no reply at all, not even a 421: that job, none
+ * of whose data went out, is started again once on a new connection
+ * (alone, on the old connection, it would fail DISCONNECTED at "mail").
+ * A timeout, a 421 or any reply to its commands is not retried.  And
+ * when the server sends one reply too many after the end marker, the
+ * next job's replies come shifted: the first whose class does not fit
+ * its command makes it PROTOCOL "replies out of step" (see
+ * smtp_client_sendmail), the connection is dropped without RSET, and
+ * the job after it starts on a new connection (alone, the stray reply
+ * is found before MAIL, also PROTOCOL).  While
  * the server takes in the current message, the next one is encoded,
  * when it is all in memory and at most 64 KiB (one more encoded
  * message held, at most 128 KiB): that work is then off the path from

@@ -229,11 +229,16 @@ static const FailCase fail_cases[] = {
      SMTP_ERROR_RECIPIENTS_REFUSED, "rcpt", 550, FALSE, TRUE, TRUE},
     {"data-refused", "on DATA reply 554 5.5.1 no thanks", SMTP_ERROR_DATA,
      "data", 554, FALSE, TRUE, TRUE},
-    /* A 250 to DATA is the server out of step: temporary, as PROTOCOL */
-    {"data-not-354", "on DATA reply 250 2.0.0 what", SMTP_ERROR_DATA, "data",
-     250, TRUE, TRUE, TRUE},
+    /* A 250 to DATA, a 354 to RCPT or MAIL or to the end of data: the
+     * server out of step, PROTOCOL (temporary), closed without RSET. */
+    {"data-not-354", "on DATA reply 250 2.0.0 what", SMTP_ERROR_PROTOCOL,
+     "data", 250, TRUE, FALSE, FALSE},
     {"rcpt-not-2xx-or-refusal", "on RCPT reply 354 go ahead",
-     SMTP_ERROR_RECIPIENTS_REFUSED, "rcpt", 354, TRUE, TRUE, TRUE},
+     SMTP_ERROR_PROTOCOL, "rcpt", 354, TRUE, FALSE, FALSE},
+    {"mail-354", "on MAIL reply 354 go ahead", SMTP_ERROR_PROTOCOL, "mail", 354,
+     TRUE, FALSE, FALSE},
+    {"dot-354", "on DOT reply 354 go ahead", SMTP_ERROR_PROTOCOL, "end-of-data",
+     354, TRUE, FALSE, FALSE},
     {"dot-refused", "on DOT reply 552 5.3.4 too big", SMTP_ERROR_DATA,
      "end-of-data", 552, FALSE, TRUE, TRUE},
     {"dot-refused-temp", "on DOT reply 451 4.3.0 queue full", SMTP_ERROR_DATA,
