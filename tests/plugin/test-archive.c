@@ -153,6 +153,18 @@ capture(const char *archive_id)
 	return cap;
 }
 
+/* The end-of-message work as cb_eom does it, for an MTA that granted
+ * every action and applied the verdict as it came: decide, settle. */
+static AmVerdict *
+archive(Fixture *f, const AmEnvelope *env, AmCapture *cap)
+{
+	AmVerdict *v = am_milter_archive(f->ctx, env, cap, TRUE);
+
+	am_milter_settle(f->ctx, v);
+	g_assert_null(v->copies);
+	return v;
+}
+
 static AmVerdict *
 archive_one(Fixture *f)
 {
@@ -160,7 +172,7 @@ archive_one(Fixture *f)
 	g_autoptr(AmEnvelope) env = envelope(rcpts);
 	g_autoptr(AmCapture) cap = capture(NULL);
 
-	return am_milter_archive(f->ctx, env, cap);
+	return archive(f, env, cap);
 }
 
 static GPtrArray *
@@ -207,7 +219,7 @@ test_sent(void)
 	gsize len;
 
 	fixture_setup(&f, NULL, "");
-	v = am_milter_archive(f.ctx, env, cap);
+	v = archive(&f, env, cap);
 	g_assert_cmpint(v->action, ==, AM_VERDICT_ACCEPT);
 	g_assert_null(v->rcode);
 	g_assert_cmpuint(v->headers->len, ==, 0);
@@ -963,7 +975,7 @@ test_returning_copy(void)
 	id = am_archive_id_new(f.ctx->key);
 	value = g_strconcat(" ", id, NULL);
 	cap = capture(value);
-	v = am_milter_archive(f.ctx, env, cap);
+	v = archive(&f, env, cap);
 	g_assert_cmpint(v->action, ==, AM_VERDICT_ACCEPT);
 	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 0);
 	fixture_teardown(&f);
@@ -986,7 +998,7 @@ test_forged_or_replayed(gconstpointer data)
 	            : g_strdup("am1.00000000000000000000000000000000."
 	                       "00000000000000000000000000000000");
 	cap = capture(id);
-	v = am_milter_archive(f.ctx, env, cap);
+	v = archive(&f, env, cap);
 	g_assert_cmpint(v->action, ==, AM_VERDICT_ACCEPT);
 	g_assert_true(fake_smtp_wait_messages(f.fake, 1, 2000));
 	fixture_teardown(&f);
