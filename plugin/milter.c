@@ -63,8 +63,9 @@
  * its message, sent from memory unless the runner's cap is reached; the
  * file stays the truth for retries and restarts).  That hand-over
  * (am_milter_settle) comes last, after the MTA was told everything
- * that can still fail (smfi_quarantine), so that a copy never goes out
- * for an original we end up tempfailing.  The decision line, written
+ * that can still fail (smfi_quarantine), so that no spooled copy goes
+ * out for an original we end up tempfailing (a sync copy the relay
+ * took is out already, and logged as such).  The decision line, written
  * then, names every copy's id, so that it can be matched with the
  * archive, and the action the MTA was really given.
  *
@@ -78,7 +79,7 @@
  * calls xxfi_abort for a transaction in progress and then drops any
  * command it cannot reach from HELO without a word to the MTA (RCPT
  * or a header before MAIL, a header after the body, an end of message
- * without MAIL), so such an MTA waits for its answer until its own
+ * without MAIL or without RCPT), so such an MTA waits for its answer until its own
  * timeout.  The "before MAIL" and "without RCPT" checks below are
  * therefore only a guard should libmilter change; Postfix and Sendmail
  * never send such orders.
@@ -922,8 +923,10 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
  * new negotiation: the new session does not know the NR flags or
  * SMFIP_HDR_LEADSPC.  Still safe: its callbacks answer continue, which
  * libmilter turns into no reply (logging each as a broken promise), and
- * failures still wait for the end of message; but the capture then
- * puts back a space after each colon that the MTA did not remove.
+ * failures still wait for the end of message; quarantine is tried and
+ * its failure tempfails the message (no_quarantine FALSE); but the
+ * capture then puts back a space after each colon that the MTA did
+ * not remove.
  */
 static AmSession *
 session_get(SMFICTX *mctx)
