@@ -846,18 +846,31 @@ format_error(GError **error, const char *path, const char *why)
 	return FALSE;
 }
 
+/*
+ * Decimal digits only, up to G_MAXINT64, parsed by hand.  Not
+ * g_ascii_strtoll() with an errno check: GLib 2.74 fetches its C locale
+ * on the first call through g_once, and threads that meet there come
+ * back with errno = EAGAIN from the futex although the number is good,
+ * so the daemon's first concurrent reads parked sound copies as damaged
+ * ("bad created time").  g_ascii_string_to_signed() checks errno too.
+ */
 static gboolean
 parse_int64(const char *s, gint64 *out)
 {
-	char *end;
-	gint64 v;
+	gint64 v = 0;
 
-	if (!g_ascii_isdigit(s[0]))
+	if (*s == '\0')
 		return FALSE;
-	errno = 0;
-	v = g_ascii_strtoll(s, &end, 10);
-	if (errno != 0 || *end != '\0' || v < 0)
-		return FALSE;
+	for (; *s != '\0'; s++) {
+		int d;
+
+		if (!g_ascii_isdigit(*s))
+			return FALSE;
+		d = *s - '0';
+		if (v > (G_MAXINT64 - d) / 10)
+			return FALSE;
+		v = v * 10 + d;
+	}
 	*out = v;
 	return TRUE;
 }
@@ -1214,6 +1227,54 @@ apply_state_line(char *line, AmSpoolEntry *e, GPtrArray *to)
 	return TRUE;
 }
 
+/*
+ * The state's recipients may only narrow the envelope's (those a
+ * partial delivery left): the state file is neither synced nor digested,
+ * so a torn, mixed-up or planted one must never send a copy to an
+ * address the envelope does not name.  Rewrites @to in place to the
+ * envelope's spelling of the addresses it keeps; FALSE when none is
+ * left, which is a state we never write: damaged.
+ */
+static gboolean
+narrow_to(const AmSpoolEntry *e, GPtrArray *to, const char *path)
+{
+	g_autoptr(GPtrArray) kept = g_ptr_array_new_with_free_func(g_free);
+
+	for (guint i = 0; i < to->len; i++) {
+		const char *addr = g_ptr_array_index(to, i);
+		const char *match = NULL;
+		gboolean dup = FALSE;
+
+		for (guint j = 0; e->to != NULL && e->to[j] != NULL; j++)
+			if (g_ascii_strcasecmp(e->to[j], addr) == 0) {
+				match = e->to[j];
+				break;
+			}
+		if (match == NULL) {
+			g_autofree char *clean = am_log_sanitize(addr, 100);
+
+			am_log_warning("spool: state file %s: recipient "
+			               "<%s> is not in the envelope; ignored",
+			               path, clean);
+			continue;
+		}
+		for (guint k = 0; k < kept->len && !dup; k++)
+			dup = strcmp(g_ptr_array_index(kept, k), match) == 0;
+		if (!dup)
+			g_ptr_array_add(kept, g_strdup(match));
+	}
+	if (kept->len == 0) {
+		am_log_warning("spool: state file %s: no recipient of the "
+		               "envelope; the state is damaged and ignored",
+		               path);
+		return FALSE;
+	}
+	g_ptr_array_set_size(to, 0);
+	for (guint k = 0; k < kept->len; k++)
+		g_ptr_array_add(to, g_strdup(g_ptr_array_index(kept, k)));
+	return TRUE;
+}
+
 /* The text of state/@id, at most STATE_MAX octets, never through a
  * link; NULL when there is none (or it cannot be read: logged). */
 static char *
@@ -1275,9 +1336,12 @@ load_state(AmSpool *spool, AmSpoolEntry *e)
 	for (guint i = 1; ok && lines[i] != NULL; i++)
 		ok = lines[i][0] == '\0' ||
 		     apply_state_line(lines[i], &fresh, to);
-	if (!ok) {
+	if (!ok)
 		am_log_warning("spool: state file %s: cannot parse; ignored",
 		               path);
+	else if (to->len > 0)
+		ok = narrow_to(e, to, path);
+	if (!ok) {
 		g_free(fresh.last_error);
 		return;
 	}
@@ -1291,8 +1355,7 @@ load_state(AmSpool *spool, AmSpoolEntry *e)
 		e->created = fresh.created_override;
 	g_free(e->last_error);
 	e->last_error = fresh.last_error;
-	/* No address left would be a state we never write: keep the
-	 * envelope's rather than lose the copy. */
+	/* No "to:" line at all: every recipient is still owed. */
 	if (to->len > 0) {
 		g_ptr_array_add(to, NULL);
 		g_strfreev(e->to);

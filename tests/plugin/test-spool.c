@@ -2,6 +2,7 @@
  * test-spool.c - the spool's files: layout, format, durability rules,
  * damaged and foreign files, a full disk, hold and release, threads
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <glib/gstdio.h>
@@ -456,6 +457,64 @@ test_bad_state_ignored(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(g_strv_length(got->to), ==, 2);
 }
 
+/* A state's recipients only narrow the envelope's (finding 6 of break3):
+ * an address the envelope does not name is dropped, case does not
+ * matter, the envelope's spelling is kept. */
+static void
+test_state_to_narrows(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.a", 300);
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	write_file(f, "state", "am1.a",
+	           "archive-milter-state 1\nattempts: 3\n"
+	           "next_attempt: 9223372036854775807\n"
+	           "to: evil@elsewhere.example\nto: B@Archive.Example\n"
+	           "to: b@archive.example\n");
+	got = am_spool_get(spool, "am1.a", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(got->attempts, ==, 3);
+	g_assert_cmpint(got->next_attempt, ==, G_MAXINT64);
+	g_assert_cmpuint(g_strv_length(got->to), ==, 1);
+	g_assert_cmpstr(got->to[0], ==, "b@archive.example");
+}
+
+/* A state naming none of the envelope's recipients is damaged: all of
+ * it is ignored, the copy goes to the envelope's recipients. */
+static void
+test_state_to_foreign_ignored(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.a", 300);
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	write_file(f, "state", "am1.a",
+	           "archive-milter-state 1\nattempts: 1\nnext_attempt: 0\n"
+	           "released: 0\nto: evil@elsewhere.example\n");
+	got = am_spool_get(spool, "am1.a", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(got->attempts, ==, 0);
+	g_assert_cmpuint(g_strv_length(got->to), ==, 2);
+	g_assert_cmpstr(got->to[0], ==, "a@archive.example");
+	g_assert_cmpstr(got->to[1], ==, "b@archive.example");
+
+	/* One past G_MAXINT64 is no number: the state is damaged too. */
+	am_spool_entry_free(g_steal_pointer(&got));
+	write_file(f, "state", "am1.a",
+	           "archive-milter-state 1\nattempts: 2\n"
+	           "next_attempt: 9223372036854775808\n");
+	got = am_spool_get(spool, "am1.a", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(got->attempts, ==, 0);
+}
+
 typedef struct {
 	const char *name;
 	const char *text;
@@ -497,6 +556,10 @@ static const BadFile bad_files[] = {
     {"bad time",
      "archive-milter-spool 1\nid: am1.bad\nrule: r\nrelay: r\nfrom: \n"
      "to: a@b\ncreated: -5\n\nbody",
+     "created"},
+    {"time past 64 bits",
+     "archive-milter-spool 1\nid: am1.bad\nrule: r\nrelay: r\nfrom: \n"
+     "to: a@b\ncreated: 9223372036854775808\n\nbody",
      "created"},
     {"empty", "", "no end"},
 };
@@ -1244,9 +1307,158 @@ test_group_commit_fails(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(count_files(f, "queue"), ==, 1);
 }
 
+/*
+ * The same fault made certain: this binary's own g_ascii_strtoll()
+ * (found before GLib's by the spool code linked into it) converts right
+ * and then leaves errno = EAGAIN, as GLib's did when threads met.  No
+ * number in a spool or state file may be judged by errno.
+ */
+static gboolean strtoll_leaves_errno;
+
+gint64
+g_ascii_strtoll(const gchar *nptr, gchar **endptr, guint base)
+{
+	static gint64 (*real)(const gchar *, gchar **, guint);
+	gint64 v;
+
+	if (real == NULL)
+		real = (gint64(*)(const gchar *, gchar **, guint))dlsym(
+		    RTLD_NEXT, "g_ascii_strtoll");
+	v = real(nptr, endptr, base);
+	if (strtoll_leaves_errno)
+		errno = EAGAIN;
+	return v;
+}
+
+static void
+test_numbers_not_judged_by_errno(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	AmSpoolEntry a = entry_for("am1.a", 1796417950);
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(GError) error = NULL;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	write_file(f, "state", "am1.a",
+	           "archive-milter-state 1\nattempts: 4\n");
+	strtoll_leaves_errno = TRUE;
+	got = am_spool_get(spool, "am1.a", &error);
+	strtoll_leaves_errno = FALSE;
+	g_assert_no_error(error);
+	g_assert_cmpint(got->created, ==, 1796417950);
+	g_assert_cmpuint(got->attempts, ==, 4);
+}
+
+/*
+ * The first spool reads of a process, from many threads at once (break3
+ * finding 0): GLib 2.74's g_ascii_strtoll() fetches its locale through
+ * g_once on the first call, and threads meeting there came back with
+ * errno = EAGAIN, which parse_int64() took for a bad number: a sound
+ * copy was "damaged: bad created time".  The race is once per process,
+ * so this runs FIRST_READ_RUNS children (this binary with
+ * --first-reads-child DIR), each with FIRST_READ_THREADS threads reading
+ * the same copy at the same moment; any failed read fails the test.
+ * Before the fix, about one child in 50 to 100 failed on 2 cores.
+ */
+#define FIRST_READ_THREADS 32
+#define FIRST_READ_RUNS    200
+#define FIRST_READ_ID      "am1.first-read"
+
+static const char *self_exe;
+
+typedef struct {
+	AmSpool *spool;
+	GMutex lock;
+	GCond start;
+	gboolean go;
+	gint failures;
+} FirstReads;
+
+static gpointer
+first_reader(gpointer data)
+{
+	FirstReads *fr = data;
+	g_autoptr(GError) error = NULL;
+	AmSpoolEntry *e;
+
+	g_mutex_lock(&fr->lock);
+	while (!fr->go)
+		g_cond_wait(&fr->start, &fr->lock);
+	g_mutex_unlock(&fr->lock);
+	e = am_spool_get(fr->spool, FIRST_READ_ID, &error);
+	if (e == NULL) {
+		g_printerr("first read: %s\n", error->message);
+		g_atomic_int_inc(&fr->failures);
+	}
+	am_spool_entry_free(e);
+	return NULL;
+}
+
+static int
+first_reads_child(const char *dir)
+{
+	g_autoptr(GError) error = NULL;
+	GThread *t[FIRST_READ_THREADS];
+	FirstReads fr = {0};
+
+	fr.spool = am_spool_open_full(dir, 0, AM_SPOOL_OPEN_COMMAND, &error);
+	if (fr.spool == NULL) {
+		g_printerr("first read: %s\n", error->message);
+		return 2;
+	}
+	for (guint i = 0; i < FIRST_READ_THREADS; i++)
+		t[i] = g_thread_new("reader", first_reader, &fr);
+	g_usleep(10000);
+	g_mutex_lock(&fr.lock);
+	fr.go = TRUE;
+	g_cond_broadcast(&fr.start);
+	g_mutex_unlock(&fr.lock);
+	for (guint i = 0; i < FIRST_READ_THREADS; i++)
+		g_thread_join(t[i]);
+	am_spool_close(fr.spool);
+	return fr.failures > 0 ? 1 : 0;
+}
+
+static void
+test_first_reads_in_threads(Fixture *f, gconstpointer data)
+{
+	AmSpoolEntry a = entry_for(FIRST_READ_ID, 1796417950);
+	AmSpool *spool = open_spool(f, 0);
+	guint bad = 0;
+
+	(void)data;
+	put(spool, &a, AM_SPOOL_QUEUED, BODY);
+	/* A state too: its numbers go through the same parser. */
+	write_file(f, "state", FIRST_READ_ID,
+	           "archive-milter-state 1\nattempts: 7\n"
+	           "next_attempt: 1796417999\nreleased: 0\n");
+	am_spool_close(spool);
+	g_assert_nonnull(self_exe);
+	for (guint run = 0; run < FIRST_READ_RUNS; run++) {
+		const char *argv[] = {self_exe, "--first-reads-child", f->spool,
+		                      NULL};
+		g_autoptr(GError) error = NULL;
+		int status = 0;
+
+		g_assert_true(g_spawn_sync(NULL, (char **)argv, NULL,
+		                           G_SPAWN_DEFAULT, NULL, NULL, NULL,
+		                           NULL, &status, &error));
+		g_assert_no_error(error);
+		if (!g_spawn_check_wait_status(status, NULL))
+			bad++;
+	}
+	g_test_message("%u of %u processes failed a first read", bad,
+	               FIRST_READ_RUNS);
+	g_assert_cmpuint(bad, ==, 0);
+}
+
 int
 main(int argc, char **argv)
 {
+	if (argc == 3 && strcmp(argv[1], "--first-reads-child") == 0)
+		return first_reads_child(argv[2]);
+	self_exe = g_file_read_link("/proc/self/exe", NULL);
 	g_test_init(&argc, &argv, NULL);
 #define ADD(path, fn)                                                          \
 	g_test_add(path, Fixture, NULL, fixture_set_up, fn, fixture_tear_down)
@@ -1272,7 +1484,11 @@ main(int argc, char **argv)
 	ADD("/spool/ids/bad", test_bad_ids);
 	ADD("/spool/list/order-and-state", test_list_order_and_state);
 	ADD("/spool/state/damaged-ignored", test_bad_state_ignored);
+	ADD("/spool/state/to-narrows", test_state_to_narrows);
+	ADD("/spool/state/to-foreign-ignored", test_state_to_foreign_ignored);
 	ADD("/spool/hold-release", test_hold_release);
+	ADD("/spool/get/first-reads-in-threads", test_first_reads_in_threads);
+	ADD("/spool/get/numbers-not-errno", test_numbers_not_judged_by_errno);
 #undef ADD
 	for (guint i = 0; i < G_N_ELEMENTS(bad_files); i++) {
 		g_autofree char *path =
