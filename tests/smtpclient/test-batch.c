@@ -436,10 +436,11 @@ test_extra_reply(void)
 	SmtpJob jobs[3];
 
 	jobs_init(jobs, 3);
-	fixture_start(&f,
-	              PIPE_KEYWORDS
-	              "on DOT /one/ raw 250 2.0.0 ok\\r\\n250 2.1.5 extra\\r\\n",
-	              &limits);
+	fixture_start(
+	    &f,
+	    PIPE_KEYWORDS
+	    "on DOT /one/ raw 250 2.0.0 ok\\r\\n250 2.1.5 extra\\r\\n",
+	    &limits);
 	smtp_client_send_batch(f.client, jobs, 3);
 	g_assert_nonnull(jobs[0].result);
 	g_assert_error(jobs[1].error, SMTP_ERROR, SMTP_ERROR_PROTOCOL);
