@@ -218,10 +218,11 @@ smtp_error_get_dropped_options(const GError *error)
 }
 
 /*
- * Whether a reply that refused a step calls for a later try: a 4xx, or
- * a 1xx to 3xx where a refusal was counted (a 250 to DATA, a 354 to
- * RCPT), which is the server out of step with us, as temporary as a
- * garbled reply (PROTOCOL).  No reply (code 0) is not temporary here.
+ * Whether a reply that refused a step calls for a later try: a 4xx.  A
+ * reply of a class its command cannot have (a 250 to DATA, a 354 to
+ * RCPT) is raised as PROTOCOL by sendmail.c (in_step), never kept as a
+ * refusal; should one reach here all the same, it is the server out of
+ * step, as temporary as PROTOCOL.  No reply (code 0) is not temporary.
  */
 static gboolean
 reply_is_temporary(const SmtpReply *reply)

@@ -29,10 +29,13 @@
 #include "smtp-private.h"
 
 typedef struct {
-	GBytes *bytes;  /* memory segment, or NULL */
-	int fd;         /* file segment (dup()ed), or -1 */
-	goffset offset; /* first octet of the file range */
-	guint64 len;    /* octets */
+	GBytes *bytes;     /* memory segment, or NULL */
+	int fd;            /* file segment (dup()ed), or -1 */
+	goffset offset;    /* first octet of the file range */
+	guint64 len;       /* octets */
+	gboolean to_eof;   /* appended with len -1: the range must still
+	                    * end where the file does when it is read */
+	guint64 file_size; /* when to_eof: the file's size then */
 } Segment;
 
 struct SmtpMessage {
@@ -134,9 +137,15 @@ smtp_message_append_fd(SmtpMessage *msg, int fd, goffset offset, gint64 len,
 		               g_strerror(errno));
 		return FALSE;
 	}
-	if (len == -1)
+	/* A range "to the end" is remembered as such, even an empty one:
+	 * a file that grows or shrinks before it is read must be caught
+	 * (foreach_file_block), not sent cut at today's end. */
+	if (len == -1) {
+		seg.to_eof = TRUE;
+		seg.file_size = st.st_size;
 		len = st.st_size > offset ? st.st_size - offset : 0;
-	if (len == 0)
+	}
+	if (len == 0 && !seg.to_eof)
 		return TRUE;
 	seg.fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
 	if (seg.fd < 0) {
@@ -186,6 +195,73 @@ smtp_message_in_memory(const SmtpMessage *msg)
 	return TRUE;
 }
 
+/* The error for a segment "to the end of the file" whose file no
+ * longer ends where it did when appended. */
+static void
+set_end_moved_error(const Segment *seg, const char *how, GError **error)
+{
+	g_autofree char *name = fd_name(seg->fd);
+
+	smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
+	               "message file %s changed while being read: it %s "
+	               "(it had %" G_GUINT64_FORMAT " octets)",
+	               name, how, seg->file_size);
+}
+
+/* For a segment to the end of its file: whether the file has exactly
+ * the size it had when appended.  Checked before each walk, so a file
+ * that grew since is refused before MAIL (SIZE count, text check) or
+ * at least before any of it is sent. */
+static gboolean
+check_size_kept(const Segment *seg, GError **error)
+{
+	struct stat st;
+
+	if (fstat(seg->fd, &st) < 0) {
+		int errnum = errno;
+		g_autofree char *name = fd_name(seg->fd);
+
+		smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
+		               "cannot stat message file %s: %s", name,
+		               g_strerror(errnum));
+		return FALSE;
+	}
+	if ((guint64)st.st_size == seg->file_size)
+		return TRUE;
+	set_end_moved_error(
+	    seg, (guint64)st.st_size > seg->file_size ? "grew" : "shrank",
+	    error);
+	return FALSE;
+}
+
+/* After the last block of a segment to the end of its file: the file
+ * must end there.  The fstat() before the walk cannot see a write made
+ * during it; one octet read past the end can, and then the message is
+ * not whole: its end marker must not go out. */
+static gboolean
+check_at_eof(const Segment *seg, GError **error)
+{
+	guint8 octet;
+	ssize_t n;
+
+	do
+		n = pread(seg->fd, &octet, 1, seg->offset + seg->len);
+	while (n < 0 && errno == EINTR);
+	if (n == 0)
+		return TRUE;
+	if (n < 0) {
+		int errnum = errno;
+		g_autofree char *name = fd_name(seg->fd);
+
+		smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
+		               "cannot read message file %s: %s", name,
+		               g_strerror(errnum));
+		return FALSE;
+	}
+	set_end_moved_error(seg, "grew", error);
+	return FALSE;
+}
+
 /* Walk one file segment in blocks read with pread(). */
 static gboolean
 foreach_file_block(const Segment *seg, guint8 *buf, SmtpBlockFunc func,
@@ -193,6 +269,8 @@ foreach_file_block(const Segment *seg, guint8 *buf, SmtpBlockFunc func,
 {
 	guint64 done = 0;
 
+	if (seg->to_eof && !check_size_kept(seg, error))
+		return FALSE;
 	while (done < seg->len) {
 		gsize want = MIN(seg->len - done, SMTP_MESSAGE_BLOCK);
 		ssize_t n = pread(seg->fd, buf, want, seg->offset + done);
@@ -223,7 +301,7 @@ foreach_file_block(const Segment *seg, guint8 *buf, SmtpBlockFunc func,
 			return FALSE;
 		done += n;
 	}
-	return TRUE;
+	return !seg->to_eof || check_at_eof(seg, error);
 }
 
 gboolean

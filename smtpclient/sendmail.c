@@ -27,7 +27,8 @@
  * after the replies to the one before: the client reads no reply while
  * it writes, so an unbounded group could fill both ends' buffers.
  * XXX: a file segment that changes between the SIZE count and the send
- * is caught only when its encoded size changes (or it shrinks); a change
+ * is caught only when its encoded size changes, it shrinks, or (a
+ * segment to the end of its file) it grows; a change
  * that keeps the size (an edit in place) goes out as it is read.  A
  * checksum would need a third read of the file.
  * XXX: BODY=BINARYMIME needs BDAT (CHUNKING), which this client does
@@ -289,9 +290,14 @@ typedef struct {
 	SmtpClient *client;
 	const SmtpRecipient *rcpts;
 	gsize n_rcpts;
-	guint64 wire_size;  /* SIZE= announced; G_MAXUINT64: none */
-	gboolean sent;      /* its first group went out behind the end
+	guint64 wire_size; /* SIZE= announced; G_MAXUINT64: none */
+	gboolean sent;     /* its first group went out behind the end
 	                     * marker of the message before it */
+	guint n_replies;   /* replies read to its commands so far */
+	gboolean misstep;  /* a reply of a class its command cannot
+	                     * have (see in_step): @step_reply */
+	const char *step_stage;
+	SmtpReply step_reply;
 	GPtrArray *lines;   /* char *: MAIL, RCPT..., DATA; no CRLF */
 	GPtrArray *refused; /* SmtpRefusal *, in recipient order; given
 	                     * to the error when all are refused */
@@ -302,6 +308,7 @@ envelope_clear(Envelope *env)
 {
 	g_clear_pointer(&env->lines, g_ptr_array_unref);
 	g_clear_pointer(&env->refused, g_ptr_array_unref);
+	smtp_reply_clear(&env->step_reply);
 }
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(Envelope, envelope_clear)
 
@@ -381,6 +388,36 @@ build_commands(Envelope *env, const char *from, const char *const *mail_options,
 
 /* ---- the judges, shared by both ways of sending ------------------ */
 
+/*
+ * Whether @reply can answer a command whose success is class @ok: that
+ * class, or a refusal (4xx, 5xx).  Anything else (a 2xx or 1xx to DATA,
+ * a 3xx or 1xx to MAIL or RCPT) is no answer of the server's to this
+ * command: after pipelined commands it is a reply to another one (an
+ * extra reply to the end of data before them, say), and every reply
+ * after it is shifted too.  Taken as a refusal it would be pinned on
+ * the wrong command, and a later "250" could pass for our end of data.
+ */
+static gboolean
+in_step(const SmtpReply *reply, int ok)
+{
+	int class = reply->code / 100;
+
+	return class == ok || class == 4 || class == 5;
+}
+
+/* A reply out of step (see in_step): PROTOCOL, and the connection
+ * closed without RSET, whose reply could not be told from the others
+ * either.  The error is temporary (smtp_error_is_temporary). */
+static void
+set_out_of_step(SmtpClient *client, const char *stage, const SmtpReply *reply,
+                GError **error)
+{
+	smtp_set_error(error, SMTP_ERROR_PROTOCOL, stage, reply,
+	               "replies out of step: %d in stage %s", reply->code,
+	               stage);
+	smtp_client_drop(client);
+}
+
 static gboolean
 judge_mail(const SmtpReply *reply, GError **error)
 {
@@ -399,6 +436,17 @@ note_rcpt(Envelope *env, gsize i, SmtpReply *reply)
 	SmtpRefusal *r;
 
 	if (reply->code / 100 == 2) {
+		smtp_reply_clear(reply);
+		return;
+	}
+	if (!in_step(reply, 2)) {
+		/* The first one found is the one reported */
+		if (!env->misstep) {
+			env->misstep = TRUE;
+			env->step_stage = "rcpt";
+			env->step_reply = *reply;
+			memset(reply, 0, sizeof(*reply));
+		}
 		smtp_reply_clear(reply);
 		return;
 	}
@@ -456,17 +504,33 @@ one_at_a_time(Envelope *env, GError **error)
 
 	if (!command(env, 0, &reply, error))
 		return FALSE;
+	if (!in_step(&reply, 2)) {
+		set_out_of_step(env->client, "mail", &reply, error);
+		smtp_reply_clear(&reply);
+		return FALSE;
+	}
 	ok = judge_mail(&reply, error);
 	smtp_reply_clear(&reply);
 	for (guint i = 1; ok && i < last; i++) {
 		if (!command(env, i, &reply, error))
 			return FALSE;
 		note_rcpt(env, i - 1, &reply);
+		if (env->misstep) {
+			g_ptr_array_set_size(env->refused, 0);
+			set_out_of_step(env->client, env->step_stage,
+			                &env->step_reply, error);
+			return FALSE;
+		}
 	}
 	ok = ok && judge_rcpts(env, error);
 	if (ok) {
 		if (!command(env, last, &reply, error))
 			return FALSE;
+		if (!in_step(&reply, 3)) {
+			set_out_of_step(env->client, "data", &reply, error);
+			smtp_reply_clear(&reply);
+			return FALSE;
+		}
 		ok = judge_data(&reply, error);
 		smtp_reply_clear(&reply);
 	}
@@ -522,6 +586,7 @@ read_replies(Envelope *env, guint from, guint to, SmtpReply *mail,
 		if (!smtp_client_read_reply(env->client, stage_of(env, i),
 		                            &reply, error))
 			return FALSE;
+		env->n_replies++;
 		if (i == 0)
 			*mail = reply;
 		else if (i + 1 == env->lines->len)
@@ -568,15 +633,43 @@ exchange(Envelope *env, SmtpReply *mail, SmtpReply *data, GError **error)
 	return TRUE;
 }
 
+/* Whether every reply read fits its command (see in_step); if not,
+ * the error is raised and the connection dropped.  An unread reply
+ * (code 0: DATA after a refused MAIL in a later group) is no misstep. */
+static gboolean
+replies_in_step(Envelope *env, const SmtpReply *mail, const SmtpReply *data,
+                GError **error)
+{
+	/* Once out of step, no refusal can be pinned on its recipient */
+	if ((mail->code != 0 && !in_step(mail, 2)) || env->misstep ||
+	    (data->code != 0 && !in_step(data, 3)))
+		g_ptr_array_set_size(env->refused, 0);
+	if (mail->code != 0 && !in_step(mail, 2)) {
+		set_out_of_step(env->client, "mail", mail, error);
+		return FALSE;
+	}
+	if (env->misstep) {
+		set_out_of_step(env->client, env->step_stage, &env->step_reply,
+		                error);
+		return FALSE;
+	}
+	if (data->code != 0 && !in_step(data, 3)) {
+		set_out_of_step(env->client, "data", data, error);
+		return FALSE;
+	}
+	return TRUE;
+}
+
 /* Every reply is read before any is judged, so after a refusal the
- * stream is in step for RSET. */
+ * stream is in step for RSET; replies out of step drop it instead. */
 static gboolean
 pipelined(Envelope *env, GError **error)
 {
 	SmtpReply mail = {0}, data = {0};
 	gboolean ok;
 
-	ok = exchange(env, &mail, &data, error);
+	ok = exchange(env, &mail, &data, error) &&
+	     replies_in_step(env, &mail, &data, error);
 	if (ok) {
 		ok = judge_mail(&mail, error) && judge_rcpts(env, error) &&
 		     judge_data(&data, error);
@@ -724,6 +817,11 @@ send_data(SmtpClient *client, Work *w, Work *next, SmtpReply *final,
 		return FALSE;
 	if (final->code / 100 == 2)
 		return TRUE;
+	if (!in_step(final, 2)) {
+		set_out_of_step(client, "end-of-data", final, error);
+		smtp_reply_clear(final);
+		return FALSE;
+	}
 	smtp_set_error(error, SMTP_ERROR_DATA, "end-of-data", final,
 	               "message refused");
 	smtp_reply_clear(final);
@@ -756,8 +854,10 @@ work_start(Work *w, SmtpClient *client, SmtpJob *job, gboolean connect,
 	InputNeeds needs = {0};
 
 	w->job = job;
-	w->env = (Envelope){client, job->rcpts, job->n_rcpts, G_MAXUINT64,
-	                    FALSE,  NULL,       NULL};
+	w->env = (Envelope){.client = client,
+	                    .rcpts = job->rcpts,
+	                    .n_rcpts = job->n_rcpts,
+	                    .wire_size = G_MAXUINT64};
 	w->env.lines = g_ptr_array_new_with_free_func(g_free);
 	w->env.refused = g_ptr_array_new_with_free_func(smtp_refusal_free);
 	w->dropped = g_ptr_array_new_with_free_func(g_free);
@@ -842,6 +942,26 @@ transaction(SmtpClient *client, Work *w, SmtpJob *next_job, Work *ahead,
 	return g_steal_pointer(&result);
 }
 
+/*
+ * Whether @w, whose commands went out behind the end marker of the
+ * message before it, failed only because the server had closed the
+ * connection after answering that end marker: not one reply to its
+ * commands came, and the peer closed without even a 421.  Nothing of
+ * its message was sent, and nothing of it was refused: a relay that
+ * closes after every message (some do, to bound a session) would
+ * otherwise fail every second message of a batch.  Such a job starts
+ * over on a new connection, once.  A timeout is not retried (the
+ * server may be busy with it), nor a 421 or any other reply, which
+ * is the server's answer to this very job.
+ */
+static gboolean
+lost_ahead(const Work *w, gboolean was_ahead, const GError *error)
+{
+	return was_ahead && w->env.n_replies == 0 && error != NULL &&
+	       g_error_matches(error, SMTP_ERROR, SMTP_ERROR_DISCONNECTED) &&
+	       smtp_error_get_reply(error)->code == 0;
+}
+
 void
 smtp_client_send_batch(SmtpClient *client, SmtpJob *jobs, gsize n_jobs)
 {
@@ -852,6 +972,7 @@ smtp_client_send_batch(SmtpClient *client, SmtpJob *jobs, gsize n_jobs)
 		SmtpJob *next = i + 1 < n_jobs ? &jobs[i + 1] : NULL;
 		GError *error = NULL;
 		SmtpResult *result;
+		gboolean was_ahead = FALSE;
 
 		jobs[i].result = NULL;
 		jobs[i].error = NULL;
@@ -862,6 +983,7 @@ smtp_client_send_batch(SmtpClient *client, SmtpJob *jobs, gsize n_jobs)
 		if (ahead.env.sent && smtp_client_is_connected(client)) {
 			cur = ahead;
 			memset(&ahead, 0, sizeof(ahead));
+			was_ahead = TRUE;
 		} else {
 			work_clear(&ahead);
 			if (!work_start(&cur, client, &jobs[i], TRUE, &error)) {
@@ -872,6 +994,20 @@ smtp_client_send_batch(SmtpClient *client, SmtpJob *jobs, gsize n_jobs)
 
 		/* Step 2: the transaction, the next job looked ahead. */
 		result = transaction(client, &cur, next, &ahead, &error);
+
+		/* Step 3: its commands lost with a connection the server
+		 * closed after the message before: once more, afresh. */
+		if (result == NULL && lost_ahead(&cur, was_ahead, error)) {
+			g_clear_error(&error);
+			work_clear(&cur);
+			work_clear(&ahead);
+			if (!work_start(&cur, client, &jobs[i], TRUE, &error)) {
+				work_end(&cur, NULL, error);
+				continue;
+			}
+			result =
+			    transaction(client, &cur, next, &ahead, &error);
+		}
 		work_end(&cur, result, error);
 	}
 	work_clear(&ahead);

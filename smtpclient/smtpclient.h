@@ -183,6 +183,17 @@ void smtp_message_append_data(SmtpMessage *msg, const void *data, gsize len);
  * end of the file as fstat() sees it now.  @fd is dup()ed: the caller
  * keeps and closes its own.  Fails (SMTP_ERROR_INPUT) when @fd cannot
  * be dup()ed or stat()ed.
+ *
+ * A range given with @len -1 stays "the whole rest of the file": every
+ * later read of the message (the SIZE count, the text check, the send,
+ * smtp_message_write_raw) first fstat()s @fd and fails with
+ * SMTP_ERROR_INPUT (stage "message") if the file's size is no longer
+ * the one seen here, and after the range's last block reads one octet
+ * past its end, failing the same way if there is one.  A file that grew
+ * or shrank is thus never sent cut: sendmail closes the connection
+ * without the end marker.  With @len >= 0 only the range matters; the
+ * file may grow behind it.  (A -1 range that is empty now is kept too,
+ * for the same check.)
  */
 gboolean smtp_message_append_fd(SmtpMessage *msg, int fd, goffset offset,
                                 gint64 len, GError **error);
@@ -202,7 +213,8 @@ guint64 smtp_message_get_size(const SmtpMessage *msg);
  * Returns: TRUE when every octet was written.  FALSE with @error set
  * otherwise, after which an unknown part may have been written:
  * - SMTP_ERROR_INPUT (stage "message") when a file segment cannot be
- *   read or has become shorter than it was when appended;
+ *   read or has become shorter than it was when appended, or longer
+ *   when it was appended "to the end" (@len -1);
  * - SMTP_ERROR_IO (stage "write") when write() fails; the message has
  *   strerror()'s text, and smtp_error_get_errno() gives errno's value
  *   (ENOSPC, EDQUOT, EIO, ...).  A write() that returns 0 counts as
@@ -381,9 +393,9 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpResult, smtp_result_free)
  * the wire (line ends made CRLF, leading dots doubled), so it is never
  * less than what is sent; counting it reads the message once more
  * before MAIL.  A file segment that changes after it was counted, or
- * shrinks, is caught before the end marker goes out: the connection is
- * closed without it and the error is INPUT (stage "message") naming the
- * file.  Other options are sent only when
+ * shrinks, or (appended with @len -1) grows, is caught before the end
+ * marker goes out: the connection is closed without it and the error is
+ * INPUT (stage "message") naming the file.  Other options are sent only when
  * their keyword is advertised (BODY= needs 8BITMIME, SMTPUTF8 needs
  * SMTPUTF8, RET/ENVID/NOTIFY/ORCPT need DSN); SMTPUTF8 unadvertised is
  * SMTP_ERROR_NOT_SUPPORTED before MAIL, others are dropped and listed in
@@ -400,6 +412,11 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(SmtpResult, smtp_result_free)
  * and HELO the reply stream cannot be trusted: the connection is closed
  * and the next call connects again.  A connect time-out is CONNECT
  * (stage "connect"): to the caller the relay is simply unreachable.
+ * A reply of a class its command cannot have (1xx or 3xx to MAIL, RCPT
+ * or the end of data; 1xx or 2xx to DATA) is no refusal but the stream
+ * out of step: PROTOCOL "replies out of step" (temporary), at the stage
+ * of that command, with that reply, and no refused recipients; the
+ * connection is closed without RSET.
  */
 SmtpResult *smtp_client_sendmail(SmtpClient *client, const char *from,
                                  const char *const *recipients,
@@ -452,7 +469,21 @@ typedef struct {
  * follows (none is needed, RFC 5321 section 4.1.1.4: the end of data
  * closes the transaction), and if the connection is lost there, the
  * next job is started again from scratch on a new connection; the
- * server cannot have delivered it, as its data never went out.  While
+ * server cannot have delivered it, as its data never went out.
+ *
+ * Two outcomes differ from sending alone, both caused by what the
+ * look-ahead wrote.  When the server answers the end marker and then
+ * closes (a relay that takes one message per connection), the next
+ * job's commands get no reply at all, not even a 421: that job, none
+ * of whose data went out, is started again once on a new connection
+ * (alone, on the old connection, it would fail DISCONNECTED at "mail").
+ * A timeout, a 421 or any reply to its commands is not retried.  And
+ * when the server sends one reply too many after the end marker, the
+ * next job's replies come shifted: the first whose class does not fit
+ * its command makes it PROTOCOL "replies out of step" (see
+ * smtp_client_sendmail), the connection is dropped without RSET, and
+ * the job after it starts on a new connection (alone, the stray reply
+ * is found before MAIL, also PROTOCOL).  While
  * the server takes in the current message, the next one is encoded,
  * when it is all in memory and at most 64 KiB (one more encoded
  * message held, at most 128 KiB): that work is then off the path from

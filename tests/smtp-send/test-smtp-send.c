@@ -492,7 +492,7 @@ static const ErrorCase error_cases[] = {
      {NULL},
      75,
      "{\"file\":\"-\",\"status\":\"error\",\"refused\":{},"
-     "\"error\":{\"kind\":\"data_error\",\"code\":250,"
+     "\"error\":{\"kind\":\"protocol\",\"code\":250,"
      "\"text\":\"Ok\",\"enhanced\":\"2.0.0\","
      "\"stage\":\"data\"},\"dropped_options\":[]}",
      0},
@@ -859,12 +859,15 @@ has_open(GPid pid, const char *path)
  * The second batch is loaded while the first is on the wire (the first
  * message's end-of-data reply takes 2 s here).  Once the loader has it
  * open, a small file of that batch is rewritten and a large one (over
- * 64 KiB, streamed from its descriptor) cut short.  The small one goes
- * out as it was when loaded; the large one is an INPUT error naming the
- * change, never sent short; the files around them are sent.
+ * 64 KiB, streamed from its descriptor) cut short, or (@grow) made
+ * longer (break3 finding 3: it went out cut at its old end, reported
+ * sent).  The small one goes out as it was when loaded; the large one
+ * is an INPUT error (exit 65) naming the change, never ended with a
+ * dot (the server records nothing of it); the files around them are
+ * sent.
  */
 static void
-test_change_while_ahead(Fixture *f, gconstpointer data)
+run_change_while_ahead(Fixture *f, gboolean grow)
 {
 	const guint n_first = 64; /* smtp-send's batch */
 	g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
@@ -877,7 +880,6 @@ test_change_while_ahead(Fixture *f, gconstpointer data)
 	int out_fd, status = 0;
 	gint64 until;
 
-	(void)data;
 	if (!have_python())
 		return;
 	g_ptr_array_add(argv, g_strdup(smtp_send_path));
@@ -919,7 +921,15 @@ test_change_while_ahead(Fixture *f, gconstpointer data)
 	g_file_set_contents(small, "Subject: rewritten later\r\n\r\n", -1,
 	                    &error);
 	g_assert_no_error(error);
-	g_assert_cmpint(truncate(big, 1000), ==, 0);
+	if (grow) {
+		FILE *fp = fopen(big, "a");
+
+		g_assert_nonnull(fp);
+		g_assert_cmpint(fputs("APPENDED-LINE\r\n", fp), >=, 0);
+		g_assert_cmpint(fclose(fp), ==, 0);
+	} else {
+		g_assert_cmpint(truncate(big, 1000), ==, 0);
+	}
 
 	/* Then its report and exit status */
 	{
@@ -949,6 +959,20 @@ test_change_while_ahead(Fixture *f, gconstpointer data)
 	assert_content(message(f, n_first), "Subject: as loaded\r\n\r\n");
 	assert_content(message(f, n_first + 1), "Subject: after\r\n\r\n");
 	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, n_first + 2);
+}
+
+static void
+test_change_while_ahead(Fixture *f, gconstpointer data)
+{
+	(void)data;
+	run_change_while_ahead(f, FALSE);
+}
+
+static void
+test_grow_while_ahead(Fixture *f, gconstpointer data)
+{
+	(void)data;
+	run_change_while_ahead(f, TRUE);
 }
 
 /* A failure in the middle: 75 wins over a later 69 or an earlier 66. */
@@ -1379,6 +1403,8 @@ main(int argc, char **argv)
 	    test_many_files);
 	ADD("files/change-while-loaded-ahead",
 	    "on DOT#1 delay 2000 250 2.0.0 Ok\n", test_change_while_ahead);
+	ADD("files/grow-while-loaded-ahead",
+	    "on DOT#1 delay 2000 250 2.0.0 Ok\n", test_grow_while_ahead);
 	ADD("files/exit-status-mix", "on RCPT /later@/ reply 450 4.2.1 Busy\n",
 	    test_exit_status_mix);
 	ADD("files/reconnect-after-loss", "on MAIL /SIZE=25( |$)/ close\n",

@@ -421,6 +421,99 @@ test_fail_case(gconstpointer data)
 	jobs_clear(alone, 3);
 }
 
+/*
+ * One reply too many after the first end of data (break3 finding 4):
+ * the second job's commands went out behind that end marker, so its
+ * replies come shifted by one and its DATA gets a 250.  That is the
+ * stream out of step: PROTOCOL (temporary) at stage "data", never a
+ * refusal with code 250, and the connection is dropped without RSET;
+ * the third job goes on a new connection and is sent.
+ */
+static void
+test_extra_reply(void)
+{
+	Fixture f;
+	SmtpJob jobs[3];
+
+	jobs_init(jobs, 3);
+	fixture_start(&f,
+	              PIPE_KEYWORDS
+	              "on DOT /one/ raw 250 2.0.0 ok\\r\\n250 2.1.5 extra\\r\\n",
+	              &limits);
+	smtp_client_send_batch(f.client, jobs, 3);
+	g_assert_nonnull(jobs[0].result);
+	g_assert_error(jobs[1].error, SMTP_ERROR, SMTP_ERROR_PROTOCOL);
+	g_assert_cmpstr(smtp_error_get_stage(jobs[1].error), ==, "data");
+	g_assert_cmpint(smtp_error_get_reply(jobs[1].error)->code, ==, 250);
+	g_assert_nonnull(strstr(jobs[1].error->message, "out of step"));
+	g_assert_true(smtp_error_is_temporary(jobs[1].error));
+	g_assert_null(smtp_error_get_refused(jobs[1].error));
+	g_assert_nonnull(jobs[2].result);
+	g_assert_cmpint(jobs[2].result->reply.code, ==, 250);
+	smtp_client_quit(f.client);
+	g_assert_cmpuint(count_commands(&f, "RSET"), ==, 0);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 2);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 2, 2000));
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 2);
+	fixture_tear_down(&f, NULL);
+	jobs_clear(jobs, 3);
+}
+
+/*
+ * A relay that closes after every message (noted in the break3
+ * report): each next job's commands, written behind the end marker,
+ * meet a closed connection and get no reply at all.  Nothing of that
+ * job was sent, so it starts over once on a new connection: every job
+ * is sent, one connection each.  ("on MAIL#2 close": the fake counts
+ * per connection, so it closes as the second MAIL of each arrives,
+ * which the client cannot tell from a close after the 250.)
+ */
+static void
+test_close_after_each(void)
+{
+	Fixture f;
+	SmtpJob jobs[3];
+
+	jobs_init(jobs, 3);
+	fixture_start(&f, PIPE_KEYWORDS "on MAIL#2 close", &limits);
+	smtp_client_send_batch(f.client, jobs, 3);
+	for (guint i = 0; i < 3; i++) {
+		g_assert_no_error(jobs[i].error);
+		g_assert_nonnull(jobs[i].result);
+	}
+	smtp_client_quit(f.client);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 3);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 3, 2000));
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 3);
+	fixture_tear_down(&f, NULL);
+	jobs_clear(jobs, 3);
+}
+
+/* The start over happens once: a job whose MAIL is met by a close on
+ * the new connection too fails DISCONNECTED at "mail" (two MAILs of it
+ * seen), and a 421 (a reply: the server's word on this job) is not
+ * retried at all (see the fail case mail-421-2nd). */
+static void
+test_close_retried_once(void)
+{
+	Fixture f;
+	SmtpJob jobs[3];
+
+	jobs_init(jobs, 3);
+	fixture_start(&f, PIPE_KEYWORDS "on MAIL /second@/ close", &limits);
+	smtp_client_send_batch(f.client, jobs, 3);
+	g_assert_nonnull(jobs[0].result);
+	g_assert_error(jobs[1].error, SMTP_ERROR, SMTP_ERROR_DISCONNECTED);
+	g_assert_cmpstr(smtp_error_get_stage(jobs[1].error), ==, "mail");
+	g_assert_nonnull(jobs[2].result);
+	smtp_client_quit(f.client);
+	g_assert_cmpuint(count_commands(&f, "MAIL FROM:<second@"), ==, 2);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 3);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 2, 2000));
+	fixture_tear_down(&f, NULL);
+	jobs_clear(jobs, 3);
+}
+
 /* Errors found before sending: only that job, nothing of it sent. */
 static void
 test_input_errors(void)
@@ -559,6 +652,11 @@ main(int argc, char **argv)
 	g_test_add_func("/smtpclient/batch/empty", test_empty);
 	g_test_add_func("/smtpclient/batch/encoded-ahead", test_encoded_ahead);
 	g_test_add_func("/smtpclient/batch/input-errors", test_input_errors);
+	g_test_add_func("/smtpclient/batch/extra-reply", test_extra_reply);
+	g_test_add_func("/smtpclient/batch/close-after-each",
+	                test_close_after_each);
+	g_test_add_func("/smtpclient/batch/close-retried-once",
+	                test_close_retried_once);
 	for (guint i = 0; i < G_N_ELEMENTS(fail_cases); i++) {
 		g_autofree char *path = g_strdup_printf(
 		    "/smtpclient/batch/fail/%s", fail_cases[i].name);

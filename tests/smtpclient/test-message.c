@@ -365,6 +365,79 @@ test_message_file_shrank(void)
 	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_INPUT);
 }
 
+/* A file appended "to its end" that grew since: refused before the
+ * first block (fstat), so nothing of it is handed on. */
+static void
+test_message_file_grew(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GByteArray) all = g_byte_array_new();
+	g_autoptr(GError) error = NULL;
+	int fd = temp_file("0123456789", 10);
+
+	g_assert_true(smtp_message_append_fd(msg, fd, 0, -1, &error));
+	g_assert_cmpint(pwrite(fd, "ab", 2, 10), ==, 2);
+	close(fd);
+	g_assert_false(smtp_message_foreach_block(msg, collect, all, &error));
+	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_INPUT);
+	g_assert_cmpstr(smtp_error_get_stage(error), ==, "message");
+	g_assert_nonnull(strstr(error->message, "grew"));
+	g_assert_cmpuint(all->len, ==, 0);
+}
+
+/* Grows while it is walked: the fstat() before was right, so every
+ * block is handed on, but the walk must fail after the last one (one
+ * octet read past the end), so that no end marker follows. */
+static gboolean
+grow_on_first(const guint8 *data, gsize len, gpointer user_data, GError **error)
+{
+	int *fd = user_data;
+
+	(void)data;
+	(void)len;
+	(void)error;
+	if (*fd >= 0) {
+		g_assert_cmpint(pwrite(*fd, "zz", 2, 3 * SMTP_MESSAGE_BLOCK),
+		                ==, 2);
+		close(*fd);
+		*fd = -1;
+	}
+	return TRUE;
+}
+
+static void
+test_message_file_grew_during_walk(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+	gsize len = 3 * SMTP_MESSAGE_BLOCK;
+	g_autofree guint8 *data = g_malloc0(len);
+	int fd = temp_file(data, len);
+
+	g_assert_true(smtp_message_append_fd(msg, fd, 0, -1, &error));
+	g_assert_false(
+	    smtp_message_foreach_block(msg, grow_on_first, &fd, &error));
+	g_assert_cmpint(fd, ==, -1);
+	g_assert_error(error, SMTP_ERROR, SMTP_ERROR_INPUT);
+	g_assert_nonnull(strstr(error->message, "grew"));
+}
+
+/* A fixed range (@len given) may be followed by more of the file. */
+static void
+test_message_fixed_range_file_grew(void)
+{
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GByteArray) all = g_byte_array_new();
+	g_autoptr(GError) error = NULL;
+	int fd = temp_file("0123456789", 10);
+
+	g_assert_true(smtp_message_append_fd(msg, fd, 0, 10, &error));
+	g_assert_cmpint(pwrite(fd, "ab", 2, 10), ==, 2);
+	close(fd);
+	g_assert_true(smtp_message_foreach_block(msg, collect, all, &error));
+	g_assert_cmpmem(all->data, all->len, "0123456789", 10);
+}
+
 static void
 test_message_bad_fd(void)
 {
@@ -666,6 +739,11 @@ main(int argc, char **argv)
 	g_test_add_func("/smtpclient/message/big-file", test_message_big_file);
 	g_test_add_func("/smtpclient/message/file-shrank",
 	                test_message_file_shrank);
+	g_test_add_func("/message/file-grew", test_message_file_grew);
+	g_test_add_func("/message/file-grew-during-walk",
+	                test_message_file_grew_during_walk);
+	g_test_add_func("/message/fixed-range-file-grew",
+	                test_message_fixed_range_file_grew);
 	g_test_add_func("/smtpclient/message/bad-fd", test_message_bad_fd);
 	g_test_add_func("/smtpclient/write-raw/segments",
 	                test_write_raw_segments);

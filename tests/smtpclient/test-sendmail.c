@@ -229,11 +229,16 @@ static const FailCase fail_cases[] = {
      SMTP_ERROR_RECIPIENTS_REFUSED, "rcpt", 550, FALSE, TRUE, TRUE},
     {"data-refused", "on DATA reply 554 5.5.1 no thanks", SMTP_ERROR_DATA,
      "data", 554, FALSE, TRUE, TRUE},
-    /* A 250 to DATA is the server out of step: temporary, as PROTOCOL */
-    {"data-not-354", "on DATA reply 250 2.0.0 what", SMTP_ERROR_DATA, "data",
-     250, TRUE, TRUE, TRUE},
+    /* A 250 to DATA, a 354 to RCPT or MAIL or to the end of data: the
+     * server out of step, PROTOCOL (temporary), closed without RSET. */
+    {"data-not-354", "on DATA reply 250 2.0.0 what", SMTP_ERROR_PROTOCOL,
+     "data", 250, TRUE, FALSE, FALSE},
     {"rcpt-not-2xx-or-refusal", "on RCPT reply 354 go ahead",
-     SMTP_ERROR_RECIPIENTS_REFUSED, "rcpt", 354, TRUE, TRUE, TRUE},
+     SMTP_ERROR_PROTOCOL, "rcpt", 354, TRUE, FALSE, FALSE},
+    {"mail-354", "on MAIL reply 354 go ahead", SMTP_ERROR_PROTOCOL, "mail", 354,
+     TRUE, FALSE, FALSE},
+    {"dot-354", "on DOT reply 354 go ahead", SMTP_ERROR_PROTOCOL, "end-of-data",
+     354, TRUE, FALSE, FALSE},
     {"dot-refused", "on DOT reply 552 5.3.4 too big", SMTP_ERROR_DATA,
      "end-of-data", 552, FALSE, TRUE, TRUE},
     {"dot-refused-temp", "on DOT reply 451 4.3.0 queue full", SMTP_ERROR_DATA,
@@ -913,6 +918,7 @@ typedef struct {
 	Fixture *f;
 	int fd;
 	gboolean shrink; /* else: same size, lone LFs instead of text */
+	gboolean grow;   /* else: as @shrink says */
 } Mutator;
 
 static gpointer
@@ -924,7 +930,9 @@ mutate_after_mail(gpointer data)
 	while (count_commands(m->f, "MAIL") == 0 &&
 	       g_get_monotonic_time() < give_up)
 		g_usleep(1000);
-	if (m->shrink) {
+	if (m->grow) {
+		g_assert_cmpint(pwrite(m->fd, "more\r\n", 6, 300000), ==, 6);
+	} else if (m->shrink) {
 		g_assert_cmpint(ftruncate(m->fd, 1000), ==, 0);
 	} else {
 		g_autofree char *lf = g_strnfill(4096, '\n');
@@ -935,7 +943,7 @@ mutate_after_mail(gpointer data)
 }
 
 static void
-run_changed_file(Fixture *f, gboolean shrink)
+run_changed_file(Fixture *f, gboolean shrink, gboolean grow)
 {
 	static const char *const rcpts[] = {"a@x.example", NULL};
 	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
@@ -944,7 +952,7 @@ run_changed_file(Fixture *f, gboolean shrink)
 	g_autoptr(GBytes) received = NULL;
 	g_autofree char *path = NULL, *head = g_strnfill(200000, 'h');
 	g_autofree char *body = g_strnfill(300000, 'b');
-	Mutator m = {f, -1, shrink};
+	Mutator m = {f, -1, shrink, grow};
 	GThread *thread;
 	const char *wire;
 	gsize len;
@@ -985,14 +993,24 @@ static void
 test_file_shrank_in_send(Fixture *f, gconstpointer data)
 {
 	(void)data;
-	run_changed_file(f, TRUE);
+	run_changed_file(f, TRUE, FALSE);
 }
 
 static void
 test_file_changed_in_send(Fixture *f, gconstpointer data)
 {
 	(void)data;
-	run_changed_file(f, FALSE);
+	run_changed_file(f, FALSE, FALSE);
+}
+
+/* A file appended "to its end" that grows before it is sent: sent cut
+ * at its old end, it would look whole to the server.  INPUT, no end
+ * marker (break3 finding 3). */
+static void
+test_file_grew_in_send(Fixture *f, gconstpointer data)
+{
+	(void)data;
+	run_changed_file(f, FALSE, TRUE);
 }
 
 /* The server closes in the middle of the data: never a success. */
@@ -1234,6 +1252,8 @@ main(int argc, char **argv)
 	    test_file_shrank_in_send);
 	ADD("file-changed-in-send", "on MAIL delay 500 250 2.1.0 Ok",
 	    test_file_changed_in_send);
+	ADD("file-grew-in-send", "on MAIL delay 500 250 2.1.0 Ok",
+	    test_file_grew_in_send);
 	g_test_add_func("/smtpclient/sendmail/connect/refused",
 	                test_connect_refused);
 	g_test_add_func("/smtpclient/sendmail/connect/unresolvable",
