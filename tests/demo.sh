@@ -19,7 +19,7 @@
 #      line); the relay accepts again and --spool-retry all sends it.
 # Each step is checked; the last line says "demo: all N checks passed"
 # or lists what did not happen, and the exit status is then 1.
-# Everything it starts is stopped at the end, pass or fail (about 15 s
+# Everything it starts is stopped at the end, pass or fail (about 20 s
 # after the build).
 # Extra arguments go to demo.py (e.g. --per-folder 5, --keep DIR).
 set -eu

@@ -5,13 +5,15 @@
 #
 # 1. packaging/setup-debian.sh installs what is missing (needs root the
 #    first time);
-# 2. build/: meson setup (or reconfigure) and ninja, then every suite but
+# 2. clang-format --dry-run --Werror over the C sources (.clang-format);
+#    a file out of format counts as one failed test;
+# 3. build/: meson setup (or reconfigure) and ninja, then every suite but
 #    bench and soak (unit and e2e; e2e starts private Postfix instances and
 #    needs root);
-# 3. build-asan/: the same sources with AddressSanitizer and UBSan, unit
+# 4. build-asan/: the same sources with AddressSanitizer and UBSan, unit
 #    suite only;
-# 4. a short libFuzzer run of each fuzz target (fuzz/run-short.sh);
-# 5. the last line is "N passed, N failed" (", N skipped" when any were),
+# 5. a short libFuzzer run of each fuzz target (fuzz/run-short.sh);
+# 6. the last line is "N passed, N failed" (", N skipped" when any were),
 #    counted from both builds' meson-logs/testlog.json: OK and
 #    EXPECTEDFAIL pass; FAIL, TIMEOUT, ERROR and UNEXPECTEDPASS fail; SKIP
 #    is skipped.  A step that stops a build from testing at all (setup,

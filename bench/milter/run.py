@@ -877,14 +877,23 @@ def report(setups, results, rounds, args):
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smtp-send", required=True)
-    ap.add_argument("--null-milter", required=True)
-    ap.add_argument("--archive-milter")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--messages", type=int, default=2000)
-    ap.add_argument("--sessions", type=int, default=20)
-    ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--smtp-send", required=True,
+                    help="the load generator (build/smtpclient/smtp-send)")
+    ap.add_argument("--null-milter", required=True,
+                    help="the do-nothing milter (build/bench/null-milter)")
+    ap.add_argument("--archive-milter",
+                    help="build/plugin/archive-milter; without it the sync "
+                    "and spool configurations are 'not available'")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed rounds after the warm-up (default 3)")
+    ap.add_argument("--messages", type=int, default=2000,
+                    help="messages per round and configuration")
+    ap.add_argument("--sessions", type=int, default=20,
+                    help="concurrent SMTP sessions (smtp-send processes)")
+    ap.add_argument("--size", type=int, default=4096,
+                    help="octets per message")
+    ap.add_argument("--warmup", type=int, default=200,
+                    help="messages per configuration before round 1")
     ap.add_argument("--workers", type=int, default=None,
                     help="[milter] workers for archive-milter (unset: "
                     "its default)")
@@ -895,7 +904,9 @@ def parse_args():
     ap.add_argument("--only", default=",".join(CONFIGS),
                     help="configurations to run, comma-separated")
     ap.add_argument("--profile", action="store_true",
-                    help="one more round per milter under perf")
+                    help="after the timed rounds, one untimed round per "
+                    "milter under perf stat, strace -c and perf record "
+                    "(needs linux-perf and strace)")
     ap.add_argument("--keep", help="work directory to keep")
     args = ap.parse_args()
     args.only = [c for c in args.only.split(",") if c]
