@@ -13,7 +13,8 @@
  *   delivery = spool   the copy goes into the spool's queue/ (fsynced)
  *                      before we answer; if the spool cannot take it,
  *                      451 4.3.0 "archive spool full" (or "archive
- *                      spool unavailable: WHY").
+ *                      spool unavailable"; the why, with the spool's
+ *                      path and the copy's id, only in the log).
  *   delivery = sync    the copy is sent now; am_rule_action() maps its
  *                      outcome to actions:
  *     accept[+header]  the original is accepted; a copy the relay did
@@ -25,7 +26,12 @@
  *                      attempt counted so that the backoff starts from
  *                      it; +quarantine puts the original on Postfix's
  *                      hold queue, reason "archive copy OUTCOME;
- *                      spooled; X-Archive-Id=ID".
+ *                      spooled; X-Archive-Id=ID".  An MTA that did not
+ *                      grant SMFIF_QUARANTINE at negotiation, or whose
+ *                      smfi_quarantine() fails, gets 451 4.3.0
+ *                      "archive-milter: cannot quarantine message"
+ *                      instead, and the copies are withdrawn as for
+ *                      any tempfail.
  *     header           X-Archive-Status on the original: "OUTCOME;
  *                      id=ID" when sent, "OUTCOME; spooled; id=ID" or
  *                      "OUTCOME; held; id=ID" otherwise (OUTCOME as in
@@ -36,6 +42,11 @@
  *                      else the class's X.0.0 or the failure's, as in
  *                      the log line), and reject_text or "archive copy
  *                      refused: REPLY".
+ *   REPLY is the relay's own reply that decided the outcome; when no
+ *   reply did (no connection, a timeout, TLS, our own input), only the
+ *   outcome's name (unreachable, timeout...): the client library's
+ *   text names the relay's address, files and certificates, which the
+ *   sending client has no business reading; the log lines have it.
  * Several rules: reject beats tempfail beats accept, and the client
  * gets the reply of the first rule with the winning action; headers
  * add up; quarantine when any rule asks.  Their synchronous copies are
@@ -50,13 +61,28 @@
  * already took is logged with its X-Archive-Id.  When it is accepted,
  * queued copies are handed to the runner (a delivery = spool copy with
  * its message, sent from memory unless the runner's cap is reached; the
- * file stays the truth for retries and restarts).  The decision line
- * names every copy's id, so that it can be matched with the archive.
+ * file stays the truth for retries and restarts).  That hand-over
+ * (am_milter_settle) comes last, after the MTA was told everything
+ * that can still fail (smfi_quarantine), so that no spooled copy goes
+ * out for an original we end up tempfailing (a sync copy the relay
+ * took is out already, and logged as such).  The decision line, written
+ * then, names every copy's id, so that it can be matched with the
+ * archive, and the action the MTA was really given.
  *
- * Bad input from the MTA is never an assertion: it tempfails the
+ * Bad input from the MTA is never an assertion.  What reaches our
+ * callbacks and cannot be used (an address or header the capture
+ * refuses, a header line break that is not a fold) tempfails the
  * message with a 451 that says why; for a header, the end of headers
  * or a body chunk, at the end of the message, since those events are
- * negotiated without a reply (SMFIP_NR_*, see cb_header).
+ * negotiated without a reply (SMFIP_NR_*, see cb_header).  Events out
+ * of SMTP order never reach us: libmilter's engine (mi_engine, 8.17)
+ * calls xxfi_abort for a transaction in progress and then drops any
+ * command it cannot reach from HELO without a word to the MTA (RCPT
+ * or a header before MAIL, a header after the body, an end of message
+ * without MAIL or without RCPT), so such an MTA waits for its answer until its own
+ * timeout.  The "before MAIL" and "without RCPT" checks below are
+ * therefore only a guard should libmilter change; Postfix and Sendmail
+ * never send such orders.
  *
  * After EOM we cannot tell whether the MTA kept the original: seen with
  * Postfix 3.7 and a second milter that rejects at end of message,
@@ -109,15 +135,20 @@
 
 typedef struct {
 	gboolean leading_space; /* SMFIP_HDR_LEADSPC was negotiated */
+	gboolean no_quarantine; /* the MTA did not grant SMFIF_QUARANTINE;
+	                         * FALSE when unknown (no negotiation:
+	                         * session_get), smfi_quarantine() then
+	                         * being the test */
 	unsigned long noreply;  /* the SMFIP_NR_* bits we asked for */
 	char *client_addr;      /* from xxfi_connect, or {client_addr} */
 	char *client_name;
 	AmContext *ctx;  /* the current message's, or NULL */
 	AmEnvelope *env; /* the current message's, or NULL */
 	AmCapture *cap;
-	char *failure; /* why the current message is to be tempfailed
+	char *failure;       /* why the current message is to be tempfailed
 	                * at its end (a header, body or EOH event that
-	                * could not be taken), or NULL */
+	                * could not be taken), for the log; or NULL */
+	char *failure_reply; /* the same for the client (failure_text) */
 } AmSession;
 
 G_DEFINE_QUARK(am - milter - error - quark, am_milter_error)
@@ -286,13 +317,15 @@ result_tempfail(RuleResult *r, const char *text)
 	r->text = g_strdup(text);
 }
 
-/* The 451 text for a copy the spool could not take. */
+/* The 451 text for a copy the spool could not take: the condition
+ * only; the error names the spool's path and the copy's id, which are
+ * for the log line the caller writes, not for the sending client. */
 static char *
 spool_failure_text(const GError *error)
 {
 	if (g_error_matches(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_FULL))
 		return g_strdup("archive spool full");
-	return g_strdup_printf("archive spool unavailable: %s", error->message);
+	return g_strdup("archive spool unavailable");
 }
 
 /*
@@ -385,17 +418,47 @@ reject_xcode(const AmDelivery *d)
 	return g_strdup("5.0.0");
 }
 
+/*
+ * What the client reads of a failed copy (transfer full): the relay's
+ * reply that decided the outcome, as "CODE X.Y.Z text" on one line,
+ * which the policy table quotes on purpose; without one, the outcome's
+ * name only.  d->reason is not used: without a reply it is the client
+ * library's text ("cannot connect to HOST:PORT: ...", a message file,
+ * a certificate), for the delivery log line alone.
+ */
+static char *
+copy_failure_reason(const AmDelivery *d)
+{
+	GString *out;
+	const char *p;
+
+	if (d->reply.code < 400 || d->reply.code > 599)
+		return g_strdup(am_outcome_name(d->outcome));
+	out = g_string_new(NULL);
+	g_string_append_printf(out, "%03d", d->reply.code);
+	if (d->reply.enhanced != NULL)
+		g_string_append_printf(out, " %s", d->reply.enhanced);
+	if (d->reply.text != NULL && *d->reply.text != '\0') {
+		g_string_append_c(out, ' ');
+		for (p = d->reply.text; *p != '\0'; p++)
+			g_string_append_c(out, *p == '\n' ? ' ' : *p);
+	}
+	return g_string_free(out, FALSE);
+}
+
 static void
 result_reject(RuleResult *r, const AmRule *rule, const AmDelivery *d)
 {
 	r->action = AM_VERDICT_REJECT;
 	r->rcode = g_strdup("550");
 	r->xcode = reject_xcode(d);
-	if (rule->reject_text != NULL)
+	if (rule->reject_text != NULL) {
 		r->text = g_strdup(rule->reject_text);
-	else
-		r->text = g_strdup_printf("archive copy refused: %s",
-		                          d->reason ? d->reason : "failed");
+	} else {
+		g_autofree char *why = copy_failure_reason(d);
+
+		r->text = g_strdup_printf("archive copy refused: %s", why);
+	}
 }
 
 /* The addresses a copy still owes: those the relay did not take. */
@@ -525,8 +588,9 @@ rule_sync(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	if (actions & AM_ACTION_REJECT) {
 		result_reject(r, rule, d);
 	} else if (actions & AM_ACTION_TEMPFAIL) {
-		g_autofree char *text = g_strdup_printf(
-		    "archive copy failed: %s", d->reason ? d->reason : "");
+		g_autofree char *why = copy_failure_reason(d);
+		g_autofree char *text =
+		    g_strdup_printf("archive copy failed: %s", why);
 
 		result_tempfail(r, text);
 	} else {
@@ -575,11 +639,46 @@ rule_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 		rule_sync(ctx, rule, env, msg, deadline, r);
 }
 
+/*
+ * The copies of a message between the decision and the hand-over
+ * (am_milter_settle): the results of its rules, and what the decision
+ * line needs.
+ */
+struct AmVerdictCopies {
+	char *queue_id;      /* sanitized, or NULL: NOQUEUE */
+	RuleResult *results; /* one per rule that selected the message */
+	guint n, failed;     /* rules; those whose copy failed */
+	char *note;          /* why the verdict changed after the rules
+	                       * (quarantine), for the decision line; or
+	                       * NULL */
+};
+
+static void
+copies_free(struct AmVerdictCopies *c)
+{
+	guint i;
+
+	for (i = 0; i < c->n; i++)
+		rule_result_clear(&c->results[i]);
+	g_free(c->results);
+	g_free(c->queue_id);
+	g_free(c->note);
+	g_free(c);
+}
+
 void
 am_verdict_free(AmVerdict *v)
 {
 	if (v == NULL)
 		return;
+	if (v->copies != NULL) {
+		/* A caller's bug: the copies stay where they are (queue/
+		 * copies go out with the runner's next scan). */
+		am_log_warning("%s: verdict dropped before it was settled",
+		               v->copies->queue_id ? v->copies->queue_id
+		                                   : "NOQUEUE");
+		copies_free(v->copies);
+	}
 	g_free(v->rcode);
 	g_free(v->xcode);
 	g_free(v->text);
@@ -620,6 +719,32 @@ verdict_add(AmVerdict *v, RuleResult *r)
 		v->quarantine = g_steal_pointer(&r->quarantine);
 }
 
+void
+am_verdict_no_quarantine(AmVerdict *v, const char *why)
+{
+	const char *queue_id = v->copies ? v->copies->queue_id : NULL;
+
+	if (v->action != AM_VERDICT_ACCEPT || v->quarantine == NULL)
+		return;
+	am_log_error("%s: cannot quarantine the original (%s): %s; "
+	             "tempfail instead",
+	             queue_id ? queue_id : "NOQUEUE", v->quarantine, why);
+	v->action = AM_VERDICT_TEMPFAIL;
+	g_free(v->rcode);
+	g_free(v->xcode);
+	g_free(v->text);
+	v->rcode = g_strdup("451");
+	v->xcode = g_strdup("4.3.0");
+	v->text = g_strdup("archive-milter: cannot quarantine message");
+	g_clear_pointer(&v->quarantine, g_free);
+	g_ptr_array_set_size(v->headers, 0);
+	if (v->copies != NULL) {
+		g_free(v->copies->note);
+		v->copies->note =
+		    g_strdup_printf("not quarantined (%s): tempfail", why);
+	}
+}
+
 /*
  * The original is accepted: queued copies go to the runner now.  It is
  * not: copies in the spool are withdrawn (the client will send the
@@ -627,14 +752,14 @@ verdict_add(AmVerdict *v, RuleResult *r)
  * already took are named, so the archive entry can be matched.
  */
 static void
-verdict_settle(AmContext *ctx, const AmEnvelope *env, AmVerdict *v,
-               RuleResult *results, guint n)
+verdict_settle(AmContext *ctx, AmVerdict *v, struct AmVerdictCopies *c)
 {
 	g_autoptr(GError) error = NULL;
+	const char *queue_id = c->queue_id ? c->queue_id : "NOQUEUE";
 	guint i;
 
-	for (i = 0; i < n; i++) {
-		RuleResult *r = &results[i];
+	for (i = 0; i < c->n; i++) {
+		RuleResult *r = &c->results[i];
 
 		if (v->action == AM_VERDICT_ACCEPT) {
 			if (r->sent || r->spooled)
@@ -652,14 +777,14 @@ verdict_settle(AmContext *ctx, const AmEnvelope *env, AmVerdict *v,
 		if (r->spooled && !am_spool_remove(ctx->spool, r->id, &error)) {
 			am_log_warning("%s: cannot withdraw spooled copy %s "
 			               "of a message not accepted: %s",
-			               qid(env), r->id, error->message);
+			               queue_id, r->id, error->message);
 			g_clear_error(&error);
 		}
 		if (r->sent)
 			am_log_warning("%s: original not accepted (%s) but "
 			               "its archive copy was sent, "
 			               "X-Archive-Id=%s",
-			               qid(env),
+			               queue_id,
 			               v->action == AM_VERDICT_REJECT
 			                   ? "reject"
 			                   : "tempfail",
@@ -681,17 +806,51 @@ verdict_name(AmVerdictAction action)
 	}
 }
 
+/* One line says what the MTA was told, and why. */
+static void
+verdict_log(const AmVerdict *v, const struct AmVerdictCopies *c)
+{
+	g_autoptr(GString) detail = g_string_new(NULL);
+	guint i;
+
+	if (v->action != AM_VERDICT_ACCEPT)
+		g_string_append_printf(detail, "%s %s %s; ", v->rcode, v->xcode,
+		                       v->text);
+	for (i = 0; i < c->n; i++)
+		g_string_append_printf(detail, "%s%s", i > 0 ? "; " : "",
+		                       c->results[i].detail);
+	if (v->quarantine != NULL)
+		g_string_append(detail, "; quarantined");
+	if (c->note != NULL)
+		g_string_append_printf(detail, "; %s", c->note);
+	am_log_decision(c->queue_id, verdict_name(v->action), c->n, c->failed,
+	                detail->str);
+}
+
+void
+am_milter_settle(AmContext *ctx, AmVerdict *v)
+{
+	struct AmVerdictCopies *c = g_steal_pointer(&v->copies);
+
+	/* No rule made a copy: the decision line is written already. */
+	if (c == NULL)
+		return;
+	verdict_settle(ctx, v, c);
+	verdict_log(v, c);
+	copies_free(c);
+}
+
 AmVerdict *
-am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
+am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap,
+                  gboolean can_quarantine)
 {
 	const GPtrArray *headers = am_capture_get_headers(cap);
 	g_autoptr(GPtrArray) rules = NULL;
-	g_autoptr(GString) detail = g_string_new(NULL);
 	g_autoptr(GError) error = NULL;
 	AmVerdict *v = verdict_new();
-	RuleResult *results;
+	struct AmVerdictCopies *c;
 	const char *own;
-	guint i, failed = 0;
+	guint i;
 	/* copy_deadline bounds all synchronous copies of this message
 	 * together, since the MTA waits for all of them in one
 	 * milter_content_timeout; counted from here. */
@@ -730,32 +889,25 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
 	}
 
 	/* Step 3: one copy per rule, each under its rule's policy. */
-	results = g_new0(RuleResult, rules->len);
+	c = g_new0(struct AmVerdictCopies, 1);
+	c->queue_id = g_strdup(env->queue_id);
+	c->results = g_new0(RuleResult, rules->len);
+	c->n = rules->len;
+	v->copies = c;
 	for (i = 0; i < rules->len; i++) {
 		rule_copy(ctx, rules->pdata[i], env, cap, deadline,
-		          &results[i]);
-		if (results[i].failed)
-			failed++;
-		verdict_add(v, &results[i]);
+		          &c->results[i]);
+		if (c->results[i].failed)
+			c->failed++;
+		verdict_add(v, &c->results[i]);
 	}
 
-	/* Step 4: the spool and the runner follow the combined verdict. */
-	verdict_settle(ctx, env, v, results, rules->len);
-
-	/* Step 5: one line says what the MTA was told, and why. */
-	if (v->action != AM_VERDICT_ACCEPT)
-		g_string_append_printf(detail, "%s %s %s; ", v->rcode, v->xcode,
-		                       v->text);
-	for (i = 0; i < rules->len; i++) {
-		g_string_append_printf(detail, "%s%s", i > 0 ? "; " : "",
-		                       results[i].detail);
-		rule_result_clear(&results[i]);
-	}
-	if (v->quarantine != NULL)
-		g_string_append(detail, "; quarantined");
-	am_log_decision(env->queue_id, verdict_name(v->action), rules->len,
-	                failed, detail->str);
-	g_free(results);
+	/* Step 4: a rule wants the original on hold and the MTA did not
+	 * grant it: accepting it unheld would break the rule, so the
+	 * client tries again; am_milter_settle() withdraws the copies. */
+	if (!can_quarantine)
+		am_verdict_no_quarantine(v, "SMFIF_QUARANTINE not granted "
+		                            "by the MTA");
 	return v;
 }
 
@@ -771,8 +923,10 @@ am_milter_archive(AmContext *ctx, const AmEnvelope *env, AmCapture *cap)
  * new negotiation: the new session does not know the NR flags or
  * SMFIP_HDR_LEADSPC.  Still safe: its callbacks answer continue, which
  * libmilter turns into no reply (logging each as a broken promise), and
- * failures still wait for the end of message; but the capture then
- * puts back a space after each colon that the MTA did not remove.
+ * failures still wait for the end of message; quarantine is tried and
+ * its failure tempfails the message (no_quarantine FALSE); but the
+ * capture then puts back a space after each colon that the MTA did
+ * not remove.
  */
 static AmSession *
 session_get(SMFICTX *mctx)
@@ -800,6 +954,8 @@ session_reset_message(AmSession *s)
 	s->ctx = NULL;
 	g_free(s->failure);
 	s->failure = NULL;
+	g_free(s->failure_reply);
+	s->failure_reply = NULL;
 }
 
 static void
@@ -848,15 +1004,48 @@ reply_tempfail(SMFICTX *mctx, const char *prefix, const char *reason)
 	return reply_set(mctx, "451", "4.3.0", prefix, reason, SMFIS_TEMPFAIL);
 }
 
-/* Bad input or a local failure: log, tempfail and forget the message. */
+/*
+ * What the client may read of a failure of ours: input from the MTA
+ * that we refuse is named (an address, a header and where it breaks),
+ * the client being the one who can fix it; our own trouble only by
+ * kind, since its text names a temporary file's directory.  The log
+ * line has the whole error.
+ */
+static const char *
+failure_text(const GError *error)
+{
+	if (g_error_matches(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_INPUT))
+		return error->message;
+	if (g_error_matches(error, AM_CAPTURE_ERROR, AM_CAPTURE_ERROR_IO))
+		return "temporary storage failed";
+	return "local error";
+}
+
+/* Bad input or a local failure: log @reason, tempfail with @text (the
+ * client's) and forget the message. */
 static sfsistat
-session_tempfail(SMFICTX *mctx, AmSession *s, const char *reason)
+session_tempfail_full(SMFICTX *mctx, AmSession *s, const char *reason,
+                      const char *text)
 {
 	am_log_decision(s && s->env ? s->env->queue_id : NULL, "tempfail", 0, 0,
 	                reason);
 	if (s != NULL)
 		session_reset_message(s);
-	return reply_tempfail(mctx, "archive-milter: ", reason);
+	return reply_tempfail(mctx, "archive-milter: ", text);
+}
+
+/* The same, for a fixed @reason fit for the client as it is. */
+static sfsistat
+session_tempfail(SMFICTX *mctx, AmSession *s, const char *reason)
+{
+	return session_tempfail_full(mctx, s, reason, reason);
+}
+
+static sfsistat
+session_tempfail_error(SMFICTX *mctx, AmSession *s, const GError *error)
+{
+	return session_tempfail_full(mctx, s, error->message,
+	                             failure_text(error));
 }
 
 /* The queue id is known from the first accepted RCPT on (Postfix). */
@@ -939,6 +1128,14 @@ cb_negotiate(SMFICTX *mctx, unsigned long f0, unsigned long f1,
 		return SMFIS_CONTINUE;
 	}
 	s->leading_space = (f1 & SMFIP_HDR_LEADSPC) != 0;
+	/* libmilter lets smfi_quarantine() through only if granted; knowing
+	 * it now lets the end of message tempfail before any copy leaves
+	 * (am_milter_archive). */
+	s->no_quarantine = (*pf0 & SMFIF_QUARANTINE) == 0;
+	if (s->no_quarantine)
+		am_log_debug("milter: MTA grants no SMFIF_QUARANTINE; "
+		             "messages whose rule asks for quarantine will "
+		             "be tempfailed");
 	if (!s->leading_space)
 		am_log_debug("milter: MTA offers no SMFIP_HDR_LEADSPC; one "
 		             "space after each colon is assumed");
@@ -1028,7 +1225,7 @@ cb_envfrom(SMFICTX *mctx, char **argv)
 		s->env->auth_user = am_log_sanitize(auth, 256);
 	session_update_queue_id(mctx, s);
 	if (!am_envelope_set_sender(s->env, argv, &error))
-		return session_tempfail(mctx, s, error->message);
+		return session_tempfail_error(mctx, s, error);
 
 	/* Step 3: an empty capture. */
 	s->cap = am_capture_new(s->ctx->config->capture_memory_max, NULL,
@@ -1051,7 +1248,8 @@ cb_envrcpt(SMFICTX *mctx, char **argv)
 		am_log_warning("%s: recipient refused: %s",
 		               s->env->queue_id ? s->env->queue_id : "NOQUEUE",
 		               error->message);
-		return reply_tempfail(mctx, "archive-milter: ", error->message);
+		return reply_tempfail(mctx,
+		                      "archive-milter: ", failure_text(error));
 	}
 	return SMFIS_CONTINUE;
 }
@@ -1072,17 +1270,32 @@ cb_envrcpt(SMFICTX *mctx, char **argv)
  * the deferral is what the MTA sees either way.
  */
 
-/* Remember why this message must be tempfailed at its end; drop what
- * was captured, since nothing more is needed for it. */
+/* Remember why this message must be tempfailed at its end (@reason
+ * for the log, @text for the client); drop what was captured, since
+ * nothing more is needed for it. */
 static sfsistat
-session_defer(AmSession *s, const char *reason, unsigned long bit)
+session_defer_full(AmSession *s, const char *reason, const char *text,
+                   unsigned long bit)
 {
 	if (s != NULL && s->failure == NULL) {
 		s->failure = g_strdup(reason);
+		s->failure_reply = g_strdup(text);
 		am_capture_free(s->cap);
 		s->cap = NULL;
 	}
 	return reply_continue(s, bit);
+}
+
+static sfsistat
+session_defer(AmSession *s, const char *reason, unsigned long bit)
+{
+	return session_defer_full(s, reason, reason, bit);
+}
+
+static sfsistat
+session_defer_error(AmSession *s, const GError *error, unsigned long bit)
+{
+	return session_defer_full(s, error->message, failure_text(error), bit);
 }
 
 static sfsistat
@@ -1096,7 +1309,7 @@ cb_header(SMFICTX *mctx, char *name, char *value)
 	if (s == NULL || s->cap == NULL)
 		return session_defer(s, "header before MAIL", SMFIP_NR_HDR);
 	if (!am_capture_add_header(s->cap, name, value, &error))
-		return session_defer(s, error->message, SMFIP_NR_HDR);
+		return session_defer_error(s, error, SMFIP_NR_HDR);
 	return reply_continue(s, SMFIP_NR_HDR);
 }
 
@@ -1112,7 +1325,7 @@ cb_eoh(SMFICTX *mctx)
 	if (s == NULL || s->cap == NULL)
 		return session_defer(s, "headers before MAIL", SMFIP_NR_EOH);
 	if (!am_capture_end_headers(s->cap, &error))
-		return session_defer(s, error->message, SMFIP_NR_EOH);
+		return session_defer_error(s, error, SMFIP_NR_EOH);
 	return reply_continue(s, SMFIP_NR_EOH);
 }
 
@@ -1134,33 +1347,28 @@ cb_body(SMFICTX *mctx, unsigned char *data, size_t len)
 	if (s == NULL || s->cap == NULL)
 		return session_defer(s, "body before MAIL", SMFIP_NR_BODY);
 	if (!am_capture_add_body(s->cap, data, len, &error))
-		return session_defer(s, error->message, SMFIP_NR_BODY);
+		return session_defer_error(s, error, SMFIP_NR_BODY);
 	return reply_continue(s, SMFIP_NR_BODY);
 }
 
-/* "ID, ID", or "none". (transfer full) */
-static char *
-join_ids(const GPtrArray *ids)
-{
-	GString *out = g_string_new(NULL);
-	guint i;
-
-	for (i = 0; i < ids->len; i++)
-		g_string_append_printf(out, "%sX-Archive-Id=%s",
-		                       i > 0 ? ", " : "",
-		                       (const char *)ids->pdata[i]);
-	if (ids->len == 0)
-		g_string_append(out, "none");
-	return g_string_free(out, FALSE);
-}
-
-/* Tell the MTA: headers, quarantine, then the reply. */
+/*
+ * Tell the MTA: quarantine, headers, then the reply.  What can fail
+ * and change the answer (the hold queue) comes first, and the copies
+ * are handed over only afterwards (am_milter_settle in cb_eom), so a
+ * failure here still withdraws them.
+ */
 static sfsistat
-verdict_apply(SMFICTX *mctx, AmSession *s, const AmVerdict *v)
+verdict_apply(SMFICTX *mctx, AmSession *s, AmVerdict *v)
 {
 	guint i;
 
-	/* Step 1: X-Archive-Status on the original, one per copy asking;
+	/* Step 1: the hold queue; a rule asked for it, so a message that
+	 * cannot be held is not let through unheld. */
+	if (v->action == AM_VERDICT_ACCEPT && v->quarantine != NULL &&
+	    smfi_quarantine(mctx, v->quarantine) != MI_SUCCESS)
+		am_verdict_no_quarantine(v, "smfi_quarantine failed");
+
+	/* Step 2: X-Archive-Status on the original, one per copy asking;
 	 * with SMFIP_HDR_LEADSPC the value goes in as given. */
 	for (i = 0; v->action == AM_VERDICT_ACCEPT && i < v->headers->len;
 	     i++) {
@@ -1172,19 +1380,6 @@ verdict_apply(SMFICTX *mctx, AmSession *s, const AmVerdict *v)
 		    MI_SUCCESS)
 			am_log_warning("cannot add X-Archive-Status: %s",
 			               value);
-	}
-
-	/* Step 2: the hold queue; a rule asked for it, so a message that
-	 * cannot be held is not let through unheld. */
-	if (v->action == AM_VERDICT_ACCEPT && v->quarantine != NULL &&
-	    smfi_quarantine(mctx, v->quarantine) != MI_SUCCESS) {
-		g_autofree char *ids = join_ids(v->ids);
-
-		am_log_error("cannot quarantine the original (%s); "
-		             "tempfail instead; copies already made: %s",
-		             v->quarantine, ids);
-		return reply_set(mctx, "451", "4.3.0", "archive-milter: ",
-		                 "cannot quarantine message", SMFIS_TEMPFAIL);
 	}
 
 	/* Step 3: the reply. */
@@ -1207,13 +1402,15 @@ cb_eom(SMFICTX *mctx)
 	AmSession *s = smfi_getpriv(mctx);
 	g_autoptr(AmVerdict) v = NULL;
 	g_autoptr(GError) error = NULL;
+	sfsistat ret;
 
 	if (s != NULL && s->failure != NULL) {
-		/* session_tempfail() clears the message, this with it. */
+		/* session_tempfail() clears the message, these with it. */
 		g_autofree char *why = g_steal_pointer(&s->failure);
+		g_autofree char *text = g_steal_pointer(&s->failure_reply);
 
 		session_update_queue_id(mctx, s);
-		return session_tempfail(mctx, s, why);
+		return session_tempfail_full(mctx, s, why, text);
 	}
 	if (s == NULL || s->cap == NULL || s->env == NULL)
 		return session_tempfail(mctx, s, "message before MAIL");
@@ -1223,11 +1420,14 @@ cb_eom(SMFICTX *mctx)
 	/* No EOH event (SMFIP_NOEOH) and no body: the blank line now, so
 	 * that the size the rules see is the whole message's. */
 	if (!am_capture_end_headers(s->cap, &error))
-		return session_tempfail(mctx, s, error->message);
+		return session_tempfail_error(mctx, s, error);
 
-	v = am_milter_archive(s->ctx, s->env, s->cap);
+	/* Decide, tell the MTA, and only then hand the copies over. */
+	v = am_milter_archive(s->ctx, s->env, s->cap, !s->no_quarantine);
+	ret = verdict_apply(mctx, s, v);
+	am_milter_settle(s->ctx, v);
 	session_reset_message(s);
-	return verdict_apply(mctx, s, v);
+	return ret;
 }
 
 static sfsistat

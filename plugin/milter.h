@@ -65,6 +65,8 @@ typedef enum {
  * the reply is that of the first rule with the winning action; headers
  * accumulate; quarantine when any rule asks.  Every string owned.
  */
+struct AmVerdictCopies;
+
 typedef struct {
 	AmVerdictAction action;
 	char *rcode;        /* "451", "550"; NULL for accept */
@@ -76,11 +78,12 @@ typedef struct {
 	char *quarantine;   /* smfi_quarantine reason; NULL: none */
 	GPtrArray *ids;     /* char *: X-Archive-Id of every copy that
 			     * was sent or is in the spool, when the
-			     * original is accepted (empty otherwise), for
-			     * the log should cb_eom fail to apply the
-			     * verdict.  Whether the MTA then keeps the
-			     * original is not visible to a milter; see
-			     * milter.c */
+			     * original was accepted (empty otherwise);
+			     * filled by am_milter_settle().  Whether the
+			     * MTA then keeps the original is not visible
+			     * to a milter; see milter.c */
+	struct AmVerdictCopies *copies; /* private: the copies until
+					 * am_milter_settle() */
 } AmVerdict;
 
 void am_verdict_free(AmVerdict *v);
@@ -90,13 +93,35 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(AmVerdict, am_verdict_free)
  * am_milter_archive: the end-of-message work, apart from libmilter so
  * tests can drive it: recognise a returning copy, select rules, build
  * each copy and send it (delivery = sync) or spool it (delivery =
- * spool), apply each rule's policy to the outcome, log, and decide.
- * Copies spooled for an original that is then not accepted are
- * withdrawn from the spool; those queued for an accepted one are handed
- * to the runner (when the context has one).  (transfer full)
+ * spool), apply each rule's policy to the outcome, and decide.  A
+ * verdict that needs quarantine becomes a tempfail when
+ * @can_quarantine is FALSE (the MTA did not grant SMFIF_QUARANTINE).
+ * The copies are not settled yet: spooled ones wait in the spool, not
+ * handed to the runner, until am_milter_settle(), which the caller
+ * must call once the MTA was told (and before am_verdict_free).
+ * (transfer full)
  */
 AmVerdict *am_milter_archive(AmContext *ctx, const AmEnvelope *env,
-                             AmCapture *cap);
+                             AmCapture *cap, gboolean can_quarantine);
+
+/*
+ * am_verdict_no_quarantine: @v asked for quarantine but the original
+ * cannot be held (@why, for the log): an accepting verdict with
+ * quarantine becomes 451 4.3.0 "archive-milter: cannot quarantine
+ * message", without headers, so that am_milter_settle() withdraws its
+ * copies.  Anything else is left alone.  Logs at error level.
+ */
+void am_verdict_no_quarantine(AmVerdict *v, const char *why);
+
+/*
+ * am_milter_settle: the MTA was given @v as it now stands.  Accepted:
+ * queued copies go to @ctx's runner (when it has one) and v->ids
+ * names every copy made.  Not accepted: copies spooled for it are
+ * withdrawn, copies a relay already took are logged.  Then the
+ * decision line.  Once only; a verdict without copies (no rule, a
+ * returning copy) is left as it is.
+ */
+void am_milter_settle(AmContext *ctx, AmVerdict *v);
 
 /*
  * am_milter_reply_text: @prefix followed by @reason made safe for

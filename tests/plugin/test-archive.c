@@ -153,6 +153,18 @@ capture(const char *archive_id)
 	return cap;
 }
 
+/* The end-of-message work as cb_eom does it, for an MTA that granted
+ * every action and applied the verdict as it came: decide, settle. */
+static AmVerdict *
+archive(Fixture *f, const AmEnvelope *env, AmCapture *cap)
+{
+	AmVerdict *v = am_milter_archive(f->ctx, env, cap, TRUE);
+
+	am_milter_settle(f->ctx, v);
+	g_assert_null(v->copies);
+	return v;
+}
+
 static AmVerdict *
 archive_one(Fixture *f)
 {
@@ -160,7 +172,7 @@ archive_one(Fixture *f)
 	g_autoptr(AmEnvelope) env = envelope(rcpts);
 	g_autoptr(AmCapture) cap = capture(NULL);
 
-	return am_milter_archive(f->ctx, env, cap);
+	return archive(f, env, cap);
 }
 
 static GPtrArray *
@@ -207,7 +219,7 @@ test_sent(void)
 	gsize len;
 
 	fixture_setup(&f, NULL, "");
-	v = am_milter_archive(f.ctx, env, cap);
+	v = archive(&f, env, cap);
 	g_assert_cmpint(v->action, ==, AM_VERDICT_ACCEPT);
 	g_assert_null(v->rcode);
 	g_assert_cmpuint(v->headers->len, ==, 0);
@@ -289,7 +301,7 @@ static const PolicyCase policy_cases[] = {
      FALSE,
      AM_VERDICT_TEMPFAIL,
      "451 4.3.0",
-     "archive copy failed: ",
+     "archive copy failed: unreachable",
      {NULL},
      NULL,
      0,
@@ -364,7 +376,7 @@ static const PolicyCase policy_cases[] = {
      FALSE,
      AM_VERDICT_REJECT,
      "550 5.4.1",
-     "archive copy refused: ",
+     "archive copy refused: unreachable",
      {NULL},
      NULL,
      0,
@@ -689,6 +701,13 @@ test_policy(gconstpointer data)
 	}
 	if (c->text != NULL)
 		g_assert_nonnull(strstr(v->text, c->text));
+	/* The client reads the relay's reply or a condition, never our
+	 * client library's text (the relay's address) or a spool path. */
+	if (v->text != NULL) {
+		g_assert_null(strstr(v->text, "127.0.0.1"));
+		g_assert_null(strstr(v->text, f.dir));
+		g_assert_null(strstr(v->text, "am1."));
+	}
 
 	/* Headers and quarantine. */
 	for (i = 0; i < G_N_ELEMENTS(c->header) && c->header[i]; i++) {
@@ -963,7 +982,7 @@ test_returning_copy(void)
 	id = am_archive_id_new(f.ctx->key);
 	value = g_strconcat(" ", id, NULL);
 	cap = capture(value);
-	v = am_milter_archive(f.ctx, env, cap);
+	v = archive(&f, env, cap);
 	g_assert_cmpint(v->action, ==, AM_VERDICT_ACCEPT);
 	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 0);
 	fixture_teardown(&f);
@@ -986,7 +1005,7 @@ test_forged_or_replayed(gconstpointer data)
 	            : g_strdup("am1.00000000000000000000000000000000."
 	                       "00000000000000000000000000000000");
 	cap = capture(id);
-	v = am_milter_archive(f.ctx, env, cap);
+	v = archive(&f, env, cap);
 	g_assert_cmpint(v->action, ==, AM_VERDICT_ACCEPT);
 	g_assert_true(fake_smtp_wait_messages(f.fake, 1, 2000));
 	fixture_teardown(&f);
@@ -1112,6 +1131,148 @@ test_reply_text(void)
 	}
 }
 
+/*
+ * A rule asks for quarantine (spool+quarantine on a failed sync copy)
+ * and a second rule spools its copy (delivery = spool) for a runner
+ * that would send it at once if handed it.  @QUARANTINE_GRANTED: the
+ * verdict is applied as it came, both copies are handed over, the
+ * runner sends rule b's.  @QUARANTINE_DENIED: the MTA did not grant
+ * SMFIF_QUARANTINE; the verdict is a tempfail from the start.
+ * @QUARANTINE_FAILED: granted, but smfi_quarantine() failed when
+ * cb_eom applied it (am_verdict_no_quarantine before the settling).
+ * In both failing cases the copies are withdrawn, the runner never
+ * sees them, and the decision line says tempfail.
+ */
+typedef enum {
+	QUARANTINE_GRANTED,
+	QUARANTINE_DENIED,
+	QUARANTINE_FAILED,
+} QuarantineCase;
+
+static void
+test_quarantine(gconstpointer data)
+{
+	QuarantineCase qc = GPOINTER_TO_INT(data);
+	const char *rcpts[] = {"a@dest.example", NULL};
+	Fixture f = {0};
+	g_autoptr(AmEnvelope) env = NULL;
+	g_autoptr(AmCapture) cap = NULL;
+	g_autoptr(AmVerdict) v = NULL;
+	g_autoptr(GError) error = NULL;
+	AmRunner *runner;
+
+	if (!g_test_subprocess()) {
+		g_test_trap_subprocess(NULL, 0, G_TEST_SUBPROCESS_DEFAULT);
+		g_test_trap_assert_passed();
+		if (qc == QUARANTINE_GRANTED) {
+			g_test_trap_assert_stderr(
+			    "*TESTQ1: action=accept, copies=2, failed=1 (*; "
+			    "quarantined*");
+			return;
+		}
+		g_test_trap_assert_stderr(
+		    "*error*TESTQ1: cannot quarantine the original (archive "
+		    "copy unreachable; spooled; X-Archive-Id=am1.*");
+		g_test_trap_assert_stderr(
+		    "*TESTQ1: action=tempfail, copies=2, failed=1 (451 4.3.0 "
+		    "archive-milter: cannot quarantine message; a: "
+		    "unreachable -> spool+quarantine+header*; b: queued*; "
+		    "not quarantined (*): tempfail)*");
+		return;
+	}
+
+	am_log_init("test-archive", TRUE, FALSE);
+	fixture_setup_full(&f, NULL, "", "",
+	                   "relay = down\n"
+	                   "on_unreachable = spool+quarantine+header",
+	                   "relay = archive\ndelivery = spool\n"
+	                   "archive_to = other@archive.example\n",
+	                   FALSE);
+	runner = am_runner_start_full(f.spool, 1, 60000, &error);
+	g_assert_no_error(error);
+	f.ctx->runner = runner;
+	am_milter_set_context(f.ctx);
+	env = envelope(rcpts);
+	cap = capture(NULL);
+
+	/* Step 1: the decision; nothing handed to the runner yet. */
+	v = am_milter_archive(f.ctx, env, cap, qc != QUARANTINE_DENIED);
+	if (qc == QUARANTINE_DENIED) {
+		g_assert_cmpint(v->action, ==, AM_VERDICT_TEMPFAIL);
+	} else {
+		g_autoptr(GPtrArray) queued = spool_list(&f, AM_SPOOL_QUEUED);
+
+		g_assert_cmpint(v->action, ==, AM_VERDICT_ACCEPT);
+		g_assert_nonnull(v->quarantine);
+		g_assert_cmpuint(queued->len, ==, 2);
+		g_assert_false(fake_smtp_wait_messages(f.fake, 1, 300));
+	}
+
+	/* Step 2: cb_eom's quarantine failing, then the settling. */
+	if (qc == QUARANTINE_FAILED)
+		am_verdict_no_quarantine(v, "smfi_quarantine failed");
+	am_milter_settle(f.ctx, v);
+	g_assert_null(v->copies);
+
+	if (qc == QUARANTINE_GRANTED) {
+		g_assert_cmpuint(v->ids->len, ==, 2);
+		g_assert_true(fake_smtp_wait_messages(f.fake, 1, 5000));
+	} else {
+		g_autoptr(GPtrArray) queued = spool_list(&f, AM_SPOOL_QUEUED);
+		g_autoptr(GPtrArray) held = spool_list(&f, AM_SPOOL_HELD);
+
+		g_assert_cmpint(v->action, ==, AM_VERDICT_TEMPFAIL);
+		g_assert_cmpstr(v->rcode, ==, "451");
+		g_assert_cmpstr(v->xcode, ==, "4.3.0");
+		g_assert_cmpstr(v->text, ==,
+		                "archive-milter: cannot quarantine message");
+		g_assert_null(v->quarantine);
+		g_assert_cmpuint(v->headers->len, ==, 0);
+		g_assert_cmpuint(v->ids->len, ==, 0);
+		g_assert_cmpuint(queued->len, ==, 0);
+		g_assert_cmpuint(held->len, ==, 0);
+		g_assert_false(fake_smtp_wait_messages(f.fake, 1, 500));
+	}
+	am_runner_stop(runner);
+	am_milter_set_context(NULL);
+	fixture_teardown(&f);
+}
+
+/*
+ * The spool's tmp/ gone from under it (as a file system gone
+ * read-only or unmounted would): 451 "archive spool unavailable" for
+ * a delivery = spool copy and for a sync copy the policy spools,
+ * naming neither the spool's path nor the copy's id, which the log
+ * line has.
+ */
+static void
+test_spool_unavailable(gconstpointer data)
+{
+	const char *rule = data;
+	Fixture f = {0};
+	g_autoptr(AmVerdict) v = NULL;
+	g_autofree char *tmp = NULL;
+
+	if (!g_test_subprocess()) {
+		g_test_trap_subprocess(NULL, 0, G_TEST_SUBPROCESS_DEFAULT);
+		g_test_trap_assert_passed();
+		g_test_trap_assert_stderr("*error*TESTQ1: rule a: *am1.*"
+		                          "cannot create */spool/tmp/am1.*");
+		g_test_trap_assert_stderr("*TESTQ1: action=tempfail, *(451 "
+		                          "4.3.0 archive spool unavailable; *");
+		return;
+	}
+	am_log_init("test-archive", TRUE, FALSE);
+	fixture_setup(&f, NULL, rule);
+	tmp = g_build_filename(f.dir, "spool", "tmp", NULL);
+	g_assert_cmpint(g_rmdir(tmp), ==, 0);
+	v = archive_one(&f);
+	g_assert_cmpint(v->action, ==, AM_VERDICT_TEMPFAIL);
+	g_assert_cmpstr(v->rcode, ==, "451");
+	g_assert_cmpstr(v->text, ==, "archive spool unavailable");
+	fixture_teardown(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1137,6 +1298,20 @@ main(int argc, char **argv)
 	                test_log_sent_not_accepted);
 	g_test_add_func("/plugin/archive/log/spool-mode", test_log_spool_mode);
 	g_test_add_func("/plugin/archive/returning-copy", test_returning_copy);
+	g_test_add_data_func("/plugin/archive/quarantine/granted",
+	                     GINT_TO_POINTER(QUARANTINE_GRANTED),
+	                     test_quarantine);
+	g_test_add_data_func("/plugin/archive/quarantine/not-granted",
+	                     GINT_TO_POINTER(QUARANTINE_DENIED),
+	                     test_quarantine);
+	g_test_add_data_func("/plugin/archive/quarantine/failed-at-eom",
+	                     GINT_TO_POINTER(QUARANTINE_FAILED),
+	                     test_quarantine);
+	g_test_add_data_func("/plugin/archive/spool-unavailable/spool-mode",
+	                     "delivery = spool", test_spool_unavailable);
+	g_test_add_data_func("/plugin/archive/spool-unavailable/sync",
+	                     "relay = down\non_unreachable = spool",
+	                     test_spool_unavailable);
 	g_test_add_func("/plugin/archive/reply-text", test_reply_text);
 	g_test_add_func("/plugin/archive/message-deadline",
 	                test_message_deadline);

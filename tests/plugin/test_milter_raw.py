@@ -31,7 +31,17 @@ process) as its archive, and the test asserts what the relay received:
     the other recipients, with and without NR;
   * a header on which a rule's regular expression hits PCRE's
     backtracking limit tempfails the message at its end (a second
-    milter, match = all, with such a rule), and no copy is sent.
+    milter, match = all, with such a rule), and no copy is sent;
+  * a rule's spool+quarantine on a sync copy the relay refused (451 to
+    MAIL): when the MTA grants SMFIF_QUARANTINE the original is put on
+    hold (a quarantine packet) and accepted, its copy queued and sent
+    once the relay takes mail again; when it does not, the message is
+    tempfailed ("cannot quarantine"), the decision line says tempfail,
+    and no copy is left in the spool or ever reaches the relay;
+  * the 451 texts the SMTP client reads name the condition only: a
+    spool that cannot take the copy ("archive spool unavailable", no
+    path, no X-Archive-Id), a relay nobody listens on ("archive copy
+    failed: unreachable", not its address).
 
 No root, no Postfix.  Exit status: 0 all passed, 1 a check failed, 77
 (meson: skipped) without $ARCHIVE_MILTER, 99 harness error.
@@ -92,11 +102,12 @@ class MtaSide:
     protocol flags of SMFIC_OPTNEG; an event whose NR bit the milter
     asked for is sent without waiting for an answer, as Postfix does."""
 
-    def __init__(self, port, offered=OFFERED, timeout=20):
+    def __init__(self, port, offered=OFFERED, timeout=20, actions=SMFIF_ALL):
         self.sock = socket.create_connection((h.LOOPBACK, port),
                                              timeout=timeout)
         self.f = self.sock.makefile("rb")
         self.offered = offered
+        self.actions = actions
         self.proto = 0
 
     def close(self):
@@ -144,7 +155,7 @@ class MtaSide:
         return self.answer()
 
     def negotiate(self):
-        self.send(b"O", struct.pack(">III", SMFI_VERSION, SMFIF_ALL,
+        self.send(b"O", struct.pack(">III", SMFI_VERSION, self.actions,
                                     self.offered))
         code, data = self.read()
         if code != b"O" or len(data) < 12:
@@ -227,11 +238,12 @@ def continued(reply):
 
 
 def message(port, qid, headers, rcpts=(b"to@dest.example",), body=b"b\r\n",
-            offered=OFFERED):
+            offered=OFFERED, actions=SMFIF_ALL):
     """One transaction as an MTA runs it; stops at the first answer
-    from connect to body that is neither continue nor none."""
+    from connect to body that is neither continue nor none.  actions:
+    the SMFIF_* bits the MTA grants."""
     t = Transaction()
-    mta = MtaSide(port, offered)
+    mta = MtaSide(port, offered, actions=actions)
     try:
         mta.negotiate()
         t.proto = mta.proto
@@ -487,6 +499,118 @@ def check_match_limit(c, workdir, relay):
         milter.stop()
 
 
+SMFIF_QUARANTINE = 0x20
+
+
+def reply_text(reply):
+    return reply[1].rstrip(b"\0").decode("utf-8", "replace") if reply else ""
+
+
+def check_quarantine(c, workdir):
+    """spool+quarantine on a failed sync copy, with and without
+    SMFIF_QUARANTINE granted (break3 finding 1)."""
+    relay = h.SinkRelay("raw-quarantine",
+                        os.path.join(workdir, "store-q")).start()
+    relay.set_faults({"MAIL": "451 4.3.0 down for now"})
+    milter = h.Milter(os.environ["ARCHIVE_MILTER"],
+                      os.path.join(workdir, "milter-q"), relay.port,
+                      ARCHIVE_TO, relay_timeout=3, delivery="sync",
+                      on_failure=None,
+                      policy={"on_failure": "spool+quarantine"},
+                      spool_retry_min=1, spool_retry_max=1)
+    milter.start()
+    try:
+        # Not granted: 451, nothing left behind.
+        got = message(milter.port, "RAWQNO",
+                      [(b"X-Marker", b" quarantine-denied")],
+                      actions=SMFIF_ALL & ~SMFIF_QUARANTINE)
+        mods = got.eom[2] if got.eom else []
+        c.ok(is_tempfail(got.eom, "cannot quarantine")
+             and not any(m[0] == b"q" for m in mods),
+             "quarantine not granted: 451 at end of message, no hold",
+             got)
+        c.ok(milter.spool_files("queue") == []
+             and milter.spool_files("hold") == [],
+             "quarantine not granted: the copy is withdrawn from the "
+             "spool", "queue=%r hold=%r" % (milter.spool_files("queue"),
+                                            milter.spool_files("hold")))
+        c.ok(decision_logged(milter, "RAWQNO", "cannot quarantine",
+                             "not quarantined"),
+             "quarantine not granted: the decision line says tempfail",
+             milter.log())
+
+        # Granted: held, accepted, the copy queued.
+        got = message(milter.port, "RAWQYES",
+                      [(b"X-Marker", b" quarantine-granted")])
+        mods = got.eom[2] if got.eom else []
+        c.ok(continued(got.eom)
+             and any(m[0] == b"q" and b"X-Archive-Id=am1." in m[1]
+                     for m in mods),
+             "quarantine granted: the original is held and accepted", got)
+        c.ok(len(milter.spool_files("queue")) == 1,
+             "quarantine granted: its copy waits in queue/",
+             milter.spool_files("queue"))
+
+        # The relay takes mail again: only the accepted one's copy.
+        relay.set_faults({})
+        copy = wait_copy(relay, b"quarantine-granted", timeout=15)
+        h.wait_for(lambda: milter.spool_files("queue") == [], 10,
+                   "queue/ to empty")
+        c.ok(copy is not None
+             and not any(b"quarantine-denied" in m.content
+                         for m in relay.messages()),
+             "the relay gets the held message's copy, never the "
+             "tempfailed one's",
+             [m.content[:200] for m in relay.messages()])
+    finally:
+        milter.stop()
+        relay.stop()
+
+
+def check_reply_texts(c, workdir, relay):
+    """What the client reads of our failures: the condition, not our
+    paths, ids or the relay's address (break3 finding 2)."""
+    spool_milter = h.Milter(os.environ["ARCHIVE_MILTER"],
+                            os.path.join(workdir, "milter-sp"), relay.port,
+                            ARCHIVE_TO, relay_timeout=3, delivery="spool")
+    down_milter = h.Milter(os.environ["ARCHIVE_MILTER"],
+                           os.path.join(workdir, "milter-down"),
+                           h.free_port(), ARCHIVE_TO, relay_timeout=3)
+    spool_milter.start()
+    down_milter.start()
+    try:
+        # The spool's tmp/ gone from under the daemon (it holds the
+        # directory open): the copy cannot be written.
+        os.rmdir(os.path.join(spool_milter.spool_dir, "tmp"))
+        got = message(spool_milter.port, "RAWSPOOL",
+                      [(b"X-Marker", b" spool-gone")])
+        text = reply_text(got.eom)
+        c.ok(got.eom is not None and got.eom[0] == b"y"
+             and text == "451 4.3.0 archive spool unavailable",
+             "spool unusable: 451 'archive spool unavailable', nothing "
+             "more", got)
+        c.ok(decision_logged(spool_milter, "RAWSPOOL",
+                             "archive spool unavailable")
+             and "cannot create %s" % os.path.join(
+                 spool_milter.spool_dir, "tmp") in spool_milter.log(),
+             "spool unusable: the log has the path and the reason",
+             spool_milter.log())
+
+        got = message(down_milter.port, "RAWDOWN",
+                      [(b"X-Marker", b" relay-down")])
+        text = reply_text(got.eom)
+        c.ok(got.eom is not None and got.eom[0] == b"y"
+             and text == "451 4.3.0 archive copy failed: unreachable",
+             "relay down: 451 'archive copy failed: unreachable', no "
+             "address", got)
+        c.ok(h.LOOPBACK in down_milter.log(),
+             "relay down: the log names the relay's address",
+             down_milter.log())
+    finally:
+        spool_milter.stop()
+        down_milter.stop()
+
+
 def print_log(milter):
     if milter is not None:
         print("# milter log:\n" + "".join(
@@ -513,6 +637,8 @@ def main():
         check_nul(c, milter.port, relay)
         check_long_rcpt(c, milter.port, relay)
         check_match_limit(c, workdir, relay)
+        check_quarantine(c, workdir)
+        check_reply_texts(c, workdir, relay)
         print("1..%d" % c.n)
         status = 1 if c.failed else 0
     except Exception:
