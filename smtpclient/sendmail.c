@@ -20,7 +20,11 @@
  * message's end marker, when the server pipelines: a job then costs one
  * round trip, not two.  The look-ahead is only an optimisation: when
  * anything about it fails, the job starts afresh in its turn, so its
- * outcome is what it would have been alone.
+ * outcome is what it would have been alone.  Two exceptions, both the
+ * look-ahead's doing: a job whose commands met a connection the server
+ * closed after the previous 250 starts over once on a new one
+ * (lost_ahead), and a reply too many before them shows as replies out
+ * of step (in_step), PROTOCOL, where alone it is found before MAIL.
  *
  * Known limits:
  * XXX: more than PIPELINE_GROUP commands go out in several writes, each

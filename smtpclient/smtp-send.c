@@ -16,9 +16,17 @@
  * With no FILE, or for a FILE "-", the message is read from standard
  * input, wholly into memory, so that SIZE= can be announced.  A regular
  * file over 64 KiB is handed to the library as a file descriptor and
- * streamed; a smaller one, or anything else (a pipe, a terminal), is
- * read into memory first: the library reads with pread(), and for a
- * small file one read costs fewer system calls.
+ * streamed; a smaller one is read into memory first: the library reads
+ * with pread(), and for a small file one read costs fewer system calls.
+ * A FILE that is not a regular file (a FIFO, a device) is refused as
+ * unreadable (66): it is opened without blocking and never read, since
+ * a FIFO nobody writes to would hold smtp-send (and its idle relay
+ * connection) for ever, whatever --timeout says, and a device such as
+ * /dev/zero has no end.  Such input goes through standard input ("-").
+ * What is read into memory (standard input, a small file that grows
+ * while read) is capped at 64 MiB (MEMORY_INPUT_MAX): beyond that the
+ * message is an INPUT error (65), not an unbounded allocation.
+ * XXX: standard input itself is read without a time limit.
  *
  * Output, per message.  Plain: "FILE: sent (REPLY)" or "FILE: error" on
  * standard output, then "refused <ADDR>: CODE X.Y.Z TEXT" per refused
@@ -88,6 +96,11 @@
  * holds at most 4 MiB, the two batches of the Loader 8 MiB. */
 #define SMALL_FILE (64 * 1024)
 
+/* The most read into memory for one message (standard input, or a
+ * small file that grows while read): /dev/zero on standard input must
+ * not take all the memory there is. */
+#define MEMORY_INPUT_MAX (64 * 1024 * 1024)
+
 typedef struct {
 	char *server; /* HOST[:PORT] as given */
 	char *from;   /* NULL: not given; "" or "<>": null sender */
@@ -118,8 +131,10 @@ typedef struct {
 static const char epilogue[] =
     "Each FILE is one message; all are sent over one connection, in order,\n"
     "and a failure does not stop the others.  With no FILE, or FILE \"-\",\n"
-    "the message is read from standard input.  --from \"\" or \"<>\" is the\n"
-    "null sender; angle brackets around addresses are removed.\n"
+    "the message is read from standard input (at most 64 MiB).  A FILE must\n"
+    "be a regular file: a FIFO or device is refused (66); pipe it to \"-\".\n"
+    "--from \"\" or \"<>\" is the null sender; angle brackets around\n"
+    "addresses are removed.\n"
     "\n"
     "--json prints one object per message and line:\n"
     "  {\"file\": \"-\", \"status\": \"sent\" or \"error\",\n"
@@ -376,7 +391,8 @@ check_options(const Options *opt, GError **error)
 /* Messages                                                             */
 /* ------------------------------------------------------------------ */
 
-/* Read @fd to its end; NULL with a G_FILE_ERROR naming @name. */
+/* Read @fd to its end; NULL with a G_FILE_ERROR naming @name, or an
+ * SMTP_ERROR_INPUT past MEMORY_INPUT_MAX octets. */
 static GBytes *
 read_all(int fd, const char *name, GError **error)
 {
@@ -384,7 +400,18 @@ read_all(int fd, const char *name, GError **error)
 	guint8 chunk[65536];
 
 	for (;;) {
-		ssize_t n = read(fd, chunk, sizeof(chunk));
+		ssize_t n;
+
+		if (buf->len > MEMORY_INPUT_MAX) {
+			g_set_error(error, SMTP_ERROR, SMTP_ERROR_INPUT,
+			            "%s: more than %d MiB to read into memory "
+			            "(give a large message as a regular file)",
+			            name, MEMORY_INPUT_MAX / (1024 * 1024));
+			return NULL;
+		}
+		n = read(
+		    fd, chunk,
+		    MIN(sizeof(chunk), (gsize)MEMORY_INPUT_MAX + 1 - buf->len));
 
 		if (n == 0)
 			break;
@@ -433,8 +460,10 @@ load_message(const char *file, SmtpMessageKind kind, GError **error)
 		return g_steal_pointer(&msg);
 	}
 
-	/* Open and check the file */
-	fd = open(file, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+	/* Open and check the file.  O_NONBLOCK: open() of a FIFO without
+	 * a writer would otherwise wait for one for ever; for a regular
+	 * file it changes nothing. */
+	fd = open(file, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
 	if (fd < 0 || fstat(fd, &st) < 0) {
 		int saved = errno;
 
@@ -450,11 +479,18 @@ load_message(const char *file, SmtpMessageKind kind, GError **error)
 		close(fd);
 		return NULL;
 	}
+	if (!S_ISREG(st.st_mode)) {
+		g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+		            "cannot read %s: not a regular file (a FIFO or a "
+		            "device: give it on standard input as \"-\")",
+		            file);
+		close(fd);
+		return NULL;
+	}
 
 	/* Stream regular files, but read small ones at once: that saves
-	 * the library a dup(), an fstat() and a pread() per message.
-	 * Pipes and devices have no pread(). */
-	if (S_ISREG(st.st_mode) && st.st_size > SMALL_FILE)
+	 * the library a dup(), an fstat() and a pread() per message. */
+	if (st.st_size > SMALL_FILE)
 		ok = smtp_message_append_fd(msg, fd, 0, -1, error);
 	else
 		ok = append_from_memory(msg, fd, file, error);
@@ -532,8 +568,12 @@ error_stage(const GError *error)
 {
 	if (error->domain == G_FILE_ERROR)
 		return "input";
+	/* smtp-send's own INPUT (the memory cap) carries no stage */
 	if (error->domain == SMTP_ERROR)
-		return smtp_error_get_stage(error);
+		return smtp_error_get_stage(error) != NULL ||
+		               error->code != SMTP_ERROR_INPUT
+		           ? smtp_error_get_stage(error)
+		           : "input";
 	return NULL;
 }
 

@@ -18,6 +18,8 @@
  */
 #include <fcntl.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -752,6 +754,88 @@ test_unreadable(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(fake_smtp_get_connections(f->fake), ==, 1);
 }
 
+/*
+ * A FIFO nobody writes to, and /dev/zero, given as FILEs (break3
+ * finding 5: the loader thread blocked in open() of the FIFO for ever,
+ * whatever --timeout said).  Both are refused as unreadable (66)
+ * without being read, at once; the files around them are sent.
+ */
+static void
+test_not_regular(Fixture *f, gconstpointer data)
+{
+	g_auto(Run) r = {0};
+	g_autofree char *a =
+	    fixture_file(f, "a.eml", "Subject: a\r\n\r\nA\r\n");
+	g_autofree char *b =
+	    fixture_file(f, "b.eml", "Subject: b\r\n\r\nB\r\n");
+	g_autofree char *fifo = g_build_filename(f->dir, "fifo", NULL);
+	g_autofree char *canon = NULL;
+	g_auto(GStrv) lines = NULL;
+	gint64 start;
+
+	(void)data;
+	if (!have_python())
+		return;
+	g_assert_cmpint(mkfifo(fifo, 0600), ==, 0);
+	start = g_get_monotonic_time();
+	run(&r, NULL, "--server", f->server, "--from", FROM, "--to", TO,
+	    "--json", "--timeout", "2", a, fifo, "/dev/zero", b, NULL);
+	g_assert_cmpint(g_get_monotonic_time() - start, <, 5 * G_USEC_PER_SEC);
+	g_unlink(fifo);
+	g_assert_cmpint(r.status, ==, 66);
+	canon = json_canon(r.out);
+	lines = g_strsplit(canon, "\n", -1);
+	g_assert_cmpuint(g_strv_length(lines), ==, 4);
+	g_assert_nonnull(strstr(lines[0], "\"status\":\"sent\""));
+	for (guint i = 1; i <= 2; i++) {
+		g_assert_nonnull(strstr(lines[i], "\"status\":\"error\""));
+		g_assert_nonnull(
+		    strstr(lines[i], "{\"kind\":\"input\",\"code\":0,"));
+		g_assert_nonnull(strstr(lines[i], "not a regular file"));
+		g_assert_nonnull(strstr(lines[i], "\"stage\":\"input\"}"));
+	}
+	g_assert_nonnull(strstr(lines[3], "\"status\":\"sent\""));
+	assert_content(message(f, 0), "Subject: a\r\n\r\nA\r\n");
+	assert_content(message(f, 1), "Subject: b\r\n\r\nB\r\n");
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 2);
+}
+
+/*
+ * /dev/zero on standard input: read into memory, but no more than
+ * 64 MiB; then the message is bad input (65), nothing of it sent, and
+ * smtp-send's peak memory stays bounded (before: it grew until killed).
+ */
+static void
+test_stdin_cap(Fixture *f, gconstpointer data)
+{
+	const char *argv[] = {
+	    smtp_send_path, "--server", f->server, "--from", FROM,
+	    "--to",         TO,         "--json",  "-",      NULL};
+	g_autoptr(GError) error = NULL;
+	g_autofree char *out = NULL, *err = NULL;
+	struct rusage ru;
+	int fd = open("/dev/zero", O_RDONLY | O_CLOEXEC), status = 0;
+
+	(void)data;
+	g_assert_cmpint(fd, >=, 0);
+	g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, child_stdin,
+	             &fd, &out, &err, &status, &error);
+	g_assert_no_error(error);
+	close(fd);
+	g_test_message("stdout: %s\nstderr: %s", out, err);
+	g_assert_true(WIFEXITED(status));
+	g_assert_cmpint(WEXITSTATUS(status), ==, 65);
+	g_assert_nonnull(strstr(out, "\"kind\": \"input\""));
+	g_assert_nonnull(strstr(out, "64 MiB"));
+	g_assert_nonnull(strstr(out, "\"stage\": \"input\""));
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 0);
+
+	/* ru_maxrss (KiB) is the largest child so far: all small but
+	 * this one, whose 64 MiB may sit in a buffer of 128 MiB */
+	g_assert_cmpint(getrusage(RUSAGE_CHILDREN, &ru), ==, 0);
+	g_assert_cmpint(ru.ru_maxrss, <, 400 * 1024);
+}
+
 /* Content of the numbered message @i of the many-files tests. */
 static char *
 numbered(guint i)
@@ -1397,6 +1481,8 @@ main(int argc, char **argv)
 	    "\\xe2\\x80\\xaaf\\xe2\\x80\\xac \\xc3\\xa9\\r\\n\n",
 	    test_bidi_text);
 	ADD("files/unreadable", NULL, test_unreadable);
+	ADD("files/not-regular", NULL, test_not_regular);
+	ADD("files/stdin-cap", NULL, test_stdin_cap);
 	ADD("files/many-over-batches", NULL, test_many_files);
 	ADD("files/many-over-batches-pipelined",
 	    "ehlo-keywords PIPELINING 8BITMIME SIZE 10485760\n",
