@@ -775,20 +775,17 @@ spool_list(const AmConfig *config)
 		return rc;
 	for (guint i = 0; i < 2 && rc == EX_OK; i++) {
 		g_autoptr(GError) error = NULL;
-		g_autoptr(GPtrArray) ids = NULL;
+		guint bad = 0;
 
-		ids = am_spool_list_ids(spool, states[i], &error);
-		if (ids != NULL)
-			lists[i] = am_spool_list(spool, states[i], &error);
+		/* A copy confirmed or moved while it is listed is gone,
+		 * not damaged: the spool says which is which. */
+		lists[i] = am_spool_list_full(spool, states[i], &bad, &error);
 		if (lists[i] == NULL) {
 			fprintf(stderr, "archive-milter: %s\n", error->message);
 			rc = EX_IOERR;
 			break;
 		}
-		/* A copy that moved between the two looks is not damaged;
-		 * the count may be off by such a copy, never more. */
-		if (ids->len > lists[i]->len)
-			damaged += ids->len - lists[i]->len;
+		damaged += bad;
 		if (lists[i]->len > 0)
 			oldest[i] = age_of(
 			    now, ((AmSpoolEntry *)lists[i]->pdata[0])->created);

@@ -632,8 +632,12 @@ rule_copy(AmContext *ctx, const AmRule *rule, const AmEnvelope *env,
 	if (rule->delivery == AM_DELIVERY_SPOOL) {
 		rule_spool(ctx, rule, env, msg, r);
 		/* The runner sends these very octets from memory if the
-		 * original is accepted. */
-		if (r->entry != NULL)
+		 * original is accepted; but not a capture that spilled to
+		 * its temporary file: the copy would keep that file open
+		 * until its first attempt, and copies waiting for a slow
+		 * relay would run the daemon out of descriptors.  Such a
+		 * copy is read from its spool file instead. */
+		if (r->entry != NULL && !am_capture_is_spilled(cap))
 			r->msg = g_steal_pointer(&msg);
 	} else
 		rule_sync(ctx, rule, env, msg, deadline, r);

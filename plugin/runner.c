@@ -434,7 +434,7 @@ deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e, SmtpMessage *given,
 	am_delivery_log(d, e->queue_id);
 	if (d->status != AM_STATUS_SENT)
 		return after_failure(r, ctx, rule, e, d);
-	if (!am_spool_remove_full(r->spool, e->id, !stateless, &error))
+	if (!am_spool_remove_sent(r->spool, e->id, !stateless, &error))
 		/* It will go again: its X-Archive-Id lets the archive
 		 * drop the duplicate. */
 		am_log_error("%s: sent, but cannot remove it from the "

@@ -51,12 +51,18 @@
  * directory after a rename is shared (group commit, see DirSync): puts
  * running at once wait for one fsync that began after their renames.
  *
+ * A confirmed copy's file is not unlinked but kept in tmp/ (when small)
+ * and written again for a new copy (see recycle()): no inode is freed
+ * and allocated per copy.
+ *
  * Known limits: XXX: still one fsync of each file, and one fsync of
  * queue/ per group of concurrent puts.  XXX: a put of an id already in
  * queue/ replaces that file; ids are unique per copy, so only a
- * caller's bug can do it.  XXX: the envelope is written before the
- * copy and its digest patched in after (three writes, not one writev),
- * since the digest is known only once the copy is written.
+ * caller's bug can do it.  XXX: recycled files hold up to 16 MiB in tmp/,
+ * counted as used against spool_min_free.  XXX: the envelope is
+ * written before the copy and its digest patched in after (three
+ * writes, not one writev), since the digest is known only once the
+ * copy is written.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -73,6 +79,7 @@
 #include "spool.h"
 
 #define SPOOL_MAGIC      "archive-milter-spool"
+#define RECYCLED_PREFIX  ".recycled." /* in tmp/, see recycle() */
 #define STATE_MAGIC      "archive-milter-state"
 #define STATE_VERSION    1
 #define SPOOL_HEADER_MAX (64 * 1024) /* octets of envelope we read */
@@ -118,6 +125,9 @@ struct AmSpool {
 	DirSync sync[4];  /* group commit, per subdirectory */
 	AmSpoolFsyncHook fsync_hook; /* tests: instead of fsync(); NULL */
 	gpointer fsync_hook_data;
+	GMutex recycle_lock;
+	GPtrArray *recycled; /* names in tmp/ of files to write again */
+	guint recycle_seq;   /* for their names */
 };
 
 enum { SUB_TMP, SUB_QUEUE, SUB_HOLD, SUB_STATE };
@@ -494,7 +504,9 @@ remove_leftovers(AmSpool *spool)
 					continue;
 			}
 			p = path_of(spool, sub, name);
-			if (unlinkat(spool->sub_fd[sub], name, 0) == 0)
+			/* A recycled file (see recycle()) is no news. */
+			if (unlinkat(spool->sub_fd[sub], name, 0) == 0 &&
+			    !g_str_has_prefix(name, RECYCLED_PREFIX))
 				am_log_info("spool: removed leftover %s", p);
 		}
 		if (d != NULL)
@@ -518,6 +530,8 @@ am_spool_open_full(const char *dir, guint64 min_free, AmSpoolOpenFlags flags,
 		name[--len] = '\0';
 	spool->dir = g_strdup(dir);
 	spool->min_free = min_free;
+	g_mutex_init(&spool->recycle_lock);
+	spool->recycled = g_ptr_array_new_with_free_func(g_free);
 	spool->lock_fd = -1;
 	spool->dir_fd = -1;
 	for (guint i = 0; i < G_N_ELEMENTS(spool->sub_fd); i++) {
@@ -584,6 +598,8 @@ am_spool_close(AmSpool *spool)
 	}
 	if (spool->dir_fd >= 0)
 		close(spool->dir_fd);
+	g_mutex_clear(&spool->recycle_lock);
+	g_ptr_array_unref(spool->recycled);
 	g_free(spool->dir);
 	g_free(spool);
 }
@@ -730,22 +746,118 @@ seal(int fd, gsize digest_at, GChecksum *sum, const char *path, GError **error)
 	return TRUE;
 }
 
-/* Write @head and @msg to tmp/@name (new), seal, fsync and close it. */
-static gboolean
-write_file(AmSpool *spool, const char *name, const GString *head,
-           gsize digest_at, SmtpMessage *msg, GError **error)
+/*
+ * A file of tmp/ to write a copy into, its name in *@name: a recycled
+ * one (a confirmed copy's file, see recycle()) emptied, else a new one
+ * named @id.  Recycling spares the file system an inode allocation and
+ * a free per copy; ext4 without a journal skips every inode freed in
+ * the last seconds when it allocates one, which grows with the rate of
+ * copies and was the largest cost of a put.  -1 with @error.
+ */
+static int
+open_tmp(AmSpool *spool, const char *id, char **name, GError **error)
 {
-	g_autofree char *path = path_of(spool, SUB_TMP, name);
-	g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
-	int fd =
-	    openat(spool->sub_fd[SUB_TMP], name,
-	           O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-	gboolean ok;
+	g_autofree char *path = NULL;
+	int fd;
 
-	if (fd < 0) {
-		set_errno_error(error, errno, "cannot create", path);
+	for (;;) {
+		char *old = NULL;
+
+		g_mutex_lock(&spool->recycle_lock);
+		if (spool->recycled->len > 0)
+			old = g_ptr_array_steal_index_fast(
+			    spool->recycled, spool->recycled->len - 1);
+		g_mutex_unlock(&spool->recycle_lock);
+		if (old == NULL)
+			break;
+		/* Non-blocking: only our files are in tmp/, but a FIFO
+		 * put there must not hang a put. */
+		fd = openat(spool->sub_fd[SUB_TMP], old,
+		            O_WRONLY | O_TRUNC | O_NOFOLLOW | O_NONBLOCK |
+		                O_CLOEXEC);
+		if (fd >= 0) {
+			*name = old;
+			return fd;
+		}
+		/* Gone or unusable: forget it, take another. */
+		unlinkat(spool->sub_fd[SUB_TMP], old, 0);
+		g_free(old);
+	}
+	fd = openat(spool->sub_fd[SUB_TMP], id,
+	            O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (fd >= 0) {
+		*name = g_strdup(id);
+		return fd;
+	}
+	path = path_of(spool, SUB_TMP, id);
+	set_errno_error(error, errno, "cannot create", path);
+	return -1;
+}
+
+/*
+ * The file of confirmed copy @id in queue/ becomes a recycled file of
+ * tmp/ (renamed, not unlinked) for open_tmp(), while there are fewer
+ * than RECYCLE_MAX and it is at most RECYCLE_SIZE_MAX octets (so that
+ * they hold at most 16 MiB of disk): FALSE when it was not (no room,
+ * too big, not ours to recycle: only the daemon that owns tmp/ does;
+ * errno 0), or on an error with errno set (ENOENT: no such copy in
+ * queue/).
+ */
+#define RECYCLE_MAX      256
+#define RECYCLE_SIZE_MAX (64 * 1024)
+
+static gboolean
+recycle(AmSpool *spool, const char *id)
+{
+	struct stat st;
+	char *name;
+
+	if (!spool->owner) {
+		errno = 0;
 		return FALSE;
 	}
+	if (fstatat(spool->sub_fd[SUB_QUEUE], id, &st, AT_SYMLINK_NOFOLLOW) !=
+	    0)
+		return FALSE;
+	/* A second link (an administrator's copy) would be overwritten. */
+	if (!S_ISREG(st.st_mode) || st.st_nlink != 1 ||
+	    st.st_size > RECYCLE_SIZE_MAX) {
+		errno = 0;
+		return FALSE;
+	}
+	g_mutex_lock(&spool->recycle_lock);
+	if (spool->recycled->len >= RECYCLE_MAX) {
+		g_mutex_unlock(&spool->recycle_lock);
+		errno = 0;
+		return FALSE;
+	}
+	name = g_strdup_printf(RECYCLED_PREFIX "%u", spool->recycle_seq++);
+	g_mutex_unlock(&spool->recycle_lock);
+	if (renameat(spool->sub_fd[SUB_QUEUE], id, spool->sub_fd[SUB_TMP],
+	             name) != 0) {
+		g_free(name);
+		return FALSE;
+	}
+	g_mutex_lock(&spool->recycle_lock);
+	g_ptr_array_add(spool->recycled, name);
+	g_mutex_unlock(&spool->recycle_lock);
+	return TRUE;
+}
+
+/* Write @head and @msg to tmp/ (a name of open_tmp()'s, in *@name),
+ * seal, fsync and close it. */
+static gboolean
+write_file(AmSpool *spool, const char *id, char **name, const GString *head,
+           gsize digest_at, SmtpMessage *msg, GError **error)
+{
+	g_autofree char *path = NULL;
+	g_autoptr(GChecksum) sum = g_checksum_new(G_CHECKSUM_SHA256);
+	int fd = open_tmp(spool, id, name, error);
+	gboolean ok;
+
+	if (fd < 0)
+		return FALSE;
+	path = path_of(spool, SUB_TMP, *name);
 	ok = write_all(fd, head->str, head->len, path, error) &&
 	     write_raw(msg, fd, sum, path, error) &&
 	     seal(fd, digest_at, sum, path, error);
@@ -773,6 +885,7 @@ am_spool_put(AmSpool *spool, const AmSpoolEntry *entry, SmtpMessage *msg,
 	g_autoptr(GString) head = NULL;
 	g_autofree char *state_tmp = NULL;
 	g_autofree char *dest = NULL;
+	g_autofree char *tmp = NULL;
 	g_autoptr(GError) local = NULL;
 	int sub = sub_of_state(state);
 	guint64 size;
@@ -800,17 +913,18 @@ am_spool_put(AmSpool *spool, const AmSpoolEntry *entry, SmtpMessage *msg,
 	/* Step 2: the file, complete and on disk, under a name nobody
 	 * reads. */
 	dest = path_of(spool, sub, entry->id);
-	if (!write_file(spool, entry->id, head, digest_at, msg, error)) {
-		unlinkat(spool->sub_fd[SUB_TMP], entry->id, 0);
+	if (!write_file(spool, entry->id, &tmp, head, digest_at, msg, error)) {
+		if (tmp != NULL)
+			unlinkat(spool->sub_fd[SUB_TMP], tmp, 0);
 		goto fail;
 	}
 
 	/* Step 3: into place, and the directory entry on disk too; only
 	 * then may the caller answer the MTA for this copy. */
-	if (renameat(spool->sub_fd[SUB_TMP], entry->id, spool->sub_fd[sub],
+	if (renameat(spool->sub_fd[SUB_TMP], tmp, spool->sub_fd[sub],
 	             entry->id) != 0) {
 		set_errno_error(error, errno, "cannot rename into", dest);
-		unlinkat(spool->sub_fd[SUB_TMP], entry->id, 0);
+		unlinkat(spool->sub_fd[SUB_TMP], tmp, 0);
 		goto fail;
 	}
 	if (!fsync_sub(spool, sub, error)) {
@@ -1367,8 +1481,43 @@ load_state(AmSpool *spool, AmSpoolEntry *e)
 /* Looking up copies                                                    */
 /* ------------------------------------------------------------------ */
 
-/* Open and parse @name in @state; NOT_FOUND when it is not there.  A
- * symbolic link in its place is never followed: a FORMAT error. */
+/*
+ * Whether @sub/@name still names the file open on @fd.  The daemon that
+ * owns the spool recycles a confirmed copy's file (recycle()): renamed
+ * into tmp/ and written again for another copy.  A reader that opened
+ * it before (a worker's scan, or --spool-list in another process) may
+ * have read the other copy's octets, or a half-written file; once the
+ * name is seen to no longer be this file, whatever was read is moot:
+ * the copy is gone (confirmed, or moved to hold/ meanwhile).  A name
+ * never comes back to a file that left it (ids are unique), so a
+ * check after the read that finds the same inode proves the read was
+ * of this copy.  Anything else than ENOENT: cannot tell; trust it.
+ */
+static gboolean
+still_named(const AmSpool *spool, int sub, const char *name, int fd)
+{
+	struct stat open_st, name_st;
+
+	if (fstat(fd, &open_st) != 0)
+		return TRUE;
+	if (fstatat(spool->sub_fd[sub], name, &name_st, AT_SYMLINK_NOFOLLOW) !=
+	    0)
+		return errno != ENOENT;
+	return open_st.st_ino == name_st.st_ino &&
+	       open_st.st_dev == name_st.st_dev;
+}
+
+static void
+set_gone_error(GError **error, const char *name)
+{
+	g_clear_error(error);
+	g_set_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND,
+	            "no copy %s (gone while read)", name);
+}
+
+/* Open and parse @name in @state; NOT_FOUND when it is not there (or
+ * left while it was read).  A symbolic link in its place is never
+ * followed: a FORMAT error. */
 static AmSpoolEntry *
 read_entry(AmSpool *spool, AmSpoolState state, const char *name, int *fd_out,
            goffset *body_offset, GError **error)
@@ -1394,6 +1543,10 @@ read_entry(AmSpool *spool, AmSpoolState state, const char *name, int *fd_out,
 		return NULL;
 	}
 	e = parse_envelope(fd, name, path, &offset, error);
+	if (!still_named(spool, sub, name, fd)) {
+		am_spool_entry_free(g_steal_pointer(&e));
+		set_gone_error(error, name);
+	}
 	if (e != NULL) {
 		e->state = state;
 		load_state(spool, e);
@@ -1438,9 +1591,18 @@ am_spool_list_ids(AmSpool *spool, AmSpoolState state, GError **error)
 GPtrArray *
 am_spool_list(AmSpool *spool, AmSpoolState state, GError **error)
 {
+	return am_spool_list_full(spool, state, NULL, error);
+}
+
+GPtrArray *
+am_spool_list_full(AmSpool *spool, AmSpoolState state, guint *damaged,
+                   GError **error)
+{
 	g_autoptr(GPtrArray) ids = am_spool_list_ids(spool, state, error);
 	GPtrArray *out;
 
+	if (damaged != NULL)
+		*damaged = 0;
 	if (ids == NULL)
 		return NULL;
 	out =
@@ -1453,8 +1615,11 @@ am_spool_list(AmSpool *spool, AmSpoolState state, GError **error)
 		if (e != NULL)
 			g_ptr_array_add(out, e);
 		else if (!g_error_matches(local, AM_SPOOL_ERROR,
-		                          AM_SPOOL_ERROR_NOT_FOUND))
+		                          AM_SPOOL_ERROR_NOT_FOUND)) {
 			am_log_warning("spool: %s; skipped", local->message);
+			if (damaged != NULL)
+				(*damaged)++;
+		}
 	}
 	g_ptr_array_sort(out, compare_entries);
 	return out;
@@ -1520,8 +1685,13 @@ am_spool_message(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
 		    "damaged: the copy's SHA-256 is %s, its envelope says %s",
 		    digest, e->sha256);
 
+		/* Recycled while hashed: gone, not damaged. */
+		if (!still_named(spool, sub_of_state(entry->state), entry->id,
+		                 fd))
+			set_gone_error(error, entry->id);
+		else
+			format_error(error, path, why);
 		close(fd);
-		format_error(error, path, why);
 		return NULL;
 	}
 
@@ -1550,15 +1720,16 @@ am_spool_update(AmSpool *spool, const AmSpoolEntry *entry, GError **error)
 	return write_state(spool, entry, error);
 }
 
-gboolean
-am_spool_remove(AmSpool *spool, const char *id, GError **error)
-{
-	return am_spool_remove_full(spool, id, TRUE, error);
-}
-
-gboolean
-am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
-                     GError **error)
+/*
+ * Remove copy @id and (when @state) its state.  @reuse: the caller has
+ * just had the copy confirmed, so nobody in this process reads its file
+ * (one job per copy in the runner), and the file may be recycled.  A
+ * copy withdrawn by the milter is unlinked: a worker might be sending
+ * it from its descriptor, and an unlinked file keeps its octets.
+ */
+static gboolean
+remove_copy(AmSpool *spool, const char *id, gboolean state, gboolean reuse,
+            GError **error)
 {
 	int subs[] = {SUB_QUEUE, SUB_HOLD};
 
@@ -1570,6 +1741,10 @@ am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
 	 * every address.  A copy withdrawn by the milter may have been
 	 * held at once. */
 	for (guint i = 0; i < G_N_ELEMENTS(subs); i++) {
+		if (reuse && subs[i] == SUB_QUEUE && recycle(spool, id))
+			break;
+		if (reuse && subs[i] == SUB_QUEUE && errno == ENOENT)
+			continue;
 		if (unlinkat(spool->sub_fd[subs[i]], id, 0) == 0)
 			break;
 		if (errno != ENOENT) {
@@ -1587,6 +1762,26 @@ am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
 		               g_strerror(errno));
 	}
 	return TRUE;
+}
+
+gboolean
+am_spool_remove(AmSpool *spool, const char *id, GError **error)
+{
+	return remove_copy(spool, id, TRUE, FALSE, error);
+}
+
+gboolean
+am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
+                     GError **error)
+{
+	return remove_copy(spool, id, state, FALSE, error);
+}
+
+gboolean
+am_spool_remove_sent(AmSpool *spool, const char *id, gboolean state,
+                     GError **error)
+{
+	return remove_copy(spool, id, state, TRUE, error);
 }
 
 /* rename() of @id from @from to @to, and the target directory synced:

@@ -7,7 +7,8 @@
  * owned by the process's effective uid, mode 0700):
  *
  *   tmp/ID     being written; never read; removed at the daemon's
- *              start
+ *              start; also the files of confirmed copies, kept
+ *              (".recycled.N") to be written again for new copies
  *   queue/ID   waiting for (re)delivery by a worker
  *   hold/ID    refused for good or too old: kept for an administrator
  *   state/ID   retry state of a copy (attempts, next attempt, last
@@ -169,6 +170,13 @@ gboolean am_spool_put(AmSpool *spool, const AmSpoolEntry *entry,
  */
 GPtrArray *am_spool_list(AmSpool *spool, AmSpoolState state, GError **error);
 
+/* am_spool_list_full: am_spool_list(), and in *@damaged (when not NULL)
+ * the number of files that could not be parsed.  A copy confirmed or
+ * moved while the list is made is not counted: it is gone, not damaged
+ * (its file may even be written again for another copy meanwhile). */
+GPtrArray *am_spool_list_full(AmSpool *spool, AmSpoolState state,
+                              guint *damaged, GError **error);
+
 /*
  * am_spool_list_ids: the file names in queue/ or hold/ as @state says,
  * in no order, without reading them (char *, transfer full): what the
@@ -205,6 +213,15 @@ gboolean am_spool_remove(AmSpool *spool, const char *id, GError **error);
  * was never updated): one unlink fewer.  A state there after all is
  * only an orphan, removed at the daemon's next start. */
 gboolean am_spool_remove_full(AmSpool *spool, const char *id, gboolean state,
+                              GError **error);
+
+/* am_spool_remove_sent: am_spool_remove_full() of a copy the caller
+ * has just had confirmed and is the only one in this process to read:
+ * the daemon that owns the spool may keep its file (small ones, a
+ * bounded number) in tmp/ to write it again for a new copy instead of
+ * unlinking it.  A reader in another process that had it open sees it
+ * gone (NOT_FOUND), never damaged. */
+gboolean am_spool_remove_sent(AmSpool *spool, const char *id, gboolean state,
                               GError **error);
 
 /* am_spool_hold: move a queued copy to hold/, recording @reason. */

@@ -139,9 +139,9 @@ envelope(const char *const *rcpts)
 }
 
 static AmCapture *
-capture(const char *archive_id)
+capture_sized(const char *archive_id, gsize memory_max)
 {
-	AmCapture *cap = am_capture_new(32, NULL, TRUE);
+	AmCapture *cap = am_capture_new(memory_max, NULL, TRUE);
 	static const char body[] = "line one\r\n.dot line\r\nline three\r\n";
 
 	g_assert_true(am_capture_add_header(cap, "Subject", " t\n more", NULL));
@@ -151,6 +151,13 @@ capture(const char *archive_id)
 	g_assert_true(am_capture_add_body(cap, (const guchar *)body,
 	                                  sizeof(body) - 1, NULL));
 	return cap;
+}
+
+/* A capture that spills to its temporary file (32 octets in memory). */
+static AmCapture *
+capture(const char *archive_id)
+{
+	return capture_sized(archive_id, 32);
 }
 
 /* The end-of-message work as cb_eom does it, for an MTA that granted
@@ -819,7 +826,7 @@ test_spool_mode_handoff(void)
 	g_autoptr(GError) error = NULL;
 	AmRunnerStats st;
 	AmRunner *runner;
-	char *ids[2];
+	char *ids[3];
 
 	fixture_setup(&f, NULL, "delivery = spool");
 	runner = am_runner_start_full(f.spool, 1, 60000, &error);
@@ -827,27 +834,39 @@ test_spool_mode_handoff(void)
 	f.ctx->runner = runner;
 	am_milter_set_context(f.ctx);
 
-	for (guint i = 0; i < 2; i++) {
+	/* 0: over the runner's cap, read from disk; 1: from memory;
+	 * 2: a capture spilled to its file is never held by the runner
+	 * (it would keep that file open), read from disk. */
+	for (guint i = 0; i < 3; i++) {
+		const char *rcpts[] = {"a@dest.example", "bcc@dest.example",
+		                       NULL};
+		g_autoptr(AmEnvelope) env = envelope(rcpts);
+		g_autoptr(AmCapture) cap =
+		    capture_sized(NULL, i == 2 ? 32 : 1024 * 1024);
 		g_autoptr(AmVerdict) v = NULL;
 
+		g_assert_cmpint(am_capture_is_spilled(cap), ==, i == 2);
 		am_runner_set_memory_max(runner,
 		                         i == 0 ? 0 : AM_RUNNER_MEMORY_MAX);
-		v = archive_one(&f);
+		v = archive(&f, env, cap);
 		g_assert_cmpint(v->action, ==, AM_VERDICT_ACCEPT);
 		g_assert_cmpuint(v->ids->len, ==, 1);
 		ids[i] = g_strdup(v->ids->pdata[0]);
 		g_assert_true(fake_smtp_wait_messages(f.fake, i + 1, 5000));
+		am_runner_get_stats(runner, &st);
+		g_assert_cmpuint(st.over_cap, ==, 1);
+		g_assert_cmpuint(st.from_memory, ==, i >= 1 ? 1 : 0);
 	}
-	am_runner_get_stats(runner, &st);
-	g_assert_cmpuint(st.over_cap, ==, 1);
-	g_assert_cmpuint(st.from_memory, ==, 1);
 	{
 		g_autofree char *disk = without_id(
 		    fake_smtp_get_message(f.fake, 0)->content, ids[0]);
 		g_autofree char *mem = without_id(
 		    fake_smtp_get_message(f.fake, 1)->content, ids[1]);
+		g_autofree char *spilled = without_id(
+		    fake_smtp_get_message(f.fake, 2)->content, ids[2]);
 
 		g_assert_cmpstr(mem, ==, disk);
+		g_assert_cmpstr(spilled, ==, disk);
 	}
 	am_runner_stop(runner);
 	am_milter_set_context(NULL);
@@ -856,8 +875,8 @@ test_spool_mode_handoff(void)
 
 		g_assert_cmpuint(queued->len, ==, 0);
 	}
-	g_free(ids[0]);
-	g_free(ids[1]);
+	for (guint i = 0; i < G_N_ELEMENTS(ids); i++)
+		g_free(ids[i]);
 	fixture_teardown(&f);
 }
 

@@ -712,6 +712,300 @@ test_full_floor(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(count_files(f, "state"), ==, 0);
 }
 
+static ino_t
+inode_of(Fixture *f, const char *sub, const char *name)
+{
+	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
+	struct stat st;
+
+	g_assert_cmpint(lstat(path, &st), ==, 0);
+	return st.st_ino;
+}
+
+/* What the spool code logs to stderr while @fn runs on @f. */
+static char *
+stderr_of(void (*fn)(Fixture *), Fixture *f)
+{
+	char path[] = "/tmp/test-spool-err-XXXXXX";
+	int fd = g_mkstemp(path);
+	int saved = dup(2);
+	char *text = NULL;
+
+	g_assert_cmpint(fd, >=, 0);
+	g_assert_cmpint(saved, >=, 0);
+	fflush(stderr);
+	g_assert_cmpint(dup2(fd, 2), ==, 2);
+	fn(f);
+	fflush(stderr);
+	g_assert_cmpint(dup2(saved, 2), ==, 2);
+	close(saved);
+	close(fd);
+	g_assert_true(g_file_get_contents(path, &text, NULL, NULL));
+	unlink(path);
+	return text;
+}
+
+static void
+reopen(Fixture *f)
+{
+	am_spool_close(open_spool(f, 0));
+}
+
+/*
+ * A confirmed copy's file is kept in tmp/ and written again for the
+ * next copy (no inode freed and allocated per copy): the new copy is
+ * whole and only itself, however long the old one was; only a copy
+ * sent is recycled (a withdrawn one may be read by a worker), only by
+ * the daemon that owns the spool, never a file with a second link; the
+ * daemon's next start removes what is left in tmp/, without a word.
+ */
+static void
+test_recycle(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) spool = open_spool(f, 0);
+	g_autoptr(GString) big = g_string_new("Subject: big\r\n\r\n");
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(SmtpMessage) want = message_of(BODY);
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GBytes) a = NULL;
+	g_autoptr(GBytes) b = NULL;
+	g_autofree char *log = NULL;
+	g_autofree char *q1 =
+	    g_build_filename(f->spool, "queue", "am1.first", NULL);
+	g_autofree char *keep = g_build_filename(f->dir, "kept", NULL);
+	AmSpoolEntry e1 = entry_for("am1.first", 100);
+	AmSpoolEntry e2 = entry_for("am1.second", 100);
+	struct stat st;
+	ino_t ino;
+
+	(void)data;
+	for (guint i = 0; i < 1900; i++)
+		g_string_append(big, "a long line of the first copy\r\n");
+	put(spool, &e1, AM_SPOOL_QUEUED, big->str);
+	ino = inode_of(f, "queue", "am1.first");
+	g_assert_true(am_spool_remove_sent(spool, "am1.first", TRUE, &error));
+	g_assert_cmpuint(count_files(f, "queue"), ==, 0);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 1);
+
+	put(spool, &e2, AM_SPOOL_QUEUED, BODY);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	g_assert_cmpuint(inode_of(f, "queue", "am1.second"), ==, ino);
+	got = am_spool_get(spool, "am1.second", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(got->size, ==, strlen(BODY));
+	msg = am_spool_message(spool, got, &error);
+	g_assert_no_error(error);
+	a = raw_of(msg);
+	b = raw_of(want);
+	g_assert_true(g_bytes_equal(a, b));
+
+	/* Withdrawn (not sent): unlinked. */
+	g_assert_true(am_spool_remove(spool, "am1.second", &error));
+	g_assert_cmpuint(count_files(f, "queue"), ==, 0);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+
+	/* A second daemon on the same spool leaves tmp/ to the first. */
+	put(spool, &e2, AM_SPOOL_QUEUED, BODY);
+	{
+		g_autoptr(AmSpool) other = open_spool(f, 0);
+
+		g_assert_false(am_spool_is_exclusive(other));
+		g_assert_true(
+		    am_spool_remove_sent(other, "am1.second", TRUE, &error));
+		g_assert_cmpuint(count_files(f, "queue"), ==, 0);
+		g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	}
+
+	/* A file with a second link is not overwritten later. */
+	put(spool, &e1, AM_SPOOL_QUEUED, BODY);
+	g_assert_cmpint(link(q1, keep), ==, 0);
+	g_assert_true(am_spool_remove_sent(spool, "am1.first", TRUE, &error));
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	g_assert_cmpint(lstat(keep, &st), ==, 0);
+	g_assert_cmpuint(st.st_nlink, ==, 1);
+
+	/* Left in tmp/ at a stop: removed at the next start; a copy being
+	 * written when the daemon died is news, a recycled file is not. */
+	put(spool, &e1, AM_SPOOL_QUEUED, BODY);
+	g_assert_true(am_spool_remove_sent(spool, "am1.first", TRUE, &error));
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 1);
+	write_file(f, "tmp", "am1.torn", "archive-milter-spool 1\n");
+	g_clear_pointer(&spool, am_spool_close);
+	log = stderr_of(reopen, f);
+	g_test_message("start's log: %s", log);
+	g_assert_cmpuint(count_files(f, "tmp"), ==, 0);
+	g_assert_nonnull(strstr(log, "am1.torn"));
+	g_assert_null(strstr(log, ".recycled"));
+}
+
+/*
+ * A reader of another process (--spool-list, --spool-retry) that has a
+ * confirmed copy's file open while the daemon recycles it.  This
+ * binary's own pread() (found before libc's by the spool code linked
+ * into it) plays the daemon at the reader's first read of the file:
+ * the copy is confirmed, its file renamed into tmp/ and written again
+ * for another, shorter copy, and only then is the read done.
+ */
+static struct {
+	AmSpool *daemon;    /* the spool's owner */
+	const char *victim; /* the copy whose file the reader has open */
+	const char *next;   /* written into its recycled file */
+	ino_t ino;
+	dev_t dev;
+	guint skip; /* reads of the file to let through first */
+	gboolean done;
+} race;
+
+static void
+race_recycle(void)
+{
+	g_autoptr(GError) error = NULL;
+	AmSpoolEntry next = entry_for(race.next, 200);
+
+	g_assert_true(
+	    am_spool_remove_sent(race.daemon, race.victim, TRUE, &error));
+	g_assert_no_error(error);
+	put(race.daemon, &next, AM_SPOOL_QUEUED, BODY);
+}
+
+ssize_t
+pread(int fd, void *buf, size_t count, off_t offset)
+{
+	static ssize_t (*real)(int, void *, size_t, off_t);
+	struct stat st;
+
+	if (real == NULL)
+		real = (ssize_t(*)(int, void *, size_t, off_t))dlsym(RTLD_NEXT,
+		                                                     "pread64");
+	if (race.daemon != NULL && !race.done && fstat(fd, &st) == 0 &&
+	    st.st_ino == race.ino && st.st_dev == race.dev) {
+		if (race.skip > 0) {
+			race.skip--;
+		} else {
+			race.done = TRUE;
+			race_recycle();
+		}
+	}
+	return real(fd, buf, count, offset);
+}
+
+static void
+race_arm(Fixture *f, AmSpool *daemon, guint skip)
+{
+	g_autofree char *path =
+	    g_build_filename(f->spool, "queue", "am1.victim", NULL);
+	struct stat st;
+
+	g_assert_cmpint(lstat(path, &st), ==, 0);
+	race.daemon = daemon;
+	race.victim = "am1.victim";
+	race.next = "am1.next";
+	race.ino = st.st_ino;
+	race.dev = st.st_dev;
+	race.skip = skip;
+	race.done = FALSE;
+}
+
+/* The new copy in the recycled file: the victim's inode, its own
+ * length (no old octet after it), its digest checked, its octets. */
+static void
+check_next_copy(Fixture *f, AmSpool *spool, ino_t ino)
+{
+	g_autofree char *path =
+	    g_build_filename(f->spool, "queue", "am1.next", NULL);
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(SmtpMessage) want = message_of(BODY);
+	g_autoptr(GBytes) a = NULL;
+	g_autoptr(GBytes) b = NULL;
+	g_autoptr(GError) error = NULL;
+	g_autofree char *text = NULL;
+	gsize len = 0;
+	struct stat st;
+
+	g_assert_cmpint(lstat(path, &st), ==, 0);
+	g_assert_cmpuint(st.st_ino, ==, ino);
+	got = am_spool_get(spool, "am1.next", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(got->size, ==, strlen(BODY));
+	g_assert_true(g_file_get_contents(path, &text, &len, NULL));
+	g_assert_cmpuint(len, ==, (gsize)st.st_size);
+	g_assert_true(g_str_has_suffix(text, BODY));
+	msg = am_spool_message(spool, got, &error);
+	g_assert_no_error(error);
+	a = raw_of(msg);
+	b = raw_of(want);
+	g_assert_true(g_bytes_equal(a, b));
+}
+
+/* --spool-list's reading: the recycled copy is gone, not damaged. */
+static void
+test_recycle_reader_list(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) daemon = open_spool(f, 0);
+	g_autoptr(AmSpool) reader = NULL;
+	g_autoptr(GString) text = g_string_new("Subject: long\r\n\r\n");
+	g_autoptr(GPtrArray) list = NULL;
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(GError) error = NULL;
+	AmSpoolEntry victim = entry_for("am1.victim", 100);
+	guint damaged = 99;
+	ino_t ino;
+
+	(void)data;
+	for (guint i = 0; i < 100; i++)
+		g_string_append(text, "a line of the first, longer copy\r\n");
+	put(daemon, &victim, AM_SPOOL_QUEUED, text->str);
+	reader = am_spool_open_full(f->spool, 0, AM_SPOOL_OPEN_COMMAND, &error);
+	g_assert_no_error(error);
+	race_arm(f, daemon, 0);
+	ino = race.ino;
+	list = am_spool_list_full(reader, AM_SPOOL_QUEUED, &damaged, &error);
+	race.daemon = NULL;
+	g_assert_no_error(error);
+	g_assert_true(race.done);
+	g_assert_cmpuint(list->len, ==, 0);
+	g_assert_cmpuint(damaged, ==, 0);
+	got = am_spool_get(reader, "am1.victim", &error);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+	g_assert_null(got);
+	check_next_copy(f, reader, ino);
+}
+
+/* A reader that read the envelope and is hashing the copy when it is
+ * recycled: gone, not "damaged: the copy's SHA-256 is ...". */
+static void
+test_recycle_reader_digest(Fixture *f, gconstpointer data)
+{
+	g_autoptr(AmSpool) daemon = open_spool(f, 0);
+	g_autoptr(AmSpool) reader = NULL;
+	g_autoptr(GString) text = g_string_new("Subject: long\r\n\r\n");
+	g_autoptr(AmSpoolEntry) got = NULL;
+	g_autoptr(SmtpMessage) msg = NULL;
+	g_autoptr(GError) error = NULL;
+	AmSpoolEntry victim = entry_for("am1.victim", 100);
+	ino_t ino;
+
+	(void)data;
+	for (guint i = 0; i < 100; i++)
+		g_string_append(text, "a line of the first, longer copy\r\n");
+	put(daemon, &victim, AM_SPOOL_QUEUED, text->str);
+	reader = am_spool_open_full(f->spool, 0, AM_SPOOL_OPEN_COMMAND, &error);
+	g_assert_no_error(error);
+	got = am_spool_get(reader, "am1.victim", &error);
+	g_assert_no_error(error);
+	/* Its envelope read again, then the daemon acts. */
+	race_arm(f, daemon, 1);
+	ino = race.ino;
+	msg = am_spool_message(reader, got, &error);
+	race.daemon = NULL;
+	g_assert_true(race.done);
+	g_assert_error(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND);
+	g_assert_null(msg);
+	check_next_copy(f, reader, ino);
+}
+
 /* In a child of its own, with a mount namespace of its own, so that
  * the small tmpfs never shows outside.  Exit 77: cannot mount. */
 static int
@@ -1477,6 +1771,9 @@ main(int argc, char **argv)
 	ADD("/spool/put/refuses-control", test_put_refuses_control);
 	ADD("/spool/put/held-with-reason", test_put_held_with_reason);
 	ADD("/spool/put/full-floor", test_full_floor);
+	ADD("/spool/put/recycle", test_recycle);
+	ADD("/spool/recycle/reader-list", test_recycle_reader_list);
+	ADD("/spool/recycle/reader-digest", test_recycle_reader_digest);
 	ADD("/spool/put/threads", test_threads);
 	ADD("/spool/put/group-commit", test_group_commit);
 	ADD("/spool/put/group-commit-fails", test_group_commit_fails);
