@@ -234,6 +234,19 @@ check_size_kept(const Segment *seg, GError **error)
 	return FALSE;
 }
 
+/* A read of @seg's file failed with @errnum: an INPUT error naming the
+ * file.  Always FALSE. */
+static gboolean
+set_read_error(const Segment *seg, int errnum, GError **error)
+{
+	g_autofree char *name = fd_name(seg->fd);
+
+	smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
+	               "cannot read message file %s: %s", name,
+	               g_strerror(errnum));
+	return FALSE;
+}
+
 /* After the last block of a segment to the end of its file: the file
  * must end there.  The fstat() before the walk cannot see a write made
  * during it; one octet read past the end can, and then the message is
@@ -250,13 +263,7 @@ check_at_eof(const Segment *seg, GError **error)
 	if (n == 0)
 		return TRUE;
 	if (n < 0) {
-		int errnum = errno;
-		g_autofree char *name = fd_name(seg->fd);
-
-		smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
-		               "cannot read message file %s: %s", name,
-		               g_strerror(errnum));
-		return FALSE;
+		return set_read_error(seg, errno, error);
 	}
 	set_end_moved_error(seg, "grew", error);
 	return FALSE;
@@ -278,13 +285,7 @@ foreach_file_block(const Segment *seg, guint8 *buf, SmtpBlockFunc func,
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
-			int errnum = errno;
-			g_autofree char *name = fd_name(seg->fd);
-
-			smtp_set_error(error, SMTP_ERROR_INPUT, "message", NULL,
-			               "cannot read message file %s: %s", name,
-			               g_strerror(errnum));
-			return FALSE;
+			return set_read_error(seg, errno, error);
 		}
 		if (n == 0) {
 			g_autofree char *name = fd_name(seg->fd);
