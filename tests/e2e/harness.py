@@ -89,6 +89,34 @@ def free_port():
     return s.getsockname()[1]
 
 
+class Checks:
+    """TAP output of the end-to-end tests: one "ok N - NAME" or "not ok
+    N - NAME" line per check, a failed check followed by the last 40
+    lines of its detail as comments (the first 40 with head=True: a
+    diff shows its first difference first)."""
+
+    def __init__(self, head=False):
+        self.n = 0
+        self.failed = 0
+        self.head = head
+
+    def ok(self, cond, name, detail=""):
+        self.n += 1
+        print("%s %d - %s" % ("ok" if cond else "not ok", self.n, name))
+        if not cond:
+            self.failed += 1
+            lines = str(detail).splitlines()
+            for line in lines[:40] if self.head else lines[-40:]:
+                print("#   " + line)
+        sys.stdout.flush()
+        return cond
+
+    def note(self, text):
+        for line in str(text).splitlines():
+            print("# " + line)
+        sys.stdout.flush()
+
+
 def port_open(port):
     try:
         with socket.create_connection((LOOPBACK, port), timeout=1):

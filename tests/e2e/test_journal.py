@@ -78,27 +78,8 @@ AFTER_MILTER = ["received"]
 ENVELOPE_HEADERS = ("x-envelope-from", "x-envelope-to", "x-archive-id")
 
 
-class Checks:
-    def __init__(self):
-        self.n = 0
-        self.failed = 0
-
-    def ok(self, cond, name, detail=""):
-        self.n += 1
-        if cond:
-            print("ok %d - %s" % (self.n, name))
-        else:
-            self.failed += 1
-            print("not ok %d - %s" % (self.n, name))
-            for line in str(detail).splitlines()[:40]:
-                print("#   " + line)
-        sys.stdout.flush()
-        return cond
-
-    def note(self, text):
-        for line in text.splitlines():
-            print("# " + line)
-        sys.stdout.flush()
+def Checks():
+    return h.Checks(head=True)
 
 
 # ------------------------------------------------------------------ #

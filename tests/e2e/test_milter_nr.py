@@ -35,19 +35,7 @@ RCPT = "to@dest.example"
 HEADERS_MAX = 10000   # plugin/capture.h AM_CAPTURE_HEADERS_MAX
 
 
-class Checks:
-    def __init__(self):
-        self.n = 0
-        self.failed = 0
-
-    def ok(self, cond, name, detail=""):
-        self.n += 1
-        print("%s %d - %s" % ("ok" if cond else "not ok", self.n, name))
-        if not cond:
-            self.failed += 1
-            for line in str(detail).splitlines()[-40:]:
-                print("#   " + line)
-        return bool(cond)
+Checks = h.Checks
 
 
 def message(tag, extra=b""):

@@ -55,20 +55,7 @@ SENDER = "sender@origin.example"
 REFUSED = "refused@archive.example"
 
 
-class Checks:
-    def __init__(self):
-        self.n = 0
-        self.failed = 0
-
-    def ok(self, cond, name, detail=""):
-        self.n += 1
-        print("%s %d - %s" % ("ok" if cond else "not ok", self.n, name))
-        if not cond:
-            self.failed += 1
-            for line in str(detail).splitlines()[-30:]:
-                print("#   " + line)
-        sys.stdout.flush()
-        return cond
+Checks = h.Checks
 
 
 # ------------------------------------------------------------------ #

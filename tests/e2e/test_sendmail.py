@@ -143,25 +143,7 @@ AWKWARD_BODY = (b"Body of the awkward message.\r\n"
                 b"  leading blanks and \xc3\xa9 8-bit\r\n")
 
 
-class Checks:
-    def __init__(self):
-        self.n = 0
-        self.failed = 0
-
-    def ok(self, cond, name, detail=""):
-        self.n += 1
-        print("%s %d - %s" % ("ok" if cond else "not ok", self.n, name))
-        if not cond:
-            self.failed += 1
-            for line in str(detail).splitlines()[-40:]:
-                print("#   " + line)
-        sys.stdout.flush()
-        return cond
-
-    def note(self, text):
-        for line in str(text).splitlines():
-            print("# " + line)
-        sys.stdout.flush()
+Checks = h.Checks
 
 
 # ------------------------------------------------------------------ #
