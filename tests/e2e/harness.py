@@ -89,6 +89,66 @@ def free_port():
     return s.getsockname()[1]
 
 
+# The copy's own header fields, which archive-milter puts first.
+ENVELOPE_HEADERS = ("x-envelope-from", "x-envelope-to", "x-archive-id")
+
+
+def split_copy(content):
+    """(envelope fields, rest): the leading run of an archive copy's own
+    X-Envelope-*/X-Archive-Id fields, and the bytes after it."""
+    header, _ = split_message(content)
+    env, pos = [], 0
+    for f in header_fields(header):
+        if field_name(f) not in ENVELOPE_HEADERS:
+            break
+        env.append(f)
+        pos += len(f)
+    return env, content[pos:]
+
+
+def check_envelope(env_fields, sender, rcpts):
+    """(problems, archive id) of a copy's envelope fields: one
+    X-Envelope-From <sender> first, one X-Envelope-To per address of
+    rcpts, exactly one X-Archive-Id.  problems is [] when fine."""
+    problems = []
+    names = [field_name(f) for f in env_fields]
+
+    def values(name):
+        return [field_value(f) for f in env_fields if field_name(f) == name]
+    froms, tos = values("x-envelope-from"), values("x-envelope-to")
+    ids = values("x-archive-id")
+    if froms != ["<%s>" % sender]:
+        problems.append("X-Envelope-From: %r, want [<%s>]" % (froms, sender))
+    if sorted(tos) != sorted("<%s>" % r for r in rcpts):
+        problems.append("X-Envelope-To: %r, want one for each of %r"
+                        % (tos, rcpts))
+    if len(ids) != 1 or not ids[0]:
+        problems.append("X-Archive-Id: %r, want exactly one" % ids)
+    if names and names[0] != "x-envelope-from":
+        problems.append("envelope headers in order %r" % names)
+    return problems, (ids[0] if len(ids) == 1 else None)
+
+
+def first_difference(a, b, left="archive", right="main relay"):
+    """A readable account of where two messages differ."""
+    ha, ba = split_message(a)
+    hb, bb = split_message(b)
+    fa, fb = header_fields(ha), header_fields(hb or b"")
+    for i in range(max(len(fa), len(fb))):
+        x = fa[i] if i < len(fa) else None
+        y = fb[i] if i < len(fb) else None
+        if x != y:
+            return "header field %d: %s %r != %s %r" % (i, left, x, right, y)
+    if ba != bb:
+        ba, bb = ba or b"", bb or b""
+        i = next((k for k in range(min(len(ba), len(bb)))
+                  if ba[k] != bb[k]), min(len(ba), len(bb)))
+        return ("body differs at byte %d (lengths %d, %d): %s %r, %s %r"
+                % (i, len(ba), len(bb), left, ba[i:i + 60], right,
+                   bb[i:i + 60]))
+    return "identical"
+
+
 class Checks:
     """TAP output of the end-to-end tests: one "ok N - NAME" or "not ok
     N - NAME" line per check, a failed check followed by the last 40

@@ -75,7 +75,6 @@ RCPTS = ["to1@dest.example", "to2@dest.example", "hidden-bcc@dest.example"]
 AFTER_MILTER = ["received"]
 
 # The copy's prepended envelope headers, in this order.
-ENVELOPE_HEADERS = ("x-envelope-from", "x-envelope-to", "x-archive-id")
 
 
 def Checks():
@@ -118,41 +117,13 @@ def seq_of(content):
 # ------------------------------------------------------------------ #
 
 
-def split_copy(content):
-    """(envelope fields, rest): the leading run of the copy's own
-    X-Envelope-*/X-Archive-Id fields, and the bytes after it."""
-    header, _ = h.split_message(content)
-    fields = h.header_fields(header)
-    env = []
-    pos = 0
-    for f in fields:
-        if h.field_name(f) not in ENVELOPE_HEADERS:
-            break
-        env.append(f)
-        pos += len(f)
-    return env, content[pos:]
+split_copy = h.split_copy
+first_difference = h.first_difference
 
 
 def check_envelope(env_fields):
     """Problems with the copy's envelope headers ([] when fine)."""
-    problems = []
-    names = [h.field_name(f) for f in env_fields]
-    froms = [h.field_value(f) for f in env_fields
-             if h.field_name(f) == "x-envelope-from"]
-    tos = [h.field_value(f) for f in env_fields
-           if h.field_name(f) == "x-envelope-to"]
-    ids = [h.field_value(f) for f in env_fields
-           if h.field_name(f) == "x-archive-id"]
-    if froms != ["<%s>" % SENDER]:
-        problems.append("X-Envelope-From: %r, want [<%s>]" % (froms, SENDER))
-    if sorted(tos) != sorted("<%s>" % r for r in RCPTS):
-        problems.append("X-Envelope-To: %r, want the three of %r"
-                        % (tos, RCPTS))
-    if len(ids) != 1 or not ids[0]:
-        problems.append("X-Archive-Id: %r, want exactly one" % ids)
-    if names and names[0] != "x-envelope-from":
-        problems.append("envelope headers in order %r" % names)
-    return problems, (ids[0] if len(ids) == 1 else None)
+    return h.check_envelope(env_fields, SENDER, RCPTS)
 
 
 def strip_after_milter(content):
@@ -169,26 +140,6 @@ def strip_after_milter(content):
         dropped.append(f)
         pos += len(f)
     return content[pos:], dropped
-
-
-def first_difference(a, b):
-    """A readable account of where two messages differ."""
-    ha, ba = h.split_message(a)
-    hb, bb = h.split_message(b)
-    fa, fb = h.header_fields(ha), h.header_fields(hb or b"")
-    for i in range(max(len(fa), len(fb))):
-        x = fa[i] if i < len(fa) else None
-        y = fb[i] if i < len(fb) else None
-        if x != y:
-            return "header field %d: archive %r != main relay %r" % (i, x, y)
-    if ba != bb:
-        ba, bb = ba or b"", bb or b""
-        i = next((k for k in range(min(len(ba), len(bb)))
-                  if ba[k] != bb[k]), min(len(ba), len(bb)))
-        return ("body differs at byte %d (lengths %d, %d): archive %r, "
-                "main relay %r" % (i, len(ba), len(bb), ba[i:i + 60],
-                                   bb[i:i + 60]))
-    return "identical"
 
 
 def queue_id_of(main_content):

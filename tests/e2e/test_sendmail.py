@@ -120,7 +120,6 @@ SENDMAIL_REWRITES = {"from", "to", "cc", "bcc", "reply-to", "sender",
                      "disposition-notification-to"}
 
 # The copy's prepended envelope headers.
-ENVELOPE_HEADERS = ("x-envelope-from", "x-envelope-to", "x-archive-id")
 
 # Header values a milter without SMFIP_HDR_LEADSPC would change: no
 # space, two spaces, a tab, a fold with a tab and one with spaces,
@@ -225,16 +224,7 @@ def header_value(content, name):
     return None
 
 
-def split_copy(content):
-    """(envelope fields, rest) of an archive copy."""
-    header, _ = h.split_message(content)
-    env, pos = [], 0
-    for f in h.header_fields(header):
-        if h.field_name(f) not in ENVELOPE_HEADERS:
-            break
-        env.append(f)
-        pos += len(f)
-    return env, content[pos:]
+split_copy = h.split_copy
 
 
 def queue_id_of(content):
@@ -250,24 +240,7 @@ def queue_id_of(content):
 
 
 def check_envelope(env_fields, rcpts):
-    problems = []
-    names = [h.field_name(f) for f in env_fields]
-    froms = [h.field_value(f) for f in env_fields
-             if h.field_name(f) == "x-envelope-from"]
-    tos = [h.field_value(f) for f in env_fields
-           if h.field_name(f) == "x-envelope-to"]
-    ids = [h.field_value(f) for f in env_fields
-           if h.field_name(f) == "x-archive-id"]
-    if froms != ["<%s>" % SENDER]:
-        problems.append("X-Envelope-From %r, want <%s>" % (froms, SENDER))
-    if sorted(tos) != sorted("<%s>" % r for r in rcpts):
-        problems.append("X-Envelope-To %r, want one for each of %r"
-                        % (tos, rcpts))
-    if len(ids) != 1 or not ids[0]:
-        problems.append("X-Archive-Id %r, want exactly one" % ids)
-    if names[:1] != ["x-envelope-from"]:
-        problems.append("envelope headers in order %r" % names)
-    return problems, (ids[0] if len(ids) == 1 else None)
+    return h.check_envelope(env_fields, SENDER, rcpts)
 
 
 def well_formed(header):
@@ -567,18 +540,7 @@ def run_corpus(t, w, args, tmp):
 
 
 def first_difference(a, b):
-    ha, ba = h.split_message(a)
-    hb, bb = h.split_message(b)
-    fa, fb = h.header_fields(ha), h.header_fields(hb or b"")
-    for i in range(max(len(fa), len(fb))):
-        x = fa[i] if i < len(fa) else None
-        y = fb[i] if i < len(fb) else None
-        if x != y:
-            return "header field %d: %r != %r" % (i, x, y)
-    ba, bb = ba or b"", bb or b""
-    i = next((k for k in range(min(len(ba), len(bb)))
-              if ba[k] != bb[k]), min(len(ba), len(bb)))
-    return "body at byte %d: %r != %r" % (i, ba[i:i + 60], bb[i:i + 60])
+    return h.first_difference(a, b, "copy", "other")
 
 
 def run_header(t, w):
