@@ -79,8 +79,8 @@
  * calls xxfi_abort for a transaction in progress and then drops any
  * command it cannot reach from HELO without a word to the MTA (RCPT
  * or a header before MAIL, a header after the body, an end of message
- * without MAIL or without RCPT), so such an MTA waits for its answer until its own
- * timeout.  The "before MAIL" and "without RCPT" checks below are
+ * without MAIL or without RCPT), so such an MTA waits for its answer
+ * until its own timeout.  The "before MAIL" and "without RCPT" checks below are
  * therefore only a guard should libmilter change; Postfix and Sendmail
  * never send such orders.
  *
