@@ -333,6 +333,22 @@ write_all(int fd, const void *data, gsize len, const char *path, GError **error)
 	return TRUE;
 }
 
+/* One pread() of @fd at @offset, again after EINTR: the octets read (0
+ * at the end of the file), or -1 with @error set naming @path. */
+static ssize_t
+read_at(int fd, void *buf, gsize len, goffset offset, const char *path,
+        GError **error)
+{
+	ssize_t n;
+
+	do
+		n = pread(fd, buf, len, offset);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		set_errno_error(error, errno, "cannot read", path);
+	return n;
+}
+
 /*
  * The SHA-256 of @len octets of @fd from @offset, as lowercase hex,
  * read in chunks.  *@got: how many octets there were (fewer than @len
@@ -348,14 +364,10 @@ digest_of(int fd, goffset offset, guint64 len, guint64 *got, const char *path,
 
 	while (done < len) {
 		gsize want = MIN((guint64)READ_CHUNK, len - done);
-		ssize_t n = pread(fd, buf, want, offset + done);
+		ssize_t n = read_at(fd, buf, want, offset + done, path, error);
 
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0) {
-			set_errno_error(error, errno, "cannot read", path);
+		if (n < 0)
 			return NULL;
-		}
 		if (n == 0)
 			break;
 		g_checksum_update(sum, buf, n);
@@ -1114,15 +1126,11 @@ read_envelope(int fd, const char *path, goffset *body_offset, GError **error)
 	char *end;
 
 	while (have < SPOOL_HEADER_MAX) {
-		ssize_t n =
-		    pread(fd, buf + have, SPOOL_HEADER_MAX - have, have);
+		ssize_t n = read_at(fd, buf + have, SPOOL_HEADER_MAX - have,
+		                    have, path, error);
 
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0) {
-			set_errno_error(error, errno, "cannot read", path);
+		if (n < 0)
 			return NULL;
-		}
 		if (n == 0)
 			break;
 		have += n;
