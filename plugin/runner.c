@@ -2,8 +2,9 @@
  * runner.c - the worker threads that deliver spooled copies
  *
  * One table of jobs (a copy id each) sorted by when it is due, behind
- * one mutex: the workers take the earliest due job, deliver it without
- * the lock, and put it back with its next due time or forget it.  A
+ * one mutex: a worker takes the earliest due job, with the other jobs
+ * due now for the same relay (a batch), delivers them without the
+ * lock, and puts each back with its next due time or forgets it.  A
  * scanner thread lists queue/ at start and every scan interval and
  * adds the ids it does not know, so that copies of an earlier run,
  * copies released by `--spool-retry` in another process and copies of
@@ -56,14 +57,33 @@
  * start; --spool-list counts it as damaged); one whose SHA-256 differs
  * is held, with an error-level line.
  *
+ * Copies due together for one relay go as one batch, over one
+ * connection (am_deliver_batch): with PIPELINING each copy's envelope
+ * rides behind the previous copy's end marker, a round trip less per
+ * copy, and the worker wakes once for them all.  A batch holds at most
+ * AM_RUNNER_BATCH_MAX copies and AM_RUNNER_BATCH_OCTETS.  Nothing else
+ * is shared: each copy is checked first as it would be alone
+ * (prepare_file, prepare_fresh: due, age, rule and relay, digest), is
+ * left out when it cannot go, and its outcome is logged and acted on
+ * by its own rule (finish), so a refusal or a lost connection never
+ * counts against another copy.  Which jobs share a relay is known only
+ * for a copy kicked with its message or read before: the relay is in
+ * the file, which only the worker that takes a job reads.
+ *
  * Known limits: XXX: due times follow the wall clock (next_attempt is
  * stored as unix seconds so that it survives a restart); a clock set
  * back delays retries by as much, a clock set forward makes them early.
  * XXX: a file that cannot be parsed is parked until the next start,
- * logged once, and left where it is for an administrator.  XXX: each
- * worker sends one copy per attempt, one transaction at a time: copies
- * due together for one relay are not pipelined one behind the other
- * (smtp_client_send_batch), which would save a round trip per copy.
+ * logged once, and left where it is for an administrator.  XXX: a copy
+ * whose relay is not known yet (found by a scan, as every copy is
+ * after a restart, or kicked by id only: over the memory cap, or
+ * spilled) goes alone the first time; its retries can join batches.
+ * XXX: copies form a batch only when they wait for a worker: one that
+ * is idle when a copy is kicked takes it alone at once, so under light
+ * load each copy is still its own transaction; and a worker woken for
+ * a job that another's batch took wakes for nothing.  XXX: a batch is
+ * sent in turn: a relay slow on one copy delays the batch's later
+ * ones (bounded by the relay's copy_deadline, once per copy).
  */
 #include <pthread.h>
 #include <signal.h>
