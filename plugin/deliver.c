@@ -891,6 +891,7 @@ batch_init(Batch *b, const AmCopyRequest *reqs, guint n)
 	b->rcpts = g_new0(SmtpRecipient, MAX(total, 1));
 	for (guint i = 0; i < n; i++) {
 		const char **options = &b->options[3 * i];
+		guint n_to = g_strv_length((char **)reqs[i].to);
 		guint k = 0;
 
 		/* The copy keeps the original's needs; the library drops
@@ -903,10 +904,10 @@ batch_init(Batch *b, const AmCopyRequest *reqs, guint n)
 		b->jobs[i] = (SmtpJob){.from = reqs[i].from,
 		                       .mail_options = options,
 		                       .rcpts = &b->rcpts[at],
+		                       .n_rcpts = n_to,
 		                       .msg = reqs[i].msg};
-		for (; reqs[i].to[b->jobs[i].n_rcpts] != NULL;
-		     b->jobs[i].n_rcpts++)
-			b->rcpts[at++].address = reqs[i].to[b->jobs[i].n_rcpts];
+		for (k = 0; k < n_to; k++)
+			b->rcpts[at++].address = reqs[i].to[k];
 	}
 }
 
