@@ -722,6 +722,16 @@ inode_of(Fixture *f, const char *sub, const char *name)
 	return st.st_ino;
 }
 
+static goffset
+size_of(Fixture *f, const char *sub, const char *name)
+{
+	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
+	struct stat st;
+
+	g_assert_cmpint(lstat(path, &st), ==, 0);
+	return st.st_size;
+}
+
 /* What the spool code logs to stderr while @fn runs on @f. */
 static char *
 stderr_of(void (*fn)(Fixture *), Fixture *f)
@@ -799,6 +809,30 @@ test_recycle(Fixture *f, gconstpointer data)
 	a = raw_of(msg);
 	b = raw_of(want);
 	g_assert_true(g_bytes_equal(a, b));
+	/* Written over and cut: nothing of the old copy after it. */
+	g_assert_cmpint(size_of(f, "queue", "am1.second"), <,
+	                (goffset)strlen(BODY) + 1000);
+	g_clear_pointer(&msg, smtp_message_free);
+	g_clear_pointer(&got, am_spool_entry_free);
+	g_clear_pointer(&a, g_bytes_unref);
+
+	/* A longer copy into a shorter recycled file: whole. */
+	g_assert_true(am_spool_remove_sent(spool, "am1.second", TRUE, &error));
+	put(spool, &e1, AM_SPOOL_QUEUED, big->str);
+	g_assert_cmpuint(inode_of(f, "queue", "am1.first"), ==, ino);
+	got = am_spool_get(spool, "am1.first", &error);
+	g_assert_no_error(error);
+	g_assert_cmpuint(got->size, ==, big->len);
+	msg = am_spool_message(spool, got, &error);
+	g_assert_no_error(error);
+	a = raw_of(msg);
+	g_clear_pointer(&msg, smtp_message_free);
+	msg = message_of(big->str);
+	g_clear_pointer(&b, g_bytes_unref);
+	b = raw_of(msg);
+	g_assert_true(g_bytes_equal(a, b));
+	g_assert_true(am_spool_remove_sent(spool, "am1.first", TRUE, &error));
+	put(spool, &e2, AM_SPOOL_QUEUED, BODY);
 
 	/* Withdrawn (not sent): unlinked. */
 	g_assert_true(am_spool_remove(spool, "am1.second", &error));
