@@ -70,6 +70,15 @@
  * for a copy kicked with its message or read before: the relay is in
  * the file, which only the worker that takes a job reads.
  *
+ * Copies come one at a time from the milter, and a worker is faster
+ * than they come, so few would ever wait for one another: a copy just
+ * spooled (am_runner_kick_copy) is due AM_RUNNER_LINGER_MS later, and
+ * the copies spooled meanwhile leave with it.  Its original was
+ * answered already, so those milliseconds cost nobody; under load
+ * they save a wake-up and a round trip per copy.  A worker is
+ * signalled only when no waiting worker will wake by the job's due
+ * time anyway (wake_for), so a lingering copy wakes nobody early.
+ *
  * Known limits: XXX: due times follow the wall clock (next_attempt is
  * stored as unix seconds so that it survives a restart); a clock set
  * back delays retries by as much, a clock set forward makes them early.
@@ -78,10 +87,9 @@
  * whose relay is not known yet (found by a scan, as every copy is
  * after a restart, or kicked by id only: over the memory cap, or
  * spilled) goes alone the first time; its retries can join batches.
- * XXX: copies form a batch only when they wait for a worker: one that
- * is idle when a copy is kicked takes it alone at once, so under light
- * load each copy is still its own transaction; and a worker woken for
- * a job that another's batch took wakes for nothing.  XXX: a batch is
+ * XXX: copies form a batch only when they come within one linger (or
+ * wait for a busy worker): under light load each copy is still its own
+ * transaction, 5 ms later than it could have gone.  XXX: a batch is
  * sent in turn: a relay slow on one copy delays the batch's later
  * ones (bounded by the relay's copy_deadline, once per copy).
  */
@@ -107,6 +115,10 @@
 #define AM_RUNNER_BATCH_MAX    16
 #define AM_RUNNER_BATCH_OCTETS (4 * 1024 * 1024)
 #define AM_RUNNER_BATCH_LOOK   64
+/* How long a copy just spooled waits for others to join its batch: its
+ * original was answered already, and under load the next copies come
+ * within a few milliseconds. */
+#define AM_RUNNER_LINGER_MS 5
 
 typedef struct {
 	char *id;
@@ -138,6 +150,9 @@ struct AmRunner {
 	GPtrArray *workers;  /* GThread * */
 	guint64 memory_max;  /* cap on held */
 	guint64 held;        /* octets of Job.msg, all jobs */
+	gint64 linger_us;    /* kick_copy: due this much later */
+	GQueue sleeping;     /* gint64 *: when each waiting worker wakes
+			      * (real µs); popped when signalled */
 	AmRunnerStats stats; /* under the lock */
 };
 
@@ -185,6 +200,24 @@ job_compare(gconstpointer a, gconstpointer b, gpointer user_data)
 	return strcmp(x->id, y->id);
 }
 
+/*
+ * Make sure a worker looks at the table by @due (lock held): a waiting
+ * one that wakes by then anyway will, else one is signalled (and no
+ * longer counted on: whichever wakes does what any would).  One worker
+ * at most, since the others would only wake to find the job taken; a
+ * busy worker looks at the table before it waits again, so no job is
+ * missed.
+ */
+static void
+wake_for(AmRunner *r, gint64 due)
+{
+	for (GList *l = r->sleeping.head; l != NULL; l = l->next)
+		if (*(const gint64 *)l->data <= due)
+			return;
+	g_queue_pop_head(&r->sleeping);
+	g_cond_signal(&r->cond);
+}
+
 /* Called with the lock held. */
 static void
 job_schedule(AmRunner *r, Job *job, gint64 due)
@@ -193,10 +226,7 @@ job_schedule(AmRunner *r, Job *job, gint64 due)
 		g_sequence_remove(job->iter);
 	job->due = due;
 	job->iter = g_sequence_insert_sorted(r->due, job, job_compare, NULL);
-	/* One worker per job: the others would only wake to find it
-	 * taken.  A worker that is busy looks at the table before it
-	 * waits again, so no job is missed. */
-	g_cond_signal(&r->cond);
+	wake_for(r, due);
 }
 
 /* Called with the lock held. */
@@ -676,6 +706,7 @@ take_due(AmRunner *r, Copy *batch)
 {
 	GSequenceIter *first = g_sequence_get_begin_iter(r->due);
 	gint64 wait_us = AM_RUNNER_WAIT_MS * (gint64)1000;
+	gint64 wake_at;
 	Job *job;
 
 	if (!g_sequence_iter_is_end(first)) {
@@ -686,17 +717,21 @@ take_due(AmRunner *r, Copy *batch)
 		}
 		wait_us = MIN(wait_us, job->due - g_get_real_time());
 	}
-	g_cond_wait_until(&r->cond, &r->lock,
-	                  g_get_monotonic_time() + MAX(wait_us, 1));
+	wait_us = MAX(wait_us, 1);
+	wake_at = g_get_real_time() + wait_us;
+	g_queue_push_tail(&r->sleeping, &wake_at);
+	g_cond_wait_until(&r->cond, &r->lock, g_get_monotonic_time() + wait_us);
+	g_queue_remove(&r->sleeping, &wake_at);
 	return 0;
 }
 
 /*
  * Take into @batch, behind its first job, the other jobs due now for
  * the same relay, up to AM_RUNNER_BATCH_MAX copies and
- * AM_RUNNER_BATCH_OCTETS (lock held).  Only jobs whose relay is known
- * (a copy kicked with its message, or read before) can join; the
- * others go on their own.  The number of copies in @batch.
+ * AM_RUNNER_BATCH_OCTETS (lock held), and the copies just spooled that
+ * still linger for company.  Only jobs whose relay is known (a copy
+ * kicked with its message, or read before) can join; the others go on
+ * their own.  The number of copies in @batch.
  */
 static guint
 take_more(AmRunner *r, Copy *batch)
@@ -713,10 +748,11 @@ take_more(AmRunner *r, Copy *batch)
 	     looked++) {
 		Job *job = g_sequence_get(it);
 
-		if (job->due > now)
+		if (job->due > now + r->linger_us)
 			break;
 		it = g_sequence_iter_next(it);
-		if (g_strcmp0(job->relay, first->relay) != 0 ||
+		if ((job->due > now && job->msg == NULL) ||
+		    g_strcmp0(job->relay, first->relay) != 0 ||
 		    job->size > AM_RUNNER_BATCH_OCTETS -
 		                    MIN(octets, AM_RUNNER_BATCH_OCTETS))
 			continue;
@@ -724,12 +760,11 @@ take_more(AmRunner *r, Copy *batch)
 		take_job(r, job, &batch[n++]);
 	}
 
-	/* A job left due (another relay, over the caps) may have had its
-	 * wake-up taken by this worker: another worker looks. */
+	/* A job left (another relay, over the caps) may have counted on
+	 * this worker to wake for it: another one will. */
 	it = g_sequence_get_begin_iter(r->due);
-	if (!g_sequence_iter_is_end(it) &&
-	    ((Job *)g_sequence_get(it))->due <= now)
-		g_cond_signal(&r->cond);
+	if (!g_sequence_iter_is_end(it))
+		wake_for(r, ((Job *)g_sequence_get(it))->due);
 	return n;
 }
 
@@ -861,6 +896,8 @@ am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
 	r->spool = spool;
 	r->scan_ms = MAX(scan_ms, 10);
 	r->memory_max = AM_RUNNER_MEMORY_MAX;
+	r->linger_us = AM_RUNNER_LINGER_MS * (gint64)1000;
+	g_queue_init(&r->sleeping);
 	g_mutex_init(&r->lock);
 	g_cond_init(&r->cond);
 	g_cond_init(&r->scan_cond);
@@ -923,7 +960,8 @@ am_runner_kick_copy(AmRunner *runner, AmSpoolEntry *entry, SmtpMessage *msg)
 	 * reads its file; so does a copy beyond the cap. */
 	if (job == NULL && size <= runner->memory_max &&
 	    runner->held <= runner->memory_max - size) {
-		job = job_add(runner, entry->id, g_get_real_time());
+		job = job_add(runner, entry->id,
+		              g_get_real_time() + runner->linger_us);
 		job->settled = TRUE;
 		job->relay = g_strdup(entry->relay);
 		job->size = size;
@@ -948,6 +986,14 @@ am_runner_set_memory_max(AmRunner *runner, guint64 octets)
 {
 	g_mutex_lock(&runner->lock);
 	runner->memory_max = octets;
+	g_mutex_unlock(&runner->lock);
+}
+
+void
+am_runner_set_linger_ms(AmRunner *runner, guint ms)
+{
+	g_mutex_lock(&runner->lock);
+	runner->linger_us = (gint64)ms * 1000;
 	g_mutex_unlock(&runner->lock);
 }
 

@@ -11,7 +11,8 @@
  * rule named in the copy, together with the other copies due then for
  * that relay (up to 16 copies and 4 MiB, one pipelined batch with
  * am_deliver_batch()); each copy is checked, logged and settled as if
- * it had gone alone.  A rule or relay no longer in the configuration
+ * it had gone alone.  A copy just spooled waits a few milliseconds for
+ * others to join it (am_runner_set_linger_ms).  A rule or relay no longer in the configuration
  * moves the copy to hold/.  The
  * outcome goes through the rule's policy (am_rule_action): a retry
  * (tempfail or spool) sets the next attempt with exponential backoff
@@ -83,6 +84,13 @@ void am_runner_kick_copy(AmRunner *runner, AmSpoolEntry *entry,
 
 /* am_runner_set_memory_max: the cap in octets (0: never from memory). */
 void am_runner_set_memory_max(AmRunner *runner, guint64 octets);
+
+/*
+ * am_runner_set_linger_ms: how long a copy handed over by
+ * am_runner_kick_copy() waits for others to join its batch (default
+ * 5 ms; 0: none).  For tests.
+ */
+void am_runner_set_linger_ms(AmRunner *runner, guint ms);
 
 /* What the runner did so far, for tests and the bench. */
 typedef struct {

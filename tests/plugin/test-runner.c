@@ -1309,6 +1309,84 @@ test_batch_from_files(void)
 	fixture_tear_down(&f);
 }
 
+/*
+ * Copies spooled one shortly after the other, with workers idle, wait
+ * a moment for each other and go as one batch: the first does not
+ * leave before its linger is over, and the others, kicked during it,
+ * ride behind it.
+ */
+static void
+test_batch_linger(void)
+{
+	static const char *const ids[] = {"l1", "l2", "l3"};
+	AmSpoolEntry *entries[3];
+	gint64 start;
+	Fixture f = {0};
+
+	fixture_set_up(&f, PIPE_SCRIPT);
+	set_context_full(&f, "5d", "2s", "");
+	start_runner_n(&f, 2, 60000);
+	am_runner_set_linger_ms(f.runner, 400);
+	g_usleep(100000); /* the first scan is over */
+	for (guint i = 0; i < 3; i++) {
+		g_autofree char *body = body_of(ids[i]);
+
+		entries[i] = put_body(&f, ids[i], "archive", body);
+	}
+	writes_start();
+	start = g_get_monotonic_time();
+	for (guint i = 0; i < 3; i++) {
+		g_autofree char *body = body_of(ids[i]);
+
+		/* The later ones come within the first one's linger, and
+		 * leave with it, before their own is over. */
+		if (i == 1)
+			g_usleep(150000);
+		kick_body(&f, entries[i], body);
+	}
+	g_assert_true(fake_smtp_wait_messages(f.fake, 3, WAIT_MS));
+	g_assert_cmpint(g_get_monotonic_time() - start, >=, 350 * 1000);
+	g_assert_true(wait_counts(&f, 0, 0));
+	for (guint i = 0; i < 3; i++) {
+		g_autofree char *w = dot_then_mail(ids[i]);
+
+		g_assert_cmpuint(writes_with(w), ==, i < 2 ? 1 : 0);
+	}
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+	writes_stop();
+	fixture_tear_down(&f);
+}
+
+/*
+ * A worker is woken for each copy that needs one: copies kicked while
+ * the workers sleep (up to a second), or while one is busy, go at
+ * once, never after a sleep runs out.
+ */
+static void
+test_kick_prompt(void)
+{
+	Fixture f = {0};
+
+	fixture_set_up(&f, NULL);
+	set_context(&f, "5d");
+	start_runner_n(&f, 2, 60000);
+	am_runner_set_linger_ms(f.runner, 0);
+	g_usleep(100000);
+	for (guint i = 0; i < 6; i++) {
+		g_autofree char *id = g_strdup_printf("am1.p%u", i);
+		g_autofree char *body = body_of(id);
+		AmSpoolEntry *e = put_body(&f, id, "archive", body);
+		gint64 start = g_get_monotonic_time();
+
+		kick_body(&f, e, body);
+		g_assert_true(fake_smtp_wait_messages(f.fake, i + 1, WAIT_MS));
+		g_assert_cmpint(g_get_monotonic_time() - start, <, 500 * 1000);
+		g_usleep(i * 70000);
+	}
+	g_assert_true(wait_counts(&f, 0, 0));
+	fixture_tear_down(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -1338,5 +1416,7 @@ main(int argc, char **argv)
 	g_test_add_func("/runner/batch/dropped", test_batch_dropped);
 	g_test_add_func("/runner/batch/mixed-relays", test_batch_mixed_relays);
 	g_test_add_func("/runner/batch/from-files", test_batch_from_files);
+	g_test_add_func("/runner/batch/linger", test_batch_linger);
+	g_test_add_func("/runner/kick-prompt", test_kick_prompt);
 	return g_test_run();
 }
