@@ -85,8 +85,10 @@ NR_ALL = (SMFIP_NR_HDR | SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL
           | SMFIP_NR_RCPT | SMFIP_NR_DATA | SMFIP_NR_UNKN | SMFIP_NR_EOH
           | SMFIP_NR_BODY)
 # What the milter must ask for when offered: the events whose answer can
-# only be continue; MAIL and RCPT keep theirs.
-NR_WANTED = SMFIP_NR_CONN | SMFIP_NR_HDR | SMFIP_NR_EOH | SMFIP_NR_BODY
+# only be continue (a MAIL that fails is answered at end of message);
+# RCPT keeps its answer.
+NR_WANTED = (SMFIP_NR_CONN | SMFIP_NR_MAIL | SMFIP_NR_HDR | SMFIP_NR_EOH
+             | SMFIP_NR_BODY)
 
 # Replies that end a command's answer; anything else before them is a
 # modification (add header, quarantine...) and is collected.
@@ -238,7 +240,7 @@ def continued(reply):
 
 
 def message(port, qid, headers, rcpts=(b"to@dest.example",), body=b"b\r\n",
-            offered=OFFERED, actions=SMFIF_ALL):
+            offered=OFFERED, actions=SMFIF_ALL, sender=None):
     """One transaction as an MTA runs it; stops at the first answer
     from connect to body that is neither continue nor none.  actions:
     the SMFIF_* bits the MTA grants."""
@@ -250,8 +252,8 @@ def message(port, qid, headers, rcpts=(b"to@dest.example",), body=b"b\r\n",
         t.connect = mta.connect()
         if t.connect is not None and not continued(t.connect):
             raise MilterError("connect answered %r" % (t.connect,))
-        t.mail = mta.mail(SENDER.encode(), qid)
-        if not continued(t.mail):
+        t.mail = mta.mail(sender or SENDER.encode(), qid)
+        if t.mail is not None and not continued(t.mail):
             raise MilterError("MAIL answered %r" % (t.mail,))
         t.rcpts = [mta.rcpt(r, qid) for r in rcpts]
         for name, value in headers:
@@ -310,8 +312,8 @@ def check_negotiation(c, port):
         with_nr.close()
         without.close()
     c.ok(with_nr.proto & NR_ALL == NR_WANTED,
-         "NR offered: the milter asks for NR_CONN, NR_HDR, NR_EOH, "
-         "NR_BODY and no other NR bit (MAIL, RCPT keep their answers)",
+         "NR offered: the milter asks for NR_CONN, NR_MAIL, NR_HDR, "
+         "NR_EOH, NR_BODY and no other NR bit (RCPT keeps its answer)",
          "asked 0x%x" % with_nr.proto)
     c.ok(without.proto & NR_ALL == 0,
          "NR not offered: no NR bit asked for", "asked 0x%x" % without.proto)
@@ -433,6 +435,33 @@ def check_long_rcpt(c, port, relay):
              "line > 998" % nr, copy.content if copy else "no copy")
 
 
+def check_long_sender(c, milter, relay):
+    """A sender the capture refuses: with NR no answer to MAIL, every
+    RCPT continued (not refused one by one), then 451 at end of
+    message naming the sender, and no copy."""
+    long_sender = b"s" * (980 - len(b"@x.example")) + b"@x.example"
+    before = relay.count()
+    for nr, offered in (("no NR", OFFERED), ("NR", OFFERED | NR_ALL)):
+        qid = "RAWLONGS" + nr.replace(" ", "")
+        got = message(milter.port, qid, [(b"X-Marker", b" long-sender")],
+                      rcpts=(b"a@dest.example", b"b@dest.example"),
+                      offered=offered, sender=long_sender)
+        c.ok((got.mail is None if offered & NR_ALL else continued(got.mail))
+             and all(continued(r) for r in got.rcpts),
+             "980-octet sender (%s): %s MAIL, every RCPT continued"
+             % (nr, "no answer to" if offered & NR_ALL else "continue for"),
+             got)
+        c.ok(is_tempfail(got.eom, "979") and got.stray == b"",
+             "980-octet sender (%s): 451 at end of message naming the "
+             "length" % nr, got)
+        c.ok(decision_logged(milter, qid, "MAIL FROM"),
+             "980-octet sender (%s): the tempfail line is logged with "
+             "the queue id" % nr, milter.log())
+    c.ok(relay.count() == before,
+         "no copy of a message with a refused sender reached the relay",
+         "%d new" % (relay.count() - before))
+
+
 def check_noeoh(c, port, relay):
     """Offered SMFIP_NOEOH, the milter takes it; the copy still has its
     blank line after the headers, with a body and without one."""
@@ -452,8 +481,8 @@ def check_noeoh(c, port, relay):
 
 
 def check_nr_accepted(c, port, relay):
-    """Under NR a good message: no answer to connect, headers, EOH and
-    body, one to MAIL, RCPT and the end, nothing more; copied whole."""
+    """Under NR a good message: no answer to connect, MAIL, headers, EOH
+    and body, one to RCPT and the end, nothing more; copied whole."""
     got = message(port, "RAWNR",
                   [(b"Subject", b" folded\n here"),
                    (b"X-Marker", b" nr-accepted")],
@@ -461,9 +490,9 @@ def check_nr_accepted(c, port, relay):
                   offered=OFFERED | NR_ALL)
     c.ok(got.connect is None and got.headers == [None, None]
          and got.eoh is None and got.body is None
-         and continued(got.mail) and continued(got.rcpts[0])
+         and got.mail is None and continued(got.rcpts[0])
          and continued(got.eom) and got.stray == b"",
-         "NR: answers for MAIL, RCPT and the end only, none owed", got)
+         "NR: answers for RCPT and the end only, none owed", got)
     copy = wait_copy(relay, b"nr-accepted")
     c.ok(copy is not None and copy.content.endswith(
         b"Subject: folded\r\n here\r\nX-Marker: nr-accepted\r\n\r\n"
@@ -636,6 +665,7 @@ def main():
         check_folds(c, milter.port, relay)
         check_nul(c, milter.port, relay)
         check_long_rcpt(c, milter.port, relay)
+        check_long_sender(c, milter, relay)
         check_match_limit(c, workdir, relay)
         check_quarantine(c, workdir)
         check_reply_texts(c, workdir, relay)
