@@ -52,6 +52,14 @@
  * pool says QUIT under the same deadline; one kept in the pool has it
  * removed, so that the janitor's QUIT is not cut.
  *
+ * am_deliver_batch sends several copies for one relay over one
+ * connection, each envelope behind the previous end marker when the
+ * relay pipelines (smtp_client_send_batch); am_deliver is a batch of
+ * one, so a copy ends the same way alone or in a batch, except for
+ * what only a whole batch has: its time (delay=), its deadline (the
+ * relay's copy_deadline once per copy), and a failed first connect,
+ * which fails every copy of the batch alike.
+ *
  * Known limits: XXX: name resolution (getaddrinfo) is outside the
  * deadline, as the library documents; a relay configured by a name
  * whose resolver hangs can hold a copy past it.  `archive-milter
@@ -440,18 +448,26 @@ client_set_limits(SmtpClient *client, const AmRelay *relay, gint64 deadline)
 	smtp_client_set_deadline(client, deadline);
 }
 
-/* The earlier of the relay's copy_deadline counted from @start and the
- * caller's @req_deadline; 0 when neither is set. */
+/*
+ * The deadline of a batch: the earliest a request gives, and the
+ * relay's copy_deadline once for each copy, counted from @start (the
+ * copies go one after the other, so a batch may take what they would
+ * take in turn); 0 when neither is set.
+ */
 static gint64
-copy_deadline(const AmRelay *relay, gint64 start, gint64 req_deadline)
+batch_deadline(const AmCopyRequest *reqs, guint n, gint64 start)
 {
-	gint64 own = relay->copy_deadline_ms > 0
-	                 ? start + (gint64)relay->copy_deadline_ms * 1000
-	                 : 0;
+	const AmRelay *relay = reqs[0].relay;
+	gint64 deadline = 0;
 
-	if (req_deadline <= 0)
-		return own;
-	return own > 0 ? MIN(own, req_deadline) : req_deadline;
+	if (relay->copy_deadline_ms > 0)
+		deadline = start + (gint64)relay->copy_deadline_ms * 1000 * n;
+	for (guint i = 0; i < n; i++)
+		if (reqs[i].deadline > 0)
+			deadline = deadline > 0
+			               ? MIN(deadline, reqs[i].deadline)
+			               : reqs[i].deadline;
+	return deadline;
 }
 
 /* ------------------------------------------------------------------ */
@@ -854,54 +870,124 @@ warn_dropped(const AmRelay *relay, const GPtrArray *dropped)
 		               relay->name, (const char *)dropped->pdata[i]);
 }
 
-AmDelivery *
-am_deliver(AmPool *pool, const AmCopyRequest *req)
+/* The library's jobs for a batch, and the arrays they point into. */
+typedef struct {
+	SmtpJob *jobs;
+	const char **options; /* 3 per job: up to 2 and NULL */
+	SmtpRecipient *rcpts; /* every job's, one after the other */
+	guint n;
+} Batch;
+
+static void
+batch_init(Batch *b, const AmCopyRequest *reqs, guint n)
 {
-	g_autoptr(SmtpResult) result = NULL;
+	guint total = 0, at = 0;
+
+	for (guint i = 0; i < n; i++)
+		total += g_strv_length((char **)reqs[i].to);
+	b->n = n;
+	b->jobs = g_new0(SmtpJob, n);
+	b->options = g_new0(const char *, 3 * n);
+	b->rcpts = g_new0(SmtpRecipient, MAX(total, 1));
+	for (guint i = 0; i < n; i++) {
+		const char **options = &b->options[3 * i];
+		guint n_to = g_strv_length((char **)reqs[i].to);
+		guint k = 0;
+
+		/* The copy keeps the original's needs; the library drops
+		 * BODY when unadvertised and refuses an unadvertised
+		 * SMTPUTF8. */
+		if (reqs[i].smtputf8)
+			options[k++] = "SMTPUTF8";
+		if (reqs[i].eightbit)
+			options[k++] = "BODY=8BITMIME";
+		b->jobs[i] = (SmtpJob){.from = reqs[i].from,
+		                       .mail_options = options,
+		                       .rcpts = &b->rcpts[at],
+		                       .n_rcpts = n_to,
+		                       .msg = reqs[i].msg};
+		for (k = 0; k < n_to; k++)
+			b->rcpts[at++].address = reqs[i].to[k];
+	}
+}
+
+static void
+batch_clear(Batch *b)
+{
+	for (guint i = 0; i < b->n; i++) {
+		smtp_result_free(b->jobs[i].result);
+		g_clear_error(&b->jobs[i].error);
+	}
+	g_free(b->jobs);
+	g_free(b->options);
+	g_free(b->rcpts);
+}
+
+GPtrArray *
+am_deliver_batch(AmPool *pool, const AmCopyRequest *reqs, guint n)
+{
 	g_autoptr(GError) error = NULL;
-	const char *options[3];
 	gint64 start = g_get_monotonic_time();
-	gint64 deadline = copy_deadline(req->relay, start, req->deadline);
+	const AmRelay *relay;
+	GPtrArray *out;
 	PoolConn *pc;
-	AmDelivery *d;
 	double delay;
-	int n = 0;
+	Batch b;
 
-	/* Step 1: the copy keeps the original's needs; the library drops
-	 * BODY when unadvertised and refuses an unadvertised SMTPUTF8. */
-	if (req->smtputf8)
-		options[n++] = "SMTPUTF8";
-	if (req->eightbit)
-		options[n++] = "BODY=8BITMIME";
-	options[n] = NULL;
+	g_return_val_if_fail(reqs != NULL && n > 0, NULL);
+	relay = reqs[0].relay;
+	for (guint i = 1; i < n; i++)
+		g_return_val_if_fail(reqs[i].relay == relay, NULL);
 
-	/* Step 2: a connection, then the transaction under what is left
-	 * of the deadline. */
-	pc = connection_get(pool, req->relay, deadline, &error);
-	if (error == NULL)
-		result = smtp_client_sendmail(pc->client, req->from, req->to,
-		                              req->msg, options, NULL, &error);
-	if (stale_unchecked(pc, error)) {
-		am_log_debug("pool: %s: idle connection unusable (%s); "
-		             "connecting again",
-		             req->relay->name, error->message);
-		pool_conn_close(pc);
-		g_clear_error(&error);
-		pc = connection_new(req->relay, deadline, &error);
-		if (error == NULL)
-			result = smtp_client_sendmail(pc->client, req->from,
-			                              req->to, req->msg,
-			                              options, NULL, &error);
+	/* Step 1: a connection.  One that cannot be made fails every copy
+	 * alike: trying again at once for each would only wait as long
+	 * again for the same answer. */
+	batch_init(&b, reqs, n);
+	pc =
+	    connection_get(pool, relay, batch_deadline(reqs, n, start), &error);
+
+	/* Step 2: the copies, each one's envelope behind the previous
+	 * one's end marker when the relay pipelines; a lost connection
+	 * is made again for the next copy by the library.  A pooled
+	 * connection that went without RSET and turns out dead at the
+	 * first copy's envelope (see stale_unchecked) cost it nothing:
+	 * it goes again, once, on a new connection. */
+	if (error == NULL) {
+		smtp_client_send_batch(pc->client, b.jobs, n);
+		if (stale_unchecked(pc, b.jobs[0].error)) {
+			am_log_debug("pool: %s: idle connection unusable (%s); "
+			             "connecting again",
+			             relay->name, b.jobs[0].error->message);
+			g_clear_error(&b.jobs[0].error);
+			smtp_client_send_batch(pc->client, b.jobs, 1);
+		}
 	}
 	delay = (g_get_monotonic_time() - start) / (double)G_USEC_PER_SEC;
 
-	/* Step 3: the outcome; the connection back to the pool when the
-	 * library kept it open (after a refusal it has sent RSET). */
-	warn_dropped(req->relay, result
-	                             ? result->dropped_options
-	                             : smtp_error_get_dropped_options(error));
-	d = am_delivery_from_result(req->to, relay_name(pc->client, error),
-	                            delay, result, error);
+	/* Step 3: each copy's outcome; the connection back to the pool
+	 * when the library kept it open (after a refusal it has sent
+	 * RSET). */
+	out = g_ptr_array_new_full(n, (GDestroyNotify)am_delivery_free);
+	for (guint i = 0; i < n; i++) {
+		const GError *e = error != NULL ? error : b.jobs[i].error;
+		const SmtpResult *res = error != NULL ? NULL : b.jobs[i].result;
+
+		warn_dropped(relay, res != NULL
+		                        ? res->dropped_options
+		                        : smtp_error_get_dropped_options(e));
+		g_ptr_array_add(out, am_delivery_from_result(
+		                         reqs[i].to, relay_name(pc->client, e),
+		                         delay, res, e));
+	}
+	batch_clear(&b);
 	pool_give(pool, pc);
-	return d;
+	return out;
+}
+
+AmDelivery *
+am_deliver(AmPool *pool, const AmCopyRequest *req)
+{
+	g_autoptr(GPtrArray) d = am_deliver_batch(pool, req, 1);
+
+	return g_ptr_array_steal_index(d, 0);
 }

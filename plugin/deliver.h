@@ -104,9 +104,31 @@ void am_pool_set_check_after(AmPool *pool, guint ms);
  * (smtp_client_set_deadline), after which it is a TIMEOUT, and so is
  * @req->deadline: the earlier of the two applies.  A copy that starts
  * with no time left is a TIMEOUT at once, with no connection made.
- * Never fails: every error becomes a status per address.
+ * Never fails: every error becomes a status per address.  A batch of
+ * one (am_deliver_batch).
  */
 AmDelivery *am_deliver(AmPool *pool, const AmCopyRequest *req);
+
+/*
+ * am_deliver_batch: send the @n copies of @reqs (@n >= 1), all to the
+ * same relay (the same AmRelay), over one connection as am_deliver()
+ * takes it, in order, each copy's envelope behind the previous one's
+ * end marker when the relay offers PIPELINING
+ * (smtp_client_send_batch): a round trip less per copy.  Each copy's
+ * outcome is what am_deliver() would give for it alone, status,
+ * addresses, reply and relay, with three differences that come from
+ * sharing: delay is the whole batch's; the relay's copy_deadline_ms
+ * bounds the batch as @n times one copy's (the earliest deadline of a
+ * request bounds it too); and a first connection that cannot be made
+ * fails every copy with the same error, without trying again for
+ * each.  A pooled connection found dead at the first copy's envelope
+ * is replaced once, as am_deliver() does; a connection lost later is
+ * made again for the next copy by the library.
+ * Returns: (transfer full) AmDelivery * in the order of @reqs; free
+ * with g_ptr_array_unref().  Never fails for good input; NULL only on
+ * misuse (@n 0, relays that differ).
+ */
+GPtrArray *am_deliver_batch(AmPool *pool, const AmCopyRequest *reqs, guint n);
 
 /*
  * am_delivery_from_result: classify a finished send (@result, or NULL

@@ -2,8 +2,9 @@
  * runner.c - the worker threads that deliver spooled copies
  *
  * One table of jobs (a copy id each) sorted by when it is due, behind
- * one mutex: the workers take the earliest due job, deliver it without
- * the lock, and put it back with its next due time or forget it.  A
+ * one mutex: a worker takes the earliest due job, with the other jobs
+ * due now for the same relay (a batch), delivers them without the
+ * lock, and puts each back with its next due time or forgets it.  A
  * scanner thread lists queue/ at start and every scan interval and
  * adds the ids it does not know, so that copies of an earlier run,
  * copies released by `--spool-retry` in another process and copies of
@@ -56,14 +57,33 @@
  * start; --spool-list counts it as damaged); one whose SHA-256 differs
  * is held, with an error-level line.
  *
+ * Copies due together for one relay go as one batch, over one
+ * connection (am_deliver_batch): with PIPELINING each copy's envelope
+ * rides behind the previous copy's end marker, a round trip less per
+ * copy, and the worker wakes once for them all.  A batch holds at most
+ * AM_RUNNER_BATCH_MAX copies and AM_RUNNER_BATCH_OCTETS.  Nothing else
+ * is shared: each copy is checked first as it would be alone
+ * (prepare_file, prepare_fresh: due, age, rule and relay, digest), is
+ * left out when it cannot go, and its outcome is logged and acted on
+ * by its own rule (finish), so a refusal or a lost connection never
+ * counts against another copy.  Which jobs share a relay is known only
+ * for a copy kicked with its message or read before: the relay is in
+ * the file, which only the worker that takes a job reads.
+ *
  * Known limits: XXX: due times follow the wall clock (next_attempt is
  * stored as unix seconds so that it survives a restart); a clock set
  * back delays retries by as much, a clock set forward makes them early.
  * XXX: a file that cannot be parsed is parked until the next start,
- * logged once, and left where it is for an administrator.  XXX: each
- * worker sends one copy per attempt, one transaction at a time: copies
- * due together for one relay are not pipelined one behind the other
- * (smtp_client_send_batch), which would save a round trip per copy.
+ * logged once, and left where it is for an administrator.  XXX: a copy
+ * whose relay is not known yet (found by a scan, as every copy is
+ * after a restart, or kicked by id only: over the memory cap, or
+ * spilled) goes alone the first time; its retries can join batches.
+ * XXX: copies form a batch only when they wait for a worker: one that
+ * is idle when a copy is kicked takes it alone at once, so under light
+ * load each copy is still its own transaction; and a worker woken for
+ * a job that another's batch took wakes for nothing.  XXX: a batch is
+ * sent in turn: a relay slow on one copy delays the batch's later
+ * ones (bounded by the relay's copy_deadline, once per copy).
  */
 #include <pthread.h>
 #include <signal.h>
@@ -80,6 +100,13 @@
  * whose milter has not answered yet: Postfix's default
  * milter_content_timeout, after which Postfix has given up anyway. */
 #define AM_RUNNER_SETTLE_S 300
+/* A worker's batch: at most this many copies for one relay, and this
+ * many octets (its first copy goes whatever its size), so that one
+ * worker does not keep a backlog from the others; found among at most
+ * this many due jobs, so that the lock is not held over a long scan. */
+#define AM_RUNNER_BATCH_MAX    16
+#define AM_RUNNER_BATCH_OCTETS (4 * 1024 * 1024)
+#define AM_RUNNER_BATCH_LOOK   64
 
 typedef struct {
 	char *id;
@@ -93,6 +120,8 @@ typedef struct {
 	AmSpoolEntry *entry; /* kick_copy: for the first attempt; NULL */
 	SmtpMessage *msg;    /* kick_copy: its octets, in memory; NULL */
 	guint64 msg_size;    /* counted in held */
+	char *relay;         /* the copy's relay once known; NULL */
+	guint64 size;        /* the copy's octets once known */
 } Job;
 
 struct AmRunner {
@@ -123,6 +152,7 @@ job_free(gpointer data)
 	Job *job = data;
 
 	g_free(job->id);
+	g_free(job->relay);
 	am_spool_entry_free(job->entry);
 	smtp_message_free(job->msg);
 	g_free(job);
@@ -372,117 +402,114 @@ after_failure(AmRunner *r, const AmContext *ctx, const AmRule *rule,
 }
 
 /*
- * Send @e through its relay under its rule; the next due time.  @given:
- * its message from memory (transfer full), or NULL to read its file;
- * @stateless: no state/ file was ever written for it.
+ * One copy of a batch, from the worker's take to its outcome.  A copy
+ * that cannot go this time (not due, too old, damaged, its rule gone)
+ * gets its next due time in @due at once and is left out of the send.
  */
-static gint64
-deliver(AmRunner *r, AmContext *ctx, AmSpoolEntry *e, SmtpMessage *given,
-        gboolean stateless)
+typedef struct {
+	Job *job;           /* busy until the batch is over */
+	gboolean settled;   /* job->settled when taken */
+	AmSpoolEntry *e;    /* kick_copy's, or read from its file */
+	SmtpMessage *msg;   /* kick_copy's, or streaming from its file */
+	gboolean fresh;     /* its first attempt, from memory */
+	gboolean stateless; /* no state/ file was ever written for it */
+	gboolean looked;    /* counts in the stats: a context was set */
+	const AmRule *rule; /* the context's, when ready */
+	const AmRelay *relay;
+	gint64 due; /* the next due time, or JOB_FORGET */
+} Copy;
+
+static void
+copy_clear(Copy *c)
 {
-	const AmRule *rule = find_rule(ctx->config, e->rule);
-	const AmRelay *relay = am_config_find_relay(ctx->config, e->relay);
+	g_clear_pointer(&c->e, am_spool_entry_free);
+	g_clear_pointer(&c->msg, smtp_message_free);
+}
+
+/*
+ * Whether copy @c can go now through its relay under its rule; if not,
+ * c->due says when to look again.  The message is the one in memory,
+ * or read from the copy's file as it is sent, once its digest says it
+ * is the copy that was written.
+ */
+static gboolean
+prepare_send(AmRunner *r, AmContext *ctx, Copy *c)
+{
+	AmSpoolEntry *e = c->e;
 	g_autoptr(GError) error = NULL;
-	g_autoptr(SmtpMessage) msg = given;
-	g_autoptr(AmDelivery) d = NULL;
 	g_autofree char *reason = NULL;
-	AmCopyRequest req;
 
 	/* Step 1: the configuration may have changed since the copy was
 	 * made; without its rule or relay nobody can say where it goes. */
-	if (rule == NULL || relay == NULL) {
+	c->rule = find_rule(ctx->config, e->rule);
+	c->relay = am_config_find_relay(ctx->config, e->relay);
+	if (c->rule == NULL || c->relay == NULL) {
 		reason =
 		    g_strdup_printf("%s %s is no longer in the configuration",
-		                    rule == NULL ? "rule" : "relay",
-		                    rule == NULL ? e->rule : e->relay);
+		                    c->rule == NULL ? "rule" : "relay",
+		                    c->rule == NULL ? e->rule : e->relay);
 		hold(r, e, reason);
-		return JOB_FORGET;
+		c->due = JOB_FORGET;
+		return FALSE;
 	}
 
 	/* Step 2: the copy, read from its file as it is sent, once its
 	 * digest says it is the copy that was written; or the octets that
 	 * were written, still in memory. */
-	if (msg == NULL)
-		msg = am_spool_message(r->spool, e, &error);
-	if (msg == NULL) {
-		if (g_error_matches(error, AM_SPOOL_ERROR,
-		                    AM_SPOOL_ERROR_NOT_FOUND))
-			return JOB_FORGET;
-		if (g_error_matches(error, AM_SPOOL_ERROR,
-		                    AM_SPOOL_ERROR_FORMAT)) {
-			/* Damaged: never sent; an administrator looks. */
-			hold(r, e, error->message);
-			return JOB_FORGET;
-		}
+	if (c->msg == NULL)
+		c->msg = am_spool_message(r->spool, e, &error);
+	if (c->msg != NULL)
+		return TRUE;
+	if (g_error_matches(error, AM_SPOOL_ERROR, AM_SPOOL_ERROR_NOT_FOUND)) {
+		c->due = JOB_FORGET;
+	} else if (g_error_matches(error, AM_SPOOL_ERROR,
+	                           AM_SPOOL_ERROR_FORMAT)) {
+		/* Damaged: never sent; an administrator looks. */
+		hold(r, e, error->message);
+		c->due = JOB_FORGET;
+	} else {
 		am_log_warning("%s: %s", e->id, error->message);
-		return due_at(now_s() +
-		              backoff(ctx->config, e->attempts < G_MAXUINT
-		                                       ? e->attempts + 1
-		                                       : e->attempts));
+		c->due = due_at(now_s() +
+		                backoff(ctx->config, e->attempts < G_MAXUINT
+		                                         ? e->attempts + 1
+		                                         : e->attempts));
 	}
-
-	/* Step 3: send, log a line per address, act on the outcome. */
-	req = (AmCopyRequest){
-	    .relay = relay,
-	    .from = e->from,
-	    .to = (const char *const *)e->to,
-	    .msg = msg,
-	    .smtputf8 = e->smtputf8,
-	    .eightbit = e->eightbit,
-	};
-	d = am_deliver(ctx->pool, &req);
-	am_delivery_log(d, e->queue_id);
-	if (d->status != AM_STATUS_SENT)
-		return after_failure(r, ctx, rule, e, d);
-	if (!am_spool_remove_sent(r->spool, e->id, !stateless, &error))
-		/* It will go again: its X-Archive-Id lets the archive
-		 * drop the duplicate. */
-		am_log_error("%s: sent, but cannot remove it from the "
-		             "spool: %s",
-		             e->id, error->message);
-	return JOB_FORGET;
+	return FALSE;
 }
 
-static void
-count_attempt(AmRunner *r, gboolean from_memory)
+/*
+ * One look at copy @c in its file: whether it is due and can go now;
+ * if not, c->due.
+ */
+static gboolean
+prepare_file(AmRunner *r, AmContext *ctx, Copy *c)
 {
-	g_mutex_lock(&r->lock);
-	if (from_memory)
-		r->stats.from_memory++;
-	else
-		r->stats.from_disk++;
-	g_mutex_unlock(&r->lock);
-}
-
-/* One look at job @id: deliver it if it is due.  The next due time,
- * or JOB_FORGET. */
-static gint64
-attempt(AmRunner *r, const char *id, gboolean settled)
-{
-	g_autoptr(AmContext) ctx = am_milter_get_context();
-	g_autoptr(AmSpoolEntry) e = NULL;
 	g_autoptr(GError) error = NULL;
 	gint64 now = now_s();
+	AmSpoolEntry *e;
 	gint64 age;
 
-	if (ctx == NULL)
-		return g_get_real_time() + r->scan_ms * (gint64)1000;
-	count_attempt(r, FALSE);
-	e = am_spool_get(r->spool, id, &error);
+	c->e = e = am_spool_get(r->spool, c->job->id, &error);
 	if (e == NULL) {
+		c->due = JOB_FORGET;
 		if (g_error_matches(error, AM_SPOOL_ERROR,
 		                    AM_SPOOL_ERROR_NOT_FOUND))
-			return JOB_FORGET;
-		am_log_error("%s: %s; left in the spool", id, error->message);
+			return FALSE;
+		am_log_error("%s: %s; left in the spool", c->job->id,
+		             error->message);
 		/* Parked: a damaged file is not read again until the
 		 * next start, so the log does not fill with it. */
 		if (g_error_matches(error, AM_SPOOL_ERROR,
 		                    AM_SPOOL_ERROR_FORMAT))
-			return PARKED;
-		return due_at(now + backoff(ctx->config, 1));
+			c->due = PARKED;
+		else
+			c->due = due_at(now + backoff(ctx->config, 1));
+		return FALSE;
 	}
-	if (e->state == AM_SPOOL_HELD)
-		return JOB_FORGET;
+	if (e->state == AM_SPOOL_HELD) {
+		c->due = JOB_FORGET;
+		return FALSE;
+	}
 	bound_times(r, ctx->config, e, now);
 
 	/* Too old, and tried before: no more attempts. */
@@ -495,45 +522,157 @@ attempt(AmRunner *r, const char *id, gboolean settled)
 		    e->last_error != NULL ? e->last_error : "none");
 
 		hold(r, e, reason);
-		return JOB_FORGET;
+		c->due = JOB_FORGET;
+		return FALSE;
 	}
-	if (e->next_attempt > now)
-		return due_at(e->next_attempt);
-	if (!settled && e->released == 0 &&
-	    e->created + AM_RUNNER_SETTLE_S > now)
-		return due_at(e->created + AM_RUNNER_SETTLE_S);
-	return deliver(r, ctx, e, NULL, FALSE);
+	if (e->next_attempt > now) {
+		c->due = due_at(e->next_attempt);
+		return FALSE;
+	}
+	if (!c->settled && e->released == 0 &&
+	    e->created + AM_RUNNER_SETTLE_S > now) {
+		c->due = due_at(e->created + AM_RUNNER_SETTLE_S);
+		return FALSE;
+	}
+	return prepare_send(r, ctx, c);
 }
 
 /*
- * The first attempt of a copy just spooled, from memory (@e and @msg,
- * transfer full): nothing to read, and nothing can be in its way (no
- * state, no next attempt, young, kicked).  Without a context it waits
- * like any copy, read from its file next time.
+ * The first attempt of a copy just spooled, from memory: nothing to
+ * read, and nothing can be in its way (no state, no next attempt,
+ * young, kicked).
  */
+static gboolean
+prepare_fresh(AmRunner *r, AmContext *ctx, Copy *c)
+{
+	c->stateless = !bound_times(r, ctx->config, c->e, now_s());
+	return prepare_send(r, ctx, c);
+}
+
+/* Log copy @c's outcome @d and act on it; the next due time. */
 static gint64
-attempt_fresh(AmRunner *r, AmSpoolEntry *e, SmtpMessage *msg)
+finish(AmRunner *r, AmContext *ctx, Copy *c, const AmDelivery *d)
+{
+	g_autoptr(GError) error = NULL;
+
+	am_delivery_log(d, c->e->queue_id);
+	if (d->status != AM_STATUS_SENT)
+		return after_failure(r, ctx, c->rule, c->e, d);
+	if (!am_spool_remove_sent(r->spool, c->e->id, !c->stateless, &error))
+		/* It will go again: its X-Archive-Id lets the archive
+		 * drop the duplicate. */
+		am_log_error("%s: sent, but cannot remove it from the "
+		             "spool: %s",
+		             c->e->id, error->message);
+	return JOB_FORGET;
+}
+
+/* Send the @n ready copies of @group, all for one relay, together. */
+static void
+send_group(AmRunner *r, AmContext *ctx, Copy **group, guint n)
+{
+	AmCopyRequest reqs[AM_RUNNER_BATCH_MAX];
+	g_autoptr(GPtrArray) d = NULL;
+
+	for (guint i = 0; i < n; i++)
+		reqs[i] = (AmCopyRequest){
+		    .relay = group[i]->relay,
+		    .from = group[i]->e->from,
+		    .to = (const char *const *)group[i]->e->to,
+		    .msg = group[i]->msg,
+		    .smtputf8 = group[i]->e->smtputf8,
+		    .eightbit = group[i]->e->eightbit,
+		};
+	d = am_deliver_batch(ctx->pool, reqs, n);
+	for (guint i = 0; i < n; i++)
+		group[i]->due = finish(r, ctx, group[i], d->pdata[i]);
+}
+
+static void
+count_looks(AmRunner *r, const Copy *batch, guint n)
+{
+	g_mutex_lock(&r->lock);
+	for (guint i = 0; i < n; i++) {
+		if (!batch[i].looked)
+			continue;
+		if (batch[i].fresh)
+			r->stats.from_memory++;
+		else
+			r->stats.from_disk++;
+	}
+	g_mutex_unlock(&r->lock);
+}
+
+/*
+ * Each copy of @batch looked at as it would be alone, then those that
+ * can go sent together, one batch per relay; each copy's next due
+ * time in its @due.
+ */
+static void
+run_batch(AmRunner *r, Copy *batch, guint n)
 {
 	g_autoptr(AmContext) ctx = am_milter_get_context();
-	g_autoptr(AmSpoolEntry) owned = e;
-	gboolean saved;
+	Copy *ready[AM_RUNNER_BATCH_MAX];
+	guint n_ready = 0;
 
+	/* Step 1: with no configuration yet, every copy waits (one from
+	 * memory is read from its file next time). */
 	if (ctx == NULL) {
-		smtp_message_free(msg);
-		return g_get_real_time() + r->scan_ms * (gint64)1000;
+		for (guint i = 0; i < n; i++)
+			batch[i].due =
+			    g_get_real_time() + r->scan_ms * (gint64)1000;
+		return;
 	}
-	count_attempt(r, TRUE);
-	saved = bound_times(r, ctx->config, e, now_s());
-	return deliver(r, ctx, e, msg, !saved);
+
+	/* Step 2: the checks of each copy, in memory or in its file. */
+	for (guint i = 0; i < n; i++) {
+		Copy *c = &batch[i];
+
+		c->looked = TRUE;
+		if (c->fresh ? prepare_fresh(r, ctx, c)
+		             : prepare_file(r, ctx, c))
+			ready[n_ready++] = c;
+	}
+	count_looks(r, batch, n);
+
+	/* Step 3: the jobs were taken for one relay, but never mix two
+	 * in one batch, whatever a file says. */
+	while (n_ready > 0) {
+		const AmRelay *relay = ready[0]->relay;
+		Copy *group[AM_RUNNER_BATCH_MAX];
+		guint n_group = 0, n_rest = 0;
+
+		for (guint i = 0; i < n_ready; i++) {
+			if (ready[i]->relay == relay)
+				group[n_group++] = ready[i];
+			else
+				ready[n_rest++] = ready[i];
+		}
+		send_group(r, ctx, group, n_group);
+		n_ready = n_rest;
+	}
 }
 
 /* ------------------------------------------------------------------ */
 /* Threads                                                              */
 /* ------------------------------------------------------------------ */
 
-/* The earliest job if it is due; else sleep until it is (lock held). */
-static Job *
-take_due(AmRunner *r)
+/* Job @job into copy @c of a worker's batch (lock held). */
+static void
+take_job(AmRunner *r, Job *job, Copy *c)
+{
+	g_sequence_remove(job->iter);
+	job->iter = NULL;
+	job->busy = TRUE;
+	*c = (Copy){.job = job, .settled = job->settled};
+	job_take_copy(r, job, &c->e, &c->msg);
+	c->fresh = c->msg != NULL;
+}
+
+/* The earliest job into @batch if it is due; else sleep until it is
+ * (lock held).  The number of copies taken. */
+static guint
+take_due(AmRunner *r, Copy *batch)
 {
 	GSequenceIter *first = g_sequence_get_begin_iter(r->due);
 	gint64 wait_us = AM_RUNNER_WAIT_MS * (gint64)1000;
@@ -542,48 +681,104 @@ take_due(AmRunner *r)
 	if (!g_sequence_iter_is_end(first)) {
 		job = g_sequence_get(first);
 		if (job->due <= g_get_real_time()) {
-			g_sequence_remove(first);
-			job->iter = NULL;
-			job->busy = TRUE;
-			return job;
+			take_job(r, job, &batch[0]);
+			return 1;
 		}
 		wait_us = MIN(wait_us, job->due - g_get_real_time());
 	}
 	g_cond_wait_until(&r->cond, &r->lock,
 	                  g_get_monotonic_time() + MAX(wait_us, 1));
-	return NULL;
+	return 0;
+}
+
+/*
+ * Take into @batch, behind its first job, the other jobs due now for
+ * the same relay, up to AM_RUNNER_BATCH_MAX copies and
+ * AM_RUNNER_BATCH_OCTETS (lock held).  Only jobs whose relay is known
+ * (a copy kicked with its message, or read before) can join; the
+ * others go on their own.  The number of copies in @batch.
+ */
+static guint
+take_more(AmRunner *r, Copy *batch)
+{
+	const Job *first = batch[0].job;
+	GSequenceIter *it = g_sequence_get_begin_iter(r->due);
+	gint64 now = g_get_real_time();
+	guint64 octets = first->size;
+	guint n = 1;
+
+	for (guint looked = 0;
+	     first->relay != NULL && n < AM_RUNNER_BATCH_MAX &&
+	     looked < AM_RUNNER_BATCH_LOOK && !g_sequence_iter_is_end(it);
+	     looked++) {
+		Job *job = g_sequence_get(it);
+
+		if (job->due > now)
+			break;
+		it = g_sequence_iter_next(it);
+		if (g_strcmp0(job->relay, first->relay) != 0 ||
+		    job->size > AM_RUNNER_BATCH_OCTETS -
+		                    MIN(octets, AM_RUNNER_BATCH_OCTETS))
+			continue;
+		octets += job->size;
+		take_job(r, job, &batch[n++]);
+	}
+
+	/* A job left due (another relay, over the caps) may have had its
+	 * wake-up taken by this worker: another worker looks. */
+	it = g_sequence_get_begin_iter(r->due);
+	if (!g_sequence_iter_is_end(it) &&
+	    ((Job *)g_sequence_get(it))->due <= now)
+		g_cond_signal(&r->cond);
+	return n;
+}
+
+/* The batch is over for copy @c: its job is rescheduled, or forgotten
+ * (lock held).  Its relay and size are kept for the next batch. */
+static void
+job_done(AmRunner *r, Copy *c)
+{
+	Job *job = c->job;
+	gint64 due = c->due;
+
+	if (c->e != NULL && job->relay == NULL) {
+		job->relay = g_strdup(c->e->relay);
+		job->size =
+		    c->msg != NULL ? smtp_message_get_size(c->msg) : c->e->size;
+	}
+	job->busy = FALSE;
+	if (job->kicked)
+		due = g_get_real_time();
+	job->kicked = FALSE;
+	if (due == JOB_FORGET)
+		job_forget(r, job);
+	else
+		job_schedule(r, job, due);
 }
 
 static gpointer
 worker_main(gpointer data)
 {
 	AmRunner *r = data;
+	Copy batch[AM_RUNNER_BATCH_MAX];
 
 	g_mutex_lock(&r->lock);
 	while (!r->stopping) {
-		Job *job = take_due(r);
-		gint64 due;
+		guint n = take_due(r, batch);
 
-		AmSpoolEntry *entry = NULL;
-		SmtpMessage *msg = NULL;
-
-		if (job == NULL)
+		if (n == 0)
 			continue;
-		job_take_copy(r, job, &entry, &msg);
+		n = take_more(r, batch);
 		g_mutex_unlock(&r->lock);
-		if (msg != NULL)
-			due = attempt_fresh(r, entry, msg);
-		else
-			due = attempt(r, job->id, job->settled);
+		run_batch(r, batch, n);
 		g_mutex_lock(&r->lock);
-		job->busy = FALSE;
-		if (job->kicked)
-			due = g_get_real_time();
-		job->kicked = FALSE;
-		if (due == JOB_FORGET)
-			job_forget(r, job);
-		else
-			job_schedule(r, job, due);
+		for (guint i = 0; i < n; i++)
+			job_done(r, &batch[i]);
+		g_mutex_unlock(&r->lock);
+		/* Files closed and messages freed outside the lock. */
+		for (guint i = 0; i < n; i++)
+			copy_clear(&batch[i]);
+		g_mutex_lock(&r->lock);
 	}
 	g_mutex_unlock(&r->lock);
 	return NULL;
@@ -730,6 +925,8 @@ am_runner_kick_copy(AmRunner *runner, AmSpoolEntry *entry, SmtpMessage *msg)
 	    runner->held <= runner->memory_max - size) {
 		job = job_add(runner, entry->id, g_get_real_time());
 		job->settled = TRUE;
+		job->relay = g_strdup(entry->relay);
+		job->size = size;
 		job->entry = g_steal_pointer(&entry);
 		job->msg = g_steal_pointer(&msg);
 		job->msg_size = size;

@@ -7,9 +7,12 @@
  * up again) and then every few seconds (copies released by
  * `--spool-retry` from another process, retries that came due).
  *
- * Each worker sends one copy at a time with am_deliver() through the
- * relay named in the copy, under the rule named in the copy; a rule or
- * relay no longer in the configuration moves the copy to hold/.  The
+ * A worker sends a copy through the relay named in the copy, under the
+ * rule named in the copy, together with the other copies due then for
+ * that relay (up to 16 copies and 4 MiB, one pipelined batch with
+ * am_deliver_batch()); each copy is checked, logged and settled as if
+ * it had gone alone.  A rule or relay no longer in the configuration
+ * moves the copy to hold/.  The
  * outcome goes through the rule's policy (am_rule_action): a retry
  * (tempfail or spool) sets the next attempt with exponential backoff
  * between spool_retry_min and spool_retry_max; accept, or a copy older

@@ -635,6 +635,201 @@ test_request_deadline(void)
 	fixture_stop(&f);
 }
 
+/* ------------------------------------------------------------------ */
+/* Batches                                                              */
+/* ------------------------------------------------------------------ */
+
+#define PIPE_KEYWORDS                                                          \
+	"ehlo-keywords PIPELINING 8BITMIME SIZE 10485760 SMTPUTF8 DSN "        \
+	"ENHANCEDSTATUSCODES\n"
+
+/* Three copies, from first@, second@ and third@, with bodies "one",
+ * "two" and "three", the second to two addresses, so that a script
+ * can pick any of them. */
+static const char *const batch_from[] = {
+    "first@example.org", "second@example.org", "third@example.org"};
+static const char *const batch_body[] = {"Subject: 1\r\n\r\none\r\n",
+                                         "Subject: 2\r\n\r\ntwo\r\n",
+                                         "Subject: 3\r\n\r\nthree\r\n"};
+static const char *const batch_to0[] = {"a1@archive.example", NULL};
+static const char *const batch_to1[] = {"a2@archive.example",
+                                        "b2@archive.example", NULL};
+static const char *const batch_to2[] = {"a3@archive.example", NULL};
+static const char *const *const batch_to[] = {batch_to0, batch_to1, batch_to2};
+
+/* @n (up to 3) copies to @relay, as a batch or one am_deliver() each,
+ * through a pool; (transfer full) their outcomes. */
+static GPtrArray *
+send_copies(const AmRelay *relay, guint n, gboolean batch)
+{
+	AmPool *pool = am_pool_new(4, 10000);
+	AmCopyRequest reqs[3];
+	GPtrArray *out;
+
+	g_assert_cmpuint(n, <=, 3);
+	for (guint i = 0; i < n; i++) {
+		reqs[i] = (AmCopyRequest){.relay = relay,
+		                          .from = batch_from[i],
+		                          .to = batch_to[i],
+		                          .eightbit = TRUE};
+		reqs[i].msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+		smtp_message_append_data(reqs[i].msg, batch_body[i],
+		                         strlen(batch_body[i]));
+	}
+	if (batch) {
+		out = am_deliver_batch(pool, reqs, n);
+	} else {
+		out = g_ptr_array_new_with_free_func(
+		    (GDestroyNotify)am_delivery_free);
+		for (guint i = 0; i < n; i++)
+			g_ptr_array_add(out, am_deliver(pool, &reqs[i]));
+	}
+	am_pool_free(pool);
+	for (guint i = 0; i < n; i++)
+		smtp_message_free(reqs[i].msg);
+	g_assert_nonnull(out);
+	g_assert_cmpuint(out->len, ==, n);
+	return out;
+}
+
+/* @s with the fake server's port (which differs between two runs)
+ * written as "PORT". */
+static char *
+without_port(const char *s, guint16 port)
+{
+	g_autofree char *p = g_strdup_printf("%u", port);
+	g_auto(GStrv) parts = g_strsplit(s != NULL ? s : "(null)", p, -1);
+
+	return g_strjoinv("PORT", parts);
+}
+
+static void
+assert_same_text(const char *a, guint16 port_a, const char *b, guint16 port_b)
+{
+	g_autofree char *x = without_port(a, port_a);
+	g_autofree char *y = without_port(b, port_b);
+
+	g_assert_cmpstr(x, ==, y);
+}
+
+/* Everything of an outcome but its delay. */
+static void
+assert_same_delivery(const AmDelivery *a, guint16 port_a, const AmDelivery *b,
+                     guint16 port_b)
+{
+	g_assert_cmpint(a->status, ==, b->status);
+	g_assert_cmpint(a->outcome, ==, b->outcome);
+	g_assert_cmpint(a->temporary, ==, b->temporary);
+	g_assert_cmpint(a->reply.code, ==, b->reply.code);
+	assert_same_text(a->reply.text, port_a, b->reply.text, port_b);
+	assert_same_text(a->reason, port_a, b->reason, port_b);
+	assert_same_text(a->relay, port_a, b->relay, port_b);
+	g_assert_cmpuint(a->rcpts->len, ==, b->rcpts->len);
+	for (guint i = 0; i < a->rcpts->len; i++) {
+		const AmRcptOutcome *x = a->rcpts->pdata[i];
+		const AmRcptOutcome *y = b->rcpts->pdata[i];
+
+		g_assert_cmpstr(x->address, ==, y->address);
+		g_assert_cmpint(x->status, ==, y->status);
+		g_assert_cmpstr(x->dsn, ==, y->dsn);
+		assert_same_text(x->reply, port_a, y->reply, port_b);
+	}
+}
+
+typedef struct {
+	const char *name;
+	const char *script; /* after PIPE_KEYWORDS; NULL: nothing listens */
+	AmStatus status[3]; /* of each copy */
+} BatchCase;
+
+static const BatchCase batch_cases[] = {
+    {"sent", "", {AM_STATUS_SENT, AM_STATUS_SENT, AM_STATUS_SENT}},
+    {"dot-554-second",
+     "on DOT /two/ reply 554 5.6.0 refused",
+     {AM_STATUS_SENT, AM_STATUS_BOUNCED, AM_STATUS_SENT}},
+    {"dot-451-second",
+     "on DOT /two/ reply 451 4.3.0 later",
+     {AM_STATUS_SENT, AM_STATUS_DEFERRED, AM_STATUS_SENT}},
+    {"rcpt-550-second",
+     "on RCPT /b2@/ reply 550 5.1.1 no such user",
+     {AM_STATUS_SENT, AM_STATUS_BOUNCED, AM_STATUS_SENT}},
+    {"mail-553-second",
+     "on MAIL /second@/ reply 553 5.1.8 bad sender",
+     {AM_STATUS_SENT, AM_STATUS_BOUNCED, AM_STATUS_SENT}},
+    {"data-451-first",
+     "on DATA#1 reply 451 4.3.0 later",
+     {AM_STATUS_DEFERRED, AM_STATUS_SENT, AM_STATUS_SENT}},
+    {"closed-after-second",
+     "on DOT /two/ close",
+     {AM_STATUS_SENT, AM_STATUS_DEFERRED, AM_STATUS_SENT}},
+    {"nothing-listens",
+     NULL,
+     {AM_STATUS_DEFERRED, AM_STATUS_DEFERRED, AM_STATUS_DEFERRED}},
+};
+
+/*
+ * Three copies as one batch end exactly as the same three sent one by
+ * one with am_deliver() against the same script (but for the delay),
+ * each as the case expects: a refusal, a lost connection or a failed
+ * connect is never pinned on another copy, and both ways need as many
+ * connections.
+ */
+static void
+test_batch_same_as_alone(gconstpointer data)
+{
+	const BatchCase *c = data;
+	g_autofree char *script =
+	    g_strconcat(PIPE_KEYWORDS, c->script ? c->script : "", NULL);
+	g_autoptr(GPtrArray) alone = NULL;
+	g_autoptr(GPtrArray) batch = NULL;
+	Fixture a = {0}, b = {0};
+
+	fixture_start(&a, script);
+	fixture_start(&b, script);
+	if (c->script == NULL) {
+		fake_smtp_stop(a.fake);
+		fake_smtp_stop(b.fake);
+	}
+	alone = send_copies(&a.relay, 3, FALSE);
+	batch = send_copies(&b.relay, 3, TRUE);
+	for (guint i = 0; i < 3; i++) {
+		const AmDelivery *d = batch->pdata[i];
+
+		g_test_message("copy %u: %s", i,
+		               d->reason ? d->reason : "sent");
+		g_assert_cmpint(d->status, ==, c->status[i]);
+		assert_same_delivery(alone->pdata[i], a.relay.port, d,
+		                     b.relay.port);
+	}
+	g_assert_cmpuint(fake_smtp_get_connections(b.fake), ==,
+	                 fake_smtp_get_connections(a.fake));
+	g_assert_cmpuint(fake_smtp_get_message_count(b.fake), ==,
+	                 fake_smtp_get_message_count(a.fake));
+	fixture_stop(&a);
+	fixture_stop(&b);
+}
+
+/*
+ * The relay's copy_deadline bounds a batch as it would the same copies
+ * one after the other: three copies whose ends each take 400 ms, under
+ * a 600 ms copy_deadline, all go; alone each would too.
+ */
+static void
+test_batch_deadline(void)
+{
+	Fixture f = {0};
+	g_autoptr(GPtrArray) d = NULL;
+
+	fixture_start(&f, PIPE_KEYWORDS "on DOT delay 400 250 2.0.0 ok");
+	f.relay.copy_deadline_ms = 600;
+	d = send_copies(&f.relay, 3, TRUE);
+	for (guint i = 0; i < 3; i++)
+		g_assert_cmpint(((AmDelivery *)d->pdata[i])->status, ==,
+		                AM_STATUS_SENT);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+	fixture_stop(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -687,5 +882,13 @@ main(int argc, char **argv)
 	}
 	g_test_add_func("/plugin/deliver/time/request-deadline",
 	                test_request_deadline);
+	for (i = 0; i < G_N_ELEMENTS(batch_cases); i++) {
+		g_autofree char *path = g_strdup_printf(
+		    "/plugin/deliver/batch/%s", batch_cases[i].name);
+
+		g_test_add_data_func(path, &batch_cases[i],
+		                     test_batch_same_as_alone);
+	}
+	g_test_add_func("/plugin/deliver/batch/deadline", test_batch_deadline);
 	return g_test_run();
 }

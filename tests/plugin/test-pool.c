@@ -244,6 +244,49 @@ test_dead_replaced(gconstpointer data)
 }
 
 /*
+ * A batch whose pooled connection went without RSET and turns out dead
+ * (the relay restarted while it was idle) at the first copy's
+ * envelope: the first copy goes again, once, and every copy of the
+ * batch is sent, over one new connection.
+ */
+static void
+test_dead_batch(void)
+{
+	g_autoptr(GError) error = NULL;
+	g_autoptr(GPtrArray) d = NULL;
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	const char *to[] = {"journal@archive.example", NULL};
+	AmPool *pool = am_pool_new(4, 10000);
+	AmCopyRequest reqs[3];
+	Fixture f = {0};
+
+	fixture_start(&f, "ehlo-keywords PIPELINING 8BITMIME SIZE 1000000");
+	assert_sent(send_copy(pool, &f.relay, NULL));
+	g_usleep(50000);
+	fake_smtp_stop(f.fake);
+	g_assert_cmpuint(fake_smtp_start_port(f.fake, "127.0.0.1", f.relay.port,
+	                                      NULL, &error),
+	                 ==, f.relay.port);
+	smtp_message_append_data(msg, "Subject: t\r\n\r\nbody\r\n", 20);
+	for (guint i = 0; i < 3; i++)
+		reqs[i] = (AmCopyRequest){
+		    .relay = &f.relay, .from = "", .to = to, .msg = msg};
+	d = am_deliver_batch(pool, reqs, 3);
+	for (guint i = 0; i < 3; i++) {
+		const AmDelivery *x = d->pdata[i];
+
+		g_assert_cmpint(x->status, ==, AM_STATUS_SENT);
+		g_assert_null(x->reason);
+	}
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 4);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 2);
+	g_assert_cmpuint(count_commands(f.fake, "EHLO"), ==, 2);
+	g_assert_cmpuint(count_commands(f.fake, "RSET"), ==, 0);
+	am_pool_free(pool);
+	fake_smtp_free(f.fake);
+}
+
+/*
  * Any change in what shapes the session (port, TLS level, credentials,
  * HELO name) means another connection: a copy never goes over a
  * session made under an old configuration.
@@ -448,6 +491,7 @@ main(int argc, char **argv)
 	                     test_dead_replaced);
 	g_test_add_data_func("/plugin/pool/dead/rset-421", "rset-421",
 	                     test_dead_replaced);
+	g_test_add_func("/plugin/pool/dead/batch", test_dead_batch);
 	g_test_add_func("/plugin/pool/keyed-on-settings",
 	                test_keyed_on_settings);
 	g_test_add_func("/plugin/pool/max-idle", test_max_idle);

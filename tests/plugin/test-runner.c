@@ -1,7 +1,9 @@
 /*
  * test-runner.c - the spool's workers against the fake SMTP server:
  * pick-up at start, kick, retry then success, a refusal held, partial
- * success, max age, a rule or relay gone, the log lines
+ * success, max age, a rule or relay gone, the log lines; copies due
+ * together for one relay sent as one pipelined batch, each settled by
+ * its own outcome
  */
 #include <fcntl.h>
 #include <glib/gstdio.h>
@@ -87,9 +89,11 @@ replace_fake(Fixture *f, const char *script)
 	start_fake(f, script, f->port);
 }
 
-/* The configuration the daemon would load, with short retries. */
+/* The configuration the daemon would load, with retries after
+ * @retry, and @extra at its end. */
 static void
-set_context(Fixture *f, const char *max_age)
+set_context_full(Fixture *f, const char *max_age, const char *retry,
+                 const char *extra)
 {
 	g_autofree char *path = g_build_filename(f->dir, "am.conf", NULL);
 	g_autofree char *key_path = g_build_filename(f->dir, "key", NULL);
@@ -99,8 +103,8 @@ set_context(Fixture *f, const char *max_age)
 	                    "archive_id_key_file = %s\n"
 	                    "spool_dir = %s\n"
 	                    "spool_min_free = 0\n"
-	                    "spool_retry_min = 1s\n"
-	                    "spool_retry_max = 1s\n"
+	                    "spool_retry_min = %s\n"
+	                    "spool_retry_max = %s\n"
 	                    "spool_max_age = %s\n"
 	                    "[relay:archive]\n"
 	                    "host = 127.0.0.1\n"
@@ -109,8 +113,10 @@ set_context(Fixture *f, const char *max_age)
 	                    "[rule:all]\n"
 	                    "relay = archive\n"
 	                    "archive_to = " ADDR_A ", " ADDR_B "\n"
-	                    "delivery = spool\n",
-	                    f->dir, key_path, f->spool_dir, max_age, f->port);
+	                    "delivery = spool\n"
+	                    "%s",
+	                    f->dir, key_path, f->spool_dir, retry, retry,
+	                    max_age, f->port, extra);
 	g_autoptr(GPtrArray) errors = NULL;
 	static const guint8 secret[32] = {1, 2, 3};
 	AmConfig *config;
@@ -126,6 +132,13 @@ set_context(Fixture *f, const char *max_age)
 	ctx->spool = f->spool;
 	am_milter_set_context(ctx);
 	am_context_unref(ctx);
+}
+
+/* The configuration the daemon would load, with short retries. */
+static void
+set_context(Fixture *f, const char *max_age)
+{
+	set_context_full(f, max_age, "1s", "");
 }
 
 static void
@@ -898,6 +911,404 @@ test_kick_while_busy(void)
 	fixture_tear_down(&f);
 }
 
+/* ------------------------------------------------------------------ */
+/* Batches: copies due together for one relay, pipelined                */
+/* ------------------------------------------------------------------ */
+
+/* Every send() of the process, while recording: the client's writes,
+ * which show what rode together (the fake server's replies are
+ * recorded too, and never match what the tests look for). */
+ssize_t __real_send(int fd, const void *buf, size_t len, int flags);
+ssize_t __wrap_send(int fd, const void *buf, size_t len, int flags);
+
+static GMutex writes_lock;
+static GPtrArray *writes; /* GBytes */
+
+ssize_t
+__wrap_send(int fd, const void *buf, size_t len, int flags)
+{
+	ssize_t n = __real_send(fd, buf, len, flags);
+
+	g_mutex_lock(&writes_lock);
+	if (n > 0 && writes != NULL)
+		g_ptr_array_add(writes, g_bytes_new(buf, n));
+	g_mutex_unlock(&writes_lock);
+	return n;
+}
+
+static void
+writes_start(void)
+{
+	g_mutex_lock(&writes_lock);
+	g_clear_pointer(&writes, g_ptr_array_unref);
+	writes = g_ptr_array_new_with_free_func((GDestroyNotify)g_bytes_unref);
+	g_mutex_unlock(&writes_lock);
+}
+
+static void
+writes_stop(void)
+{
+	g_mutex_lock(&writes_lock);
+	g_clear_pointer(&writes, g_ptr_array_unref);
+	g_mutex_unlock(&writes_lock);
+}
+
+/* How many writes hold @needle. */
+static guint
+writes_with(const char *needle)
+{
+	guint n = 0;
+
+	g_mutex_lock(&writes_lock);
+	for (guint i = 0; writes != NULL && i < writes->len; i++) {
+		gsize len;
+		const char *p = g_bytes_get_data(writes->pdata[i], &len);
+
+		if (g_strstr_len(p, len, needle) != NULL)
+			n++;
+	}
+	g_mutex_unlock(&writes_lock);
+	return n;
+}
+
+/* A relay that pipelines; the slow copy holds the only worker. */
+#define PIPE_SCRIPT                                                            \
+	"ehlo-keywords PIPELINING 8BITMIME SIZE 10485760 "                     \
+	"ENHANCEDSTATUSCODES\n"                                                \
+	"on DOT /slow/ delay 1500 250 2.0.0 ok\n"
+#define SLOW_BODY "Subject: slow\r\n\r\nslow\r\n"
+
+/* The body of copy @id: "copy-ID" in it, for scripts and checks. */
+static char *
+body_of(const char *id)
+{
+	return g_strdup_printf("Subject: %s\r\n\r\ncopy-%s\r\n", id, id);
+}
+
+/* A write that ends copy @id's message and carries the next MAIL. */
+static char *
+dot_then_mail(const char *id)
+{
+	return g_strdup_printf("copy-%s\r\n.\r\nMAIL FROM:<>", id);
+}
+
+static void
+start_runner_n(Fixture *f, guint workers, guint scan_ms)
+{
+	g_autoptr(GError) error = NULL;
+
+	f->runner = am_runner_start_full(f->spool, workers, scan_ms, &error);
+	g_assert_no_error(error);
+}
+
+/* Copy @id for @relay written to the spool (as the milter does before
+ * it kicks), with @body. */
+static AmSpoolEntry *
+put_body(Fixture *f, const char *id, const char *relay, const char *body)
+{
+	const char *to[] = {ADDR_A, ADDR_B, NULL};
+	AmSpoolEntry e = {
+	    .id = (char *)id,
+	    .queue_id = (char *)QUEUE_ID,
+	    .rule = (char *)"all",
+	    .relay = (char *)relay,
+	    .from = (char *)"",
+	    .to = (char **)to,
+	    .created = now_s(),
+	};
+	g_autoptr(SmtpMessage) msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+	g_autoptr(GError) error = NULL;
+
+	smtp_message_append_data(msg, body, strlen(body));
+	g_assert_true(am_spool_put(f->spool, &e, msg, AM_SPOOL_QUEUED, &error));
+	g_assert_no_error(error);
+	return am_spool_entry_copy(&e);
+}
+
+/* Hand copy @e (transfer full) to the runner with @body in memory. */
+static void
+kick_body(Fixture *f, AmSpoolEntry *e, const char *body)
+{
+	SmtpMessage *msg = smtp_message_new(SMTP_MESSAGE_BYTES);
+
+	smtp_message_append_data(msg, body, strlen(body));
+	am_runner_kick_copy(f->runner, e, msg);
+}
+
+/*
+ * Hold the runner's only worker on the slow copy, then hand it the
+ * copies @ids for @relays (written first), which pile up behind it:
+ * back from the slow one, the worker finds them all due.
+ */
+static void
+kick_behind_slow(Fixture *f, const char *const *ids, const char *const *relays,
+                 guint n)
+{
+	AmSpoolEntry *entries[8];
+
+	g_assert_cmpuint(n, <=, G_N_ELEMENTS(entries));
+	start_runner_n(f, 1, 60000);
+	g_usleep(100000); /* the first scan is over */
+	for (guint i = 0; i < n; i++) {
+		g_autofree char *body = body_of(ids[i]);
+
+		entries[i] = put_body(f, ids[i], relays[i], body);
+	}
+	kick_body(f, put_body(f, "am1.slow", "archive", SLOW_BODY), SLOW_BODY);
+	g_usleep(300000); /* the worker waits for the slow one's end */
+	g_assert_cmpuint(fake_smtp_get_message_count(f->fake), ==, 0);
+	writes_start();
+	for (guint i = 0; i < n; i++) {
+		g_autofree char *body = body_of(ids[i]);
+
+		kick_body(f, entries[i], body);
+	}
+}
+
+/*
+ * Copies kicked while the worker is busy go together when it is back:
+ * one connection, each next envelope in the same write as the end
+ * marker of the copy before (RFC 2920), none behind the last.
+ */
+static void
+test_batch_pipelined(void)
+{
+	static const char *const ids[] = {"b1", "b2", "b3", "b4"};
+	static const char *const relays[] = {"archive", "archive", "archive",
+	                                     "archive"};
+	Fixture f = {0};
+
+	fixture_set_up(&f, PIPE_SCRIPT);
+	set_context_full(&f, "5d", "2s", "");
+	kick_behind_slow(&f, ids, relays, 4);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 5, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 0));
+	for (guint i = 0; i < 4; i++) {
+		g_autofree char *w = dot_then_mail(ids[i]);
+
+		g_assert_cmpuint(writes_with(w), ==, i < 3 ? 1 : 0);
+	}
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+	g_assert_cmpuint(stats(&f).from_memory, ==, 5);
+	g_assert_cmpuint(count_dir(&f, "state"), ==, 0);
+	writes_stop();
+	fixture_tear_down(&f);
+}
+
+/*
+ * The relay refuses the second copy of three after its end of data:
+ * only that one follows its policy (554: held; 451: retried, and sent
+ * once the relay takes it); the others are confirmed and removed.
+ */
+static void
+test_batch_one_refused(gconstpointer data)
+{
+	static const char *const ids[] = {"r1", "r2", "r3"};
+	static const char *const relays[] = {"archive", "archive", "archive"};
+	const char *reply = data;
+	gboolean temporary = reply[0] == '4';
+	g_autofree char *script =
+	    g_strdup_printf(PIPE_SCRIPT "on DOT /copy-r2/ reply %s", reply);
+	g_autoptr(AmSpoolEntry) e = NULL;
+	g_autofree char *log = NULL;
+	Fixture f = {0};
+
+	fixture_set_up(&f, script);
+	set_context_full(&f, "5d", "2s", "");
+	kick_behind_slow(&f, ids, relays, 3);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 3, WAIT_MS));
+	e = wait_attempts(&f, "r2", 1);
+	g_assert_nonnull(e);
+	g_assert_nonnull(strstr(e->last_error, reply));
+	g_assert_true(wait_counts(&f, temporary ? 1 : 0, temporary ? 0 : 1));
+	g_assert_cmpint(e->state, ==,
+	                temporary ? AM_SPOOL_QUEUED : AM_SPOOL_HELD);
+	g_assert_null(am_spool_get(f.spool, "r1", NULL));
+	g_assert_null(am_spool_get(f.spool, "r3", NULL));
+	{
+		g_autofree char *w1 = dot_then_mail("r1");
+		g_autofree char *w2 = dot_then_mail("r2");
+
+		g_assert_cmpuint(writes_with(w1), ==, 1);
+		g_assert_cmpuint(writes_with(w2), ==, 1);
+	}
+	log = wait_log(&f, "status=sent");
+	/* A retry may have come meanwhile; a bounce is final. */
+	if (temporary)
+		g_assert_cmpuint(count_lines(log, "status=deferred"), >=, 2);
+	else
+		g_assert_cmpuint(count_lines(log, "status=bounced"), ==, 2);
+	if (temporary) {
+		/* Retried alone, from its file, when the relay takes it. */
+		replace_fake(&f, NULL);
+		g_assert_true(fake_smtp_wait_messages(f.fake, 1, WAIT_MS));
+		g_assert_true(wait_counts(&f, 0, 0));
+	} else {
+		g_free(log);
+		log = wait_log(&f, "error: r2: held (data_error");
+		g_assert_cmpuint(count_lines(log, "held"), ==, 1);
+	}
+	writes_stop();
+	fixture_tear_down(&f);
+}
+
+/*
+ * The relay drops the connection after the second copy's data: that
+ * copy, whose end got no answer, is retried; the third, whose envelope
+ * was on its way, goes over a new connection; none is lost.
+ */
+static void
+test_batch_dropped(void)
+{
+	static const char *const ids[] = {"d1", "d2", "d3"};
+	static const char *const relays[] = {"archive", "archive", "archive"};
+	g_autoptr(AmSpoolEntry) e = NULL;
+	const FakeSmtpMessage *m;
+	g_autofree char *body = body_of("d2");
+	Fixture f = {0};
+
+	fixture_set_up(&f, PIPE_SCRIPT "on DOT /copy-d2/ close\n");
+	set_context_full(&f, "5d", "2s", "");
+	kick_behind_slow(&f, ids, relays, 3);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 3, WAIT_MS));
+	e = wait_attempts(&f, "d2", 1);
+	g_assert_nonnull(e);
+	g_assert_true(wait_counts(&f, 1, 0));
+	g_assert_null(am_spool_get(f.spool, "d1", NULL));
+	g_assert_null(am_spool_get(f.spool, "d3", NULL));
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 2);
+	{
+		/* The third's envelope was behind the second's end. */
+		g_autofree char *w1 = dot_then_mail("d1");
+		g_autofree char *w2 = dot_then_mail("d2");
+
+		g_assert_cmpuint(writes_with(w1), ==, 1);
+		g_assert_cmpuint(writes_with(w2), ==, 1);
+	}
+
+	replace_fake(&f, NULL);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 1, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 0));
+	m = fake_smtp_get_message(f.fake, 0);
+	g_assert_cmpmem(g_bytes_get_data(m->content, NULL),
+	                g_bytes_get_size(m->content), body, strlen(body));
+	writes_stop();
+	fixture_tear_down(&f);
+}
+
+/*
+ * Copies for two relays, due together: each relay gets its own batch
+ * on its own connection, and neither server sees the other's copies.
+ */
+static void
+test_batch_mixed_relays(void)
+{
+	static const char *const ids[] = {"a1", "o1", "a2", "o2"};
+	static const char *const relays[] = {"archive", "other", "archive",
+	                                     "other"};
+	g_autoptr(FakeSmtp) other = fake_smtp_new(PIPE_SCRIPT, NULL);
+	g_autoptr(GError) error = NULL;
+	g_autofree char *extra = NULL;
+	guint16 port;
+	Fixture f = {0};
+
+	fixture_set_up(&f, PIPE_SCRIPT);
+	port = fake_smtp_start(other, "127.0.0.1", NULL, &error);
+	g_assert_no_error(error);
+	extra = g_strdup_printf("[relay:other]\nhost = 127.0.0.1\n"
+	                        "port = %u\ntimeout = 3\n",
+	                        port);
+	set_context_full(&f, "5d", "2s", extra);
+	kick_behind_slow(&f, ids, relays, 4);
+	g_assert_true(fake_smtp_wait_messages(f.fake, 3, WAIT_MS));
+	g_assert_true(fake_smtp_wait_messages(other, 2, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 0));
+	for (guint i = 0; i < 3; i++) {
+		const FakeSmtpMessage *m = fake_smtp_get_message(f.fake, i);
+		g_autofree char *text =
+		    g_strndup(g_bytes_get_data(m->content, NULL),
+		              g_bytes_get_size(m->content));
+
+		g_assert_true(strstr(text, "copy-a") != NULL ||
+		              strstr(text, "slow") != NULL);
+	}
+	for (guint i = 0; i < 2; i++) {
+		const FakeSmtpMessage *m = fake_smtp_get_message(other, i);
+		g_autofree char *text =
+		    g_strndup(g_bytes_get_data(m->content, NULL),
+		              g_bytes_get_size(m->content));
+
+		g_assert_nonnull(strstr(text, "copy-o"));
+	}
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 3);
+	g_assert_cmpuint(fake_smtp_get_message_count(other), ==, 2);
+	{
+		g_autofree char *a1 = dot_then_mail("a1");
+		g_autofree char *o1 = dot_then_mail("o1");
+
+		g_assert_cmpuint(writes_with(a1), ==, 1);
+		g_assert_cmpuint(writes_with(o1), ==, 1);
+	}
+	g_assert_cmpuint(fake_smtp_get_connections(other), ==, 1);
+	writes_stop();
+	fixture_tear_down(&f);
+}
+
+/*
+ * Retries read from their files join a batch only once checked as
+ * alone: three copies fail their first attempt, come due again while
+ * the worker is busy, and go together; the one whose file changed
+ * meanwhile is held (SHA-256) instead, and the other two ride one
+ * behind the other.
+ */
+static void
+test_batch_from_files(void)
+{
+	static const char *const ids[] = {"f1", "f2", "f3"};
+	g_autofree char *log = NULL;
+	g_autofree char *w1 = dot_then_mail("f1");
+	g_autofree char *w3 = dot_then_mail("f3");
+	AmSpoolEntry *slow;
+	Fixture f = {0};
+
+	/* The first three end-of-data replies of the one connection
+	 * refuse; the retries, 2 s later, come due while the slow copy
+	 * holds the worker for 2.5 s (under the relay's 3 s limit). */
+	fixture_set_up(&f, "ehlo-keywords PIPELINING 8BITMIME\n"
+	                   "on DOT#1 reply 451 4.3.0 later\n"
+	                   "on DOT#2 reply 451 4.3.0 later\n"
+	                   "on DOT#3 reply 451 4.3.0 later\n"
+	                   "on DOT /slow/ delay 2500 250 2.0.0 ok\n");
+	set_context_full(&f, "5d", "2s", "");
+	start_runner_n(&f, 1, 60000);
+	g_usleep(100000);
+	for (guint i = 0; i < 3; i++) {
+		g_autofree char *body = body_of(ids[i]);
+
+		am_spool_entry_free(put_body(&f, ids[i], "archive", body));
+	}
+	slow = put_body(&f, "am1.slow", "archive", SLOW_BODY);
+	writes_start();
+	for (guint i = 0; i < 3; i++)
+		am_runner_kick(f.runner, ids[i]);
+	kick_body(&f, slow, SLOW_BODY);
+	for (guint i = 0; i < 3; i++)
+		am_spool_entry_free(wait_attempts(&f, ids[i], 1));
+	damage(&f, "f2", "X", 3);
+
+	g_assert_true(fake_smtp_wait_messages(f.fake, 3, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 1));
+	log = wait_log(&f, "error: f2: held (spool file");
+	g_assert_cmpuint(count_lines(log, "SHA-256"), ==, 1);
+	g_assert_cmpuint(writes_with(w1), ==, 1);
+	g_assert_cmpuint(writes_with(w3), ==, 0);
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+	g_assert_cmpuint(stats(&f).from_disk, ==, 6);
+	g_assert_cmpuint(stats(&f).from_memory, ==, 1);
+	writes_stop();
+	fixture_tear_down(&f);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -919,5 +1330,13 @@ main(int argc, char **argv)
 	g_test_add_func("/runner/kick-copy-over-cap", test_kick_copy_over_cap);
 	g_test_add_func("/runner/kick-copy-restart", test_kick_copy_restart);
 	g_test_add_func("/runner/kick-while-busy", test_kick_while_busy);
+	g_test_add_func("/runner/batch/pipelined", test_batch_pipelined);
+	g_test_add_data_func("/runner/batch/one-refused/554",
+	                     "554 5.6.0 refused", test_batch_one_refused);
+	g_test_add_data_func("/runner/batch/one-refused/451", "451 4.3.0 later",
+	                     test_batch_one_refused);
+	g_test_add_func("/runner/batch/dropped", test_batch_dropped);
+	g_test_add_func("/runner/batch/mixed-relays", test_batch_mixed_relays);
+	g_test_add_func("/runner/batch/from-files", test_batch_from_files);
 	return g_test_run();
 }
