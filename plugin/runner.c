@@ -833,10 +833,10 @@ scanner_main(gpointer data)
 {
 	AmRunner *r = data;
 
+	/* The first scan was made by am_runner_start_full(). */
 	for (;;) {
 		gint64 until;
 
-		scan(r);
 		g_mutex_lock(&r->lock);
 		until = g_get_monotonic_time() + r->scan_ms * (gint64)1000;
 		while (!r->stopping && g_get_monotonic_time() < until)
@@ -846,6 +846,7 @@ scanner_main(gpointer data)
 			return NULL;
 		}
 		g_mutex_unlock(&r->lock);
+		scan(r);
 	}
 }
 
@@ -875,6 +876,13 @@ am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
 	 * process at once.  Threads inherit the mask they are made with. */
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &old);
+	/* The first scan before any thread, and so before the caller can
+	 * spool a copy: what it finds was left by an earlier run, whose
+	 * originals' fate is known (settled, due at once).  Made by the
+	 * scanner thread, it raced with the first puts, and a copy of a
+	 * message not yet answered (whose original may still be refused)
+	 * could go out at once. */
+	scan(r);
 	for (guint i = 0; i < MAX(workers, 1); i++)
 		g_ptr_array_add(r->workers,
 		                g_thread_new("am-worker", worker_main, r));
