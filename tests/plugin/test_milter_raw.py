@@ -18,8 +18,8 @@ process) as its archive, and the test asserts what the relay received:
     no answer at all before (nothing owed is ever sent: the connection
     is read to its end after QUIT), without NR with continue (libmilter
     answers for us; see cb_header in plugin/milter.c);
-  * under NR a good message gets answers to MAIL, RCPT and the end of
-    message only, and its copy is byte-exact;
+  * under NR a good message gets answers to RCPT and the end of message
+    only, and its copy is byte-exact;
   * offered SMFIP_NOEOH, the milter takes it, and a copy without the
     EOH event still has its blank line, with a body and without;
   * a real fold (bare LF or CRLF before white space) is copied as CRLF
@@ -29,6 +29,9 @@ process) as its archive, and the test asserts what the relay received:
   * a recipient too long for a 998-octet X-Envelope-To line is refused
     with 451 for that RCPT alone; the message and its copy go on with
     the other recipients, with and without NR;
+  * a sender too long for the copy's headers: with NR no answer to
+    MAIL, without NR continue, every RCPT continued, then 451 at end of
+    message naming it, and no copy;
   * a header on which a rule's regular expression hits PCRE's
     backtracking limit tempfails the message at its end (a second
     milter, match = all, with such a rule), and no copy is sent;
@@ -41,7 +44,10 @@ process) as its archive, and the test asserts what the relay received:
   * the 451 texts the SMTP client reads name the condition only: a
     spool that cannot take the copy ("archive spool unavailable", no
     path, no X-Archive-Id), a relay nobody listens on ("archive copy
-    failed: unreachable", not its address).
+    failed: unreachable", not its address);
+  * SIGTERM while a worker waits on a stalled relay: the daemon ends
+    within its stop grace, the copies stay in queue/ and reach the
+    relay after the next start.
 
 No root, no Postfix.  Exit status: 0 all passed, 1 a check failed, 77
 (meson: skipped) without $ARCHIVE_MILTER, 99 harness error.
@@ -49,10 +55,13 @@ No root, no Postfix.  Exit status: 0 all passed, 1 a check failed, 77
 
 import os
 import shutil
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -640,6 +649,58 @@ def check_reply_texts(c, workdir, relay):
         down_milter.stop()
 
 
+def check_stop_bounded(c, workdir):
+    """SIGTERM while a worker waits on a relay that stalls after the
+    end marker, its limit (60 s) far beyond the daemon's stop grace
+    (AM_STOP_GRACE_MS, 5 s, plugin/main.c): the daemon ends within the
+    grace, plus up to 5 s that libmilter takes to see the signal (its
+    listener polls with that timeout), says it left copies, and they
+    are in queue/ and reach the relay after the next start (break3
+    finding 8)."""
+    relay = h.SinkRelay("raw-stop", os.path.join(workdir, "store-s")).start()
+    relay.set_faults({"DOT": "stall"})
+    milter = h.Milter(os.environ["ARCHIVE_MILTER"],
+                      os.path.join(workdir, "milter-s"), relay.port,
+                      ARCHIVE_TO, relay_timeout=60, delivery="spool",
+                      workers=2)
+    milter.start()
+    try:
+        for i in range(2):
+            got = message(milter.port, "RAWSTOP%d" % i,
+                          [(b"X-Marker", b" stop-%d" % i)])
+            c.ok(continued(got.eom), "stop: copy %d spooled, message "
+                 "accepted" % i, got)
+        h.wait_for(lambda: relay.stats()[2] >= 1, 10,
+                   "a copy stalled at the relay")
+        t0 = time.monotonic()
+        os.kill(milter.proc.pid, signal.SIGTERM)
+        try:
+            milter.proc.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        took = time.monotonic() - t0
+        c.ok(not milter.running() and took < 13,
+             "stop: SIGTERM with a worker on a stalled relay ends the "
+             "daemon within the grace", "%.1f s, running %s"
+             % (took, milter.running()))
+        c.ok("still sending" in milter.log()
+             and len(milter.spool_files("queue")) == 2,
+             "stop: the log says copies were left; both are in queue/",
+             "queue/: %s\n%s" % (milter.spool_files("queue"),
+                                  milter.log()[-1500:]))
+        relay.set_faults({})
+        if milter.running():
+            milter.stop()
+        milter.start()
+        for i in range(2):
+            copy = wait_copy(relay, b"stop-%d" % i)
+            c.ok(copy is not None, "stop: copy %d reaches the relay after "
+                 "the next start" % i)
+    finally:
+        milter.stop()
+        relay.stop()
+
+
 def print_log(milter):
     if milter is not None:
         print("# milter log:\n" + "".join(
@@ -669,6 +730,7 @@ def main():
         check_match_limit(c, workdir, relay)
         check_quarantine(c, workdir)
         check_reply_texts(c, workdir, relay)
+        check_stop_bounded(c, workdir)
         print("1..%d" % c.n)
         status = 1 if c.failed else 0
     except Exception:
