@@ -721,8 +721,10 @@ test_done_stops(void)
 			g_assert_null(jobs[i].result);
 			g_assert_null(jobs[i].error);
 		}
-		g_assert_cmpuint(count_commands(&f, "MAIL FROM:<second@"), ==,
-		                 pipe ? 1 : 0);
+		/* With PIPELINING it went out; the server may not have
+		 * read it before the close. */
+		g_assert_cmpuint(count_commands(&f, "MAIL FROM:<second@"), <=,
+		                 (guint)pipe);
 		g_assert_cmpuint(count_commands(&f, "MAIL FROM:<third@"), ==,
 		                 0);
 		g_assert_true(smtp_client_is_connected(f.client) == !pipe);
