@@ -868,7 +868,18 @@ write_pid_file(const char *path)
 	if (g_file_set_contents_full(
 	        path, text, -1, G_FILE_SET_CONTENTS_CONSISTENT, 0644, &error))
 		return TRUE;
-	am_log_error("cannot write pid_file: %s", error->message);
+	/* GLib names its temporary file; the administrator needs ours,
+	 * and the errno says what is wrong with its directory. */
+	if (g_error_matches(error, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+		g_autofree char *dir = g_path_get_dirname(path);
+
+		am_log_error("cannot write pid_file %s: its directory %s does "
+		             "not exist",
+		             path, dir);
+	} else {
+		am_log_error("cannot write pid_file %s: %s", path,
+		             error->message);
+	}
 	return FALSE;
 }
 
