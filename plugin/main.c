@@ -47,6 +47,8 @@
 
 /* parse_options: the work is done (--version), exit 0. */
 #define EX_OK_DONE (-1)
+/* How long a stop waits for copies being sent (see run()). */
+#define AM_STOP_GRACE_MS 5000
 
 typedef struct {
 	char *config_path;
@@ -866,7 +868,18 @@ write_pid_file(const char *path)
 	if (g_file_set_contents_full(
 	        path, text, -1, G_FILE_SET_CONTENTS_CONSISTENT, 0644, &error))
 		return TRUE;
-	am_log_error("cannot write pid_file: %s", error->message);
+	/* GLib names its temporary file; the administrator needs ours,
+	 * and the errno says what is wrong with its directory. */
+	if (g_error_matches(error, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+		g_autofree char *dir = g_path_get_dirname(path);
+
+		am_log_error("cannot write pid_file %s: its directory %s does "
+		             "not exist",
+		             path, dir);
+	} else {
+		am_log_error("cannot write pid_file %s: %s", path,
+		             error->message);
+	}
 	return FALSE;
 }
 
@@ -923,6 +936,7 @@ run(AmConfig *config, const AmOptions *opt)
 	g_autoptr(AmSpool) spool = NULL;
 	g_autoptr(AmContext) ctx = NULL;
 	AmRunner *runner;
+	guint busy = 0;
 	AmArchiveKey *key;
 	char *pid_file;
 	int rc;
@@ -958,10 +972,27 @@ run(AmConfig *config, const AmOptions *opt)
 	            config->socket, config->rules->len, config->spool_dir);
 
 	/* Step 3: serve until libmilter's signal thread says stop; copies
-	 * being sent finish, the rest wait in the spool for next time. */
+	 * being sent may finish within AM_STOP_GRACE_MS, the rest wait in
+	 * the spool for next time.  A copy still being sent then is left
+	 * as a crash would leave it, which the spool is made to survive:
+	 * a stop must not wait for a stalled relay's time limits (minutes),
+	 * longer than a service manager waits before SIGKILL, while no
+	 * message is served and the MTA applies milter_default_action. */
 	rc = smfi_main() == MI_SUCCESS ? EX_OK : EX_SOFTWARE;
 	ctx->runner = NULL;
-	am_runner_stop(runner);
+	if (!am_runner_stop_within(runner, AM_STOP_GRACE_MS, &busy)) {
+		am_log_warning("stop: %u worker(s) still sending after %d s; "
+		               "their copies stay in the spool and go again at "
+		               "the next start (one the relay took meanwhile "
+		               "may arrive twice, with the same X-Archive-Id)",
+		               busy, AM_STOP_GRACE_MS / 1000);
+		am_log_info("stopped");
+		if (pid_file != NULL)
+			unlink(pid_file);
+		/* Not exit(): the workers still use what its handlers and
+		 * the sanitizers' leak check would tear down. */
+		_exit(rc);
+	}
 	am_log_info("stopped");
 out:
 	am_milter_set_context(NULL);

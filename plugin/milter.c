@@ -72,9 +72,9 @@
  * Bad input from the MTA is never an assertion.  What reaches our
  * callbacks and cannot be used (an address or header the capture
  * refuses, a header line break that is not a fold) tempfails the
- * message with a 451 that says why; for a header, the end of headers
- * or a body chunk, at the end of the message, since those events are
- * negotiated without a reply (SMFIP_NR_*, see cb_header).  Events out
+ * message with a 451 that says why; for the sender, a header, the end
+ * of headers or a body chunk, at the end of the message, since those
+ * events are negotiated without a reply (SMFIP_NR_*, see cb_header).  Events out
  * of SMTP order never reach us: libmilter's engine (mi_engine, 8.17)
  * calls xxfi_abort for a transaction in progress and then drops any
  * command it cannot reach from HELO without a word to the MTA (RCPT
@@ -1080,17 +1080,20 @@ reply_continue(const AmSession *s, unsigned long bit)
 
 /*
  * Events whose callback never answers anything but continue: connect
- * (a session that cannot be kept is refused at MAIL instead), each
- * header, the end of headers, each body chunk (their failures wait for
- * the end of message).  MAIL and RCPT keep their answers: MAIL may
- * tempfail the message, RCPT refuses single recipients.  HELO, DATA
+ * (a session that cannot be kept is refused at MAIL instead, which
+ * then has no NR bit: see below), MAIL, each header, the end of
+ * headers, each body chunk (their failures wait for the end of
+ * message: a MAIL that fails fails the whole message anyway, and
+ * Postfix then need not wait for us once more per message).  RCPT
+ * keeps its answer: it refuses single recipients.  HELO, DATA
  * and unknown commands are not sent to us at all (SMFIP_NO*); no NR
  * bit for them, since libmilter, should an old MTA send them anyway,
  * would answer for our missing callback with continue and log that as
  * a broken promise.
  */
 #define NOREPLY_EVENTS                                                         \
-	(SMFIP_NR_CONN | SMFIP_NR_HDR | SMFIP_NR_EOH | SMFIP_NR_BODY)
+	(SMFIP_NR_CONN | SMFIP_NR_MAIL | SMFIP_NR_HDR | SMFIP_NR_EOH |         \
+	 SMFIP_NR_BODY)
 
 static sfsistat
 cb_negotiate(SMFICTX *mctx, unsigned long f0, unsigned long f1,
@@ -1204,6 +1207,11 @@ cb_connect(SMFICTX *mctx, char *hostname, _SOCK_ADDR *hostaddr)
 	return reply_continue(s, SMFIP_NR_CONN);
 }
 
+static sfsistat session_defer(AmSession *s, const char *reason,
+                              unsigned long bit);
+static sfsistat session_defer_error(AmSession *s, const GError *error,
+                                    unsigned long bit);
+
 static sfsistat
 cb_envfrom(SMFICTX *mctx, char **argv)
 {
@@ -1218,7 +1226,7 @@ cb_envfrom(SMFICTX *mctx, char **argv)
 	/* Step 1: the configuration this message is handled with. */
 	s->ctx = am_milter_get_context();
 	if (s->ctx == NULL)
-		return session_tempfail(mctx, s, "milter not configured");
+		return session_defer(s, "milter not configured", SMFIP_NR_MAIL);
 
 	/* Step 2: the envelope so far. */
 	s->env = am_envelope_new();
@@ -1229,12 +1237,12 @@ cb_envfrom(SMFICTX *mctx, char **argv)
 		s->env->auth_user = am_log_sanitize(auth, 256);
 	session_update_queue_id(mctx, s);
 	if (!am_envelope_set_sender(s->env, argv, &error))
-		return session_tempfail_error(mctx, s, error);
+		return session_defer_error(s, error, SMFIP_NR_MAIL);
 
 	/* Step 3: an empty capture. */
 	s->cap = am_capture_new(s->ctx->config->capture_memory_max, NULL,
 	                        s->leading_space);
-	return SMFIS_CONTINUE;
+	return reply_continue(s, SMFIP_NR_MAIL);
 }
 
 static sfsistat
@@ -1243,6 +1251,10 @@ cb_envrcpt(SMFICTX *mctx, char **argv)
 	AmSession *s = smfi_getpriv(mctx);
 	g_autoptr(GError) error = NULL;
 
+	/* The message is lost already (see session_defer): its end
+	 * says so, not each recipient. */
+	if (s != NULL && s->failure != NULL)
+		return SMFIS_CONTINUE;
 	if (s == NULL || s->env == NULL)
 		return session_tempfail(mctx, s, "RCPT before MAIL");
 	session_update_queue_id(mctx, s);

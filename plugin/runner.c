@@ -146,6 +146,8 @@ struct AmRunner {
 	GSequence *due;   /* Job *, by due then id; not busy ones */
 	GHashTable *jobs; /* id -> Job * (owned) */
 	gboolean stopping;
+	GCond gone;    /* am_runner_stop_within: a worker ended */
+	guint running; /* workers not yet ended */
 	GThread *scanner;
 	GPtrArray *workers;  /* GThread * */
 	guint64 memory_max;  /* cap on held */
@@ -815,6 +817,8 @@ worker_main(gpointer data)
 			copy_clear(&batch[i]);
 		g_mutex_lock(&r->lock);
 	}
+	r->running--;
+	g_cond_broadcast(&r->gone);
 	g_mutex_unlock(&r->lock);
 	return NULL;
 }
@@ -868,10 +872,10 @@ scanner_main(gpointer data)
 {
 	AmRunner *r = data;
 
+	/* The first scan was made by am_runner_start_full(). */
 	for (;;) {
 		gint64 until;
 
-		scan(r);
 		g_mutex_lock(&r->lock);
 		until = g_get_monotonic_time() + r->scan_ms * (gint64)1000;
 		while (!r->stopping && g_get_monotonic_time() < until)
@@ -881,6 +885,7 @@ scanner_main(gpointer data)
 			return NULL;
 		}
 		g_mutex_unlock(&r->lock);
+		scan(r);
 	}
 }
 
@@ -901,6 +906,7 @@ am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
 	g_mutex_init(&r->lock);
 	g_cond_init(&r->cond);
 	g_cond_init(&r->scan_cond);
+	g_cond_init(&r->gone);
 	r->due = g_sequence_new(NULL);
 	r->jobs =
 	    g_hash_table_new_full(g_str_hash, g_str_equal, NULL, job_free);
@@ -912,6 +918,14 @@ am_runner_start_full(AmSpool *spool, guint workers, guint scan_ms,
 	 * process at once.  Threads inherit the mask they are made with. */
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &old);
+	/* The first scan before any thread, and so before the caller can
+	 * spool a copy: what it finds was left by an earlier run, whose
+	 * originals' fate is known (settled, due at once).  Made by the
+	 * scanner thread, it raced with the first puts, and a copy of a
+	 * message not yet answered (whose original may still be refused)
+	 * could go out at once. */
+	scan(r);
+	r->running = MAX(workers, 1);
 	for (guint i = 0; i < MAX(workers, 1); i++)
 		g_ptr_array_add(r->workers,
 		                g_thread_new("am-worker", worker_main, r));
@@ -1005,16 +1019,31 @@ am_runner_get_stats(AmRunner *runner, AmRunnerStats *stats)
 	g_mutex_unlock(&runner->lock);
 }
 
-void
-am_runner_stop(AmRunner *runner)
+gboolean
+am_runner_stop_within(AmRunner *runner, gint64 grace_ms, guint *busy)
 {
+	gint64 until = g_get_monotonic_time() + MAX(grace_ms, 0) * 1000;
+	guint left;
+
 	if (runner == NULL)
-		return;
+		return TRUE;
 	g_mutex_lock(&runner->lock);
 	runner->stopping = TRUE;
 	g_cond_broadcast(&runner->cond);
 	g_cond_broadcast(&runner->scan_cond);
+	while (runner->running > 0) {
+		if (grace_ms < 0)
+			g_cond_wait(&runner->gone, &runner->lock);
+		else if (!g_cond_wait_until(&runner->gone, &runner->lock,
+		                            until))
+			break;
+	}
+	left = runner->running;
 	g_mutex_unlock(&runner->lock);
+	if (busy != NULL)
+		*busy = left;
+	if (left > 0)
+		return FALSE;
 
 	g_thread_join(runner->scanner);
 	for (guint i = 0; i < runner->workers->len; i++)
@@ -1025,5 +1054,13 @@ am_runner_stop(AmRunner *runner)
 	g_mutex_clear(&runner->lock);
 	g_cond_clear(&runner->cond);
 	g_cond_clear(&runner->scan_cond);
+	g_cond_clear(&runner->gone);
 	g_free(runner);
+	return TRUE;
+}
+
+void
+am_runner_stop(AmRunner *runner)
+{
+	am_runner_stop_within(runner, -1, NULL);
 }

@@ -102,10 +102,19 @@ typedef struct {
 void am_runner_get_stats(AmRunner *runner, AmRunnerStats *stats);
 
 /*
- * am_runner_stop: let running deliveries finish (each is bounded by its
- * relay's time limits), join the threads, free the runner.  Copies not
- * yet sent stay in the spool for the next start.
+ * am_runner_stop_within: stop taking copies, and wait at most @grace_ms
+ * (< 0: without limit) for the copies being sent to end (each is
+ * bounded only by its relay's time limits, which can be minutes).
+ * TRUE: every thread ended, and the runner is freed.  FALSE: *@busy
+ * (when not NULL) workers are still sending; the runner stays valid
+ * and stopping, and the caller either exits the process (those copies
+ * stay in the spool, as after a crash, and go again at the next start)
+ * or calls am_runner_stop() to wait for them.  Copies not yet sent
+ * stay in the spool for the next start.
  */
+gboolean am_runner_stop_within(AmRunner *runner, gint64 grace_ms, guint *busy);
+
+/* am_runner_stop_within() without a time limit. */
 void am_runner_stop(AmRunner *runner);
 
 G_END_DECLS

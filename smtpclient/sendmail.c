@@ -966,20 +966,42 @@ lost_ahead(const Work *w, gboolean was_ahead, const GError *error)
 	       smtp_error_get_reply(error)->code == 0;
 }
 
+/* Tell the caller job @i is over (smtp_client_send_batch_full); FALSE
+ * when it ends the batch, after dropping a connection that carries the
+ * next job's commands (@ahead), whose message must not follow them. */
+static gboolean
+job_done(SmtpClient *client, SmtpJob *jobs, gsize i, Work *ahead,
+         SmtpJobDone done, gpointer data)
+{
+	if (done == NULL || done(jobs, i, data))
+		return TRUE;
+	if (ahead->env.sent && smtp_client_is_connected(client))
+		smtp_client_drop(client);
+	return FALSE;
+}
+
 void
 smtp_client_send_batch(SmtpClient *client, SmtpJob *jobs, gsize n_jobs)
+{
+	smtp_client_send_batch_full(client, jobs, n_jobs, NULL, NULL);
+}
+
+void
+smtp_client_send_batch_full(SmtpClient *client, SmtpJob *jobs, gsize n_jobs,
+                            SmtpJobDone done, gpointer data)
 {
 	Work cur = {0}, ahead = {0};
 
 	g_return_if_fail(client != NULL && (jobs != NULL || n_jobs == 0));
 	for (gsize i = 0; i < n_jobs; i++) {
+		jobs[i].result = NULL;
+		jobs[i].error = NULL;
+	}
+	for (gsize i = 0; i < n_jobs; i++) {
 		SmtpJob *next = i + 1 < n_jobs ? &jobs[i + 1] : NULL;
 		GError *error = NULL;
 		SmtpResult *result;
 		gboolean was_ahead = FALSE;
-
-		jobs[i].result = NULL;
-		jobs[i].error = NULL;
 
 		/* Step 1: this job's commands went out behind the last end
 		 * marker, or it starts here; a connection lost since means
@@ -992,6 +1014,9 @@ smtp_client_send_batch(SmtpClient *client, SmtpJob *jobs, gsize n_jobs)
 			work_clear(&ahead);
 			if (!work_start(&cur, client, &jobs[i], TRUE, &error)) {
 				work_end(&cur, NULL, error);
+				if (!job_done(client, jobs, i, &ahead, done,
+				              data))
+					break;
 				continue;
 			}
 		}
@@ -1007,12 +1032,17 @@ smtp_client_send_batch(SmtpClient *client, SmtpJob *jobs, gsize n_jobs)
 			work_clear(&ahead);
 			if (!work_start(&cur, client, &jobs[i], TRUE, &error)) {
 				work_end(&cur, NULL, error);
+				if (!job_done(client, jobs, i, &ahead, done,
+				              data))
+					break;
 				continue;
 			}
 			result =
 			    transaction(client, &cur, next, &ahead, &error);
 		}
 		work_end(&cur, result, error);
+		if (!job_done(client, jobs, i, &ahead, done, data))
+			break;
 	}
 	work_clear(&ahead);
 }

@@ -494,6 +494,29 @@ typedef struct {
  */
 void smtp_client_send_batch(SmtpClient *client, SmtpJob *jobs, gsize n_jobs);
 
+/*
+ * SmtpJobDone: called by smtp_client_send_batch_full() as soon as job
+ * @index of @jobs has its outcome (its result or error set; both stay
+ * the caller's), before anything of the jobs after it is read or
+ * written, except the next job's commands when they went out behind
+ * this job's end marker.  The caller may act on the outcome at once
+ * (log it, forget the message), and may set the client's deadline for
+ * the next job (smtp_client_set_deadline).  Returns TRUE to go on with
+ * the batch, FALSE to end it there.
+ */
+typedef gboolean (*SmtpJobDone)(SmtpJob *jobs, gsize index, gpointer data);
+
+/*
+ * smtp_client_send_batch_full: smtp_client_send_batch() with @done
+ * (NULL: none) called after each job.  When @done ends the batch, the
+ * jobs after @index are not sent: both their result and their error
+ * stay NULL (the only case where a job gets neither), and when the next
+ * job's commands were already on their way, the connection is dropped
+ * without QUIT so that the server delivers nothing of it.
+ */
+void smtp_client_send_batch_full(SmtpClient *client, SmtpJob *jobs,
+                                 gsize n_jobs, SmtpJobDone done, gpointer data);
+
 /* ------------------------------------------------------------------ */
 /* Helpers shared by the library's users                                */
 /* ------------------------------------------------------------------ */

@@ -28,6 +28,12 @@ cd "$(dirname "$0")/.."
 PYTHON=/usr/bin/python3
 [ -x "$PYTHON" ] || PYTHON=python3
 
+# The messages it sends: checked first, before minutes of set-up.
+if [ -z "$(ls -A ../shared/corpus 2>/dev/null)" ]; then
+	echo "demo: no test messages in $(cd .. && pwd)/shared/corpus:" \
+	    "the shared corpus must sit beside the repository (README.md)" >&2
+	exit 1
+fi
 sh packaging/setup-debian.sh
 if [ -f build/meson-private/coredata.dat ]; then
 	meson setup --reconfigure build >/dev/null

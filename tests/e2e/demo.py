@@ -449,7 +449,8 @@ def main():
     corpus = os.path.abspath(args.corpus)
     files = pick(corpus, args.per_folder)
     if not files:
-        print("demo: no messages in %s" % corpus, file=sys.stderr)
+        print("demo: no messages in %s (the shared corpus beside the "
+              "repository, see README.md)" % corpus, file=sys.stderr)
         return 1
     tmp = tempfile.mkdtemp(prefix="archive-demo-msgs-")
     names = {}

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """test_milter_nr.py - the milter's "no reply" events through real Postfix
 
-archive-milter asks the MTA not to wait for its answer to connect, each
-header, the end of headers and each body chunk (SMFIP_NR_*); a header
-that its capture refuses is then answered at the end of the message.
+archive-milter asks the MTA not to wait for its answer to connect, MAIL,
+each header, the end of headers and each body chunk (SMFIP_NR_*); a
+sender or a header that its capture refuses is then answered at the end
+of the message.
 Run twice, with Postfix speaking milter protocol 6 (which offers the NR
 flags) and protocol 2 (which offers none; libmilter then answers
 continue for us), each time:
@@ -13,7 +14,10 @@ continue for us), each time:
     (AM_CAPTURE_HEADERS_MAX, 10000) is refused with 451 4.3.0 at the end
     of DATA, naming the limit; the main relay and the archive receive
     nothing of it, and the milter logs the tempfail with its queue id;
-  * a plain message in the same SMTP session right after it is accepted
+  * a message whose sender is longer than the capture keeps
+    (AM_ADDRESS_MAX, 979) gets 250 to MAIL and RCPT, then 451 4.3.0 at
+    the end of DATA naming MAIL FROM, and nothing of it is relayed;
+  * a plain message in the same SMTP session right after them is accepted
     and copied: Postfix and the milter are still in step;
   * Postfix logs no milter timeout or protocol error.
 
@@ -33,6 +37,8 @@ import harness as h  # noqa: E402
 SENDER = "sender@origin.example"
 RCPT = "to@dest.example"
 HEADERS_MAX = 10000   # plugin/capture.h AM_CAPTURE_HEADERS_MAX
+ADDRESS_MAX = 979     # plugin/capture.h AM_ADDRESS_MAX
+LONG_SENDER = "s" * (ADDRESS_MAX + 1 - len("@x.example")) + "@x.example"
 
 
 Checks = h.Checks
@@ -44,10 +50,11 @@ def message(tag, extra=b""):
             + b"\r\nbody of " + tag.encode() + b"\r\n")
 
 
-def send(c, msg):
-    """(code, text) of the end of DATA on the open session c."""
+def send(c, msg, sender=SENDER):
+    """(code, text) of the end of DATA on the open session c; MAIL and
+    RCPT must be accepted (an exception otherwise)."""
     try:
-        c.sendmail(SENDER, [RCPT], msg)
+        c.sendmail(sender, [RCPT], msg)
         return (250, "")
     except smtplib.SMTPDataError as e:
         c.rset()
@@ -77,6 +84,12 @@ def run(checks, milter_exe, protocol):
                       "%s: %d headers: 451 4.3.0 at the end of DATA, "
                       "naming the limit" % (what, HEADERS_MAX + 1),
                       "%d %s" % (code, text))
+            code, text = send(c, message("longsender"), LONG_SENDER)
+            checks.ok(code == 451 and text.startswith("4.3.0 ")
+                      and "MAIL FROM" in text,
+                      "%s: a %d-octet sender: MAIL and RCPT accepted, 451 "
+                      "4.3.0 at the end of DATA naming MAIL FROM"
+                      % (what, len(LONG_SENDER)), "%d %s" % (code, text))
             code, text = send(c, message("after"))
             checks.ok(code == 250, "%s: the next message of the same "
                       "session is accepted" % what, text)
@@ -97,9 +110,10 @@ def run(checks, milter_exe, protocol):
                   and len(tagged(w.archive.messages(), "after")) == 1,
                   "%s: both plain messages are copied" % what,
                   [m.content[:200] for m in w.archive.messages()])
-        checks.ok(not tagged(w.archive.messages(), "many")
-                  and not tagged(w.main.messages(), "many"),
-                  "%s: nothing of the refused message reached either "
+        checks.ok(not any(tagged(r.messages(), t)
+                          for r in (w.archive, w.main)
+                          for t in ("many", "longsender")),
+                  "%s: nothing of the refused messages reached either "
                   "relay" % what)
         checks.ok(re.search(r"\w+: action=tempfail, copies=0, failed=0 "
                             r"\(more than %d headers\)" % HEADERS_MAX,

@@ -890,6 +890,51 @@ test_sigusr1(void)
 	g_rmdir(dir);
 }
 
+/*
+ * A daemon whose pid_file cannot be written (its directory is missing)
+ * stops with 73 and names the configured path and the missing
+ * directory, not the temporary name GLib writes first.
+ */
+static void
+test_pid_file_start(void)
+{
+	g_autofree char *dir = g_dir_make_tmp("am-pidstart-XXXXXX", NULL);
+	g_autofree char *conf = g_build_filename(dir, "a.conf", NULL);
+	g_autofree char *sock = g_build_filename(dir, "sock", NULL);
+	g_autofree char *key = g_build_filename(dir, "key", NULL);
+	g_autofree char *missing = g_build_filename(dir, "run", NULL);
+	g_autofree char *pid = g_build_filename(missing, "am.pid", NULL);
+	g_autofree char *text = NULL;
+	g_autofree char *want = NULL;
+	const char *argv[] = {milter_path, "-c", conf, "-f", NULL};
+	g_autoptr(GError) error = NULL;
+	g_auto(Run) r = {0};
+	int wait_status = 0;
+
+	text = g_strdup_printf(
+	    "[milter]\nsocket = unix:%s\narchive_id_key_file = %s\n"
+	    "spool_dir = %s/spool\npid_file = %s\n"
+	    "[relay:r]\nhost = 127.0.0.1\nport = 9\n"
+	    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
+	    sock, key, dir, pid);
+	g_assert_true(g_file_set_contents(conf, text, -1, NULL));
+	g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+	             &r.out, &r.err, &wait_status, &error);
+	g_assert_no_error(error);
+	g_test_message("stderr: %s", r.err);
+	g_assert_true(WIFEXITED(wait_status));
+	g_assert_cmpint(WEXITSTATUS(wait_status), ==, 73);
+	want = g_strdup_printf("cannot write pid_file %s: its directory %s "
+	                       "does not exist",
+	                       pid, missing);
+	g_assert_nonnull(strstr(r.err, want));
+	g_unlink(sock);
+	g_unlink(key);
+	g_unlink(conf);
+	rm_spool(dir);
+	g_rmdir(dir);
+}
+
 /* A spool the daemon made under @dir: its parts, then itself. */
 static void
 rm_spool(const char *dir)
@@ -1072,6 +1117,7 @@ main(int argc, char **argv)
 	g_test_add_func("/plugin/check/no-password", test_no_password);
 	g_test_add_func("/plugin/check/spool-min-free", test_spool_min_free);
 	g_test_add_func("/plugin/check/pid-file", test_pid_file);
+	g_test_add_func("/plugin/check/pid-file-start", test_pid_file_start);
 	g_test_add_func("/plugin/check/key-file", test_key_file);
 	g_test_add_func("/plugin/daemon/sigusr1", test_sigusr1);
 	g_test_add_func("/plugin/daemon/version", test_version);

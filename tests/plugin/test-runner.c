@@ -542,6 +542,83 @@ test_scan_while_running(void)
 	fixture_tear_down(&f);
 }
 
+/*
+ * A copy spooled just after the runner started, not kicked, belongs to
+ * a message whose answer may still be pending: not sent until the kick,
+ * however soon after the start it came (the first scan is over before
+ * am_runner_start_full() returns; made by the scanner thread, it once
+ * raced with such a copy and sent it at once).
+ */
+static void
+test_scan_at_start(void)
+{
+	Fixture f = {0};
+
+	fixture_set_up(&f, NULL);
+	set_context(&f, "5d");
+	put_copy(&f, "am1.old", "all", "archive", now_s() - 10);
+	start_runner(&f, 50);
+	put_copy(&f, "am1.young", "all", "archive", now_s());
+	g_assert_true(fake_smtp_wait_messages(f.fake, 1, WAIT_MS));
+	g_usleep(300000); /* six scans */
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 1);
+	g_assert_cmpuint(count(&f, AM_SPOOL_QUEUED), ==, 1);
+	am_runner_kick(f.runner, "am1.young");
+	g_assert_true(fake_smtp_wait_messages(f.fake, 2, WAIT_MS));
+	g_assert_true(wait_counts(&f, 0, 0));
+	fixture_tear_down(&f);
+}
+
+/* Whether the fake has received a whole message's data (its end
+ * marker), within @ms. */
+static gboolean
+wait_end_marker(Fixture *f, guint ms)
+{
+	gint64 until = g_get_monotonic_time() + ms * (gint64)1000;
+
+	do {
+		g_autoptr(GBytes) got = fake_smtp_get_received(f->fake);
+		gsize len = 0;
+		const char *data = g_bytes_get_data(got, &len);
+
+		if (data != NULL && g_strstr_len(data, len, "\r\n.\r\n"))
+			return TRUE;
+		g_usleep(10000);
+	} while (g_get_monotonic_time() < until);
+	return FALSE;
+}
+
+/*
+ * A stop waits for a copy being sent at most as long as it is told: a
+ * relay that stalls after the end marker (here for its 3 s limit)
+ * leaves the stop FALSE within the grace, the worker named busy, the
+ * copy in queue/; am_runner_stop() then waits for it.  A runner with
+ * nothing to send stops within the grace, TRUE.
+ */
+static void
+test_stop_within(void)
+{
+	Fixture f = {0};
+	guint busy = 99;
+	gint64 t0;
+
+	fixture_set_up(&f, "on DOT stall");
+	set_context(&f, "5d");
+	start_runner(&f, 60000);
+	g_assert_true(am_runner_stop_within(f.runner, 2000, &busy));
+	g_assert_cmpuint(busy, ==, 0);
+
+	put_copy(&f, "am1.stalled", "all", "archive", now_s() - 10);
+	start_runner(&f, 60000);
+	g_assert_true(wait_end_marker(&f, WAIT_MS));
+	t0 = g_get_monotonic_time();
+	g_assert_false(am_runner_stop_within(f.runner, 200, &busy));
+	g_assert_cmpint(g_get_monotonic_time() - t0, <, 1000000);
+	g_assert_cmpuint(busy, ==, 1);
+	g_assert_cmpuint(count(&f, AM_SPOOL_QUEUED), ==, 1);
+	fixture_tear_down(&f);
+}
+
 static void
 write_spool_file(Fixture *f, const char *sub, const char *name,
                  const char *text)
@@ -1400,6 +1477,8 @@ main(int argc, char **argv)
 	g_test_add_func("/runner/max-age", test_max_age);
 	g_test_add_func("/runner/rule-gone", test_rule_gone);
 	g_test_add_func("/runner/scan-while-running", test_scan_while_running);
+	g_test_add_func("/runner/scan-at-start", test_scan_at_start);
+	g_test_add_func("/runner/stop-within", test_stop_within);
 	g_test_add_func("/runner/far-future-state", test_far_future_state);
 	g_test_add_func("/runner/future-created", test_future_created);
 	g_test_add_func("/runner/max-age-untried", test_max_age_untried);

@@ -712,24 +712,20 @@ test_full_floor(Fixture *f, gconstpointer data)
 	g_assert_cmpuint(count_files(f, "state"), ==, 0);
 }
 
+static struct stat
+stat_of(Fixture *f, const char *sub, const char *name)
+{
+	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
+	struct stat st;
+
+	g_assert_cmpint(lstat(path, &st), ==, 0);
+	return st;
+}
+
 static ino_t
 inode_of(Fixture *f, const char *sub, const char *name)
 {
-	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
-	struct stat st;
-
-	g_assert_cmpint(lstat(path, &st), ==, 0);
-	return st.st_ino;
-}
-
-static goffset
-size_of(Fixture *f, const char *sub, const char *name)
-{
-	g_autofree char *path = g_build_filename(f->spool, sub, name, NULL);
-	struct stat st;
-
-	g_assert_cmpint(lstat(path, &st), ==, 0);
-	return st.st_size;
+	return stat_of(f, sub, name).st_ino;
 }
 
 /* What the spool code logs to stderr while @fn runs on @f. */
@@ -810,7 +806,7 @@ test_recycle(Fixture *f, gconstpointer data)
 	b = raw_of(want);
 	g_assert_true(g_bytes_equal(a, b));
 	/* Written over and cut: nothing of the old copy after it. */
-	g_assert_cmpint(size_of(f, "queue", "am1.second"), <,
+	g_assert_cmpint(stat_of(f, "queue", "am1.second").st_size, <,
 	                (goffset)strlen(BODY) + 1000);
 	g_clear_pointer(&msg, smtp_message_free);
 	g_clear_pointer(&got, am_spool_entry_free);

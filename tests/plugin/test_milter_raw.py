@@ -18,8 +18,8 @@ process) as its archive, and the test asserts what the relay received:
     no answer at all before (nothing owed is ever sent: the connection
     is read to its end after QUIT), without NR with continue (libmilter
     answers for us; see cb_header in plugin/milter.c);
-  * under NR a good message gets answers to MAIL, RCPT and the end of
-    message only, and its copy is byte-exact;
+  * under NR a good message gets answers to RCPT and the end of message
+    only, and its copy is byte-exact;
   * offered SMFIP_NOEOH, the milter takes it, and a copy without the
     EOH event still has its blank line, with a body and without;
   * a real fold (bare LF or CRLF before white space) is copied as CRLF
@@ -29,6 +29,9 @@ process) as its archive, and the test asserts what the relay received:
   * a recipient too long for a 998-octet X-Envelope-To line is refused
     with 451 for that RCPT alone; the message and its copy go on with
     the other recipients, with and without NR;
+  * a sender too long for the copy's headers: with NR no answer to
+    MAIL, without NR continue, every RCPT continued, then 451 at end of
+    message naming it, and no copy;
   * a header on which a rule's regular expression hits PCRE's
     backtracking limit tempfails the message at its end (a second
     milter, match = all, with such a rule), and no copy is sent;
@@ -41,7 +44,10 @@ process) as its archive, and the test asserts what the relay received:
   * the 451 texts the SMTP client reads name the condition only: a
     spool that cannot take the copy ("archive spool unavailable", no
     path, no X-Archive-Id), a relay nobody listens on ("archive copy
-    failed: unreachable", not its address).
+    failed: unreachable", not its address);
+  * SIGTERM while a worker waits on a stalled relay: the daemon ends
+    within its stop grace, the copies stay in queue/ and reach the
+    relay after the next start.
 
 No root, no Postfix.  Exit status: 0 all passed, 1 a check failed, 77
 (meson: skipped) without $ARCHIVE_MILTER, 99 harness error.
@@ -49,10 +55,13 @@ No root, no Postfix.  Exit status: 0 all passed, 1 a check failed, 77
 
 import os
 import shutil
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -85,8 +94,10 @@ NR_ALL = (SMFIP_NR_HDR | SMFIP_NR_CONN | SMFIP_NR_HELO | SMFIP_NR_MAIL
           | SMFIP_NR_RCPT | SMFIP_NR_DATA | SMFIP_NR_UNKN | SMFIP_NR_EOH
           | SMFIP_NR_BODY)
 # What the milter must ask for when offered: the events whose answer can
-# only be continue; MAIL and RCPT keep theirs.
-NR_WANTED = SMFIP_NR_CONN | SMFIP_NR_HDR | SMFIP_NR_EOH | SMFIP_NR_BODY
+# only be continue (a MAIL that fails is answered at end of message);
+# RCPT keeps its answer.
+NR_WANTED = (SMFIP_NR_CONN | SMFIP_NR_MAIL | SMFIP_NR_HDR | SMFIP_NR_EOH
+             | SMFIP_NR_BODY)
 
 # Replies that end a command's answer; anything else before them is a
 # modification (add header, quarantine...) and is collected.
@@ -238,7 +249,7 @@ def continued(reply):
 
 
 def message(port, qid, headers, rcpts=(b"to@dest.example",), body=b"b\r\n",
-            offered=OFFERED, actions=SMFIF_ALL):
+            offered=OFFERED, actions=SMFIF_ALL, sender=None):
     """One transaction as an MTA runs it; stops at the first answer
     from connect to body that is neither continue nor none.  actions:
     the SMFIF_* bits the MTA grants."""
@@ -250,8 +261,8 @@ def message(port, qid, headers, rcpts=(b"to@dest.example",), body=b"b\r\n",
         t.connect = mta.connect()
         if t.connect is not None and not continued(t.connect):
             raise MilterError("connect answered %r" % (t.connect,))
-        t.mail = mta.mail(SENDER.encode(), qid)
-        if not continued(t.mail):
+        t.mail = mta.mail(sender or SENDER.encode(), qid)
+        if t.mail is not None and not continued(t.mail):
             raise MilterError("MAIL answered %r" % (t.mail,))
         t.rcpts = [mta.rcpt(r, qid) for r in rcpts]
         for name, value in headers:
@@ -310,8 +321,8 @@ def check_negotiation(c, port):
         with_nr.close()
         without.close()
     c.ok(with_nr.proto & NR_ALL == NR_WANTED,
-         "NR offered: the milter asks for NR_CONN, NR_HDR, NR_EOH, "
-         "NR_BODY and no other NR bit (MAIL, RCPT keep their answers)",
+         "NR offered: the milter asks for NR_CONN, NR_MAIL, NR_HDR, "
+         "NR_EOH, NR_BODY and no other NR bit (RCPT keeps its answer)",
          "asked 0x%x" % with_nr.proto)
     c.ok(without.proto & NR_ALL == 0,
          "NR not offered: no NR bit asked for", "asked 0x%x" % without.proto)
@@ -433,6 +444,33 @@ def check_long_rcpt(c, port, relay):
              "line > 998" % nr, copy.content if copy else "no copy")
 
 
+def check_long_sender(c, milter, relay):
+    """A sender the capture refuses: with NR no answer to MAIL, every
+    RCPT continued (not refused one by one), then 451 at end of
+    message naming the sender, and no copy."""
+    long_sender = b"s" * (980 - len(b"@x.example")) + b"@x.example"
+    before = relay.count()
+    for nr, offered in (("no NR", OFFERED), ("NR", OFFERED | NR_ALL)):
+        qid = "RAWLONGS" + nr.replace(" ", "")
+        got = message(milter.port, qid, [(b"X-Marker", b" long-sender")],
+                      rcpts=(b"a@dest.example", b"b@dest.example"),
+                      offered=offered, sender=long_sender)
+        c.ok((got.mail is None if offered & NR_ALL else continued(got.mail))
+             and all(continued(r) for r in got.rcpts),
+             "980-octet sender (%s): %s MAIL, every RCPT continued"
+             % (nr, "no answer to" if offered & NR_ALL else "continue for"),
+             got)
+        c.ok(is_tempfail(got.eom, "979") and got.stray == b"",
+             "980-octet sender (%s): 451 at end of message naming the "
+             "length" % nr, got)
+        c.ok(decision_logged(milter, qid, "MAIL FROM"),
+             "980-octet sender (%s): the tempfail line is logged with "
+             "the queue id" % nr, milter.log())
+    c.ok(relay.count() == before,
+         "no copy of a message with a refused sender reached the relay",
+         "%d new" % (relay.count() - before))
+
+
 def check_noeoh(c, port, relay):
     """Offered SMFIP_NOEOH, the milter takes it; the copy still has its
     blank line after the headers, with a body and without one."""
@@ -452,8 +490,8 @@ def check_noeoh(c, port, relay):
 
 
 def check_nr_accepted(c, port, relay):
-    """Under NR a good message: no answer to connect, headers, EOH and
-    body, one to MAIL, RCPT and the end, nothing more; copied whole."""
+    """Under NR a good message: no answer to connect, MAIL, headers, EOH
+    and body, one to RCPT and the end, nothing more; copied whole."""
     got = message(port, "RAWNR",
                   [(b"Subject", b" folded\n here"),
                    (b"X-Marker", b" nr-accepted")],
@@ -461,9 +499,9 @@ def check_nr_accepted(c, port, relay):
                   offered=OFFERED | NR_ALL)
     c.ok(got.connect is None and got.headers == [None, None]
          and got.eoh is None and got.body is None
-         and continued(got.mail) and continued(got.rcpts[0])
+         and got.mail is None and continued(got.rcpts[0])
          and continued(got.eom) and got.stray == b"",
-         "NR: answers for MAIL, RCPT and the end only, none owed", got)
+         "NR: answers for RCPT and the end only, none owed", got)
     copy = wait_copy(relay, b"nr-accepted")
     c.ok(copy is not None and copy.content.endswith(
         b"Subject: folded\r\n here\r\nX-Marker: nr-accepted\r\n\r\n"
@@ -611,6 +649,58 @@ def check_reply_texts(c, workdir, relay):
         down_milter.stop()
 
 
+def check_stop_bounded(c, workdir):
+    """SIGTERM while a worker waits on a relay that stalls after the
+    end marker, its limit (60 s) far beyond the daemon's stop grace
+    (AM_STOP_GRACE_MS, 5 s, plugin/main.c): the daemon ends within the
+    grace, plus up to 5 s that libmilter takes to see the signal (its
+    listener polls with that timeout), says it left copies, and they
+    are in queue/ and reach the relay after the next start (break3
+    finding 8)."""
+    relay = h.SinkRelay("raw-stop", os.path.join(workdir, "store-s")).start()
+    relay.set_faults({"DOT": "stall"})
+    milter = h.Milter(os.environ["ARCHIVE_MILTER"],
+                      os.path.join(workdir, "milter-s"), relay.port,
+                      ARCHIVE_TO, relay_timeout=60, delivery="spool",
+                      workers=2)
+    milter.start()
+    try:
+        for i in range(2):
+            got = message(milter.port, "RAWSTOP%d" % i,
+                          [(b"X-Marker", b" stop-%d" % i)])
+            c.ok(continued(got.eom), "stop: copy %d spooled, message "
+                 "accepted" % i, got)
+        h.wait_for(lambda: relay.stats()[2] >= 1, 10,
+                   "a copy stalled at the relay")
+        t0 = time.monotonic()
+        os.kill(milter.proc.pid, signal.SIGTERM)
+        try:
+            milter.proc.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        took = time.monotonic() - t0
+        c.ok(not milter.running() and took < 13,
+             "stop: SIGTERM with a worker on a stalled relay ends the "
+             "daemon within the grace", "%.1f s, running %s"
+             % (took, milter.running()))
+        c.ok("still sending" in milter.log()
+             and len(milter.spool_files("queue")) == 2,
+             "stop: the log says copies were left; both are in queue/",
+             "queue/: %s\n%s" % (milter.spool_files("queue"),
+                                  milter.log()[-1500:]))
+        relay.set_faults({})
+        if milter.running():
+            milter.stop()
+        milter.start()
+        for i in range(2):
+            copy = wait_copy(relay, b"stop-%d" % i)
+            c.ok(copy is not None, "stop: copy %d reaches the relay after "
+                 "the next start" % i)
+    finally:
+        milter.stop()
+        relay.stop()
+
+
 def print_log(milter):
     if milter is not None:
         print("# milter log:\n" + "".join(
@@ -636,9 +726,11 @@ def main():
         check_folds(c, milter.port, relay)
         check_nul(c, milter.port, relay)
         check_long_rcpt(c, milter.port, relay)
+        check_long_sender(c, milter, relay)
         check_match_limit(c, workdir, relay)
         check_quarantine(c, workdir)
         check_reply_texts(c, workdir, relay)
+        check_stop_bounded(c, workdir)
         print("1..%d" % c.n)
         status = 1 if c.failed else 0
     except Exception:

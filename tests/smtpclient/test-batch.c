@@ -639,6 +639,104 @@ test_encoded_ahead(void)
 	g_unlink(path);
 }
 
+/* What the per-job callback saw, and when to end the batch. */
+typedef struct {
+	Fixture *f;
+	guint calls;
+	gsize order[3];       /* the index of each call */
+	gboolean had_outcome; /* every call found result xor error set */
+	guint stored[3];      /* messages the server had at each call */
+	gsize stop_after;     /* end the batch after this job; 3: never */
+} Done;
+
+static gboolean
+on_done(SmtpJob *jobs, gsize index, gpointer data)
+{
+	Done *d = data;
+
+	if ((jobs[index].result == NULL) == (jobs[index].error == NULL))
+		d->had_outcome = FALSE;
+	d->order[d->calls] = index;
+	d->stored[d->calls] = fake_smtp_get_message_count(d->f->fake);
+	d->calls++;
+	return index != d->stop_after;
+}
+
+/*
+ * smtp_client_send_batch_full: the callback runs once per job, in
+ * order, with the job's outcome set, before the next job is answered
+ * (a job's 250 is in, the next message not yet); a refused job is
+ * reported like a sent one.
+ */
+static void
+test_done_each(void)
+{
+	Fixture f;
+	SmtpJob jobs[3];
+	Done d = {.f = &f, .had_outcome = TRUE, .stop_after = 3};
+
+	jobs_init(jobs, 3);
+	fixture_start(&f, PIPE_KEYWORDS "on MAIL /second@/ reply 550 no",
+	              &limits);
+	smtp_client_send_batch_full(f.client, jobs, 3, on_done, &d);
+	g_assert_cmpuint(d.calls, ==, 3);
+	g_assert_true(d.had_outcome);
+	for (guint i = 0; i < 3; i++)
+		g_assert_cmpuint(d.order[i], ==, i);
+	g_assert_nonnull(jobs[0].result);
+	g_assert_error(jobs[1].error, SMTP_ERROR, SMTP_ERROR_SENDER_REFUSED);
+	g_assert_nonnull(jobs[2].result);
+	g_assert_cmpuint(d.stored[0], ==, 1);
+	g_assert_cmpuint(d.stored[1], ==, 1);
+	g_assert_cmpuint(d.stored[2], ==, 2);
+	smtp_client_quit(f.client);
+	fixture_tear_down(&f, NULL);
+	jobs_clear(jobs, 3);
+}
+
+/*
+ * A callback that ends the batch after the first job: the others get
+ * neither result nor error, and since the second job's commands went
+ * out behind the first end marker, the connection is dropped and the
+ * server stores nothing of it.  Without PIPELINING nothing of the
+ * second went out, and the connection stays for the next use.
+ */
+static void
+test_done_stops(void)
+{
+	for (guint pipe = 0; pipe < 2; pipe++) {
+		Fixture f;
+		SmtpJob jobs[3];
+		Done d = {.f = &f, .had_outcome = TRUE, .stop_after = 0};
+
+		jobs_init(jobs, 3);
+		fixture_start(&f,
+		              pipe ? PIPE_KEYWORDS
+		                   : "ehlo-keywords 8BITMIME SIZE 1000000\n",
+		              &limits);
+		smtp_client_send_batch_full(f.client, jobs, 3, on_done, &d);
+		g_assert_cmpuint(d.calls, ==, 1);
+		g_assert_nonnull(jobs[0].result);
+		for (guint i = 1; i < 3; i++) {
+			g_assert_null(jobs[i].result);
+			g_assert_null(jobs[i].error);
+		}
+		/* With PIPELINING it went out; the server may not have
+		 * read it before the close. */
+		g_assert_cmpuint(count_commands(&f, "MAIL FROM:<second@"), <=,
+		                 (guint)pipe);
+		g_assert_cmpuint(count_commands(&f, "MAIL FROM:<third@"), ==,
+		                 0);
+		g_assert_true(smtp_client_is_connected(f.client) == !pipe);
+		g_assert_true(fake_smtp_wait_messages(f.fake, 1, 2000));
+		g_usleep(100000);
+		g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 1);
+		smtp_client_quit(f.client);
+		fixture_tear_down(&f, NULL);
+		jobs_clear(jobs, 3);
+	}
+}
+
 int
 main(int argc, char **argv)
 {
@@ -658,6 +756,8 @@ main(int argc, char **argv)
 	                test_close_after_each);
 	g_test_add_func("/smtpclient/batch/close-retried-once",
 	                test_close_retried_once);
+	g_test_add_func("/smtpclient/batch/done-each", test_done_each);
+	g_test_add_func("/smtpclient/batch/done-stops", test_done_stops);
 	for (guint i = 0; i < G_N_ELEMENTS(fail_cases); i++) {
 		g_autofree char *path = g_strdup_printf(
 		    "/smtpclient/batch/fail/%s", fail_cases[i].name);
