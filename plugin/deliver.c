@@ -54,11 +54,11 @@
  *
  * am_deliver_batch sends several copies for one relay over one
  * connection, each envelope behind the previous end marker when the
- * relay pipelines (smtp_client_send_batch); am_deliver is a batch of
- * one, so a copy ends the same way alone or in a batch, except for
- * what only a whole batch has: its time (delay=), its deadline (the
- * relay's copy_deadline once per copy), and a failed first connect,
- * which fails every copy of the batch alike.
+ * relay pipelines (smtp_client_send_batch_full); am_deliver is a batch
+ * of one, so a copy ends the same way alone or in a batch.  As each
+ * copy ends, the next one's deadline is set from that moment, and its
+ * delay counts from there.  Only a failed first connect is shared: it
+ * fails every copy of the batch alike.
  *
  * Known limits: XXX: name resolution (getaddrinfo) is outside the
  * deadline, as the library documents; a relay configured by a name
@@ -448,26 +448,18 @@ client_set_limits(SmtpClient *client, const AmRelay *relay, gint64 deadline)
 	smtp_client_set_deadline(client, deadline);
 }
 
-/*
- * The deadline of a batch: the earliest a request gives, and the
- * relay's copy_deadline once for each copy, counted from @start (the
- * copies go one after the other, so a batch may take what they would
- * take in turn); 0 when neither is set.
- */
+/* The earlier of the relay's copy_deadline counted from @start and the
+ * caller's @req_deadline; 0 when neither is set. */
 static gint64
-batch_deadline(const AmCopyRequest *reqs, guint n, gint64 start)
+copy_deadline(const AmRelay *relay, gint64 start, gint64 req_deadline)
 {
-	const AmRelay *relay = reqs[0].relay;
-	gint64 deadline = 0;
+	gint64 own = relay->copy_deadline_ms > 0
+	                 ? start + (gint64)relay->copy_deadline_ms * 1000
+	                 : 0;
 
-	if (relay->copy_deadline_ms > 0)
-		deadline = start + (gint64)relay->copy_deadline_ms * 1000 * n;
-	for (guint i = 0; i < n; i++)
-		if (reqs[i].deadline > 0)
-			deadline = deadline > 0
-			               ? MIN(deadline, reqs[i].deadline)
-			               : reqs[i].deadline;
-	return deadline;
+	if (req_deadline <= 0)
+		return own;
+	return own > 0 ? MIN(own, req_deadline) : req_deadline;
 }
 
 /* ------------------------------------------------------------------ */
@@ -870,11 +862,15 @@ warn_dropped(const AmRelay *relay, const GPtrArray *dropped)
 		               relay->name, (const char *)dropped->pdata[i]);
 }
 
-/* The library's jobs for a batch, and the arrays they point into. */
+/* The library's jobs for a batch, the arrays they point into, and
+ * when each ended. */
 typedef struct {
+	const AmCopyRequest *reqs;
+	SmtpClient *client; /* while it is sent */
 	SmtpJob *jobs;
 	const char **options; /* 3 per job: up to 2 and NULL */
 	SmtpRecipient *rcpts; /* every job's, one after the other */
+	gint64 *ended;        /* monotonic µs */
 	guint n;
 } Batch;
 
@@ -885,7 +881,10 @@ batch_init(Batch *b, const AmCopyRequest *reqs, guint n)
 
 	for (guint i = 0; i < n; i++)
 		total += g_strv_length((char **)reqs[i].to);
+	b->reqs = reqs;
+	b->client = NULL;
 	b->n = n;
+	b->ended = g_new0(gint64, n);
 	b->jobs = g_new0(SmtpJob, n);
 	b->options = g_new0(const char *, 3 * n);
 	b->rcpts = g_new0(SmtpRecipient, MAX(total, 1));
@@ -919,8 +918,40 @@ batch_clear(Batch *b)
 		g_clear_error(&b->jobs[i].error);
 	}
 	g_free(b->jobs);
+	g_free(b->ended);
 	g_free(b->options);
 	g_free(b->rcpts);
+}
+
+/* A copy of the batch has its outcome: when, for its delay; and the
+ * next copy's deadline, counted from now as if it went alone. */
+static gboolean
+batch_job_done(SmtpJob *jobs, gsize index, gpointer data)
+{
+	Batch *b = data;
+	gint64 now = g_get_monotonic_time();
+
+	(void)jobs;
+	b->ended[index] = now;
+	if (index + 1 < b->n)
+		smtp_client_set_deadline(
+		    b->client, copy_deadline(b->reqs[index + 1].relay, now,
+		                             b->reqs[index + 1].deadline));
+	return TRUE;
+}
+
+/* The first copy of @b again, alone, on the client's next connection;
+ * the µs it took, which count in its delay too. */
+static gint64
+batch_retry_first(Batch *b)
+{
+	gint64 now = g_get_monotonic_time();
+
+	g_clear_error(&b->jobs[0].error);
+	smtp_client_set_deadline(b->client, copy_deadline(b->reqs[0].relay, now,
+	                                                  b->reqs[0].deadline));
+	smtp_client_send_batch_full(b->client, b->jobs, 1, NULL, NULL);
+	return g_get_monotonic_time() - now;
 }
 
 GPtrArray *
@@ -928,10 +959,10 @@ am_deliver_batch(AmPool *pool, const AmCopyRequest *reqs, guint n)
 {
 	g_autoptr(GError) error = NULL;
 	gint64 start = g_get_monotonic_time();
+	gint64 retried = 0; /* µs the first copy's second try took */
 	const AmRelay *relay;
 	GPtrArray *out;
 	PoolConn *pc;
-	double delay;
 	Batch b;
 
 	g_return_val_if_fail(reqs != NULL && n > 0, NULL);
@@ -943,26 +974,30 @@ am_deliver_batch(AmPool *pool, const AmCopyRequest *reqs, guint n)
 	 * alike: trying again at once for each would only wait as long
 	 * again for the same answer. */
 	batch_init(&b, reqs, n);
-	pc =
-	    connection_get(pool, relay, batch_deadline(reqs, n, start), &error);
+	pc = connection_get(
+	    pool, relay, copy_deadline(relay, start, reqs[0].deadline), &error);
+	b.client = pc->client;
 
 	/* Step 2: the copies, each one's envelope behind the previous
 	 * one's end marker when the relay pipelines; a lost connection
 	 * is made again for the next copy by the library.  A pooled
 	 * connection that went without RSET and turns out dead at the
 	 * first copy's envelope (see stale_unchecked) cost it nothing:
-	 * it goes again, once, on a new connection. */
+	 * it goes again, once, on a new connection.  Each copy has its
+	 * own deadline, from the end of the one before. */
 	if (error == NULL) {
-		smtp_client_send_batch(pc->client, b.jobs, n);
+		smtp_client_send_batch_full(pc->client, b.jobs, n,
+		                            batch_job_done, &b);
 		if (stale_unchecked(pc, b.jobs[0].error)) {
 			am_log_debug("pool: %s: idle connection unusable (%s); "
 			             "connecting again",
 			             relay->name, b.jobs[0].error->message);
-			g_clear_error(&b.jobs[0].error);
-			smtp_client_send_batch(pc->client, b.jobs, 1);
+			retried = batch_retry_first(&b);
 		}
+	} else {
+		for (guint i = 0; i < n; i++)
+			b.ended[i] = g_get_monotonic_time();
 	}
-	delay = (g_get_monotonic_time() - start) / (double)G_USEC_PER_SEC;
 
 	/* Step 3: each copy's outcome; the connection back to the pool
 	 * when the library kept it open (after a refusal it has sent
@@ -971,6 +1006,9 @@ am_deliver_batch(AmPool *pool, const AmCopyRequest *reqs, guint n)
 	for (guint i = 0; i < n; i++) {
 		const GError *e = error != NULL ? error : b.jobs[i].error;
 		const SmtpResult *res = error != NULL ? NULL : b.jobs[i].result;
+		gint64 began = i == 0 || error != NULL ? start : b.ended[i - 1];
+		double delay = (b.ended[i] - began + (i == 0 ? retried : 0)) /
+		               (double)G_USEC_PER_SEC;
 
 		warn_dropped(relay, res != NULL
 		                        ? res->dropped_options

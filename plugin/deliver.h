@@ -114,16 +114,17 @@ AmDelivery *am_deliver(AmPool *pool, const AmCopyRequest *req);
  * same relay (the same AmRelay), over one connection as am_deliver()
  * takes it, in order, each copy's envelope behind the previous one's
  * end marker when the relay offers PIPELINING
- * (smtp_client_send_batch): a round trip less per copy.  Each copy's
- * outcome is what am_deliver() would give for it alone, status,
- * addresses, reply and relay, with three differences that come from
- * sharing: delay is the whole batch's; the relay's copy_deadline_ms
- * bounds the batch as @n times one copy's (the earliest deadline of a
- * request bounds it too); and a first connection that cannot be made
- * fails every copy with the same error, without trying again for
+ * (smtp_client_send_batch_full): a round trip less per copy.  Each
+ * copy's outcome is what am_deliver() would give for it alone:
+ * status, addresses, reply, relay; its delay is its own (from the end
+ * of the copy before), and so is its deadline (the relay's
+ * copy_deadline_ms and its request's, counted from there).  One
+ * difference comes from sharing: a first connection that cannot be
+ * made fails every copy with the same error, without trying again for
  * each.  A pooled connection found dead at the first copy's envelope
- * is replaced once, as am_deliver() does; a connection lost later is
- * made again for the next copy by the library.
+ * is replaced once, as am_deliver() does (that copy then goes after
+ * the others); a connection lost later is made again for the next
+ * copy by the library.
  * Returns: (transfer full) AmDelivery * in the order of @reqs; free
  * with g_ptr_array_unref().  Never fails for good input; NULL only on
  * misuse (@n 0, relays that differ).

@@ -91,7 +91,10 @@
  * wait for a busy worker): under light load each copy is still its own
  * transaction, 5 ms later than it could have gone.  XXX: a batch is
  * sent in turn: a relay slow on one copy delays the batch's later
- * ones (bounded by the relay's copy_deadline, once per copy).
+ * ones (bounded by the relay's copy_deadline, once per copy), and a
+ * stop waits for the whole batch, so am_runner_stop_within's grace is
+ * likelier to run out; those copies go again at the next start (their
+ * X-Archive-Id lets the archive drop a duplicate).
  */
 #include <pthread.h>
 #include <signal.h>

@@ -810,23 +810,38 @@ test_batch_same_as_alone(gconstpointer data)
 }
 
 /*
- * The relay's copy_deadline bounds a batch as it would the same copies
- * one after the other: three copies whose ends each take 400 ms, under
- * a 600 ms copy_deadline, all go; alone each would too.
+ * Each copy of a batch has its own copy_deadline, counted from the end
+ * of the copy before, and its own delay: the second copy, whose end
+ * the relay answers too late, is a time-out; the third, on a new
+ * connection, goes within its own limit, and the first and third take
+ * about 0.4 s each, not the batch's time.
  */
 static void
 test_batch_deadline(void)
 {
 	Fixture f = {0};
 	g_autoptr(GPtrArray) d = NULL;
+	const AmDelivery *x;
 
-	fixture_start(&f, PIPE_KEYWORDS "on DOT delay 400 250 2.0.0 ok");
-	f.relay.copy_deadline_ms = 600;
+	fixture_start(&f, PIPE_KEYWORDS "on DOT /two/ delay 1500 250 2.0.0 ok\n"
+	                                "on DOT delay 400 250 2.0.0 ok");
+	f.relay.copy_deadline_ms = 700;
 	d = send_copies(&f.relay, 3, TRUE);
-	for (guint i = 0; i < 3; i++)
-		g_assert_cmpint(((AmDelivery *)d->pdata[i])->status, ==,
-		                AM_STATUS_SENT);
-	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 1);
+	for (guint i = 0; i < 3; i++) {
+		x = d->pdata[i];
+		g_test_message("copy %u: %s after %.3f s", i,
+		               x->reason ? x->reason : "sent", x->delay);
+		if (i == 1) {
+			g_assert_cmpint(x->outcome, ==, AM_OUTCOME_TIMEOUT);
+			g_assert_cmpfloat(x->delay, >=, 0.6);
+			g_assert_cmpfloat(x->delay, <, 1.2);
+			continue;
+		}
+		g_assert_cmpint(x->status, ==, AM_STATUS_SENT);
+		g_assert_cmpfloat(x->delay, >=, 0.35);
+		g_assert_cmpfloat(x->delay, <, 0.7);
+	}
+	g_assert_cmpuint(fake_smtp_get_connections(f.fake), ==, 2);
 	fixture_stop(&f);
 }
 
