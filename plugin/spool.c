@@ -55,7 +55,7 @@
  * and written again for a new copy (see recycle()): no inode is freed
  * and allocated per copy.
  *
- * Known limits: XXX: still one fsync of each file, and one fsync of
+ * Known limits: XXX: still one fdatasync of each file, and one fsync of
  * queue/ per group of concurrent puts.  XXX: a put of an id already in
  * queue/ replaces that file; ids are unique per copy, so only a
  * caller's bug can do it.  XXX: recycled files hold up to 16 MiB in tmp/,
@@ -881,7 +881,10 @@ cut(int fd, guint64 len, const char *path, GError **error)
 }
 
 /* Write @head and @msg to tmp/ (a name of open_tmp()'s, in *@name),
- * seal, fsync and close it. */
+ * seal, sync and close it.  fdatasync(), not fsync(): it writes what
+ * reading the data back needs (its blocks and size), not the times; a
+ * recycled file written over at its old size then costs the data
+ * blocks alone. */
 static gboolean
 write_file(AmSpool *spool, const char *id, char **name, const GString *head,
            gsize digest_at, SmtpMessage *msg, GError **error)
@@ -898,8 +901,8 @@ write_file(AmSpool *spool, const char *id, char **name, const GString *head,
 	     write_raw(msg, fd, sum, path, error) &&
 	     seal(fd, digest_at, sum, path, error) &&
 	     cut(fd, head->len + smtp_message_get_size(msg), path, error);
-	if (ok && fsync(fd) != 0) {
-		set_errno_error(error, errno, "cannot fsync", path);
+	if (ok && fdatasync(fd) != 0) {
+		set_errno_error(error, errno, "cannot fdatasync", path);
 		ok = FALSE;
 	}
 	/* NFS and some quotas report a full disk only at close. */
