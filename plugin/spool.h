@@ -34,9 +34,9 @@
  * directory descriptors taken at open, never through a symbolic link.
  *
  * A file reaches queue/ or hold/ only by rename after an fdatasync of
- * the file; the directory is fsynced after the rename (one fsync may serve the
- * renames of many threads: it is always one that began after this
- * rename was done).  am_spool_put() returns only when both are done,
+ * the file; the directory is fsynced after the rename (one fsync may
+ * serve the renames of many threads: it is always one that began after
+ * this rename was done).  am_spool_put() returns only when both are done,
  * so a caller that answers the MTA after it returns never answers for
  * a copy that a crash could lose.
  *
