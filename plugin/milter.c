@@ -74,15 +74,15 @@
  * refuses, a header line break that is not a fold) tempfails the
  * message with a 451 that says why; for the sender, a header, the end
  * of headers or a body chunk, at the end of the message, since those
- * events are negotiated without a reply (SMFIP_NR_*, see cb_header).  Events out
- * of SMTP order never reach us: libmilter's engine (mi_engine, 8.17)
- * calls xxfi_abort for a transaction in progress and then drops any
- * command it cannot reach from HELO without a word to the MTA (RCPT
- * or a header before MAIL, a header after the body, an end of message
- * without MAIL or without RCPT), so such an MTA waits for its answer
- * until its own timeout.  The "before MAIL" and "without RCPT" checks below are
- * therefore only a guard should libmilter change; Postfix and Sendmail
- * never send such orders.
+ * events are negotiated without a reply (SMFIP_NR_*, see cb_header).
+ * Events out of SMTP order never reach us: libmilter's engine
+ * (mi_engine, 8.17) calls xxfi_abort for a transaction in progress and
+ * then drops any command it cannot reach from HELO without a word to
+ * the MTA (RCPT or a header before MAIL, a header after the body, an
+ * end of message without MAIL or without RCPT), so such an MTA waits
+ * for its answer until its own timeout.  The "before MAIL" and
+ * "without RCPT" checks below are therefore only a guard should
+ * libmilter change; Postfix and Sendmail never send such orders.
  *
  * After EOM we cannot tell whether the MTA kept the original: seen with
  * Postfix 3.7 and a second milter that rejects at end of message,

@@ -12,9 +12,9 @@
  * that relay (up to 16 copies and 4 MiB, one pipelined batch with
  * am_deliver_batch()); each copy is checked, logged and settled as if
  * it had gone alone.  A copy just spooled waits a few milliseconds for
- * others to join it (am_runner_set_linger_ms).  A rule or relay no longer in the configuration
- * moves the copy to hold/.  The
- * outcome goes through the rule's policy (am_rule_action): a retry
+ * others to join it (am_runner_set_linger_ms).  A rule or relay no
+ * longer in the configuration moves the copy to hold/.  The outcome
+ * goes through the rule's policy (am_rule_action): a retry
  * (tempfail or spool) sets the next attempt with exponential backoff
  * between spool_retry_min and spool_retry_max; accept, or a copy older
  * than spool_max_age (counted from its creation or its last release)
