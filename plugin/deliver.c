@@ -866,11 +866,20 @@ warn_dropped(const AmRelay *relay, const GPtrArray *dropped)
  * when each ended. */
 typedef struct {
 	const AmCopyRequest *reqs;
-	SmtpClient *client; /* while it is sent */
+	PoolConn *pc;       /* while it is sent */
+	SmtpClient *client; /* pc's */
 	SmtpJob *jobs;
 	const char **options; /* 3 per job: up to 2 and NULL */
 	SmtpRecipient *rcpts; /* every job's, one after the other */
 	gint64 *ended;        /* monotonic µs */
+	gint64 start;         /* when the batch began */
+	gint64 retried;       /* µs the first copy's second try took */
+	GError *conn_error;   /* no connection could be made */
+	GPtrArray *out;       /* AmDelivery * per copy, NULL until known */
+	AmCopyDone done;      /* the caller's, or NULL */
+	gpointer done_data;
+	gboolean first_again; /* the first copy goes again (stale_unchecked) */
+	gboolean stopped;     /* @done ended the batch */
 	guint n;
 } Batch;
 
@@ -882,7 +891,16 @@ batch_init(Batch *b, const AmCopyRequest *reqs, guint n)
 	for (guint i = 0; i < n; i++)
 		total += g_strv_length((char **)reqs[i].to);
 	b->reqs = reqs;
+	b->pc = NULL;
 	b->client = NULL;
+	b->start = g_get_monotonic_time();
+	b->retried = 0;
+	b->conn_error = NULL;
+	b->out = g_ptr_array_new_full(n, (GDestroyNotify)am_delivery_free);
+	g_ptr_array_set_size(b->out, n);
+	b->done = NULL;
+	b->done_data = NULL;
+	b->first_again = b->stopped = FALSE;
 	b->n = n;
 	b->ended = g_new0(gint64, n);
 	b->jobs = g_new0(SmtpJob, n);
@@ -917,22 +935,56 @@ batch_clear(Batch *b)
 		smtp_result_free(b->jobs[i].result);
 		g_clear_error(&b->jobs[i].error);
 	}
+	g_clear_error(&b->conn_error);
+	g_clear_pointer(&b->out, g_ptr_array_unref);
 	g_free(b->jobs);
 	g_free(b->ended);
 	g_free(b->options);
 	g_free(b->rcpts);
 }
 
-/* A copy of the batch has its outcome: when, for its delay; and the
- * next copy's deadline, counted from now as if it went alone. */
+/* Copy @i's outcome, told to the caller's @done; FALSE when it ends
+ * the batch. */
+static gboolean
+batch_report(Batch *b, guint i)
+{
+	const AmRelay *relay = b->reqs[i].relay;
+	const GError *e =
+	    b->conn_error != NULL ? b->conn_error : b->jobs[i].error;
+	const SmtpResult *res =
+	    b->conn_error != NULL ? NULL : b->jobs[i].result;
+	gint64 began =
+	    i == 0 || b->conn_error != NULL ? b->start : b->ended[i - 1];
+	double delay = (b->ended[i] - began + (i == 0 ? b->retried : 0)) /
+	               (double)G_USEC_PER_SEC;
+	AmDelivery *d;
+
+	warn_dropped(relay, res != NULL ? res->dropped_options
+	                                : smtp_error_get_dropped_options(e));
+	d = am_delivery_from_result(b->reqs[i].to, relay_name(b->pc->client, e),
+	                            delay, res, e);
+	b->out->pdata[i] = d;
+	if (b->done == NULL || b->done(i, d, b->done_data))
+		return TRUE;
+	b->stopped = TRUE;
+	return FALSE;
+}
+
+/* A copy of the batch has its outcome: when, for its delay; the
+ * caller told at once (but for a first copy that goes again on a new
+ * connection, see stale_unchecked); and the next copy's deadline,
+ * counted from now as if it went alone. */
 static gboolean
 batch_job_done(SmtpJob *jobs, gsize index, gpointer data)
 {
 	Batch *b = data;
 	gint64 now = g_get_monotonic_time();
 
-	(void)jobs;
 	b->ended[index] = now;
+	if (index == 0 && stale_unchecked(b->pc, jobs[0].error))
+		b->first_again = TRUE;
+	else if (!batch_report(b, index))
+		return FALSE;
 	if (index + 1 < b->n)
 		smtp_client_set_deadline(
 		    b->client, copy_deadline(b->reqs[index + 1].relay, now,
@@ -957,12 +1009,15 @@ batch_retry_first(Batch *b)
 GPtrArray *
 am_deliver_batch(AmPool *pool, const AmCopyRequest *reqs, guint n)
 {
-	g_autoptr(GError) error = NULL;
-	gint64 start = g_get_monotonic_time();
-	gint64 retried = 0; /* µs the first copy's second try took */
+	return am_deliver_batch_full(pool, reqs, n, NULL, NULL);
+}
+
+GPtrArray *
+am_deliver_batch_full(AmPool *pool, const AmCopyRequest *reqs, guint n,
+                      AmCopyDone done, gpointer data)
+{
 	const AmRelay *relay;
 	GPtrArray *out;
-	PoolConn *pc;
 	Batch b;
 
 	g_return_val_if_fail(reqs != NULL && n > 0, NULL);
@@ -974,51 +1029,46 @@ am_deliver_batch(AmPool *pool, const AmCopyRequest *reqs, guint n)
 	 * alike: trying again at once for each would only wait as long
 	 * again for the same answer. */
 	batch_init(&b, reqs, n);
-	pc = connection_get(
-	    pool, relay, copy_deadline(relay, start, reqs[0].deadline), &error);
-	b.client = pc->client;
+	b.done = done;
+	b.done_data = data;
+	b.pc = connection_get(pool, relay,
+	                      copy_deadline(relay, b.start, reqs[0].deadline),
+	                      &b.conn_error);
+	b.client = b.pc->client;
+	if (b.conn_error != NULL) {
+		for (guint i = 0; i < n; i++) {
+			b.ended[i] = g_get_monotonic_time();
+			if (!batch_report(&b, i))
+				break;
+		}
+		goto out;
+	}
 
 	/* Step 2: the copies, each one's envelope behind the previous
-	 * one's end marker when the relay pipelines; a lost connection
-	 * is made again for the next copy by the library.  A pooled
-	 * connection that went without RSET and turns out dead at the
-	 * first copy's envelope (see stale_unchecked) cost it nothing:
-	 * it goes again, once, on a new connection.  Each copy has its
-	 * own deadline, from the end of the one before. */
-	if (error == NULL) {
-		smtp_client_send_batch_full(pc->client, b.jobs, n,
-		                            batch_job_done, &b);
-		if (stale_unchecked(pc, b.jobs[0].error)) {
-			am_log_debug("pool: %s: idle connection unusable (%s); "
-			             "connecting again",
-			             relay->name, b.jobs[0].error->message);
-			retried = batch_retry_first(&b);
-		}
-	} else {
-		for (guint i = 0; i < n; i++)
-			b.ended[i] = g_get_monotonic_time();
+	 * one's end marker when the relay pipelines, each reported as it
+	 * ends (batch_job_done); a lost connection is made again for the
+	 * next copy by the library.  Each copy has its own deadline, from
+	 * the end of the one before. */
+	smtp_client_send_batch_full(b.client, b.jobs, n, batch_job_done, &b);
+
+	/* Step 3: a pooled connection that went without RSET and turned
+	 * out dead at the first copy's envelope (see stale_unchecked) cost
+	 * that copy nothing: it goes again, once, on a new connection,
+	 * unless the caller has stopped the batch. */
+	if (b.first_again && !b.stopped) {
+		am_log_debug("pool: %s: idle connection unusable (%s); "
+		             "connecting again",
+		             relay->name, b.jobs[0].error->message);
+		b.retried = batch_retry_first(&b);
+		batch_report(&b, 0);
 	}
 
-	/* Step 3: each copy's outcome; the connection back to the pool
-	 * when the library kept it open (after a refusal it has sent
-	 * RSET). */
-	out = g_ptr_array_new_full(n, (GDestroyNotify)am_delivery_free);
-	for (guint i = 0; i < n; i++) {
-		const GError *e = error != NULL ? error : b.jobs[i].error;
-		const SmtpResult *res = error != NULL ? NULL : b.jobs[i].result;
-		gint64 began = i == 0 || error != NULL ? start : b.ended[i - 1];
-		double delay = (b.ended[i] - began + (i == 0 ? retried : 0)) /
-		               (double)G_USEC_PER_SEC;
-
-		warn_dropped(relay, res != NULL
-		                        ? res->dropped_options
-		                        : smtp_error_get_dropped_options(e));
-		g_ptr_array_add(out, am_delivery_from_result(
-		                         reqs[i].to, relay_name(pc->client, e),
-		                         delay, res, e));
-	}
+out:
+	/* The connection back to the pool when the library kept it open
+	 * (after a refusal it has sent RSET). */
+	out = g_steal_pointer(&b.out);
+	pool_give(pool, b.pc);
 	batch_clear(&b);
-	pool_give(pool, pc);
 	return out;
 }
 

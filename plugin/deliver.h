@@ -132,6 +132,26 @@ AmDelivery *am_deliver(AmPool *pool, const AmCopyRequest *req);
 GPtrArray *am_deliver_batch(AmPool *pool, const AmCopyRequest *reqs, guint n);
 
 /*
+ * AmCopyDone: called by am_deliver_batch_full() with copy @index's
+ * outcome @d (transfer none: the array returned at the end owns it) as
+ * soon as it is known, so that the caller can log it and act on it
+ * before the copies after it are answered.  Returns TRUE to go on,
+ * FALSE to send none of the copies not started yet.
+ */
+typedef gboolean (*AmCopyDone)(guint index, const AmDelivery *d, gpointer data);
+
+/*
+ * am_deliver_batch_full: am_deliver_batch() with @done (NULL: none)
+ * called once per copy that has an outcome, in the order of @reqs, but
+ * for a first copy sent again on a new connection (see above), which
+ * comes last.  When @done ends the batch, the copies after it are not
+ * sent (nor the first copy's second try): their entries in the array
+ * returned are NULL.
+ */
+GPtrArray *am_deliver_batch_full(AmPool *pool, const AmCopyRequest *reqs,
+                                 guint n, AmCopyDone done, gpointer data);
+
+/*
  * am_delivery_from_result: classify a finished send (@result, or NULL
  * and @error) for the addresses @to.  Exposed for tests.
  */

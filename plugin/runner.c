@@ -602,12 +602,42 @@ finish(AmRunner *r, AmContext *ctx, Copy *c, const AmDelivery *d)
 	return JOB_FORGET;
 }
 
-/* Send the @n ready copies of @group, all for one relay, together. */
+/* What send_group's copies need while their batch is sent. */
+typedef struct {
+	AmRunner *r;
+	AmContext *ctx;
+	Copy **group;
+} Group;
+
+/*
+ * A copy of the batch has its outcome: logged and acted on now (its
+ * file removed once the relay took it), not when the whole batch is
+ * over, so that a crash meanwhile sends again only the copies not yet
+ * confirmed.  A stop ends the batch: copies not started wait in the
+ * spool for the next start.
+ */
+static gboolean
+group_copy_done(guint index, const AmDelivery *d, gpointer data)
+{
+	Group *g = data;
+	gboolean stopping;
+
+	g->group[index]->due = finish(g->r, g->ctx, g->group[index], d);
+	g_mutex_lock(&g->r->lock);
+	stopping = g->r->stopping;
+	g_mutex_unlock(&g->r->lock);
+	return !stopping;
+}
+
+/* Send the @n ready copies of @group, all for one relay, together.  A
+ * copy the batch did not send (a stop) is due again at once, no
+ * attempt counted. */
 static void
 send_group(AmRunner *r, AmContext *ctx, Copy **group, guint n)
 {
 	AmCopyRequest reqs[AM_RUNNER_BATCH_MAX];
 	g_autoptr(GPtrArray) d = NULL;
+	Group g = {r, ctx, group};
 
 	for (guint i = 0; i < n; i++)
 		reqs[i] = (AmCopyRequest){
@@ -618,9 +648,10 @@ send_group(AmRunner *r, AmContext *ctx, Copy **group, guint n)
 		    .smtputf8 = group[i]->e->smtputf8,
 		    .eightbit = group[i]->e->eightbit,
 		};
-	d = am_deliver_batch(ctx->pool, reqs, n);
+	d = am_deliver_batch_full(ctx->pool, reqs, n, group_copy_done, &g);
 	for (guint i = 0; i < n; i++)
-		group[i]->due = finish(r, ctx, group[i], d->pdata[i]);
+		if (d->pdata[i] == NULL)
+			group[i]->due = g_get_real_time();
 }
 
 static void
