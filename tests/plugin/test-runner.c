@@ -1274,6 +1274,48 @@ test_batch_dropped(void)
 }
 
 /*
+ * Each copy of a batch is settled as its reply comes, not when the
+ * batch is over: the first copy's file is gone while the second still
+ * waits for its answer (a crash then sends again only what was not
+ * confirmed).  A stop during the batch ends it there: the copy being
+ * answered ends, the one not started stays queued with no attempt
+ * counted, and the stop does not wait for it.
+ */
+static void
+test_batch_settled_each(void)
+{
+	static const char *const ids[] = {"s1", "s2", "s3"};
+	static const char *const relays[] = {"archive", "archive", "archive"};
+	g_autoptr(AmSpoolEntry) s3 = NULL;
+	Fixture f = {0};
+	gint64 t0, took;
+
+	fixture_set_up(&f, PIPE_SCRIPT
+	               "on DOT /copy-s[23]/ delay 1500 250 2.0.0 ok\n");
+	set_context_full(&f, "5d", "2s", "");
+	kick_behind_slow(&f, ids, relays, 3);
+	/* The slow copy and s1 are in; s2 is being answered. */
+	g_assert_true(fake_smtp_wait_messages(f.fake, 2, WAIT_MS));
+	g_usleep(200000);
+	g_assert_null(am_spool_get(f.spool, "s1", NULL));
+	g_assert_nonnull(am_spool_get(f.spool, "s2", NULL));
+
+	t0 = g_get_monotonic_time();
+	g_assert_true(am_runner_stop_within(f.runner, 5000, NULL));
+	f.runner = NULL;
+	took = g_get_monotonic_time() - t0;
+	g_test_message("the stop took %" G_GINT64_FORMAT " us", took);
+	g_assert_cmpint(took, <, 2300000);
+	g_assert_null(am_spool_get(f.spool, "s2", NULL));
+	s3 = am_spool_get(f.spool, "s3", NULL);
+	g_assert_nonnull(s3);
+	g_assert_cmpuint(s3->attempts, ==, 0);
+	g_assert_cmpuint(fake_smtp_get_message_count(f.fake), ==, 3);
+	writes_stop();
+	fixture_tear_down(&f);
+}
+
+/*
  * Copies for two relays, due together: each relay gets its own batch
  * on its own connection, and neither server sees the other's copies.
  */
@@ -1493,6 +1535,7 @@ main(int argc, char **argv)
 	g_test_add_data_func("/runner/batch/one-refused/451", "451 4.3.0 later",
 	                     test_batch_one_refused);
 	g_test_add_func("/runner/batch/dropped", test_batch_dropped);
+	g_test_add_func("/runner/batch/settled-each", test_batch_settled_each);
 	g_test_add_func("/runner/batch/mixed-relays", test_batch_mixed_relays);
 	g_test_add_func("/runner/batch/from-files", test_batch_from_files);
 	g_test_add_func("/runner/batch/linger", test_batch_linger);
