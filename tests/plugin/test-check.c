@@ -843,6 +843,23 @@ test_no_password(void)
  */
 static void rm_spool(const char *dir);
 
+/* A daemon's configuration @conf: socket @sock, the key and the spool
+ * in @dir (never the system's), one rule; @extra: more [milter] lines
+ * ("" for none). */
+static void
+write_daemon_conf(const char *conf, const char *dir, const char *sock,
+                  const char *extra)
+{
+	g_autofree char *text = g_strdup_printf(
+	    "[milter]\nsocket = unix:%s\narchive_id_key_file = %s/key\n"
+	    "spool_dir = %s/spool\n%s"
+	    "[relay:r]\nhost = 127.0.0.1\nport = 9\n"
+	    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
+	    sock, dir, dir, extra);
+
+	g_assert_true(g_file_set_contents(conf, text, -1, NULL));
+}
+
 static void
 test_sigusr1(void)
 {
@@ -850,20 +867,12 @@ test_sigusr1(void)
 	g_autofree char *conf = g_build_filename(dir, "a.conf", NULL);
 	g_autofree char *sock = g_build_filename(dir, "sock", NULL);
 	g_autofree char *key = g_build_filename(dir, "key", NULL);
-	g_autofree char *text = NULL;
 	const char *argv[] = {milter_path, "-c", conf, "-f", NULL};
 	g_autoptr(GError) error = NULL;
 	GPid pid;
 	int status = 0;
 
-	/* The spool in the test's directory, never the system's. */
-	text =
-	    g_strdup_printf("[milter]\nsocket = unix:%s\n"
-	                    "archive_id_key_file = %s\nspool_dir = %s/spool\n"
-	                    "[relay:r]\nhost = 127.0.0.1\nport = 9\n"
-	                    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
-	                    sock, key, dir);
-	g_assert_true(g_file_set_contents(conf, text, -1, NULL));
+	write_daemon_conf(conf, dir, sock, "");
 	g_spawn_async(NULL, (char **)argv, NULL,
 	              G_SPAWN_DO_NOT_REAP_CHILD | G_SPAWN_STDERR_TO_DEV_NULL,
 	              NULL, NULL, &pid, &error);
@@ -904,20 +913,14 @@ test_pid_file_start(void)
 	g_autofree char *key = g_build_filename(dir, "key", NULL);
 	g_autofree char *missing = g_build_filename(dir, "run", NULL);
 	g_autofree char *pid = g_build_filename(missing, "am.pid", NULL);
-	g_autofree char *text = NULL;
+	g_autofree char *extra = g_strdup_printf("pid_file = %s\n", pid);
 	g_autofree char *want = NULL;
 	const char *argv[] = {milter_path, "-c", conf, "-f", NULL};
 	g_autoptr(GError) error = NULL;
 	g_auto(Run) r = {0};
 	int wait_status = 0;
 
-	text = g_strdup_printf(
-	    "[milter]\nsocket = unix:%s\narchive_id_key_file = %s\n"
-	    "spool_dir = %s/spool\npid_file = %s\n"
-	    "[relay:r]\nhost = 127.0.0.1\nport = 9\n"
-	    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
-	    sock, key, dir, pid);
-	g_assert_true(g_file_set_contents(conf, text, -1, NULL));
+	write_daemon_conf(conf, dir, sock, extra);
 	g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
 	             &r.out, &r.err, &wait_status, &error);
 	g_assert_no_error(error);
@@ -988,17 +991,8 @@ test_second_daemon(void)
 	int status = 0;
 	GPid first;
 
-	for (int n = 1; n <= 2; n++) {
-		g_autofree char *text = g_strdup_printf(
-		    "[milter]\nsocket = unix:%s\n"
-		    "archive_id_key_file = %s\nspool_dir = %s/spool\n"
-		    "[relay:r]\nhost = 127.0.0.1\nport = 9\n"
-		    "[rule:a]\nrelay = r\narchive_to = a@x.example\n",
-		    n == 1 ? sock1 : sock2, key, dir);
-
-		g_assert_true(g_file_set_contents(n == 1 ? conf1 : conf2, text,
-		                                  -1, NULL));
-	}
+	write_daemon_conf(conf1, dir, sock1, "");
+	write_daemon_conf(conf2, dir, sock2, "");
 	first = start_daemon(conf1, sock1);
 
 	g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
