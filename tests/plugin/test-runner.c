@@ -1286,6 +1286,7 @@ test_batch_settled_each(void)
 {
 	static const char *const ids[] = {"s1", "s2", "s3"};
 	static const char *const relays[] = {"archive", "archive", "archive"};
+	g_autoptr(AmSpoolEntry) s2 = NULL;
 	g_autoptr(AmSpoolEntry) s3 = NULL;
 	Fixture f = {0};
 	gint64 t0, took;
@@ -1298,7 +1299,8 @@ test_batch_settled_each(void)
 	g_assert_true(fake_smtp_wait_messages(f.fake, 2, WAIT_MS));
 	g_usleep(200000);
 	g_assert_null(am_spool_get(f.spool, "s1", NULL));
-	g_assert_nonnull(am_spool_get(f.spool, "s2", NULL));
+	s2 = am_spool_get(f.spool, "s2", NULL);
+	g_assert_nonnull(s2);
 
 	t0 = g_get_monotonic_time();
 	g_assert_true(am_runner_stop_within(f.runner, 5000, NULL));
