@@ -1000,8 +1000,9 @@ smtp_client_send_batch_full(SmtpClient *client, SmtpJob *jobs, gsize n_jobs,
 	for (gsize i = 0; i < n_jobs; i++) {
 		SmtpJob *next = i + 1 < n_jobs ? &jobs[i + 1] : NULL;
 		GError *error = NULL;
-		SmtpResult *result;
+		SmtpResult *result = NULL;
 		gboolean was_ahead = FALSE;
+		gboolean started = TRUE;
 
 		/* Step 1: this job's commands went out behind the last end
 		 * marker, or it starts here; a connection lost since means
@@ -1012,33 +1013,25 @@ smtp_client_send_batch_full(SmtpClient *client, SmtpJob *jobs, gsize n_jobs,
 			was_ahead = TRUE;
 		} else {
 			work_clear(&ahead);
-			if (!work_start(&cur, client, &jobs[i], TRUE, &error)) {
-				work_end(&cur, NULL, error);
-				if (!job_done(client, jobs, i, &ahead, done,
-				              data))
-					break;
-				continue;
-			}
+			started =
+			    work_start(&cur, client, &jobs[i], TRUE, &error);
 		}
 
 		/* Step 2: the transaction, the next job looked ahead. */
-		result = transaction(client, &cur, next, &ahead, &error);
+		if (started)
+			result =
+			    transaction(client, &cur, next, &ahead, &error);
 
 		/* Step 3: its commands lost with a connection the server
 		 * closed after the message before: once more, afresh. */
-		if (result == NULL && lost_ahead(&cur, was_ahead, error)) {
+		if (started && result == NULL &&
+		    lost_ahead(&cur, was_ahead, error)) {
 			g_clear_error(&error);
 			work_clear(&cur);
 			work_clear(&ahead);
-			if (!work_start(&cur, client, &jobs[i], TRUE, &error)) {
-				work_end(&cur, NULL, error);
-				if (!job_done(client, jobs, i, &ahead, done,
-				              data))
-					break;
-				continue;
-			}
-			result =
-			    transaction(client, &cur, next, &ahead, &error);
+			if (work_start(&cur, client, &jobs[i], TRUE, &error))
+				result = transaction(client, &cur, next, &ahead,
+				                     &error);
 		}
 		work_end(&cur, result, error);
 		if (!job_done(client, jobs, i, &ahead, done, data))
