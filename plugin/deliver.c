@@ -866,8 +866,7 @@ warn_dropped(const AmRelay *relay, const GPtrArray *dropped)
  * when each ended. */
 typedef struct {
 	const AmCopyRequest *reqs;
-	PoolConn *pc;       /* while it is sent */
-	SmtpClient *client; /* pc's */
+	PoolConn *pc; /* while it is sent */
 	SmtpJob *jobs;
 	const char **options; /* 3 per job: up to 2 and NULL */
 	SmtpRecipient *rcpts; /* every job's, one after the other */
@@ -892,7 +891,6 @@ batch_init(Batch *b, const AmCopyRequest *reqs, guint n)
 		total += g_strv_length((char **)reqs[i].to);
 	b->reqs = reqs;
 	b->pc = NULL;
-	b->client = NULL;
 	b->start = g_get_monotonic_time();
 	b->retried = 0;
 	b->conn_error = NULL;
@@ -987,8 +985,8 @@ batch_job_done(SmtpJob *jobs, gsize index, gpointer data)
 		return FALSE;
 	if (index + 1 < b->n)
 		smtp_client_set_deadline(
-		    b->client, copy_deadline(b->reqs[index + 1].relay, now,
-		                             b->reqs[index + 1].deadline));
+		    b->pc->client, copy_deadline(b->reqs[index + 1].relay, now,
+		                                 b->reqs[index + 1].deadline));
 	return TRUE;
 }
 
@@ -1000,9 +998,10 @@ batch_retry_first(Batch *b)
 	gint64 now = g_get_monotonic_time();
 
 	g_clear_error(&b->jobs[0].error);
-	smtp_client_set_deadline(b->client, copy_deadline(b->reqs[0].relay, now,
-	                                                  b->reqs[0].deadline));
-	smtp_client_send_batch_full(b->client, b->jobs, 1, NULL, NULL);
+	smtp_client_set_deadline(
+	    b->pc->client,
+	    copy_deadline(b->reqs[0].relay, now, b->reqs[0].deadline));
+	smtp_client_send_batch_full(b->pc->client, b->jobs, 1, NULL, NULL);
 	return g_get_monotonic_time() - now;
 }
 
@@ -1034,7 +1033,6 @@ am_deliver_batch_full(AmPool *pool, const AmCopyRequest *reqs, guint n,
 	b.pc = connection_get(pool, relay,
 	                      copy_deadline(relay, b.start, reqs[0].deadline),
 	                      &b.conn_error);
-	b.client = b.pc->client;
 	if (b.conn_error != NULL) {
 		for (guint i = 0; i < n; i++) {
 			b.ended[i] = g_get_monotonic_time();
@@ -1049,7 +1047,8 @@ am_deliver_batch_full(AmPool *pool, const AmCopyRequest *reqs, guint n,
 	 * ends (batch_job_done); a lost connection is made again for the
 	 * next copy by the library.  Each copy has its own deadline, from
 	 * the end of the one before. */
-	smtp_client_send_batch_full(b.client, b.jobs, n, batch_job_done, &b);
+	smtp_client_send_batch_full(b.pc->client, b.jobs, n, batch_job_done,
+	                            &b);
 
 	/* Step 3: a pooled connection that went without RSET and turned
 	 * out dead at the first copy's envelope (see stale_unchecked) cost
